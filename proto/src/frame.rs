@@ -1,0 +1,178 @@
+//! Client frame codec: a 4-byte big-endian length, then a protobuf [`Frame`](crate::client::Frame).
+//!
+//! The decoder is incremental and never allocates more than the announced length, which it checks
+//! against the maximum frame size before reading the body.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use prost::Message;
+
+use crate::client::Frame;
+
+/// Length prefix size in bytes.
+pub const HEADER_LEN: usize = 4;
+
+/// Default maximum frame body size (bytes after the length prefix).
+pub const DEFAULT_MAX_FRAME: usize = 64 * 1024;
+
+/// Why a byte stream could not be decoded into frames. Each one closes the connection.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FrameError {
+    /// The length prefix announces more than the allowed maximum.
+    #[error("frame of {len} bytes exceeds the maximum of {max}")]
+    TooLarge { len: usize, max: usize },
+    /// The body is not a valid protobuf `Frame`.
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    /// A frame decoded but carries no known kind.
+    #[error("frame has no kind")]
+    Empty,
+}
+
+/// Encodes one frame (prefix and body) onto `dst`.
+pub fn encode(frame: &Frame, dst: &mut BytesMut) {
+    let len = frame.encoded_len();
+    dst.reserve(HEADER_LEN + len);
+    dst.put_u32(len as u32);
+    // Encoding into a BytesMut with reserved capacity cannot fail.
+    frame.encode(dst).expect("reserved capacity");
+}
+
+/// Encodes one frame into its own buffer.
+pub fn encode_to_bytes(frame: &Frame) -> Bytes {
+    let mut b = BytesMut::with_capacity(HEADER_LEN + frame.encoded_len());
+    encode(frame, &mut b);
+    b.freeze()
+}
+
+/// Reads the announced body length of the frame at the start of `src`, if the prefix is complete.
+pub fn peek_len(src: &[u8]) -> Option<usize> {
+    if src.len() < HEADER_LEN {
+        return None;
+    }
+    Some(u32::from_be_bytes([src[0], src[1], src[2], src[3]]) as usize)
+}
+
+/// Tries to decode one frame from the start of `src`, consuming it on success.
+///
+/// Returns `Ok(None)` when more bytes are needed. A length over `max` is an error even before the
+/// body arrives, so a peer cannot make the reader buffer it.
+pub fn decode(src: &mut BytesMut, max: usize) -> Result<Option<Frame>, FrameError> {
+    let Some(len) = peek_len(src) else {
+        return Ok(None);
+    };
+    if len > max {
+        return Err(FrameError::TooLarge { len, max });
+    }
+    if src.len() < HEADER_LEN + len {
+        return Ok(None);
+    }
+    src.advance(HEADER_LEN);
+    let body = src.split_to(len);
+    let frame = Frame::decode(body.freeze()).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    if frame.kind.is_none() {
+        return Err(FrameError::Empty);
+    }
+    Ok(Some(frame))
+}
+
+/// Decodes one frame body (without prefix); for transports that frame messages themselves
+/// (WebSocket binary messages carry the same prefix and body, see PROTOCOL.md).
+pub fn decode_body(body: Bytes) -> Result<Frame, FrameError> {
+    let frame = Frame::decode(body).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    if frame.kind.is_none() {
+        return Err(FrameError::Empty);
+    }
+    Ok(frame)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::{frame::Kind, Ack, Ping, Push, Qos};
+    use proptest::prelude::*;
+
+    fn push(seq: u64, payload: Vec<u8>) -> Frame {
+        Frame {
+            kind: Some(Kind::Push(Push {
+                session_id: 1,
+                msg_id: format!("m{seq}"),
+                seq,
+                payload: payload.into(),
+                qos: Qos::AtLeastOnce as i32,
+                ..Default::default()
+            })),
+        }
+    }
+
+    #[test]
+    fn partial_input_waits_for_more() {
+        let bytes = encode_to_bytes(&push(7, vec![1, 2, 3]));
+        for cut in 0..bytes.len() {
+            let mut b = BytesMut::from(&bytes[..cut]);
+            assert_eq!(decode(&mut b, DEFAULT_MAX_FRAME), Ok(None), "cut at {cut}");
+            assert_eq!(b.len(), cut, "nothing consumed on a partial frame");
+        }
+    }
+
+    #[test]
+    fn oversized_prefix_is_refused_before_the_body_arrives() {
+        let mut b = BytesMut::new();
+        b.put_u32(1_000_000);
+        assert_eq!(
+            decode(&mut b, 1024),
+            Err(FrameError::TooLarge { len: 1_000_000, max: 1024 })
+        );
+    }
+
+    #[test]
+    fn empty_body_is_an_error() {
+        let mut b = BytesMut::new();
+        b.put_u32(0);
+        assert_eq!(decode(&mut b, 1024), Err(FrameError::Empty));
+    }
+
+    fn arb_frame() -> impl Strategy<Value = Frame> {
+        prop_oneof![
+            (any::<u64>(), proptest::collection::vec(any::<u8>(), 0..300)).prop_map(|(s, p)| push(s, p)),
+            (any::<u32>(), any::<u64>())
+                .prop_map(|(s, q)| Frame { kind: Some(Kind::Ack(Ack { session_id: s, seq: q })) }),
+            (any::<u64>(), any::<u32>()).prop_map(|(id, iv)| Frame {
+                kind: Some(Kind::Ping(Ping { id, interval_ms: iv }))
+            }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn round_trip_of_frame_sequences(frames in proptest::collection::vec(arb_frame(), 1..20), split in 1usize..64) {
+            let mut wire = BytesMut::new();
+            for f in &frames {
+                encode(f, &mut wire);
+            }
+            // Feed the stream in pieces of `split` bytes, as a socket would.
+            let wire = wire.freeze();
+            let mut buf = BytesMut::new();
+            let mut out = Vec::new();
+            for chunk in wire.chunks(split) {
+                buf.extend_from_slice(chunk);
+                while let Some(f) = decode(&mut buf, DEFAULT_MAX_FRAME).unwrap() {
+                    out.push(f);
+                }
+            }
+            prop_assert_eq!(out, frames);
+            prop_assert!(buf.is_empty());
+        }
+
+        #[test]
+        fn decoder_never_panics_on_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            let mut buf = BytesMut::from(&bytes[..]);
+            // Either frames, a clean error, or a request for more bytes; never a panic or a loop.
+            for _ in 0..bytes.len() + 1 {
+                match decode(&mut buf, 512) {
+                    Ok(Some(_)) => continue,
+                    Ok(None) | Err(_) => break,
+                }
+            }
+        }
+    }
+}

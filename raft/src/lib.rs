@@ -1,0 +1,24 @@
+//! herald-raft: Herald's replicated state.
+//!
+//! Every Herald node is a member of one openraft group. This crate holds the openraft type
+//! configuration and the command language ([`types`]), the RocksDB log store ([`log_store`]), the
+//! RocksDB state machine with its snapshots and read API ([`sm`]), the raft transport over tonic
+//! ([`network`]), and [`RaftNode`], which wires them into a running member with batched proposals,
+//! write forwarding, one-time cluster initialization and membership changes.
+//!
+//! Architecture Invariant: this crate knows nothing about client sockets, rooms or apps' backends;
+//! it reports what applied entries did through [`types::ApplyObserver`] and answers reads through
+//! [`sm::StateReader`]. It is the only crate that depends on RocksDB.
+
+pub mod error;
+pub mod log_store;
+pub mod network;
+pub mod raft_node;
+pub mod sm;
+pub mod types;
+
+pub use error::{StoreError, WriteError};
+pub use log_store::LogStore;
+pub use raft_node::{RaftConfig, RaftNode};
+pub use sm::{StateMachine, StateReader};
+pub use types::*;

@@ -1,0 +1,1 @@
+pub struct RaftNode; pub struct RaftConfig;

@@ -1,0 +1,408 @@
+//! The command language of Herald's replicated state machine: what a log entry asks for
+//! ([`Request`] = a batch of [`Op`]s stamped with the leader's time) and what applying it answers
+//! ([`Response`] = one [`OpResult`] per op), plus the records the state machine keeps.
+//!
+//! Everything here is encoded with bincode into log entries and snapshots. Compatibility rule:
+//! append new enum variants and new trailing struct fields only behind a new variant; never reorder.
+
+use std::path::PathBuf;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+/// A Raft member's id (stable for the life of its data dir).
+pub type NodeId = u64;
+
+openraft::declare_raft_types!(
+    /// openraft type configuration for Herald.
+    pub TypeConfig:
+        D = Request,
+        R = Response,
+        NodeId = NodeId,
+        Node = openraft::BasicNode,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = SnapshotDir,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+/// Commonly used openraft types, instantiated for Herald.
+pub mod typ {
+    use super::{NodeId, TypeConfig};
+    pub type Raft = openraft::Raft<TypeConfig>;
+    pub type Node = openraft::BasicNode;
+    pub type Entry = openraft::Entry<TypeConfig>;
+    pub type LogId = openraft::LogId<NodeId>;
+    pub type Vote = openraft::Vote<NodeId>;
+    pub type SnapshotMeta = openraft::SnapshotMeta<NodeId, Node>;
+    pub type Snapshot = openraft::Snapshot<TypeConfig>;
+    pub type StoredMembership = openraft::StoredMembership<NodeId, Node>;
+    pub type StorageError = openraft::StorageError<NodeId>;
+    pub type RaftMetrics = openraft::RaftMetrics<NodeId, Node>;
+    pub type RaftError<E = openraft::error::Infallible> = openraft::error::RaftError<NodeId, E>;
+    pub type RpcError<E = openraft::error::Infallible> =
+        openraft::error::RPCError<NodeId, Node, RaftError<E>>;
+    pub type StreamingError<E> = openraft::error::StreamingError<TypeConfig, E>;
+    pub type Fatal = openraft::error::Fatal<NodeId>;
+    pub type ClientWriteError = openraft::error::ClientWriteError<NodeId, Node>;
+    pub type ForwardToLeader = openraft::error::ForwardToLeader<NodeId, Node>;
+    pub type InitializeError = openraft::error::InitializeError<NodeId, Node>;
+    pub type AppendEntriesRequest = openraft::raft::AppendEntriesRequest<TypeConfig>;
+    pub type AppendEntriesResponse = openraft::raft::AppendEntriesResponse<NodeId>;
+    pub type VoteRequest = openraft::raft::VoteRequest<NodeId>;
+    pub type VoteResponse = openraft::raft::VoteResponse<NodeId>;
+    pub type SnapshotResponse = openraft::raft::SnapshotResponse<NodeId>;
+}
+
+/// A snapshot on disk: a directory holding a RocksDB checkpoint of the state machine.
+///
+/// The directory is immutable once built or received; its files are streamed in chunks to a
+/// follower and installed there by hard-linking (or copying) them into a fresh state-machine dir.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotDir {
+    pub path: PathBuf,
+}
+
+/// One log entry's payload: ops committed together, applied atomically in order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Request {
+    /// The leader's wall clock (unix ms) when it built the entry. The state machine's log time is
+    /// `max(previous log time, ts_ms)`, so it never goes back even across leader changes; TTLs are
+    /// judged by log time only, never by a replica's clock.
+    pub ts_ms: u64,
+    pub ops: Vec<Op>,
+}
+
+/// What applying one entry produced: one result per op, in order.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Response {
+    pub results: Vec<OpResult>,
+}
+
+/// One write to the replicated state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Op {
+    /// Create or replace an app.
+    PutApp(AppConfig),
+    /// Delete an app and everything it owns (sessions, mailboxes, topics, counters).
+    DeleteApp { app: String },
+    /// Record a node's client-facing addresses (proposed by each node at start).
+    SetNode(NodeInfo),
+    /// A client session is live on `node` (the register service). Fences older sessions of the same
+    /// device and applies the app's multi-device policy (newest wins).
+    Register(Register),
+    /// A session ended. Ignored unless `epoch` is the device's current epoch.
+    Unregister { app: String, user: String, device: String, epoch: u64 },
+    /// Every session on `node` registered before this entry goes offline (node lost or restarted).
+    NodeDown { node: NodeId },
+    /// An admin or API kick: drop the user's sessions (one device or all).
+    Kick { app: String, user: String, device: Option<String>, reason: String },
+    /// Store a QoS-1 message in the mailbox of each target user.
+    Enqueue(Enqueue),
+    /// Batched per-device cursor moves (delivered / acked); trims what every device has acked.
+    Cursors(Vec<CursorUpdate>),
+    /// Append a message to a topic's retained log (a room, a tag, or `*` = app broadcast).
+    Publish(Publish),
+    /// Delete what expired by log time (messages, topic entries, idempotency keys), at most `max`
+    /// items. Proposed by the leader when its state shows something due.
+    Expire { max: u32 },
+    /// Drop session events up to and including `upto` from the callback outbox (they were sent).
+    EventsDone { upto: u64 },
+}
+
+/// What one op did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum OpResult {
+    /// Op applied with nothing to report.
+    Done,
+    /// The op was refused; nothing changed. Deterministic, so every replica refuses alike.
+    Rejected(Rejection),
+    Registered(Registered),
+    /// Sessions removed by NodeDown / Kick / Unregister.
+    Dropped { sessions: u32 },
+    Enqueued(Enqueued),
+    Published(Published),
+    Expired { messages: u32, topic_entries: u32, keys: u32 },
+}
+
+/// Why an op was refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum Rejection {
+    #[error("unknown app {0}")]
+    UnknownApp(String),
+    #[error("payload of {size} bytes exceeds the app's limit of {max}")]
+    PayloadTooLarge { size: usize, max: u32 },
+    #[error("invalid request: {0}")]
+    Invalid(String),
+}
+
+/// An app: a tenant of the cluster, isolated from every other app.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppConfig {
+    pub id: String,
+    pub name: String,
+    /// HMAC-SHA256 token secrets; the first signs, all verify (so a secret can be rotated).
+    pub secrets: Vec<String>,
+    /// API keys for server-to-server gRPC calls.
+    pub api_keys: Vec<String>,
+    pub limits: AppLimits,
+    pub policy: DevicePolicy,
+    /// The backend's callback endpoints (a consumer group; empty = no callbacks).
+    pub callbacks: Vec<String>,
+    /// Log time the app was first created.
+    pub created_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppLimits {
+    /// Messages held per user; past it the oldest is dropped and counted as trimmed.
+    pub mailbox_cap: u32,
+    /// TTL of a stored message when the push gives none, and the most a push may ask for.
+    pub default_ttl_ms: u64,
+    pub max_ttl_ms: u64,
+    /// Messages retained per topic for catch-up; past it the oldest is dropped (counted).
+    pub topic_retain: u32,
+    /// Largest payload accepted, in bytes.
+    pub max_payload: u32,
+}
+
+impl AppLimits {
+    /// The limits `herald apps create` uses unless told otherwise.
+    pub const STANDARD: AppLimits = AppLimits {
+        mailbox_cap: 1000,
+        default_ttl_ms: 7 * 24 * 3600 * 1000,
+        max_ttl_ms: 30 * 24 * 3600 * 1000,
+        topic_retain: 1000,
+        max_payload: 32 * 1024,
+    };
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DevicePolicy {
+    /// Live sessions per (user, platform); 0 = unlimited. The newest wins.
+    pub max_per_platform: u32,
+    /// Live sessions per user over all devices; 0 = unlimited. The newest wins.
+    pub max_per_user: u32,
+}
+
+/// A node's addresses as clients and peers reach them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub id: NodeId,
+    pub grpc_addr: String,
+    /// Plain TCP client listener (host:port), empty if disabled.
+    pub client_addr: String,
+    /// TLS client listener, empty if disabled.
+    pub tls_addr: String,
+    /// WebSocket client listener, empty if disabled.
+    pub ws_addr: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Register {
+    pub app: String,
+    pub user: String,
+    pub device: String,
+    pub platform: String,
+    /// The node that holds the connection.
+    pub node: NodeId,
+    /// The connection on that node (unique per node process) and the session on it.
+    pub conn: u64,
+    pub session: u32,
+}
+
+/// A session as the registry stores it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Session {
+    pub app: String,
+    pub user: String,
+    pub device: String,
+    pub platform: String,
+    pub node: NodeId,
+    pub conn: u64,
+    pub session: u32,
+    /// Allocated at commit from a counter that only grows; a higher epoch fences a lower one.
+    pub epoch: u64,
+    /// Log time of registration.
+    pub since_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Registered {
+    pub epoch: u64,
+    /// The device's ack cursor as the state machine knows it.
+    pub acked_seq: u64,
+    /// Sessions this registration displaced (same device, or over the app's policy).
+    pub kicked: Vec<Session>,
+}
+
+/// Who a message is for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Target {
+    pub user: String,
+    /// Empty: every device of the user; otherwise only these devices.
+    pub devices: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Enqueue {
+    pub app: String,
+    pub msg_id: String,
+    pub targets: Vec<Target>,
+    pub payload: Bytes,
+    /// 0 = the app's default; capped at the app's maximum.
+    pub ttl_ms: u64,
+    /// A key seen before returns the first result and stores nothing.
+    pub idempotency_key: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Enqueued {
+    pub msg_id: String,
+    /// (user, seq) per target, in target order.
+    pub seqs: Vec<(String, u64)>,
+    /// True when this is the first result of an earlier push with the same idempotency key.
+    pub duplicate: bool,
+    pub expires_ms: u64,
+}
+
+/// A message held in a user's mailbox.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredMessage {
+    pub seq: u64,
+    pub msg_id: String,
+    pub payload: Bytes,
+    /// Empty = every device of the user.
+    pub devices: Vec<String>,
+    /// Log time it was stored and when it expires.
+    pub pushed_ms: u64,
+    pub expires_ms: u64,
+}
+
+/// A device's delivery progress, moved forward only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CursorUpdate {
+    pub app: String,
+    pub user: String,
+    pub device: String,
+    /// Highest mailbox seq written to the device's connection.
+    pub delivered: u64,
+    /// Highest mailbox seq the device acked (cumulative).
+    pub acked: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceState {
+    pub delivered: u64,
+    pub acked: u64,
+    pub platform: String,
+    /// Log time of the device's last registration.
+    pub last_seen_ms: u64,
+}
+
+/// Per-user mailbox bookkeeping.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MailboxMeta {
+    /// The seq the next message gets (first message is seq 1).
+    pub next_seq: u64,
+    /// Messages currently held.
+    pub count: u64,
+    /// Highest seq dropped by the cap (a resuming device behind it gets a GAP "trimmed").
+    pub trimmed_upto: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Publish {
+    pub app: String,
+    /// Topic name; `*` is the app-wide broadcast topic.
+    pub topic: String,
+    pub msg_id: String,
+    pub payload: Bytes,
+    pub idempotency_key: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Published {
+    pub msg_id: String,
+    pub topic: String,
+    pub seq: u64,
+    pub duplicate: bool,
+}
+
+/// A message in a topic's retained log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TopicMessage {
+    pub seq: u64,
+    pub msg_id: String,
+    pub payload: Bytes,
+    pub pushed_ms: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicMeta {
+    pub next_seq: u64,
+    pub count: u64,
+    /// Highest seq dropped by the retention cap.
+    pub trimmed_upto: u64,
+}
+
+/// Per-app counters kept by the state machine.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppCounters {
+    /// Messages stored into mailboxes (one per target user).
+    pub stored: u64,
+    /// Mailbox messages removed because every device acked them.
+    pub acked: u64,
+    /// Mailbox messages removed because their TTL passed.
+    pub expired: u64,
+    /// Mailbox messages dropped by the per-user cap.
+    pub trimmed: u64,
+    /// Topic messages published, and dropped by the retention cap.
+    pub published: u64,
+    pub topic_trimmed: u64,
+}
+
+/// An online/offline event waiting in the callback outbox (sent at least once by the leader).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionEvent {
+    /// Position in the outbox; `"{app}:{id}"` is the dedupe key a backend sees.
+    pub id: u64,
+    pub app: String,
+    pub user: String,
+    pub device: String,
+    pub platform: String,
+    pub online: bool,
+    pub epoch: u64,
+    pub node: NodeId,
+    pub at_ms: u64,
+}
+
+/// What one applied entry did that nodes act on (deliver, kick, fan out, call back).
+///
+/// Emitted after the entry's write batch is in RocksDB, in log order, on every replica.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ApplyEvent {
+    Registered { session: Session, kicked: Vec<Session> },
+    Unregistered { session: Session },
+    /// Sessions of `node` with epoch <= `upto_epoch` are gone.
+    NodeDown { node: NodeId, upto_epoch: u64 },
+    Kicked { sessions: Vec<Session>, reason: String },
+    Enqueued { app: String, user: String, message: StoredMessage },
+    Published { app: String, topic: String, message: TopicMessage },
+    AppChanged { app: String },
+    NodeChanged { node: NodeId },
+    /// New events are in the callback outbox.
+    EventsPending,
+}
+
+/// Where the state machine reports applied events. Implemented by the node; called on the apply
+/// path, so it must only hand events off (bounded queues, `try_send`), never wait.
+pub trait ApplyObserver: Send + Sync + 'static {
+    fn applied(&self, log_index: u64, events: Vec<ApplyEvent>);
+}
+
+/// An observer that ignores everything (tests, tools).
+pub struct NoObserver;
+
+impl ApplyObserver for NoObserver {
+    fn applied(&self, _log_index: u64, _events: Vec<ApplyEvent>) {}
+}

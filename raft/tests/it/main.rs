@@ -1,0 +1,6 @@
+//! herald-raft integration tests: one binary (see STYLE.md, tests in layers).
+
+mod cluster;
+mod sm_model;
+mod storage_suite;
+mod transport;
