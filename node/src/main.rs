@@ -1,1 +1,406 @@
-fn main() {}
+//! `herald`: run a node (`herald node`), a local dev cluster (`herald dev`), or talk to a cluster.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use herald_node::cli::{self, CliError, ClientOpts};
+use herald_node::config::{self, NodeOptions};
+use herald_node::{dev, logging, node, token};
+use herald_proto::v1 as pb;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "herald",
+    version,
+    about = "Herald: a long-connection push cluster",
+    propagate_version = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run one node of a cluster.
+    Node(NodeCmd),
+    /// Start a local 3-node cluster with a demo app (data under ./herald-dev).
+    Dev(dev::DevArgs),
+    /// Cluster membership and status.
+    Cluster {
+        #[command(flatten)]
+        client: ClientOpts,
+        #[command(subcommand)]
+        cmd: ClusterCmd,
+    },
+    /// Apps (tenants) admin.
+    Apps {
+        #[command(flatten)]
+        client: ClientOpts,
+        #[command(subcommand)]
+        cmd: AppsCmd,
+    },
+    /// Mint a client token for a user of an app.
+    Token(TokenCmd),
+    /// Push a message to users (QoS 1: stored until acked or expired).
+    Push(PushCmd),
+}
+
+#[derive(clap::Args)]
+struct NodeCmd {
+    /// TOML file with any of the options below (flags and env vars win over it).
+    #[arg(long, env = config::env::CONFIG)]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    options: NodeOptions,
+    /// Exit when standard input closes (used by `herald dev` so nodes never outlive it).
+    #[arg(long, hide = true)]
+    exit_with_stdin: bool,
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Leader, term and every member's progress, as JSON.
+    Status,
+    /// Add a node: learner first, voter once it caught up.
+    Add {
+        #[arg(long)]
+        id: u64,
+        /// The new node's gRPC address.
+        #[arg(long)]
+        grpc_addr: String,
+        /// Keep it a learner.
+        #[arg(long)]
+        learner: bool,
+    },
+    /// Remove a node from the cluster.
+    Remove {
+        #[arg(long)]
+        id: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum AppsCmd {
+    /// Create an app; prints it (with its generated secret and API key) as JSON.
+    Create {
+        /// App id (letters, digits, '-', '_', '.').
+        id: String,
+        #[arg(long, default_value = "")]
+        name: String,
+        /// Token signing secret (generated when absent).
+        #[arg(long)]
+        secret: Option<String>,
+        /// API key (generated when absent).
+        #[arg(long)]
+        key: Option<String>,
+        /// Messages held per user.
+        #[arg(long)]
+        mailbox_cap: Option<u32>,
+        /// Default message TTL in ms.
+        #[arg(long)]
+        ttl_ms: Option<u64>,
+        /// Sessions per platform (0 = unlimited; newest wins).
+        #[arg(long, default_value_t = 0)]
+        max_per_platform: u32,
+        /// Backend callback endpoints (gRPC host:port), repeatable.
+        #[arg(long = "callback")]
+        callbacks: Vec<String>,
+    },
+    /// List apps as JSON lines.
+    List,
+    /// Show one app as JSON.
+    Get { id: String },
+}
+
+#[derive(clap::Args)]
+struct TokenCmd {
+    #[arg(long, env = cli::env::APP)]
+    app: String,
+    #[arg(long)]
+    user: String,
+    /// Restrict the token to one device.
+    #[arg(long)]
+    device: Option<String>,
+    /// Lifetime in seconds.
+    #[arg(long, default_value_t = 86_400)]
+    ttl: u64,
+    /// The app's secret; when absent it is fetched with the admin API from --server.
+    #[arg(long, env = "HERALD_APP_SECRET", hide_env_values = true)]
+    secret: Option<String>,
+    #[command(flatten)]
+    client: ClientOpts,
+}
+
+#[derive(clap::Args)]
+struct PushCmd {
+    /// Target users (repeatable).
+    #[arg(long = "user", required = true)]
+    users: Vec<String>,
+    /// Only these devices of each user (repeatable).
+    #[arg(long = "device")]
+    devices: Vec<String>,
+    /// Message payload (UTF-8 text).
+    #[arg(long)]
+    payload: String,
+    /// Time to live in ms (0 = the app's default).
+    #[arg(long, default_value_t = 0)]
+    ttl_ms: u64,
+    /// A retry with the same key returns the first result and stores nothing.
+    #[arg(long)]
+    idempotency_key: Option<String>,
+    #[command(flatten)]
+    client: ClientOpts,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = rt.block_on(run(cli));
+    // Do not wait for blocking tasks that never end on their own (the stdin watcher).
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", e.message);
+            ExitCode::from(e.code)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), CliError> {
+    match cli.cmd {
+        Cmd::Node(cmd) => run_node(cmd).await,
+        Cmd::Dev(args) => dev::run(args).await,
+        Cmd::Cluster { client, cmd } => cluster(client, cmd).await,
+        Cmd::Apps { client, cmd } => apps(client, cmd).await,
+        Cmd::Token(cmd) => mint_token(cmd).await,
+        Cmd::Push(cmd) => push(cmd).await,
+    }
+}
+
+async fn run_node(cmd: NodeCmd) -> Result<(), CliError> {
+    let file = match &cmd.config {
+        Some(p) => NodeOptions::from_file(p).map_err(|e| CliError::usage(e.0))?,
+        None => NodeOptions::default(),
+    };
+    let config = cmd
+        .options
+        .over(file)
+        .resolve()
+        .map_err(|e| CliError::usage(e.0))?;
+    logging::init(config.log_format);
+    let listeners = node::Listeners::bind(&config)
+        .await
+        .map_err(|e| CliError::other(format!("{e:#}")))?;
+    let shutdown = CancellationToken::new();
+    spawn_signal_handler(shutdown.clone(), cmd.exit_with_stdin);
+    node::run(config, listeners, shutdown)
+        .await
+        .map_err(|e| CliError::other(format!("{e:#}")))
+}
+
+/// SIGTERM, SIGINT (Ctrl-C) and optionally stdin EOF all cancel `shutdown`.
+fn spawn_signal_handler(shutdown: CancellationToken, exit_with_stdin: bool) {
+    tokio::spawn(async move {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                return;
+            }
+        };
+        let stdin_closed = async {
+            if !exit_with_stdin {
+                return std::future::pending::<()>().await;
+            }
+            use tokio::io::AsyncReadExt;
+            let mut stdin = tokio::io::stdin();
+            let mut buf = [0u8; 64];
+            while let Ok(n) = stdin.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("sigterm received"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("interrupt received"),
+            _ = stdin_closed => tracing::info!("parent went away"),
+        }
+        shutdown.cancel();
+    });
+}
+
+async fn cluster(client: ClientOpts, cmd: ClusterCmd) -> Result<(), CliError> {
+    match cmd {
+        ClusterCmd::Status => {
+            let v = cli::cluster_status(&client).await?;
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        }
+        ClusterCmd::Add {
+            id,
+            grpc_addr,
+            learner,
+        } => {
+            let mut c = client.connect().await?;
+            let r = c
+                .add_node(client.admin(pb::AddNodeRequest {
+                    node_id: id,
+                    grpc_addr,
+                    learner_only: learner,
+                })?)
+                .await?
+                .into_inner();
+            println!(
+                "{}",
+                serde_json::json!({"voters": r.voters, "learners": r.learners, "log_index": r.log_index})
+            );
+        }
+        ClusterCmd::Remove { id } => {
+            let mut c = client.connect().await?;
+            let r = c
+                .remove_node(client.admin(pb::RemoveNodeRequest { node_id: id })?)
+                .await?
+                .into_inner();
+            println!(
+                "{}",
+                serde_json::json!({"voters": r.voters, "learners": r.learners, "log_index": r.log_index})
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn apps(client: ClientOpts, cmd: AppsCmd) -> Result<(), CliError> {
+    let mut c = client.connect().await?;
+    match cmd {
+        AppsCmd::Create {
+            id,
+            name,
+            secret,
+            key,
+            mailbox_cap,
+            ttl_ms,
+            max_per_platform,
+            callbacks,
+        } => {
+            let limits = pb::AppLimits {
+                mailbox_cap: mailbox_cap.unwrap_or(0),
+                default_ttl_ms: ttl_ms.unwrap_or(0),
+                max_ttl_ms: ttl_ms
+                    .unwrap_or(0)
+                    .max(herald_raft::AppLimits::STANDARD.max_ttl_ms),
+                ..Default::default()
+            };
+            let req = pb::CreateAppRequest {
+                id,
+                name,
+                secret: secret.unwrap_or_default(),
+                api_key: key.unwrap_or_default(),
+                limits: Some(limits),
+                policy: Some(pb::DevicePolicy {
+                    max_per_platform,
+                    max_per_user: 0,
+                }),
+                callbacks,
+            };
+            let app = c
+                .create_app(client.admin(req)?)
+                .await?
+                .into_inner()
+                .app
+                .unwrap_or_default();
+            println!("{}", cli::app_json(&app));
+        }
+        AppsCmd::List => {
+            for app in c
+                .list_apps(client.admin(pb::ListAppsRequest {})?)
+                .await?
+                .into_inner()
+                .apps
+            {
+                println!("{}", cli::app_json(&app));
+            }
+        }
+        AppsCmd::Get { id } => {
+            let app = c
+                .get_app(client.admin(pb::GetAppRequest { id })?)
+                .await?
+                .into_inner()
+                .app
+                .unwrap_or_default();
+            println!("{}", cli::app_json(&app));
+        }
+    }
+    Ok(())
+}
+
+async fn mint_token(cmd: TokenCmd) -> Result<(), CliError> {
+    let secret = match cmd.secret {
+        Some(s) => s,
+        None => {
+            let mut c = cmd.client.connect().await?;
+            let app = c
+                .get_app(cmd.client.admin(pb::GetAppRequest { id: cmd.app.clone() })?)
+                .await?
+                .into_inner()
+                .app
+                .ok_or_else(|| CliError::other("server returned no app"))?;
+            app.secrets
+                .into_iter()
+                .next()
+                .ok_or_else(|| CliError::other("app has no secret"))?
+        }
+    };
+    let now = herald_raft::raft_node::now_ms() / 1000;
+    let claims = token::Claims {
+        app: cmd.app,
+        sub: cmd.user,
+        dev: cmd.device,
+        iat: now,
+        exp: now + cmd.ttl,
+    };
+    println!("{}", token::mint(&claims, &secret));
+    Ok(())
+}
+
+async fn push(cmd: PushCmd) -> Result<(), CliError> {
+    let app = cmd.client.app_id()?;
+    let mut c = cmd.client.connect().await?;
+    let req = pb::PushRequest {
+        app,
+        targets: cmd
+            .users
+            .into_iter()
+            .map(|user| pb::Target {
+                user,
+                devices: cmd.devices.clone(),
+            })
+            .collect(),
+        payload: cmd.payload.into_bytes().into(),
+        qos: pb::Qos::AtLeastOnce as i32,
+        ttl_ms: cmd.ttl_ms,
+        idempotency_key: cmd.idempotency_key.unwrap_or_default(),
+        msg_id: String::new(),
+    };
+    let r = c.push(cmd.client.app_request(req)?).await?.into_inner();
+    println!(
+        "{}",
+        serde_json::json!({
+            "msg_id": r.msg_id,
+            "seqs": r.seqs.iter().map(|s| serde_json::json!({"user": s.user, "seq": s.seq})).collect::<Vec<_>>(),
+            "duplicate": r.duplicate,
+            "log_index": r.log_index,
+        })
+    );
+    Ok(())
+}

@@ -120,7 +120,10 @@ mod tests {
         b.put_u32(1_000_000);
         assert_eq!(
             decode(&mut b, 1024),
-            Err(FrameError::TooLarge { len: 1_000_000, max: 1024 })
+            Err(FrameError::TooLarge {
+                len: 1_000_000,
+                max: 1024
+            })
         );
     }
 
@@ -134,8 +137,12 @@ mod tests {
     fn arb_frame() -> impl Strategy<Value = Frame> {
         prop_oneof![
             (any::<u64>(), proptest::collection::vec(any::<u8>(), 0..300)).prop_map(|(s, p)| push(s, p)),
-            (any::<u32>(), any::<u64>())
-                .prop_map(|(s, q)| Frame { kind: Some(Kind::Ack(Ack { session_id: s, seq: q })) }),
+            (any::<u32>(), any::<u64>()).prop_map(|(s, q)| Frame {
+                kind: Some(Kind::Ack(Ack {
+                    session_id: s,
+                    seq: q
+                }))
+            }),
             (any::<u64>(), any::<u32>()).prop_map(|(id, iv)| Frame {
                 kind: Some(Kind::Ping(Ping { id, interval_ms: iv }))
             }),

@@ -20,6 +20,9 @@ pub enum StoreError {
     },
     #[error("corrupt data in {what}: {detail}")]
     Corrupt { what: String, detail: String },
+    /// A snapshot could not be built, received or installed (bad files, wrong contents).
+    #[error("snapshot error: {0}")]
+    Snapshot(String),
 }
 
 /// A write (a batch of ops) could not be committed.

@@ -1,17 +1,343 @@
-//! The Raft log on RocksDB. STUB: the storage work replaces this file.
+//! The Raft log and vote on RocksDB.
+//!
+//! Durability contract (what is written in which order, and when it is on disk). One RocksDB at
+//! the store's dir, WAL always on, column families `logs` (index u64 BE -> bincode(Entry)) and
+//! `meta` (`vote`, `purged`, `committed`):
+//! - `save_vote`: a synced write (`WriteOptions::set_sync(true)`): on disk before it returns. A
+//!   synced write also syncs every earlier write in the WAL.
+//! - `append`: all entries in one WriteBatch, not synced, so they are readable when `append`
+//!   returns (openraft requires that). The `LogFlushed` callback goes to the syncer thread, which
+//!   drains every queued callback, calls `flush_wal(true)` once (an fsync of the WAL, which covers
+//!   every write made before it) and then completes them all: group commit, many appends share
+//!   one fsync. openraft counts an entry as persisted (votes for it, acks it to the leader) only
+//!   after its callback, so an entry is never reported before it is on disk. On an fsync error
+//!   every waiting callback gets the error.
+//! - `truncate` (delete logs >= index) and `purge` (delete logs <= index, with the last purged id
+//!   in the same batch): one WriteBatch each, not synced. The WAL is ordered, so the next synced
+//!   write (an append's flush, a vote) persists them too. Lost in a crash before that, a truncate
+//!   brings back uncommitted entries this node never acknowledged after the truncate (no
+//!   acknowledgement happens before the next flush), and a purge brings back entries that are
+//!   already in a snapshot: both harmless, openraft redoes either.
+//! - `save_committed`: a plain write; losing it only means re-applying fewer entries at start.
+//!
+//! Read or decode errors become openraft `StorageError`s; errors while opening are [`StoreError`].
 
-use std::path::Path;
+use std::fmt::Debug;
+use std::ops::{Bound, RangeBounds};
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc};
+
+use openraft::storage::{LogFlushed, RaftLogStorage};
+use openraft::{AnyError, LogState, OptionalSend, RaftLogReader, StorageIOError};
+use rocksdb::{
+    ColumnFamilyDescriptor, DBCompressionType, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB,
+};
+use serde::de::DeserializeOwned;
 
 use crate::error::StoreError;
+use crate::types::typ::{Entry, LogId, StorageError, Vote};
+use crate::types::TypeConfig;
 
-/// Raft log and vote store.
+const CF_LOGS: &str = "logs";
+const CF_META: &str = "meta";
+const KEY_VOTE: &[u8] = b"vote";
+const KEY_PURGED: &[u8] = b"purged";
+const KEY_COMMITTED: &[u8] = b"committed";
+/// An exclusive upper bound above every 8-byte index key.
+const KEY_END: [u8; 9] = [0xff; 9];
+
+/// Raft log and vote store. Clones share one DB and one syncer thread.
 #[derive(Clone)]
 pub struct LogStore {
-    _p: (),
+    inner: Arc<Inner>,
+}
+
+/// The shared part of a [`LogStore`].
+struct Inner {
+    /// The log DB; the syncer thread holds another reference.
+    db: Arc<DB>,
+    /// For error messages.
+    path: PathBuf,
+    /// Appends hand their flush callbacks to the syncer here; dropping it (with the last clone of
+    /// the store) ends the thread.
+    syncer: Option<mpsc::Sender<LogFlushed<TypeConfig>>>,
+    /// Joined on drop, so the DB is closed (its lock released) when the last clone is gone and
+    /// the dir can be opened again at once.
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.syncer.take();
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                tracing::error!(path = %self.path.display(), "log syncer thread panicked");
+            }
+        }
+    }
+}
+
+fn index_key(index: u64) -> [u8; 8] {
+    index.to_be_bytes()
+}
+
+fn open_err(path: &Path, source: rocksdb::Error) -> StoreError {
+    StoreError::Rocks {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+fn read_err(e: impl std::error::Error + 'static) -> StorageError {
+    StorageIOError::read_logs(AnyError::new(&e)).into()
+}
+
+fn write_err(e: impl std::error::Error + 'static) -> StorageError {
+    StorageIOError::write_logs(AnyError::new(&e)).into()
+}
+
+/// Drains queued callbacks, fsyncs the WAL once per drained group, completes the group.
+fn syncer_loop(db: Arc<DB>, rx: mpsc::Receiver<LogFlushed<TypeConfig>>) {
+    while let Ok(first) = rx.recv() {
+        let mut group = vec![first];
+        group.extend(rx.try_iter());
+        match db.flush_wal(true) {
+            Ok(()) => {
+                for cb in group {
+                    cb.log_io_completed(Ok(()));
+                }
+            }
+            Err(e) => {
+                tracing::error!(path = %db.path().display(), error = %e, "log fsync failed");
+                for cb in group {
+                    cb.log_io_completed(Err(std::io::Error::other(e.to_string())));
+                }
+            }
+        }
+    }
+    tracing::debug!(path = %db.path().display(), "log syncer stopped");
 }
 
 impl LogStore {
-    pub fn open(_dir: &Path) -> Result<Self, StoreError> {
-        unimplemented!()
+    /// Opens or creates the log store at `dir`. Fails (never panics) on an unreadable dir, a dir
+    /// that is not a RocksDB, or stored values that do not decode.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::Io {
+            path: dir.display().to_string(),
+            source: e,
+        })?;
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        opts.set_keep_log_file_num(4);
+        let cfs = [CF_LOGS, CF_META].map(|name| {
+            let mut cf_opts = Options::default();
+            cf_opts.set_compression_type(DBCompressionType::Lz4);
+            ColumnFamilyDescriptor::new(name, cf_opts)
+        });
+        let db = DB::open_cf_descriptors(&opts, dir, cfs).map_err(|e| open_err(dir, e))?;
+        let db = Arc::new(db);
+        let mut inner = Inner {
+            db: db.clone(),
+            path: dir.to_path_buf(),
+            syncer: None,
+            thread: None,
+        };
+        // Check what we will serve from decodes, so corruption stops the node at start.
+        {
+            let corrupt = |what: &str, e: StorageError| StoreError::Corrupt {
+                what: format!("{} {what}", dir.display()),
+                detail: e.to_string(),
+            };
+            inner.meta::<Vote>(KEY_VOTE).map_err(|e| corrupt("vote", e))?;
+            inner
+                .meta::<LogId>(KEY_PURGED)
+                .map_err(|e| corrupt("purged", e))?;
+            inner
+                .meta::<Option<LogId>>(KEY_COMMITTED)
+                .map_err(|e| corrupt("committed", e))?;
+            inner.last_entry_id().map_err(|e| corrupt("last entry", e))?;
+        }
+        let (tx, rx) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("herald-log-sync".into())
+            .spawn(move || syncer_loop(db, rx))
+            .map_err(|e| StoreError::Io {
+                path: dir.display().to_string(),
+                source: e,
+            })?;
+        inner.syncer = Some(tx);
+        inner.thread = Some(thread);
+        tracing::info!(path = %dir.display(), "log store opened");
+        Ok(LogStore {
+            inner: Arc::new(inner),
+        })
+    }
+}
+
+impl Inner {
+    fn db(&self) -> &DB {
+        &self.db
+    }
+
+    fn cf(&self, name: &str) -> Result<&rocksdb::ColumnFamily, StorageError> {
+        self.db().cf_handle(name).ok_or_else(|| {
+            read_err(StoreError::Corrupt {
+                what: self.path.display().to_string(),
+                detail: format!("column family {name} missing"),
+            })
+        })
+    }
+
+    fn meta<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StorageError> {
+        let cf = self.cf(CF_META)?;
+        match self.db().get_pinned_cf(cf, key).map_err(read_err)? {
+            Some(bytes) => bincode::deserialize(&bytes).map(Some).map_err(read_err),
+            None => Ok(None),
+        }
+    }
+
+    fn put_meta<T: serde::Serialize>(&self, key: &[u8], value: &T, sync: bool) -> Result<(), StorageError> {
+        let cf = self.cf(CF_META)?;
+        let bytes = bincode::serialize(value).map_err(write_err)?;
+        let mut wo = WriteOptions::default();
+        wo.set_sync(sync);
+        self.db().put_cf_opt(cf, key, bytes, &wo).map_err(write_err)
+    }
+
+    fn last_entry_id(&self) -> Result<Option<LogId>, StorageError> {
+        let cf = self.cf(CF_LOGS)?;
+        match self.db().iterator_cf(cf, IteratorMode::End).next() {
+            Some(item) => {
+                let (_, value) = item.map_err(read_err)?;
+                let entry: Entry = bincode::deserialize(&value).map_err(read_err)?;
+                Ok(Some(entry.log_id))
+            }
+            None => Ok(None),
+        }
+    }
+
+    fn write(&self, batch: WriteBatch) -> Result<(), StorageError> {
+        self.db()
+            .write_opt(batch, &WriteOptions::default())
+            .map_err(write_err)
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, StorageError> {
+        let start = match range.start_bound() {
+            Bound::Included(i) => *i,
+            Bound::Excluded(i) => match i.checked_add(1) {
+                Some(i) => i,
+                None => return Ok(Vec::new()),
+            },
+            Bound::Unbounded => 0,
+        };
+        let cf = self.inner.cf(CF_LOGS)?;
+        let from = index_key(start);
+        let mut out = Vec::new();
+        for item in self
+            .inner
+            .db()
+            .iterator_cf(cf, IteratorMode::From(&from, Direction::Forward))
+        {
+            let (key, value) = item.map_err(read_err)?;
+            let index = match <[u8; 8]>::try_from(&*key) {
+                Ok(k) => u64::from_be_bytes(k),
+                Err(e) => return Err(read_err(e)),
+            };
+            if !range.contains(&index) {
+                break;
+            }
+            let entry: Entry = bincode::deserialize(&value).map_err(|e| {
+                StorageError::from(StorageIOError::read_log_at_index(index, AnyError::new(&e)))
+            })?;
+            out.push(entry);
+        }
+        Ok(out)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
+        let last_purged_log_id: Option<LogId> = self.inner.meta(KEY_PURGED)?;
+        let last_log_id = self.inner.last_entry_id()?.or(last_purged_log_id);
+        Ok(LogState {
+            last_purged_log_id,
+            last_log_id,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote) -> Result<(), StorageError> {
+        self.inner
+            .put_meta(KEY_VOTE, vote, true)
+            .map_err(|e| StorageIOError::write_vote(AnyError::new(&e)).into())
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote>, StorageError> {
+        self.inner.meta(KEY_VOTE)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
+        self.inner.put_meta(KEY_COMMITTED, &committed, false)
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
+        Ok(self.inner.meta::<Option<LogId>>(KEY_COMMITTED)?.flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let cf = self.inner.cf(CF_LOGS)?;
+        let mut batch = WriteBatch::default();
+        for entry in entries {
+            let bytes = bincode::serialize(&entry).map_err(|e| {
+                StorageError::from(StorageIOError::write_log_entry(entry.log_id, AnyError::new(&e)))
+            })?;
+            batch.put_cf(cf, index_key(entry.log_id.index), bytes);
+        }
+        self.inner.write(batch)?;
+        let queued = match &self.inner.syncer {
+            Some(syncer) => syncer.send(callback).map_err(|mpsc::SendError(cb)| cb),
+            None => Err(callback),
+        };
+        if let Err(callback) = queued {
+            callback.log_io_completed(Err(std::io::Error::other("log syncer thread is gone")));
+        }
+        Ok(())
+    }
+
+    async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        let cf = self.inner.cf(CF_LOGS)?;
+        let mut batch = WriteBatch::default();
+        batch.delete_range_cf(cf, index_key(log_id.index).as_slice(), KEY_END.as_slice());
+        self.inner.write(batch)
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        let logs = self.inner.cf(CF_LOGS)?;
+        let meta = self.inner.cf(CF_META)?;
+        let mut batch = WriteBatch::default();
+        let end: Vec<u8> = match log_id.index.checked_add(1) {
+            Some(i) => index_key(i).to_vec(),
+            None => KEY_END.to_vec(),
+        };
+        batch.delete_range_cf(logs, index_key(0).to_vec(), end);
+        let purged = bincode::serialize(&log_id).map_err(write_err)?;
+        batch.put_cf(meta, KEY_PURGED, purged);
+        self.inner.write(batch)
     }
 }

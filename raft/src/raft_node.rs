@@ -1,1 +1,761 @@
-pub struct RaftNode; pub struct RaftConfig;
+//! A running Raft member: openraft wired to the RocksDB stores and the tonic transport, plus what
+//! Herald adds on top of openraft:
+//!
+//! - **Batched proposals**: callers hand ops to one proposer task; while a few entries are in flight
+//!   it gathers everything that arrives into the next entry, so many pushes share one log entry,
+//!   one replication round and one fsync.
+//! - **Write forwarding**: on a follower the proposer sends its batch to the leader (raft transport
+//!   `Forward`), which commits it as one entry; callers never see "not leader".
+//! - **Bootstrap once**: only the lowest id of the configured peers initializes, and only when a
+//!   majority of peers answers, all agree on the peer list and none has Raft state.
+//! - **Membership changes**: add a node as learner, wait until it caught up, then promote it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures::future::BoxFuture;
+use herald_proto::raft::{ProbeReply, ProbeRequest};
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{BasicNode, ChangeMembers, ServerState};
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::error::{StoreError, WriteError};
+use crate::log_store::LogStore;
+use crate::network::{Network, NetworkOptions, PeerClients, RaftServiceHooks};
+use crate::sm::{StateMachine, StateReader};
+use crate::types::{typ, ApplyObserver, NodeId, Op, OpResult, Request};
+
+/// What a member needs to run. Built by the node's config layer (validated there).
+#[derive(Debug, Clone)]
+pub struct RaftConfig {
+    pub node_id: NodeId,
+    /// Holds `raft-log/` and `sm/`.
+    pub data_dir: PathBuf,
+    /// The address peers reach this node's gRPC at (host:port).
+    pub grpc_addr: String,
+    /// Initial members (id -> gRPC address), this node included. Used to bootstrap a fresh
+    /// cluster; afterwards membership comes from the log.
+    pub peers: BTreeMap<NodeId, String>,
+    pub heartbeat_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    /// Build a snapshot after this many applied entries since the last one.
+    pub snapshot_every: u64,
+    /// Log entries kept behind the newest snapshot (a briefly lagging follower catches up from
+    /// the log instead of needing a snapshot).
+    pub keep_logs_after_snapshot: u64,
+    /// Most ops one log entry may carry.
+    pub max_batch_ops: usize,
+    /// Entries a node's proposer keeps in flight before it starts gathering the next batch.
+    pub max_inflight_batches: usize,
+    /// How long a write may wait for a leader and a commit before it is reported indeterminate.
+    pub write_timeout: Duration,
+    pub network: NetworkOptions,
+}
+
+impl RaftConfig {
+    /// Timing suited to a LAN or loopback cluster.
+    pub fn standard(
+        node_id: NodeId,
+        data_dir: PathBuf,
+        grpc_addr: String,
+        peers: BTreeMap<NodeId, String>,
+    ) -> Self {
+        RaftConfig {
+            node_id,
+            data_dir,
+            grpc_addr,
+            peers,
+            heartbeat_ms: 100,
+            election_timeout_min_ms: 400,
+            election_timeout_max_ms: 800,
+            snapshot_every: 50_000,
+            keep_logs_after_snapshot: 1000,
+            max_batch_ops: 1024,
+            max_inflight_batches: 8,
+            write_timeout: Duration::from_secs(5),
+            network: NetworkOptions::standard(),
+        }
+    }
+}
+
+/// Starting a member failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("invalid raft config: {0}")]
+    Config(String),
+    #[error("raft failed to start: {0}")]
+    Raft(String),
+}
+
+/// Result of a committed batch: one result per op and the entry's log index.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Committed {
+    pub results: Vec<OpResult>,
+    pub log_index: u64,
+}
+
+/// A membership change failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MembershipError {
+    #[error("this node is not the leader{}", .0.as_ref().map(|(id, a)| format!(" (leader is node {id} at {a})")).unwrap_or_default())]
+    NotLeader(Option<(NodeId, String)>),
+    #[error("{0}")]
+    Refused(String),
+    #[error("node {0} did not catch up in time")]
+    CatchUpTimeout(NodeId),
+}
+
+/// One member's progress as a peer reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MemberView {
+    pub node_id: NodeId,
+    pub grpc_addr: String,
+    pub voter: bool,
+    pub reachable: bool,
+    pub probe: Option<ProbeReply>,
+    /// The leader's view of the member's replicated index (only when this node leads).
+    pub matched_index: Option<u64>,
+}
+
+/// The cluster as this node sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterView {
+    pub node_id: NodeId,
+    pub leader: Option<NodeId>,
+    pub term: u64,
+    pub committed_index: u64,
+    pub members: Vec<MemberView>,
+}
+
+struct Proposal {
+    ops: Vec<Op>,
+    reply: oneshot::Sender<Result<Committed, WriteError>>,
+}
+
+/// A running member. Cheap to clone.
+#[derive(Clone)]
+pub struct RaftNode {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: RaftConfig,
+    raft: typ::Raft,
+    reader: StateReader,
+    clients: PeerClients,
+    /// Bounded: callers wait (back-pressure) rather than queue without limit.
+    proposals: mpsc::Sender<Proposal>,
+    /// Extra probe fields from the node layer (e.g. its connection count).
+    load: watch::Sender<u64>,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl RaftNode {
+    /// Opens the stores under `config.data_dir` and starts the member. The raft gRPC service must be
+    /// served by the caller ([`RaftNode::grpc_service`]) on `config.grpc_addr`.
+    pub async fn start(config: RaftConfig, observer: Arc<dyn ApplyObserver>) -> Result<RaftNode, StartError> {
+        if !config.peers.contains_key(&config.node_id) {
+            return Err(StartError::Config(format!(
+                "node id {} is not in the peer list {:?}",
+                config.node_id,
+                config.peers.keys().collect::<Vec<_>>()
+            )));
+        }
+        let log_store = LogStore::open(&config.data_dir.join("raft-log"))?;
+        let sm = StateMachine::open(&config.data_dir.join("sm"), observer)?;
+        let reader = sm.reader();
+        let clients = PeerClients::new(config.node_id, config.network.clone());
+        let network = Network::new(clients.clone());
+        let raft_config = openraft::Config {
+            cluster_name: "herald".into(),
+            heartbeat_interval: config.heartbeat_ms,
+            election_timeout_min: config.election_timeout_min_ms,
+            election_timeout_max: config.election_timeout_max_ms,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(config.snapshot_every),
+            max_in_snapshot_log_to_keep: config.keep_logs_after_snapshot,
+            max_payload_entries: 64,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| StartError::Config(e.to_string()))?;
+        let raft = typ::Raft::new(config.node_id, Arc::new(raft_config), network, log_store, sm)
+            .await
+            .map_err(|e| StartError::Raft(e.to_string()))?;
+
+        let (tx, rx) = mpsc::channel(config.max_batch_ops * 4);
+        let (load, _) = watch::channel(0);
+        let inner = Arc::new(Inner {
+            config,
+            raft,
+            reader,
+            clients,
+            proposals: tx,
+            load,
+            cancel: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        });
+        let node = RaftNode { inner };
+        let n = node.clone();
+        node.inner.tasks.spawn(async move { n.run_proposer(rx).await });
+        let n = node.clone();
+        node.inner.tasks.spawn(async move { n.bootstrap().await });
+        Ok(node)
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.inner.config.node_id
+    }
+
+    pub fn config(&self) -> &RaftConfig {
+        &self.inner.config
+    }
+
+    /// The openraft handle (metrics, low-level calls).
+    pub fn raft(&self) -> &typ::Raft {
+        &self.inner.raft
+    }
+
+    /// Read handle on the local state machine.
+    pub fn reader(&self) -> &StateReader {
+        &self.inner.reader
+    }
+
+    pub fn metrics(&self) -> watch::Receiver<typ::RaftMetrics> {
+        self.inner.raft.metrics()
+    }
+
+    /// Client connections on this node, reported to peers through Probe.
+    pub fn set_load(&self, connections: u64) {
+        self.inner.load.send_replace(connections);
+    }
+
+    /// The raft transport service to mount on this node's gRPC server.
+    pub fn grpc_service(
+        &self,
+    ) -> herald_proto::raft::raft_service_server::RaftServiceServer<
+        impl herald_proto::raft::raft_service_server::RaftService,
+    > {
+        crate::network::raft_server(self.id(), self.inner.raft.clone(), Arc::new(Hooks(self.clone())))
+    }
+
+    /// The current leader and its gRPC address, if known.
+    pub fn leader(&self) -> Option<(NodeId, String)> {
+        let m = self.inner.raft.metrics();
+        let m = m.borrow();
+        let id = m.current_leader?;
+        let addr = m
+            .membership_config
+            .membership()
+            .get_node(&id)
+            .map(|n| n.addr.clone())
+            .unwrap_or_default();
+        Some((id, addr))
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.leader().map(|(id, _)| id) == Some(self.id())
+    }
+
+    /// Commits `ops` as part of one log entry (possibly shared with other callers' ops) and returns
+    /// their results. Works on any member: followers forward to the leader.
+    pub async fn write(&self, ops: Vec<Op>) -> Result<Committed, WriteError> {
+        if ops.is_empty() {
+            return Err(WriteError::Invalid("empty write".into()));
+        }
+        let (tx, rx) = oneshot::channel();
+        self.inner
+            .proposals
+            .send(Proposal { ops, reply: tx })
+            .await
+            .map_err(|_| WriteError::Shutdown)?;
+        match tokio::time::timeout(self.inner.config.write_timeout, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(WriteError::Shutdown),
+            Err(_) => Err(WriteError::Indeterminate("timed out waiting for commit".into())),
+        }
+    }
+
+    /// One op; see [`RaftNode::write`].
+    pub async fn write_one(&self, op: Op) -> Result<(OpResult, u64), WriteError> {
+        let c = self.write(vec![op]).await?;
+        let r = c
+            .results
+            .into_iter()
+            .next()
+            .ok_or_else(|| WriteError::Indeterminate("no result".into()))?;
+        Ok((r, c.log_index))
+    }
+
+    /// Gathers proposals into batches and commits them (or forwards them to the leader).
+    async fn run_proposer(self, mut rx: mpsc::Receiver<Proposal>) {
+        let inflight = Arc::new(Semaphore::new(self.inner.config.max_inflight_batches));
+        loop {
+            // Wait for a free slot first: while every slot is busy, proposals pile up in the
+            // channel and the next batch takes all of them.
+            let permit = tokio::select! {
+                _ = self.inner.cancel.cancelled() => break,
+                p = inflight.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            };
+            let first = tokio::select! {
+                _ = self.inner.cancel.cancelled() => break,
+                p = rx.recv() => match p { Some(p) => p, None => break },
+            };
+            let mut batch = vec![first];
+            let mut n_ops = batch[0].ops.len();
+            while n_ops < self.inner.config.max_batch_ops {
+                match rx.try_recv() {
+                    Ok(p) => {
+                        n_ops += p.ops.len();
+                        batch.push(p);
+                    }
+                    Err(_) => break,
+                }
+            }
+            let node = self.clone();
+            self.inner.tasks.spawn(async move {
+                node.commit_batch(batch).await;
+                drop(permit);
+            });
+        }
+        // Fail whatever is still queued so callers do not wait for the timeout.
+        rx.close();
+        while let Ok(p) = rx.try_recv() {
+            let _ = p.reply.send(Err(WriteError::Shutdown));
+        }
+    }
+
+    async fn commit_batch(&self, batch: Vec<Proposal>) {
+        let mut ops = Vec::with_capacity(batch.iter().map(|p| p.ops.len()).sum());
+        let mut sizes = Vec::with_capacity(batch.len());
+        let mut replies = Vec::with_capacity(batch.len());
+        for p in batch {
+            sizes.push(p.ops.len());
+            ops.extend(p.ops);
+            replies.push(p.reply);
+        }
+        let outcome = self.commit_anywhere(ops).await;
+        match outcome {
+            Ok(Committed { results, log_index }) => {
+                let mut results = results.into_iter();
+                for (reply, n) in replies.into_iter().zip(sizes) {
+                    let r: Vec<OpResult> = results.by_ref().take(n).collect();
+                    let _ = reply.send(Ok(Committed {
+                        results: r,
+                        log_index,
+                    }));
+                }
+            }
+            Err(e) => {
+                for reply in replies {
+                    let _ = reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+
+    /// Commits one batch as one entry: locally when leading, otherwise at the leader. Waits for a
+    /// leader (elections) until the write timeout; a write that may have reached a leader is never
+    /// re-sent (it would commit twice).
+    async fn commit_anywhere(&self, ops: Vec<Op>) -> Result<Committed, WriteError> {
+        let deadline = Instant::now() + self.inner.config.write_timeout;
+        let mut hint: Option<(NodeId, String)> = None;
+        loop {
+            let leader = hint.take().or_else(|| self.leader());
+            let attempt = match leader {
+                Some((id, _)) if id == self.id() => self.commit_local(ops.clone()).await,
+                Some((id, addr)) if !addr.is_empty() => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    self.inner
+                        .clients
+                        .forward(id, &addr, &ops, left)
+                        .await
+                        .map(|(results, log_index)| Committed { results, log_index })
+                }
+                _ => Err(WriteError::Unavailable { leader: None }),
+            };
+            match attempt {
+                Err(WriteError::Unavailable { leader }) if Instant::now() < deadline => {
+                    // Nothing was committed: wait for (another) leader and retry.
+                    let current = self.leader();
+                    hint = leader.filter(|l| Some(l) != current.as_ref()).or(None);
+                    if hint.is_none() {
+                        self.wait_leader_change(current.map(|l| l.0), deadline).await;
+                    }
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn wait_leader_change(&self, old: Option<NodeId>, deadline: Instant) {
+        let mut m = self.inner.raft.metrics();
+        let wait = async {
+            loop {
+                if m.changed().await.is_err() {
+                    return;
+                }
+                let now = m.borrow().current_leader;
+                if now.is_some() && now != old {
+                    return;
+                }
+            }
+        };
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .min(Duration::from_millis(200));
+        let _ = tokio::time::timeout(left, wait).await;
+    }
+
+    /// Proposes one entry on this node, which must be the leader.
+    async fn commit_local(&self, ops: Vec<Op>) -> Result<Committed, WriteError> {
+        let req = Request { ts_ms: now_ms(), ops };
+        match self.inner.raft.client_write(req).await {
+            Ok(resp) => Ok(Committed {
+                results: resp.data.results,
+                log_index: resp.log_id.index,
+            }),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(WriteError::Unavailable {
+                leader: f
+                    .leader_id
+                    .map(|id| (id, f.leader_node.map(|n| n.addr).unwrap_or_default())),
+            }),
+            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
+                Err(WriteError::Invalid(e.to_string()))
+            }
+            // The entry may already be in the leader's log when the core stops: indeterminate.
+            Err(RaftError::Fatal(e)) => Err(WriteError::Indeterminate(format!("raft stopped: {e}"))),
+        }
+    }
+
+    /// Bootstraps a fresh cluster exactly once: see the module docs.
+    async fn bootstrap(self) {
+        let me = self.id();
+        let peers = self.inner.config.peers.clone();
+        let Some(&lowest) = peers.keys().next() else {
+            return;
+        };
+        loop {
+            match self.inner.raft.is_initialized().await {
+                Ok(true) => return,
+                Ok(false) => {}
+                Err(_) => return,
+            }
+            if me != lowest {
+                // Only the lowest id bootstraps; the others wait to be contacted by a leader.
+                debug!(
+                    node_id = me,
+                    bootstrapper = lowest,
+                    "waiting for the cluster to be initialized"
+                );
+            } else {
+                match self.bootstrap_check(&peers).await {
+                    Ok(true) => {
+                        let members: BTreeMap<NodeId, BasicNode> = peers
+                            .iter()
+                            .map(|(id, a)| (*id, BasicNode { addr: a.clone() }))
+                            .collect();
+                        match self.inner.raft.initialize(members).await {
+                            Ok(()) => {
+                                info!(node_id = me, peers = ?peers.keys().collect::<Vec<_>>(), "cluster initialized")
+                            }
+                            Err(e) => info!(node_id = me, error = %e, "cluster not initialized here"),
+                        }
+                        return;
+                    }
+                    Ok(false) => {}
+                    Err(msg) => {
+                        // Peers disagree about the cluster: refuse to bootstrap and keep saying why.
+                        warn!(node_id = me, reason = %msg, "not bootstrapping");
+                    }
+                }
+            }
+            tokio::select! {
+                _ = self.inner.cancel.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+        }
+    }
+
+    /// True when this node may initialize now: a majority answers, none has Raft state and all
+    /// name the same peer list. Err when a peer disagrees about the cluster.
+    async fn bootstrap_check(&self, peers: &BTreeMap<NodeId, String>) -> Result<bool, String> {
+        let me = self.id();
+        let mut reached = 1; // this node
+        for (id, addr) in peers.iter().filter(|(id, _)| **id != me) {
+            let req = ProbeRequest {
+                from: me,
+                target: *id,
+                peers: peers.clone().into_iter().collect(),
+            };
+            match self
+                .inner
+                .clients
+                .probe(*id, addr, req, Duration::from_millis(800))
+                .await
+            {
+                Ok(reply) => {
+                    if reply.node_id != *id {
+                        return Err(format!(
+                            "{addr} answers as node {}, expected node {id}",
+                            reply.node_id
+                        ));
+                    }
+                    let theirs: BTreeMap<NodeId, String> = reply.peers.into_iter().collect();
+                    if theirs != *peers {
+                        return Err(format!(
+                            "node {id} is configured with peers {theirs:?}, this node with {peers:?}"
+                        ));
+                    }
+                    if reply.initialized {
+                        // A cluster already exists (this node's data was wiped, or it is new):
+                        // never start a second one; its leader will replicate to us.
+                        return Ok(false);
+                    }
+                    reached += 1;
+                }
+                Err(e) => debug!(node_id = me, peer = id, error = %e, "peer not reachable for bootstrap"),
+            }
+        }
+        Ok(reached * 2 > peers.len())
+    }
+
+    /// Adds `id` as a learner, waits until it has caught up, then makes it a voter (unless
+    /// `learner_only`). Must run on the leader.
+    pub async fn add_node(
+        &self,
+        id: NodeId,
+        grpc_addr: String,
+        learner_only: bool,
+    ) -> Result<u64, MembershipError> {
+        self.require_leader()?;
+        let raft = &self.inner.raft;
+        // `blocking = true`: returns once the learner has replicated up to the add entry.
+        let resp = raft
+            .add_learner(
+                id,
+                BasicNode {
+                    addr: grpc_addr.clone(),
+                },
+                true,
+            )
+            .await
+            .map_err(|e| self.membership_error(e))?;
+        info!(node_id = id, addr = %grpc_addr, log_index = resp.log_id.index, "learner added");
+        if learner_only {
+            return Ok(resp.log_id.index);
+        }
+        self.wait_caught_up(id, Duration::from_secs(60)).await?;
+        let resp = raft
+            .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+            .await
+            .map_err(|e| self.membership_error(e))?;
+        info!(node_id = id, log_index = resp.log_id.index, "voter added");
+        Ok(resp.log_id.index)
+    }
+
+    /// Removes `id` from voters and learners. Must run on the leader.
+    pub async fn remove_node(&self, id: NodeId) -> Result<u64, MembershipError> {
+        self.require_leader()?;
+        let raft = &self.inner.raft;
+        let m = raft.metrics().borrow().membership_config.clone();
+        let is_voter = m.membership().voter_ids().any(|v| v == id);
+        let is_node = m.membership().get_node(&id).is_some();
+        if !is_node {
+            return Err(MembershipError::Refused(format!("node {id} is not a member")));
+        }
+        let mut index = 0;
+        if is_voter {
+            let voters = m.membership().voter_ids().filter(|v| *v != id).count();
+            if voters == 0 {
+                return Err(MembershipError::Refused("cannot remove the last voter".into()));
+            }
+            let r = raft
+                .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
+                .await
+                .map_err(|e| self.membership_error(e))?;
+            index = r.log_id.index;
+        }
+        let r = raft
+            .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
+            .await
+            .map_err(|e| self.membership_error(e))?;
+        index = index.max(r.log_id.index);
+        info!(node_id = id, log_index = index, "node removed");
+        Ok(index)
+    }
+
+    fn require_leader(&self) -> Result<(), MembershipError> {
+        match self.leader() {
+            Some((id, _)) if id == self.id() => Ok(()),
+            other => Err(MembershipError::NotLeader(other)),
+        }
+    }
+
+    fn membership_error(&self, e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> MembershipError {
+        match e {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => MembershipError::NotLeader(
+                f.leader_id
+                    .map(|id| (id, f.leader_node.map(|n| n.addr).unwrap_or_default())),
+            ),
+            other => MembershipError::Refused(other.to_string()),
+        }
+    }
+
+    async fn wait_caught_up(&self, id: NodeId, limit: Duration) -> Result<(), MembershipError> {
+        let deadline = Instant::now() + limit;
+        let mut m = self.inner.raft.metrics();
+        loop {
+            {
+                let mm = m.borrow();
+                let last = mm.last_log_index.unwrap_or(0);
+                let matched = mm
+                    .replication
+                    .as_ref()
+                    .and_then(|r| r.get(&id).cloned().flatten())
+                    .map(|l| l.index)
+                    .unwrap_or(0);
+                if last.saturating_sub(matched) <= 100 {
+                    return Ok(());
+                }
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(MembershipError::CatchUpTimeout(id));
+            }
+            let _ = tokio::time::timeout(left.min(Duration::from_millis(200)), m.changed()).await;
+        }
+    }
+
+    /// This node's identity and progress (answers peers' probes).
+    pub fn probe_reply(&self) -> ProbeReply {
+        let m = self.inner.raft.metrics();
+        let m = m.borrow();
+        ProbeReply {
+            node_id: self.id(),
+            initialized: m.vote.leader_id().term > 0 || m.last_log_index.is_some(),
+            peers: self.inner.config.peers.clone().into_iter().collect(),
+            term: m.current_term,
+            leader_id: m.current_leader.unwrap_or(0),
+            has_leader: m.current_leader.is_some(),
+            last_log_index: m.last_log_index.unwrap_or(0),
+            applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
+            committed_index: m.last_applied.map(|l| l.index).unwrap_or(0),
+            state: state_name(m.state).into(),
+            connections: *self.inner.load.borrow(),
+        }
+    }
+
+    /// The cluster as seen from here, with every member probed (reachable or not).
+    pub async fn cluster_view(&self) -> ClusterView {
+        let (leader, term, committed, membership, replication) = {
+            let m = self.inner.raft.metrics();
+            let m = m.borrow();
+            (
+                m.current_leader,
+                m.current_term,
+                m.last_applied.map(|l| l.index).unwrap_or(0),
+                m.membership_config.clone(),
+                m.replication.clone(),
+            )
+        };
+        let voters: BTreeSet<NodeId> = membership.membership().voter_ids().collect();
+        let mut members = Vec::new();
+        let probes = membership.membership().nodes().map(|(id, node)| {
+            let id = *id;
+            let addr = node.addr.clone();
+            let me = self.clone();
+            async move {
+                let probe = if id == me.id() {
+                    Some(me.probe_reply())
+                } else {
+                    let req = ProbeRequest {
+                        from: me.id(),
+                        target: id,
+                        peers: Default::default(),
+                    };
+                    me.inner
+                        .clients
+                        .probe(id, &addr, req, Duration::from_millis(500))
+                        .await
+                        .ok()
+                };
+                (id, addr, probe)
+            }
+        });
+        for (id, addr, probe) in futures::future::join_all(probes).await {
+            let matched = replication
+                .as_ref()
+                .and_then(|r| r.get(&id).cloned().flatten())
+                .map(|l| l.index);
+            members.push(MemberView {
+                node_id: id,
+                grpc_addr: addr,
+                voter: voters.contains(&id),
+                reachable: probe.is_some(),
+                probe,
+                matched_index: matched,
+            });
+        }
+        ClusterView {
+            node_id: self.id(),
+            leader,
+            term,
+            committed_index: committed,
+            members,
+        }
+    }
+
+    /// Stops the proposer and openraft. Queued writes fail with `Shutdown`.
+    pub async fn shutdown(&self) {
+        self.inner.cancel.cancel();
+        self.inner.tasks.close();
+        if let Err(e) = self.inner.raft.shutdown().await {
+            warn!(error = %e, "raft shutdown reported an error");
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.inner.tasks.wait()).await;
+    }
+}
+
+/// Answers the raft service's forward and probe calls.
+struct Hooks(RaftNode);
+
+impl RaftServiceHooks for Hooks {
+    fn forward(&self, ops: Vec<Op>) -> BoxFuture<'static, Result<(Vec<OpResult>, u64), WriteError>> {
+        let node = self.0.clone();
+        Box::pin(async move {
+            // Forwarded batches were gathered by the follower's proposer: commit as one entry.
+            node.commit_local(ops).await.map(|c| (c.results, c.log_index))
+        })
+    }
+
+    fn probe(&self, _req: ProbeRequest) -> ProbeReply {
+        self.0.probe_reply()
+    }
+}
+
+fn state_name(s: ServerState) -> &'static str {
+    match s {
+        ServerState::Leader => "leader",
+        ServerState::Follower => "follower",
+        ServerState::Candidate => "candidate",
+        ServerState::Learner => "learner",
+        ServerState::Shutdown => "shutdown",
+    }
+}
+
+/// Wall clock in unix milliseconds (only the leader's is ever used, see `Request::ts_ms`).
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -91,11 +91,21 @@ pub enum Op {
     /// device and applies the app's multi-device policy (newest wins).
     Register(Register),
     /// A session ended. Ignored unless `epoch` is the device's current epoch.
-    Unregister { app: String, user: String, device: String, epoch: u64 },
+    Unregister {
+        app: String,
+        user: String,
+        device: String,
+        epoch: u64,
+    },
     /// Every session on `node` registered before this entry goes offline (node lost or restarted).
     NodeDown { node: NodeId },
     /// An admin or API kick: drop the user's sessions (one device or all).
-    Kick { app: String, user: String, device: Option<String>, reason: String },
+    Kick {
+        app: String,
+        user: String,
+        device: Option<String>,
+        reason: String,
+    },
     /// Store a QoS-1 message in the mailbox of each target user.
     Enqueue(Enqueue),
     /// Batched per-device cursor moves (delivered / acked); trims what every device has acked.
@@ -118,10 +128,16 @@ pub enum OpResult {
     Rejected(Rejection),
     Registered(Registered),
     /// Sessions removed by NodeDown / Kick / Unregister.
-    Dropped { sessions: u32 },
+    Dropped {
+        sessions: u32,
+    },
     Enqueued(Enqueued),
     Published(Published),
-    Expired { messages: u32, topic_entries: u32, keys: u32 },
+    Expired {
+        messages: u32,
+        topic_entries: u32,
+        keys: u32,
+    },
 }
 
 /// Why an op was refused.
@@ -381,15 +397,38 @@ pub struct SessionEvent {
 /// Emitted after the entry's write batch is in RocksDB, in log order, on every replica.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ApplyEvent {
-    Registered { session: Session, kicked: Vec<Session> },
-    Unregistered { session: Session },
+    Registered {
+        session: Session,
+        kicked: Vec<Session>,
+    },
+    Unregistered {
+        session: Session,
+    },
     /// Sessions of `node` with epoch <= `upto_epoch` are gone.
-    NodeDown { node: NodeId, upto_epoch: u64 },
-    Kicked { sessions: Vec<Session>, reason: String },
-    Enqueued { app: String, user: String, message: StoredMessage },
-    Published { app: String, topic: String, message: TopicMessage },
-    AppChanged { app: String },
-    NodeChanged { node: NodeId },
+    NodeDown {
+        node: NodeId,
+        upto_epoch: u64,
+    },
+    Kicked {
+        sessions: Vec<Session>,
+        reason: String,
+    },
+    Enqueued {
+        app: String,
+        user: String,
+        message: StoredMessage,
+    },
+    Published {
+        app: String,
+        topic: String,
+        message: TopicMessage,
+    },
+    AppChanged {
+        app: String,
+    },
+    NodeChanged {
+        node: NodeId,
+    },
     /// New events are in the callback outbox.
     EventsPending,
 }

@@ -1,4 +1,18 @@
-//! The raft transport over tonic. STUB: the network work replaces the bodies.
+//! The raft transport over tonic: how members talk to each other.
+//!
+//! - [`PeerClients`]: a pool of lazily connected channels to peers (one per address for raft RPCs,
+//!   another for snapshot streams), with the node's direct calls: write forwarding and probes.
+//! - [`Network`] / [`PeerConnection`]: openraft's `RaftNetworkFactory` / `RaftNetwork` over it.
+//! - [`raft_server`] / [`RaftGrpc`]: the `herald.raft.v1.RaftService` every node serves.
+//! - [`snapshot`]: snapshot directories streamed file by file with crc32 checks.
+//! - [`codec`]: openraft's messages and Herald's ops as bincode inside the protobuf messages.
+//!
+//! Every request carries the sender's and the intended receiver's node id; a node refuses requests
+//! meant for another id with `FAILED_PRECONDITION`, which callers treat as "peer unreachable".
+//!
+//! Architecture Invariant: nothing here buffers without bound for a peer that is down. openraft
+//! makes one call at a time per peer, channels queue at most `request_buffer` requests, and a call
+//! to an unreachable peer fails at once or after `connect_timeout`.
 
 use std::sync::Arc;
 
@@ -7,6 +21,19 @@ use herald_proto::raft::{ProbeReply, ProbeRequest};
 
 use crate::error::WriteError;
 use crate::types::{Op, OpResult};
+
+mod client;
+pub mod codec;
+mod raft_network;
+mod server;
+pub mod snapshot;
+
+pub use client::{is_connect_error, is_node_id_mismatch, InvalidAddr, NetworkOptions, PeerClients};
+pub use raft_network::{Network, PeerConnection};
+pub use server::{raft_server, RaftApi, RaftGrpc, SNAPSHOT_IDLE_TIMEOUT};
+
+/// Largest gRPC message the raft service sends or accepts (AppendEntries batches, snapshot chunks).
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
 /// What the raft gRPC service needs from the running node beyond openraft itself.
 pub trait RaftServiceHooks: Send + Sync + 'static {

@@ -1,1 +1,251 @@
-//! (empty)
+//! The storage half against openraft's own test suite, plus durability and corruption checks.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use herald_raft::typ::{Entry, LogId, StorageError, Vote};
+use herald_raft::{LogStore, NoObserver, StateMachine, StoreError, TypeConfig};
+use openraft::storage::{RaftLogStorage, RaftLogStorageExt, RaftStateMachine};
+use openraft::testing::{StoreBuilder, Suite};
+use openraft::{CommittedLeaderId, EntryPayload, RaftLogReader, RaftSnapshotBuilder};
+use tempfile::TempDir;
+
+struct Builder;
+
+impl StoreBuilder<TypeConfig, LogStore, StateMachine, TempDir> for Builder {
+    async fn build(&self) -> Result<(TempDir, LogStore, StateMachine), StorageError> {
+        let dir = TempDir::new().expect("tempdir");
+        let log = LogStore::open(&dir.path().join("log")).expect("open log");
+        let sm = StateMachine::open(&dir.path().join("sm"), Arc::new(NoObserver)).expect("open sm");
+        Ok((dir, log, sm))
+    }
+}
+
+#[test]
+fn openraft_suite() -> Result<(), StorageError> {
+    Suite::test_all(Builder)
+}
+
+fn log_id(term: u64, index: u64) -> LogId {
+    LogId::new(CommittedLeaderId::new(term, 1), index)
+}
+
+fn blank(term: u64, index: u64) -> Entry {
+    Entry {
+        log_id: log_id(term, index),
+        payload: EntryPayload::Blank,
+    }
+}
+
+#[tokio::test]
+async fn log_survives_reopen() -> anyhow::Result<()> {
+    let dir = TempDir::new()?;
+    let path = dir.path().join("log");
+    {
+        let mut store = LogStore::open(&path)?;
+        store
+            .blocking_append((1..=10).map(|i| blank(1, i)).collect::<Vec<_>>())
+            .await?;
+        // Appends in flight at once share fsyncs; every one must complete.
+        let mut tasks = Vec::new();
+        for i in 11..=30 {
+            let mut s = store.clone();
+            tasks.push(tokio::spawn(
+                async move { s.blocking_append(vec![blank(2, i)]).await },
+            ));
+            // Keep index order: each append lands before the next starts.
+            tokio::task::yield_now().await;
+        }
+        for t in tasks {
+            t.await??;
+        }
+        store.save_vote(&Vote::new(2, 1)).await?;
+        store.purge(log_id(1, 4)).await?;
+        store.truncate(log_id(2, 26)).await?;
+        store.save_committed(Some(log_id(2, 20))).await?;
+    }
+    let mut store = LogStore::open(&path)?;
+    assert_eq!(store.read_vote().await?, Some(Vote::new(2, 1)));
+    assert_eq!(store.read_committed().await?, Some(log_id(2, 20)));
+    let state = store.get_log_state().await?;
+    assert_eq!(state.last_purged_log_id, Some(log_id(1, 4)));
+    assert_eq!(state.last_log_id, Some(log_id(2, 25)));
+    let entries = store.try_get_log_entries(0..100).await?;
+    let indexes: Vec<u64> = entries.iter().map(|e| e.log_id.index).collect();
+    assert_eq!(indexes, (5..=25).collect::<Vec<_>>());
+    let some = store.try_get_log_entries(7..=9).await?;
+    assert_eq!(some.len(), 3);
+    Ok(())
+}
+
+fn expect_store_error<T>(r: Result<T, StoreError>, what: &str) {
+    match r {
+        Ok(_) => panic!("{what}: opened a corrupt store"),
+        Err(e) => eprintln!("{what}: {e}"),
+    }
+}
+
+#[test]
+fn corrupt_log_dir_is_an_error() -> anyhow::Result<()> {
+    let dir = TempDir::new()?;
+    // A file where the dir should be.
+    let file = dir.path().join("file");
+    std::fs::write(&file, b"not a dir")?;
+    expect_store_error(LogStore::open(&file), "file instead of dir");
+    // Garbage where RocksDB's CURRENT should be.
+    let garbage = dir.path().join("garbage");
+    std::fs::create_dir_all(&garbage)?;
+    std::fs::write(garbage.join("CURRENT"), b"MANIFEST-999999\n")?;
+    expect_store_error(LogStore::open(&garbage), "garbage CURRENT");
+    // A real store whose CURRENT was overwritten.
+    let real = dir.path().join("real");
+    drop(LogStore::open(&real)?);
+    std::fs::write(real.join("CURRENT"), b"\x00\x01garbage")?;
+    expect_store_error(LogStore::open(&real), "overwritten CURRENT");
+    Ok(())
+}
+
+#[test]
+fn corrupt_sm_dir_is_an_error() -> anyhow::Result<()> {
+    let dir = TempDir::new()?;
+    let file = dir.path().join("file");
+    std::fs::write(&file, b"not a dir")?;
+    expect_store_error(
+        StateMachine::open(&file, Arc::new(NoObserver)),
+        "file instead of dir",
+    );
+
+    let sm_dir = dir.path().join("sm");
+    drop(StateMachine::open(&sm_dir, Arc::new(NoObserver))?);
+    std::fs::write(sm_dir.join("CURRENT"), b"what")?;
+    expect_store_error(StateMachine::open(&sm_dir, Arc::new(NoObserver)), "bad CURRENT");
+    std::fs::write(sm_dir.join("CURRENT"), b"gen-7\n")?;
+    expect_store_error(StateMachine::open(&sm_dir, Arc::new(NoObserver)), "missing gen");
+    std::fs::write(sm_dir.join("CURRENT"), b"gen-1\n")?;
+    std::fs::write(sm_dir.join("gen-1").join("CURRENT"), b"garbage\n")?;
+    expect_store_error(
+        StateMachine::open(&sm_dir, Arc::new(NoObserver)),
+        "garbage rocksdb CURRENT",
+    );
+    Ok(())
+}
+
+fn count_dirs(path: &Path) -> usize {
+    std::fs::read_dir(path).map(|d| d.count()).unwrap_or(0)
+}
+
+#[tokio::test]
+async fn sm_restart_keeps_state_and_cleans_leftovers() -> anyhow::Result<()> {
+    let dir = TempDir::new()?;
+    let path = dir.path().join("sm");
+    let snapshot = {
+        let mut sm = StateMachine::open(&path, Arc::new(NoObserver))?;
+        sm.apply(vec![blank(1, 1), blank(1, 2)]).await?;
+        let s1 = sm.get_snapshot_builder().await.build_snapshot().await?;
+        sm.apply(vec![blank(1, 3)]).await?;
+        let _s2 = sm.get_snapshot_builder().await.build_snapshot().await?;
+        sm.apply(vec![blank(1, 4)]).await?;
+        let s3 = sm.get_snapshot_builder().await.build_snapshot().await?;
+        // Reading the checkpoint's own meta left it exactly as RocksDB made it.
+        for f in std::fs::read_dir(&s3.snapshot.path)? {
+            let name = f?.file_name().to_string_lossy().to_string();
+            assert!(
+                !name.starts_with("LOG") && name != "LOCK",
+                "{name} written into snapshot"
+            );
+        }
+        // Only the newest two are kept.
+        assert_eq!(count_dirs(&path.join("snapshots")), 2);
+        assert!(!s1.snapshot.path.exists());
+        let _incoming = sm.begin_receiving_snapshot().await?;
+        s3
+    };
+    // Simulate a crash during install: a half-written next generation.
+    std::fs::create_dir_all(path.join("gen-2"))?;
+    std::fs::write(path.join("gen-2").join("000001.sst"), b"half")?;
+    let mut sm = StateMachine::open(&path, Arc::new(NoObserver))?;
+    assert!(!path.join("gen-2").exists(), "leftover generation removed");
+    assert_eq!(count_dirs(&path.join("incoming")), 0, "leftover incoming removed");
+    assert_eq!(sm.applied_state().await?.0, Some(log_id(1, 4)));
+    let reader = sm.reader();
+    assert_eq!(reader.applied_index(), 4);
+    reader.wait_applied(4).await;
+    let waiter = tokio::spawn(async move { reader.wait_applied(6).await });
+    sm.apply(vec![blank(1, 5)]).await?;
+    assert!(!waiter.is_finished());
+    sm.apply(vec![blank(1, 6)]).await?;
+    tokio::time::timeout(std::time::Duration::from_secs(5), waiter).await??;
+    let current = sm.get_current_snapshot().await?.expect("snapshot after restart");
+    assert_eq!(current.meta, snapshot.meta);
+    Ok(())
+}
+
+#[tokio::test]
+async fn install_rejects_mismatched_meta_and_keeps_state() -> anyhow::Result<()> {
+    let dir = TempDir::new()?;
+    let mut leader = StateMachine::open(&dir.path().join("a"), Arc::new(NoObserver))?;
+    let mut follower = StateMachine::open(&dir.path().join("b"), Arc::new(NoObserver))?;
+    leader.apply(vec![blank(1, 1), blank(1, 2)]).await?;
+    follower.apply(vec![blank(1, 1)]).await?;
+    let snap = leader.get_snapshot_builder().await.build_snapshot().await?;
+    let mut lying = snap.meta.clone();
+    lying.last_log_id = Some(log_id(1, 9));
+    let dest = follower.begin_receiving_snapshot().await?;
+    assert!(follower
+        .install_snapshot(&lying, Box::new((*snap.snapshot).clone()))
+        .await
+        .is_err());
+    assert_eq!(follower.applied_state().await?.0, Some(log_id(1, 1)));
+    // An unsafe snapshot id is refused too.
+    let mut evil = snap.meta.clone();
+    evil.snapshot_id = "../x".into();
+    assert!(follower.install_snapshot(&evil, dest).await.is_err());
+    // The honest one installs, and the follower keeps applying after it.
+    follower
+        .install_snapshot(&snap.meta, Box::new((*snap.snapshot).clone()))
+        .await?;
+    assert_eq!(follower.applied_state().await?.0, Some(log_id(1, 2)));
+    follower.apply(vec![blank(1, 3)]).await?;
+    assert_eq!(follower.reader().applied_index(), 3);
+    Ok(())
+}
+
+/// Overwrites one value in a closed log store's RocksDB.
+fn poke(path: &Path, cf: &str, key: &[u8], value: &[u8]) -> anyhow::Result<()> {
+    let db = rocksdb::DB::open_cf(&rocksdb::Options::default(), path, ["logs", "meta"])?;
+    let handle = db.cf_handle(cf).ok_or_else(|| anyhow::anyhow!("no cf {cf}"))?;
+    db.put_cf(handle, key, value)?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn corrupt_log_values_are_errors_not_panics() -> anyhow::Result<()> {
+    let dir = TempDir::new()?;
+    let path = dir.path().join("log");
+    {
+        let mut store = LogStore::open(&path)?;
+        store
+            .blocking_append((1..=5).map(|i| blank(1, i)).collect::<Vec<_>>())
+            .await?;
+        store.save_vote(&Vote::new(1, 1)).await?;
+    }
+    // A garbage entry in the middle: opens (only the last entry is checked), reads fail.
+    poke(&path, "logs", &3u64.to_be_bytes(), b"\xff")?;
+    {
+        let mut store = LogStore::open(&path)?;
+        assert!(store.try_get_log_entries(1..=5).await.is_err());
+        assert_eq!(store.try_get_log_entries(1..3).await?.len(), 2);
+    }
+    // A garbage last entry or vote: the store refuses to open.
+    poke(&path, "logs", &5u64.to_be_bytes(), b"\xff")?;
+    expect_store_error(LogStore::open(&path), "garbage last entry");
+    poke(
+        &path,
+        "logs",
+        &5u64.to_be_bytes(),
+        &bincode::serialize(&blank(1, 5))?,
+    )?;
+    poke(&path, "meta", b"vote", b"\x01")?;
+    expect_store_error(LogStore::open(&path), "garbage vote");
+    Ok(())
+}

@@ -1,0 +1,437 @@
+//! `herald.v1.Herald`: the public gRPC API served by every node.
+
+pub mod auth;
+pub mod error;
+
+use std::collections::BTreeSet;
+
+use herald_proto::v1 as pb;
+use herald_proto::v1::herald_server::Herald;
+use herald_raft::{AppConfig, AppLimits, DevicePolicy, Enqueue, Op, OpResult, Target};
+use tonic::{Request, Response, Status};
+use tracing::instrument;
+
+use crate::node::Node;
+use error::ApiError;
+
+type Reply<T> = Result<Response<T>, Status>;
+
+/// The gRPC service; cheap to clone (shares the node).
+#[derive(Clone)]
+pub struct HeraldApi {
+    node: Node,
+}
+
+impl HeraldApi {
+    pub fn new(node: Node) -> Self {
+        HeraldApi { node }
+    }
+}
+
+#[tonic::async_trait]
+impl Herald for HeraldApi {
+    #[instrument(skip_all, fields(app))]
+    async fn push(&self, request: Request<pb::PushRequest>) -> Reply<pb::PushReply> {
+        let app = auth::app_caller(&self.node, &request)?;
+        let req = request.into_inner();
+        tracing::Span::current().record("app", app.id.as_str());
+        if req.app != app.id {
+            return Err(ApiError::PermissionDenied(format!(
+                "this API key belongs to app {:?}, not {:?}",
+                app.id, req.app
+            ))
+            .into());
+        }
+        if req.targets.is_empty() {
+            return Err(ApiError::InvalidArgument("push needs at least one target".into()).into());
+        }
+        if req.targets.iter().any(|t| t.user.is_empty()) {
+            return Err(ApiError::InvalidArgument("a target has an empty user".into()).into());
+        }
+        if req.payload.len() > app.limits.max_payload as usize {
+            return Err(ApiError::InvalidArgument(format!(
+                "payload of {} bytes exceeds the app's limit of {}",
+                req.payload.len(),
+                app.limits.max_payload
+            ))
+            .into());
+        }
+        if req.qos() == pb::Qos::AtMostOnce {
+            return Err(ApiError::FailedPrecondition("qos 0 delivery is not available yet".into()).into());
+        }
+        let msg_id = if req.msg_id.is_empty() {
+            self.node.new_msg_id()
+        } else {
+            req.msg_id
+        };
+        let op = Op::Enqueue(Enqueue {
+            app: app.id.clone(),
+            msg_id,
+            targets: req
+                .targets
+                .into_iter()
+                .map(|t| Target {
+                    user: t.user,
+                    devices: t.devices,
+                })
+                .collect(),
+            payload: req.payload,
+            ttl_ms: req.ttl_ms,
+            idempotency_key: Some(req.idempotency_key).filter(|k| !k.is_empty()),
+        });
+        let (result, log_index) = self.node.raft().write_one(op).await.map_err(ApiError::from)?;
+        match result {
+            OpResult::Enqueued(e) => Ok(Response::new(pb::PushReply {
+                msg_id: e.msg_id,
+                seqs: e
+                    .seqs
+                    .into_iter()
+                    .map(|(user, seq)| pb::UserSeq { user, seq })
+                    .collect(),
+                duplicate: e.duplicate,
+                delivered: 0,
+                dropped: 0,
+                log_index,
+            })),
+            OpResult::Rejected(r) => Err(ApiError::from(r).into()),
+            other => Err(ApiError::Internal(format!("unexpected result {other:?}")).into()),
+        }
+    }
+
+    async fn broadcast(&self, _request: Request<pb::BroadcastRequest>) -> Reply<pb::PublishReply> {
+        Err(Status::unimplemented("broadcast is not available yet"))
+    }
+
+    async fn publish_topic(&self, _request: Request<pb::PublishRequest>) -> Reply<pb::PublishReply> {
+        Err(Status::unimplemented("publish is not available yet"))
+    }
+
+    async fn kick(&self, _request: Request<pb::KickRequest>) -> Reply<pb::KickReply> {
+        Err(Status::unimplemented("kick is not available yet"))
+    }
+
+    async fn status(&self, _request: Request<pb::StatusRequest>) -> Reply<pb::StatusReply> {
+        Err(Status::unimplemented("status is not available yet"))
+    }
+
+    async fn delivery_status(
+        &self,
+        _request: Request<pb::DeliveryStatusRequest>,
+    ) -> Reply<pb::DeliveryStatusReply> {
+        Err(Status::unimplemented("delivery status is not available yet"))
+    }
+
+    async fn dispatch(&self, _request: Request<pb::DispatchRequest>) -> Reply<pb::DispatchReply> {
+        Err(Status::unimplemented("dispatch is not available yet"))
+    }
+
+    #[instrument(skip_all)]
+    async fn cluster_status(
+        &self,
+        _request: Request<pb::ClusterStatusRequest>,
+    ) -> Reply<pb::ClusterStatusReply> {
+        let view = self.node.raft().cluster_view().await;
+        let nodes = self.node.raft().reader().nodes().map_err(ApiError::from)?;
+        let members = view
+            .members
+            .into_iter()
+            .map(|m| {
+                let p = m.probe.unwrap_or_default();
+                pb::MemberStatus {
+                    node_id: m.node_id,
+                    grpc_addr: m.grpc_addr,
+                    client_addr: nodes
+                        .iter()
+                        .find(|n| n.id == m.node_id)
+                        .map(|n| n.client_addr.clone())
+                        .unwrap_or_default(),
+                    role: if m.voter { "voter" } else { "learner" }.into(),
+                    reachable: m.reachable,
+                    last_log_index: p.last_log_index,
+                    applied_index: p.applied_index,
+                    matched_index: m.matched_index.unwrap_or(0),
+                    state: if m.reachable {
+                        p.state
+                    } else {
+                        "unreachable".into()
+                    },
+                    connections: p.connections,
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::ClusterStatusReply {
+            node_id: view.node_id,
+            leader_id: view.leader.unwrap_or(0),
+            has_leader: view.leader.is_some(),
+            term: view.term,
+            committed_index: view.committed_index,
+            members,
+        }))
+    }
+
+    #[instrument(skip_all, fields(node_id))]
+    async fn add_node(&self, request: Request<pb::AddNodeRequest>) -> Reply<pb::MembershipReply> {
+        auth::admin(&self.node, &request)?;
+        if !self.node.raft().is_leader() {
+            return self
+                .node
+                .forward_admin(request, |mut c, r| async move { c.add_node(r).await })
+                .await;
+        }
+        let req = request.into_inner();
+        tracing::Span::current().record("node_id", req.node_id);
+        if req.node_id == 0 {
+            return Err(ApiError::InvalidArgument("node id 0 is reserved".into()).into());
+        }
+        if crate::config::parse_peers(&format!("{}={}", req.node_id, req.grpc_addr)).is_err() {
+            return Err(
+                ApiError::InvalidArgument(format!("{:?} is not a host:port address", req.grpc_addr)).into(),
+            );
+        }
+        let index = self
+            .node
+            .raft()
+            .add_node(req.node_id, req.grpc_addr, req.learner_only)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(self.membership_reply(index)))
+    }
+
+    #[instrument(skip_all, fields(node_id))]
+    async fn remove_node(&self, request: Request<pb::RemoveNodeRequest>) -> Reply<pb::MembershipReply> {
+        auth::admin(&self.node, &request)?;
+        if !self.node.raft().is_leader() {
+            return self
+                .node
+                .forward_admin(request, |mut c, r| async move { c.remove_node(r).await })
+                .await;
+        }
+        let req = request.into_inner();
+        tracing::Span::current().record("node_id", req.node_id);
+        let index = self
+            .node
+            .raft()
+            .remove_node(req.node_id)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(self.membership_reply(index)))
+    }
+
+    #[instrument(skip_all)]
+    async fn create_app(&self, request: Request<pb::CreateAppRequest>) -> Reply<pb::AppReply> {
+        auth::admin(&self.node, &request)?;
+        let req = request.into_inner();
+        validate_app_id(&req.id)?;
+        if self
+            .node
+            .raft()
+            .reader()
+            .app(&req.id)
+            .map_err(ApiError::from)?
+            .is_some()
+        {
+            return Err(ApiError::AlreadyExists(format!("app {:?} already exists", req.id)).into());
+        }
+        let app = AppConfig {
+            id: req.id.clone(),
+            name: if req.name.is_empty() {
+                req.id.clone()
+            } else {
+                req.name
+            },
+            secrets: vec![if req.secret.is_empty() {
+                auth::random_secret()
+            } else {
+                req.secret
+            }],
+            api_keys: vec![if req.api_key.is_empty() {
+                auth::random_secret()
+            } else {
+                req.api_key
+            }],
+            limits: req.limits.map(limits_from_pb).unwrap_or(AppLimits::STANDARD),
+            policy: req.policy.map(policy_from_pb).unwrap_or(DevicePolicy {
+                max_per_platform: 0,
+                max_per_user: 0,
+            }),
+            callbacks: req.callbacks,
+            created_ms: 0,
+        };
+        validate_app(&app)?;
+        self.put_app(app).await
+    }
+
+    #[instrument(skip_all)]
+    async fn update_app(&self, request: Request<pb::UpdateAppRequest>) -> Reply<pb::AppReply> {
+        auth::admin(&self.node, &request)?;
+        let Some(app) = request.into_inner().app else {
+            return Err(ApiError::InvalidArgument("update needs an app".into()).into());
+        };
+        let Some(current) = self.node.raft().reader().app(&app.id).map_err(ApiError::from)? else {
+            return Err(ApiError::NotFound(format!("unknown app {:?}", app.id)).into());
+        };
+        let app = AppConfig {
+            id: app.id,
+            name: app.name,
+            secrets: app.secrets,
+            api_keys: app.api_keys,
+            limits: app.limits.map(limits_from_pb).unwrap_or(current.limits),
+            policy: app.policy.map(policy_from_pb).unwrap_or(current.policy),
+            callbacks: app.callbacks,
+            created_ms: current.created_ms,
+        };
+        validate_app(&app)?;
+        self.put_app(app).await
+    }
+
+    async fn get_app(&self, request: Request<pb::GetAppRequest>) -> Reply<pb::AppReply> {
+        auth::admin(&self.node, &request)?;
+        let id = request.into_inner().id;
+        match self.node.raft().reader().app(&id).map_err(ApiError::from)? {
+            Some(app) => Ok(Response::new(pb::AppReply {
+                app: Some(app_to_pb(app)),
+            })),
+            None => Err(ApiError::NotFound(format!("unknown app {id:?}")).into()),
+        }
+    }
+
+    async fn list_apps(&self, request: Request<pb::ListAppsRequest>) -> Reply<pb::ListAppsReply> {
+        auth::admin(&self.node, &request)?;
+        let apps = self.node.raft().reader().apps().map_err(ApiError::from)?;
+        Ok(Response::new(pb::ListAppsReply {
+            apps: apps.into_iter().map(app_to_pb).collect(),
+        }))
+    }
+
+    #[instrument(skip_all)]
+    async fn delete_app(&self, request: Request<pb::DeleteAppRequest>) -> Reply<pb::DeleteAppReply> {
+        auth::admin(&self.node, &request)?;
+        let id = request.into_inner().id;
+        let (result, _) = self
+            .node
+            .raft()
+            .write_one(Op::DeleteApp { app: id })
+            .await
+            .map_err(ApiError::from)?;
+        match result {
+            OpResult::Rejected(r) => Err(ApiError::from(r).into()),
+            _ => Ok(Response::new(pb::DeleteAppReply {})),
+        }
+    }
+}
+
+impl HeraldApi {
+    async fn put_app(&self, app: AppConfig) -> Reply<pb::AppReply> {
+        let id = app.id.clone();
+        let (result, index) = self
+            .node
+            .raft()
+            .write_one(Op::PutApp(app))
+            .await
+            .map_err(ApiError::from)?;
+        if let OpResult::Rejected(r) = result {
+            return Err(ApiError::from(r).into());
+        }
+        // Read our own write: wait until this node applied it, then answer from the state.
+        self.node.raft().reader().wait_applied(index).await;
+        match self.node.raft().reader().app(&id).map_err(ApiError::from)? {
+            Some(app) => Ok(Response::new(pb::AppReply {
+                app: Some(app_to_pb(app)),
+            })),
+            None => Err(ApiError::Internal(format!("app {id:?} missing after commit")).into()),
+        }
+    }
+
+    fn membership_reply(&self, log_index: u64) -> pb::MembershipReply {
+        let m = self.node.raft().metrics().borrow().membership_config.clone();
+        let voters: BTreeSet<u64> = m.membership().voter_ids().collect();
+        let learners = m.membership().learner_ids().collect();
+        pb::MembershipReply {
+            voters: voters.into_iter().collect(),
+            learners,
+            log_index,
+        }
+    }
+}
+
+fn validate_app_id(id: &str) -> Result<(), ApiError> {
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::InvalidArgument(format!(
+            "app id {id:?} must be 1-64 characters of letters, digits, '-', '_' or '.'"
+        )))
+    }
+}
+
+fn validate_app(app: &AppConfig) -> Result<(), ApiError> {
+    validate_app_id(&app.id)?;
+    if app.secrets.is_empty() || app.secrets.iter().any(|s| s.len() < 16) {
+        return Err(ApiError::InvalidArgument(
+            "an app needs token secrets of at least 16 characters".into(),
+        ));
+    }
+    if app.api_keys.is_empty() || app.api_keys.iter().any(|s| s.len() < 16) {
+        return Err(ApiError::InvalidArgument(
+            "an app needs API keys of at least 16 characters".into(),
+        ));
+    }
+    let l = &app.limits;
+    if l.mailbox_cap == 0 || l.topic_retain == 0 || l.max_payload == 0 || l.default_ttl_ms == 0 {
+        return Err(ApiError::InvalidArgument(
+            "app limits must be greater than 0".into(),
+        ));
+    }
+    if l.default_ttl_ms > l.max_ttl_ms {
+        return Err(ApiError::InvalidArgument(
+            "default_ttl_ms exceeds max_ttl_ms".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn limits_from_pb(l: pb::AppLimits) -> AppLimits {
+    let d = AppLimits::STANDARD;
+    let or = |v: u64, d: u64| if v == 0 { d } else { v };
+    AppLimits {
+        mailbox_cap: or(l.mailbox_cap.into(), d.mailbox_cap.into()) as u32,
+        default_ttl_ms: or(l.default_ttl_ms, d.default_ttl_ms),
+        max_ttl_ms: or(l.max_ttl_ms, d.max_ttl_ms),
+        topic_retain: or(l.topic_retain.into(), d.topic_retain.into()) as u32,
+        max_payload: or(l.max_payload.into(), d.max_payload.into()) as u32,
+    }
+}
+
+fn policy_from_pb(p: pb::DevicePolicy) -> DevicePolicy {
+    DevicePolicy {
+        max_per_platform: p.max_per_platform,
+        max_per_user: p.max_per_user,
+    }
+}
+
+fn app_to_pb(a: AppConfig) -> pb::App {
+    pb::App {
+        id: a.id,
+        name: a.name,
+        secrets: a.secrets,
+        api_keys: a.api_keys,
+        limits: Some(pb::AppLimits {
+            mailbox_cap: a.limits.mailbox_cap,
+            default_ttl_ms: a.limits.default_ttl_ms,
+            max_ttl_ms: a.limits.max_ttl_ms,
+            topic_retain: a.limits.topic_retain,
+            max_payload: a.limits.max_payload,
+        }),
+        policy: Some(pb::DevicePolicy {
+            max_per_platform: a.policy.max_per_platform,
+            max_per_user: a.policy.max_per_user,
+        }),
+        callbacks: a.callbacks,
+        created_ms: a.created_ms,
+    }
+}

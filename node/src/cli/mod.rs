@@ -1,0 +1,192 @@
+//! The `herald` client commands: thin wrappers over the gRPC API.
+//!
+//! Exit codes a script can rely on: 0 success, 2 usage error, 3 cluster unavailable or unreachable,
+//! 4 refused (invalid argument, not found, permission, already exists), 5 outcome unknown (a write
+//! that timed out may still commit), 1 anything else.
+
+use std::time::Duration;
+
+use herald_proto::v1 as pb;
+use herald_proto::v1::herald_client::HeraldClient;
+use tonic::metadata::MetadataValue;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Status};
+
+pub mod env {
+    pub const SERVER: &str = "HERALD_SERVER";
+    pub const ADMIN_TOKEN: &str = "HERALD_ADMIN_TOKEN";
+    pub const APP: &str = "HERALD_APP";
+    pub const API_KEY: &str = "HERALD_API_KEY";
+}
+
+/// Where and as whom a command talks to the cluster.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ClientOpts {
+    /// gRPC address of any node (host:port).
+    #[arg(long, short = 's', env = env::SERVER, default_value = "127.0.0.1:7401", global = true)]
+    pub server: String,
+    /// Admin token for admin calls.
+    #[arg(long, env = env::ADMIN_TOKEN, global = true, hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// App id for app calls.
+    #[arg(long, env = env::APP, global = true)]
+    pub app: Option<String>,
+    /// The app's API key for app calls.
+    #[arg(long, env = env::API_KEY, global = true, hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Per-call timeout in milliseconds.
+    #[arg(long, default_value_t = 10_000, global = true)]
+    pub timeout_ms: u64,
+}
+
+/// A command failure with its exit code.
+#[derive(Debug)]
+pub struct CliError {
+    pub code: u8,
+    pub message: String,
+}
+
+impl CliError {
+    pub fn usage(msg: impl Into<String>) -> Self {
+        CliError {
+            code: 2,
+            message: msg.into(),
+        }
+    }
+    pub fn other(msg: impl Into<String>) -> Self {
+        CliError {
+            code: 1,
+            message: msg.into(),
+        }
+    }
+}
+
+impl From<Status> for CliError {
+    fn from(s: Status) -> Self {
+        let code = match s.code() {
+            Code::Unavailable => 3,
+            Code::InvalidArgument
+            | Code::NotFound
+            | Code::PermissionDenied
+            | Code::Unauthenticated
+            | Code::AlreadyExists
+            | Code::FailedPrecondition
+            | Code::ResourceExhausted => 4,
+            Code::DeadlineExceeded => 5,
+            _ => 1,
+        };
+        let leader = s
+            .metadata()
+            .get(crate::api::error::LEADER_METADATA)
+            .and_then(|v| v.to_str().ok())
+            .map(|l| format!(" (leader: {l})"))
+            .unwrap_or_default();
+        CliError {
+            code,
+            message: format!("{:?}: {}{leader}", s.code(), s.message()),
+        }
+    }
+}
+
+impl ClientOpts {
+    /// Connects to `--server`.
+    pub async fn connect(&self) -> Result<HeraldClient<Channel>, CliError> {
+        let channel = Channel::from_shared(format!("http://{}", self.server))
+            .map_err(|e| CliError::usage(format!("--server {:?}: {e}", self.server)))?
+            .connect_timeout(Duration::from_secs(3))
+            .timeout(Duration::from_millis(self.timeout_ms))
+            .connect()
+            .await
+            .map_err(|e| CliError {
+                code: 3,
+                message: format!("cannot reach {}: {e}", self.server),
+            })?;
+        Ok(HeraldClient::new(channel).max_decoding_message_size(64 << 20))
+    }
+
+    /// A request carrying the admin token, if any.
+    pub fn admin<T>(&self, msg: T) -> Result<Request<T>, CliError> {
+        let mut r = Request::new(msg);
+        if let Some(t) = &self.admin_token {
+            let v: MetadataValue<_> = format!("Bearer {t}")
+                .parse()
+                .map_err(|_| CliError::usage("--admin-token has characters not allowed in a header"))?;
+            r.metadata_mut().insert("authorization", v);
+        }
+        Ok(r)
+    }
+
+    /// A request carrying the app's id and API key.
+    pub fn app_request<T>(&self, msg: T) -> Result<Request<T>, CliError> {
+        let app = self.app_id()?;
+        let key = self
+            .api_key
+            .as_deref()
+            .ok_or_else(|| CliError::usage("this command needs --api-key (or HERALD_API_KEY)"))?;
+        let mut r = Request::new(msg);
+        let md = r.metadata_mut();
+        md.insert(
+            crate::api::auth::APP_METADATA,
+            app.parse()
+                .map_err(|_| CliError::usage("--app has characters not allowed in a header"))?,
+        );
+        md.insert(
+            crate::api::auth::API_KEY_METADATA,
+            key.parse()
+                .map_err(|_| CliError::usage("--api-key has characters not allowed in a header"))?,
+        );
+        Ok(r)
+    }
+
+    pub fn app_id(&self) -> Result<String, CliError> {
+        self.app
+            .clone()
+            .ok_or_else(|| CliError::usage("this command needs --app (or HERALD_APP)"))
+    }
+}
+
+/// `herald cluster status`: one JSON document.
+pub async fn cluster_status(opts: &ClientOpts) -> Result<serde_json::Value, CliError> {
+    let mut c = opts.connect().await?;
+    let r = c.cluster_status(pb::ClusterStatusRequest {}).await?.into_inner();
+    Ok(serde_json::json!({
+        "node_id": r.node_id,
+        "leader_id": if r.has_leader { Some(r.leader_id) } else { None },
+        "term": r.term,
+        "committed_index": r.committed_index,
+        "members": r.members.iter().map(|m| serde_json::json!({
+            "node_id": m.node_id,
+            "grpc_addr": m.grpc_addr,
+            "client_addr": m.client_addr,
+            "role": m.role,
+            "reachable": m.reachable,
+            "state": m.state,
+            "last_log_index": m.last_log_index,
+            "applied_index": m.applied_index,
+            "matched_index": m.matched_index,
+            "connections": m.connections,
+        })).collect::<Vec<_>>(),
+    }))
+}
+
+pub fn app_json(a: &pb::App) -> serde_json::Value {
+    serde_json::json!({
+        "id": a.id,
+        "name": a.name,
+        "secrets": a.secrets,
+        "api_keys": a.api_keys,
+        "limits": a.limits.as_ref().map(|l| serde_json::json!({
+            "mailbox_cap": l.mailbox_cap,
+            "default_ttl_ms": l.default_ttl_ms,
+            "max_ttl_ms": l.max_ttl_ms,
+            "topic_retain": l.topic_retain,
+            "max_payload": l.max_payload,
+        })),
+        "policy": a.policy.as_ref().map(|p| serde_json::json!({
+            "max_per_platform": p.max_per_platform,
+            "max_per_user": p.max_per_user,
+        })),
+        "callbacks": a.callbacks,
+        "created_ms": a.created_ms,
+    })
+}

@@ -1,0 +1,13 @@
+//! herald-node: a Herald node (room server, gRPC API, dispatcher) and the `herald` command.
+//!
+//! Architecture Invariant: no RocksDB here; replicated state is reached only through
+//! `herald_raft::RaftNode` (writes) and `herald_raft::StateReader` (reads).
+
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod dev;
+pub mod housekeeping;
+pub mod logging;
+pub mod node;
+pub mod token;

@@ -1,0 +1,307 @@
+//! The server side of the raft service: every node serves it on its gRPC address.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use futures::StreamExt;
+use herald_proto::raft::raft_service_server::{RaftService, RaftServiceServer};
+use herald_proto::raft::snapshot_chunk::Body;
+use herald_proto::raft::{
+    forward_reply, ForwardReply, ForwardRequest, NotLeader, ProbeReply, ProbeRequest, RaftReply, RaftRequest,
+    SnapshotChunk,
+};
+use openraft::error::RaftError;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, info, instrument, warn};
+
+use super::codec;
+use super::snapshot::{receive_snapshot_files, validate_file_list};
+use super::{Hooks, MAX_MESSAGE_BYTES};
+use crate::error::WriteError;
+use crate::types::{typ, NodeId, Op, SnapshotDir};
+
+/// Start of the message a node sends when a request is addressed to another node id.
+pub(crate) const ID_MISMATCH: &str = "node id mismatch";
+
+/// Longest the receiver waits for the next snapshot chunk before giving the transfer up.
+pub const SNAPSHOT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What the raft service needs from openraft. Implemented by [`typ::Raft`]; a seam so the
+/// transport can be tested against a stand-in.
+pub trait RaftApi: Send + Sync + 'static {
+    fn append_entries(
+        &self,
+        rpc: typ::AppendEntriesRequest,
+    ) -> impl Future<Output = Result<typ::AppendEntriesResponse, typ::RaftError>> + Send;
+    fn vote(
+        &self,
+        rpc: typ::VoteRequest,
+    ) -> impl Future<Output = Result<typ::VoteResponse, typ::RaftError>> + Send;
+    /// An empty directory to receive a snapshot into.
+    fn begin_receiving_snapshot(
+        &self,
+    ) -> impl Future<Output = Result<Box<SnapshotDir>, typ::RaftError>> + Send;
+    fn install_full_snapshot(
+        &self,
+        vote: typ::Vote,
+        snapshot: typ::Snapshot,
+    ) -> impl Future<Output = Result<typ::SnapshotResponse, typ::Fatal>> + Send;
+}
+
+impl RaftApi for typ::Raft {
+    fn append_entries(
+        &self,
+        rpc: typ::AppendEntriesRequest,
+    ) -> impl Future<Output = Result<typ::AppendEntriesResponse, typ::RaftError>> + Send {
+        typ::Raft::append_entries(self, rpc)
+    }
+    fn vote(
+        &self,
+        rpc: typ::VoteRequest,
+    ) -> impl Future<Output = Result<typ::VoteResponse, typ::RaftError>> + Send {
+        typ::Raft::vote(self, rpc)
+    }
+    fn begin_receiving_snapshot(
+        &self,
+    ) -> impl Future<Output = Result<Box<SnapshotDir>, typ::RaftError>> + Send {
+        typ::Raft::begin_receiving_snapshot(self)
+    }
+    fn install_full_snapshot(
+        &self,
+        vote: typ::Vote,
+        snapshot: typ::Snapshot,
+    ) -> impl Future<Output = Result<typ::SnapshotResponse, typ::Fatal>> + Send {
+        typ::Raft::install_full_snapshot(self, vote, snapshot)
+    }
+}
+
+/// The raft service of node `node_id`, ready to mount on a tonic server.
+pub fn raft_server(node_id: NodeId, raft: typ::Raft, hooks: Hooks) -> RaftServiceServer<RaftGrpc<typ::Raft>> {
+    RaftGrpc::new(node_id, raft, hooks).into_server()
+}
+
+/// Implementation of the raft gRPC service over openraft (`R`) and the node's [`Hooks`].
+pub struct RaftGrpc<R = typ::Raft> {
+    /// This node's id: requests addressed to another id are refused, so a mis-wired address or a
+    /// peer with the wrong data dir never mixes two nodes' Raft state.
+    node_id: NodeId,
+    raft: R,
+    hooks: Hooks,
+    /// How long a snapshot stream may stall between chunks before it is discarded.
+    snapshot_idle_timeout: Duration,
+}
+
+impl<R: RaftApi> RaftGrpc<R> {
+    pub fn new(node_id: NodeId, raft: R, hooks: Hooks) -> Self {
+        RaftGrpc {
+            node_id,
+            raft,
+            hooks,
+            snapshot_idle_timeout: SNAPSHOT_IDLE_TIMEOUT,
+        }
+    }
+
+    /// Overrides [`SNAPSHOT_IDLE_TIMEOUT`].
+    pub fn with_snapshot_idle_timeout(mut self, timeout: Duration) -> Self {
+        self.snapshot_idle_timeout = timeout;
+        self
+    }
+
+    /// Wraps the service with message limits raised for raft traffic.
+    pub fn into_server(self) -> RaftServiceServer<Self> {
+        RaftServiceServer::new(self)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    fn check_target(&self, from: NodeId, target: NodeId) -> Result<(), Status> {
+        if target == self.node_id {
+            return Ok(());
+        }
+        warn!(
+            node_id = self.node_id,
+            from, target, "refusing a request meant for another node"
+        );
+        Err(Status::failed_precondition(format!(
+            "{ID_MISMATCH}: this is node {}, request was for node {target}",
+            self.node_id
+        )))
+    }
+
+    /// The snapshot transfer after its header: receive into an incoming dir, then install.
+    async fn receive_and_install(
+        &self,
+        header: herald_proto::raft::SnapshotHeader,
+        stream: &mut Streaming<SnapshotChunk>,
+    ) -> Result<RaftReply, Status> {
+        let vote: typ::Vote = codec::decode("vote", &header.vote).map_err(invalid)?;
+        let meta: typ::SnapshotMeta = codec::decode("snapshot meta", &header.meta).map_err(invalid)?;
+        validate_file_list(&header.files).map_err(|e| e.to_status())?;
+        let dir = match self.raft.begin_receiving_snapshot().await {
+            Ok(dir) => dir,
+            Err(e) => return reply_payload("snapshot reply", &Err::<typ::SnapshotResponse, _>(e)),
+        };
+        let incoming = IncomingDir::new(dir.path.clone());
+        let total: u64 = header.files.iter().map(|f| f.size).sum();
+        info!(from = header.from, snapshot = %meta.snapshot_id, files = header.files.len(), bytes = total, "receiving snapshot");
+
+        if let Err(e) =
+            receive_snapshot_files(&dir.path, &header.files, stream, self.snapshot_idle_timeout).await
+        {
+            warn!(from = header.from, snapshot = %meta.snapshot_id, error = %e, "snapshot refused, discarding it");
+            incoming.discard().await;
+            return Err(e.to_status());
+        }
+        incoming.keep();
+        info!(from = header.from, snapshot = %meta.snapshot_id, "snapshot received, installing");
+        let res = self
+            .raft
+            .install_full_snapshot(vote, typ::Snapshot { meta, snapshot: dir })
+            .await;
+        reply_payload("snapshot reply", &res.map_err(RaftError::<NodeId>::Fatal))
+    }
+}
+
+fn invalid(e: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(e.to_string())
+}
+
+fn reply_payload<T: serde::Serialize>(what: &'static str, value: &T) -> Result<RaftReply, Status> {
+    let payload = codec::encode(what, value).map_err(|e| Status::internal(e.to_string()))?;
+    Ok(RaftReply { payload })
+}
+
+/// An incoming snapshot directory that is removed unless [`IncomingDir::keep`] is called, also
+/// when the handler is dropped mid-stream (the client reset the call, the server shut down).
+struct IncomingDir {
+    path: Option<PathBuf>,
+}
+
+impl IncomingDir {
+    fn new(path: PathBuf) -> Self {
+        IncomingDir { path: Some(path) }
+    }
+
+    /// The directory now belongs to openraft.
+    fn keep(mut self) {
+        self.path = None;
+    }
+
+    async fn discard(mut self) {
+        if let Some(path) = self.path.take() {
+            let shown = path.display().to_string();
+            match tokio::task::spawn_blocking(move || remove_dir(&path)).await {
+                Ok(()) => {}
+                Err(e) => warn!(dir = %shown, error = %e, "cannot remove incoming snapshot dir"),
+            }
+        }
+    }
+}
+
+impl Drop for IncomingDir {
+    fn drop(&mut self) {
+        let Some(path) = self.path.take() else { return };
+        warn!(dir = %path.display(), "snapshot transfer abandoned, discarding it");
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn_blocking(move || remove_dir(&path));
+            }
+            Err(_) => remove_dir(&path),
+        }
+    }
+}
+
+fn remove_dir(path: &std::path::Path) {
+    match std::fs::remove_dir_all(path) {
+        Ok(()) => debug!(dir = %path.display(), "incoming snapshot dir removed"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => warn!(dir = %path.display(), error = %e, "cannot remove incoming snapshot dir"),
+    }
+}
+
+#[tonic::async_trait]
+impl<R: RaftApi> RaftService for RaftGrpc<R> {
+    #[instrument(level = "trace", skip_all)]
+    async fn append_entries(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+        let req = request.into_inner();
+        self.check_target(req.from, req.target)?;
+        let rpc: typ::AppendEntriesRequest =
+            codec::decode("append entries request", &req.payload).map_err(invalid)?;
+        let res = self.raft.append_entries(rpc).await;
+        reply_payload("append entries reply", &res).map(Response::new)
+    }
+
+    #[instrument(level = "trace", skip_all)]
+    async fn vote(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+        let req = request.into_inner();
+        self.check_target(req.from, req.target)?;
+        let rpc: typ::VoteRequest = codec::decode("vote request", &req.payload).map_err(invalid)?;
+        let res = self.raft.vote(rpc).await;
+        reply_payload("vote reply", &res).map(Response::new)
+    }
+
+    #[instrument(level = "debug", skip_all)]
+    async fn install_snapshot(
+        &self,
+        request: Request<Streaming<SnapshotChunk>>,
+    ) -> Result<Response<RaftReply>, Status> {
+        let mut stream = request.into_inner();
+        let header = match stream.next().await {
+            Some(Ok(SnapshotChunk {
+                body: Some(Body::Header(header)),
+            })) => header,
+            Some(Ok(_)) => {
+                return Err(Status::invalid_argument(
+                    "a snapshot stream must start with its header",
+                ))
+            }
+            Some(Err(status)) => return Err(status),
+            None => return Err(Status::invalid_argument("empty snapshot stream")),
+        };
+        self.check_target(header.from, header.target)?;
+        self.receive_and_install(header, &mut stream)
+            .await
+            .map(Response::new)
+    }
+
+    #[instrument(level = "debug", skip_all)]
+    async fn forward(&self, request: Request<ForwardRequest>) -> Result<Response<ForwardReply>, Status> {
+        let req = request.into_inner();
+        self.check_target(req.from, req.target)?;
+        let ops: Vec<Op> = codec::decode("ops", &req.ops).map_err(invalid)?;
+        let reply = match self.hooks.forward(ops).await {
+            Ok((results, log_index)) => {
+                let bytes =
+                    codec::encode("op results", &results).map_err(|e| Status::internal(e.to_string()))?;
+                ForwardReply {
+                    result: Some(forward_reply::Result::Ok(bytes)),
+                    log_index,
+                }
+            }
+            Err(WriteError::Unavailable { leader }) => {
+                // An empty address means "leader unknown" (node ids may be 0).
+                let (leader_id, leader_addr) = leader.unwrap_or_default();
+                ForwardReply {
+                    result: Some(forward_reply::Result::NotLeader(NotLeader {
+                        leader_id,
+                        leader_addr,
+                    })),
+                    log_index: 0,
+                }
+            }
+            Err(e) => ForwardReply {
+                result: Some(forward_reply::Result::Error(codec::forward_error_to_text(&e))),
+                log_index: 0,
+            },
+        };
+        Ok(Response::new(reply))
+    }
+
+    #[instrument(level = "debug", skip_all)]
+    async fn probe(&self, request: Request<ProbeRequest>) -> Result<Response<ProbeReply>, Status> {
+        let req = request.into_inner();
+        self.check_target(req.from, req.target)?;
+        Ok(Response::new(self.hooks.probe(req)))
+    }
+}
