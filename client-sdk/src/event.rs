@@ -1,0 +1,193 @@
+//! What a session's event stream yields.
+
+use std::fmt;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::shared::SessionShared;
+use crate::ClientError;
+
+/// One item of a session's [`Events`](crate::Events) stream.
+///
+/// The stream ends (yields `None`) after [`Event::Kicked`] and [`Event::Closed`], and after
+/// the session was closed by the app.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Event {
+    /// The server accepted the session (WELCOME): after the first connect and after every
+    /// reconnect. Missed messages follow.
+    Connected {
+        /// The node holding the connection.
+        node_id: u64,
+        /// The address connected to.
+        addr: String,
+        /// The session's registration epoch (increases with every registration).
+        epoch: u64,
+    },
+    /// The connection was lost; the SDK is reconnecting and will send `Connected` again.
+    Disconnected {
+        /// Why.
+        reason: DisconnectReason,
+    },
+    /// A message, never one the app was already handed (deduplicated by id and seq).
+    Message(Message),
+    /// Messages in `[from_seq, to_seq]` can no longer be delivered: trimmed by a retention cap
+    /// or expired. The SDK never hides a gap.
+    Gap(Gap),
+    /// A subscription took effect; `seq` is the topic's current seq.
+    Subscribed {
+        /// The topic.
+        topic: String,
+        /// The topic's current seq; messages after it follow.
+        seq: u64,
+    },
+    /// Something went wrong that the app should know about, but the session goes on (a failed
+    /// cursor save, a token provider failure that will be retried).
+    Error(ClientError),
+    /// The session was ended by the server (`replaced` by a newer login of the device, `kicked`
+    /// by the app's backend). The SDK does not reconnect it; the stream ends.
+    Kicked {
+        /// The reason the server gave.
+        reason: String,
+        /// Nodes the server suggests for a new session, best first (often empty).
+        redirect: Vec<String>,
+    },
+    /// The session ended for good because of `error` (an auth failure with no new token, an
+    /// unknown app, a refused registration); the stream ends.
+    Closed(ClientError),
+}
+
+/// Delivery guarantee of a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Qos {
+    /// Delivered only if the device was online; never replayed.
+    AtMostOnce,
+    /// Stored through Raft before the push was answered; replayed until acked or expired.
+    AtLeastOnce,
+}
+
+/// Why messages are missing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum GapReason {
+    /// Dropped by the per-user mailbox cap or the topic's retention.
+    Trimmed,
+    /// Their time to live passed.
+    Expired,
+    /// The server did not say.
+    Unspecified,
+}
+
+/// Messages that will never arrive (see [`Event::Gap`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Gap {
+    /// `None` for the mailbox, else the topic.
+    pub topic: Option<String>,
+    /// First missing seq (mailbox seq, or topic seq).
+    pub from_seq: u64,
+    /// Last missing seq.
+    pub to_seq: u64,
+    /// Why.
+    pub reason: GapReason,
+}
+
+/// Why the connection was lost.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DisconnectReason {
+    /// The server closed the socket.
+    ClosedByServer,
+    /// A read or write failed.
+    Io(String),
+    /// No PONG (or anything) arrived in time: the link is dead.
+    HeartbeatTimeout,
+    /// The server is going away (BYE: `draining`, `shutdown`); the SDK tries its redirects first.
+    Bye {
+        /// The reason the server gave.
+        reason: String,
+        /// Where it suggested to go, best first.
+        redirect: Vec<String>,
+    },
+    /// The server ended the connection with a connection-level ERROR.
+    ServerError {
+        /// The protocol error code.
+        code: crate::ErrorCode,
+        /// The server's explanation.
+        message: String,
+    },
+    /// The cluster declared the node lost (KICKED `node down`); the SDK moves elsewhere.
+    NodeDown,
+    /// The node cannot reach the cluster's leader (NOT_READY); the SDK moves elsewhere.
+    NotReady,
+    /// The server sent something that is not valid protocol.
+    Protocol(String),
+}
+
+impl fmt::Display for DisconnectReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DisconnectReason::ClosedByServer => f.write_str("closed by server"),
+            DisconnectReason::Io(e) => write!(f, "i/o error: {e}"),
+            DisconnectReason::HeartbeatTimeout => f.write_str("heartbeat timeout"),
+            DisconnectReason::Bye { reason, .. } => write!(f, "server said bye: {reason}"),
+            DisconnectReason::ServerError { code, message } => write!(f, "server error {code:?}: {message}"),
+            DisconnectReason::NodeDown => f.write_str("node declared down"),
+            DisconnectReason::NotReady => f.write_str("node not ready"),
+            DisconnectReason::Protocol(e) => write!(f, "protocol violation: {e}"),
+        }
+    }
+}
+
+/// A message pushed to this session.
+///
+/// In [`AckMode::Manual`](crate::AckMode::Manual), call [`Message::ack`] once it is handled;
+/// in the default automatic mode it counts as handled when the stream hands it out.
+#[derive(Clone)]
+pub struct Message {
+    /// Identifies the message across re-deliveries.
+    pub msg_id: String,
+    /// Mailbox seq (gapless per user, increasing); 0 for topic messages and online-only direct
+    /// messages.
+    pub seq: u64,
+    /// `None` for messages to the user (the mailbox), else the topic (`*` is the app-wide
+    /// broadcast).
+    pub topic: Option<String>,
+    /// The topic's seq (0 for mailbox messages).
+    pub topic_seq: u64,
+    /// What the app's backend sent.
+    pub payload: Bytes,
+    /// Delivery guarantee.
+    pub qos: Qos,
+    /// When the cluster accepted the message (unix ms, by the cluster's log time).
+    pub pushed_at_ms: u64,
+    /// The session, for [`Message::ack`].
+    pub(crate) session: Arc<SessionShared>,
+}
+
+impl Message {
+    /// Marks the message handled (manual-ack mode): for a mailbox message this acks every
+    /// mailbox message up to its seq (acks are cumulative in the protocol), for a topic message
+    /// it advances the topic's resume cursor. A no-op in automatic mode and after close.
+    pub fn ack(&self) {
+        self.session.ack_message(self);
+    }
+
+    /// Whether this is a broadcast to every user of the app (the `*` topic).
+    pub fn is_broadcast(&self) -> bool {
+        self.topic.as_deref() == Some("*")
+    }
+}
+
+impl fmt::Debug for Message {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Message")
+            .field("msg_id", &self.msg_id)
+            .field("seq", &self.seq)
+            .field("topic", &self.topic)
+            .field("topic_seq", &self.topic_seq)
+            .field("payload_len", &self.payload.len())
+            .field("qos", &self.qos)
+            .field("pushed_at_ms", &self.pushed_at_ms)
+            .finish()
+    }
+}
