@@ -709,6 +709,7 @@ async fn subscribe_waits_for_the_server_and_rides_in_the_next_handshake() {
         session_id: sid,
         topic: "sport".into(),
         seq: 10,
+        ..Default::default()
     }))
     .await;
     sub.await.unwrap().unwrap();
@@ -782,6 +783,7 @@ async fn subscribe_waits_for_the_server_and_rides_in_the_next_handshake() {
             session_id: sid,
             topic: sub.topic.clone(),
             seq: 1,
+            ..Default::default()
         }))
         .await;
         sent.push(sub.topic);
@@ -918,6 +920,7 @@ async fn replaced_session_is_kicked_and_not_reconnected() {
         session_id: sid,
         reason: "replaced".into(),
         redirect: vec![],
+        code: herald_proto::client::KickReason::Replaced as i32,
     }))
     .await;
     match next(&mut events).await {
@@ -944,6 +947,7 @@ async fn node_down_kick_moves_the_connection() {
         session_id: sid,
         reason: "node down".into(),
         redirect: vec![b.addr.clone()],
+        code: herald_proto::client::KickReason::NodeDown as i32,
     }))
     .await;
     assert_eq!(expect_disconnected(&mut events).await, DisconnectReason::NodeDown);

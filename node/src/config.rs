@@ -29,6 +29,8 @@ pub mod env {
     pub const SNAPSHOT_EVERY: &str = "HERALD_SNAPSHOT_EVERY";
     pub const WRITE_TIMEOUT_MS: &str = "HERALD_WRITE_TIMEOUT_MS";
     pub const CLIENT_HEARTBEAT_MS: &str = "HERALD_CLIENT_HEARTBEAT_MS";
+    pub const CLIENT_HEARTBEAT_MIN_MS: &str = "HERALD_CLIENT_HEARTBEAT_MIN_MS";
+    pub const CLIENT_HEARTBEAT_MAX_MS: &str = "HERALD_CLIENT_HEARTBEAT_MAX_MS";
     pub const MAX_CONNECTIONS: &str = "HERALD_MAX_CONNECTIONS";
     pub const MAX_FRAME: &str = "HERALD_MAX_FRAME";
     pub const AUTH_TIMEOUT_MS: &str = "HERALD_AUTH_TIMEOUT_MS";
@@ -95,6 +97,12 @@ pub struct NodeOptions {
     /// Client heartbeat interval advertised to clients, in ms [default: 30000].
     #[arg(long, env = env::CLIENT_HEARTBEAT_MS)]
     pub client_heartbeat_ms: Option<u64>,
+    /// Shortest heartbeat interval a client may use, in ms [default: 5000 or the heartbeat if lower].
+    #[arg(long, env = env::CLIENT_HEARTBEAT_MIN_MS)]
+    pub client_heartbeat_min_ms: Option<u64>,
+    /// Longest heartbeat interval a client may adapt to, in ms [default: 600000].
+    #[arg(long, env = env::CLIENT_HEARTBEAT_MAX_MS)]
+    pub client_heartbeat_max_ms: Option<u64>,
     /// Most client connections this node holds at once [default: 18000].
     #[arg(long, env = env::MAX_CONNECTIONS)]
     pub max_connections: Option<usize>,
@@ -150,6 +158,8 @@ impl NodeOptions {
             snapshot_every,
             write_timeout_ms,
             client_heartbeat_ms,
+            client_heartbeat_min_ms,
+            client_heartbeat_max_ms,
             max_connections,
             max_frame,
             auth_timeout_ms,
@@ -200,6 +210,8 @@ pub struct NodeConfig {
     pub snapshot_every: u64,
     pub write_timeout: Duration,
     pub client_heartbeat: Duration,
+    pub client_heartbeat_min: Duration,
+    pub client_heartbeat_max: Duration,
     pub max_connections: usize,
     pub max_frame: usize,
     pub auth_timeout: Duration,
@@ -286,6 +298,22 @@ impl NodeOptions {
                 "--max-frame {max_frame} must be between 256 and 16777216"
             )));
         }
+        let client_heartbeat = positive("client-heartbeat-ms", self.client_heartbeat_ms, 30_000)?;
+        let client_heartbeat_min = positive(
+            "client-heartbeat-min-ms",
+            self.client_heartbeat_min_ms,
+            5_000.min(client_heartbeat),
+        )?;
+        let client_heartbeat_max = positive(
+            "client-heartbeat-max-ms",
+            self.client_heartbeat_max_ms,
+            600_000.max(client_heartbeat),
+        )?;
+        if !(client_heartbeat_min..=client_heartbeat_max).contains(&client_heartbeat) {
+            return Err(ConfigError(format!(
+                "--client-heartbeat-ms {client_heartbeat} must lie between --client-heartbeat-min-ms {client_heartbeat_min} and --client-heartbeat-max-ms {client_heartbeat_max}"
+            )));
+        }
         let log_format = match self.log_format.as_deref().unwrap_or("text") {
             "text" => LogFormat::Text,
             "json" => LogFormat::Json,
@@ -312,11 +340,9 @@ impl NodeOptions {
             election_timeout,
             snapshot_every: positive("snapshot-every", self.snapshot_every, 50_000)?,
             write_timeout: Duration::from_millis(positive("write-timeout-ms", self.write_timeout_ms, 5_000)?),
-            client_heartbeat: Duration::from_millis(positive(
-                "client-heartbeat-ms",
-                self.client_heartbeat_ms,
-                30_000,
-            )?),
+            client_heartbeat: Duration::from_millis(client_heartbeat),
+            client_heartbeat_min: Duration::from_millis(client_heartbeat_min),
+            client_heartbeat_max: Duration::from_millis(client_heartbeat_max),
             max_connections: positive("max-connections", self.max_connections.map(|v| v as u64), 18_000)?
                 as usize,
             max_frame,

@@ -18,7 +18,7 @@ pub struct DevArgs {
     /// Where the three nodes keep their data, logs and the dev admin token.
     #[arg(long, default_value = "./herald-dev")]
     pub data_dir: PathBuf,
-    /// Node i listens for gRPC on base+i, plain TCP clients on base+10+i.
+    /// Node i listens for gRPC on base+i, plain TCP clients on base+10+i, TLS clients on base+20+i.
     #[arg(long, default_value_t = 7400)]
     pub base_port: u16,
     /// The demo app's id.
@@ -40,10 +40,16 @@ pub fn client_addr(base: u16, i: u64) -> String {
     format!("127.0.0.1:{}", base as u64 + 10 + i)
 }
 
+pub fn tls_addr(base: u16, i: u64) -> String {
+    format!("127.0.0.1:{}", base as u64 + 20 + i)
+}
+
 pub async fn run(args: DevArgs) -> Result<(), CliError> {
     std::fs::create_dir_all(&args.data_dir)
         .map_err(|e| CliError::other(format!("cannot create {}: {e}", args.data_dir.display())))?;
     let admin_token = admin_token(&args.data_dir)?;
+    let pki = crate::room::tls::dev_pki(&args.data_dir.join("tls"))
+        .map_err(|e| CliError::other(format!("cannot create the dev TLS certificate: {e:#}")))?;
     let exe = std::env::current_exe()
         .map_err(|e| CliError::other(format!("cannot find the herald binary: {e}")))?;
     let peers = (1..=NODES)
@@ -70,6 +76,11 @@ pub async fn run(args: DevArgs) -> Result<(), CliError> {
             .arg(&dir)
             .args(["--grpc-addr", &grpc_addr(args.base_port, i)])
             .args(["--client-addr", &client_addr(args.base_port, i)])
+            .args(["--tls-addr", &tls_addr(args.base_port, i)])
+            .arg("--tls-cert")
+            .arg(&pki.cert)
+            .arg("--tls-key")
+            .arg(&pki.key)
             .args(["--peers", &peers])
             .env(crate::config::env::ADMIN_TOKEN, &admin_token)
             .stdout(log)
@@ -122,6 +133,8 @@ pub async fn run(args: DevArgs) -> Result<(), CliError> {
     let summary = serde_json::json!({
         "grpc": (1..=NODES).map(|i| grpc_addr(args.base_port, i)).collect::<Vec<_>>(),
         "client": (1..=NODES).map(|i| client_addr(args.base_port, i)).collect::<Vec<_>>(),
+        "tls": (1..=NODES).map(|i| tls_addr(args.base_port, i)).collect::<Vec<_>>(),
+        "tls_ca": pki.ca.display().to_string(),
         "admin_token": admin_token,
         "app": args.app,
         "app_secret": secret,
@@ -171,6 +184,7 @@ fn print_summary(args: &DevArgs, s: &serde_json::Value) {
     );
     println!("  gRPC API:     {}", list("grpc"));
     println!("  client (TCP): {}", list("client"));
+    println!("  client (TLS): {}  (dev CA: {})", list("tls"), get("tls_ca"));
     println!("  admin token:  {}", get("admin_token"));
     println!("  app:          {}  (api key {})", get("app"), get("api_key"));
     println!("  token for user alice (24h):");

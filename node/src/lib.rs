@@ -6,8 +6,12 @@
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod coordinator;
 pub mod dev;
+pub mod dispatch;
 pub mod housekeeping;
 pub mod logging;
 pub mod node;
+pub mod peers;
+pub mod room;
 pub mod token;

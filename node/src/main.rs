@@ -117,8 +117,6 @@ enum AppsCmd {
 
 #[derive(clap::Args)]
 struct TokenCmd {
-    #[arg(long, env = cli::env::APP)]
-    app: String,
     #[arg(long)]
     user: String,
     /// Restrict the token to one device.
@@ -165,7 +163,7 @@ fn main() -> ExitCode {
         }
     };
     let result = rt.block_on(run(cli));
-    // Do not wait for blocking tasks that never end on their own (the stdin watcher).
+    // Bounded: a stuck blocking task must not keep a stopped node alive.
     rt.shutdown_timeout(std::time::Duration::from_secs(1));
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -218,17 +216,29 @@ fn spawn_signal_handler(shutdown: CancellationToken, exit_with_stdin: bool) {
                 return;
             }
         };
-        let stdin_closed = async {
-            if !exit_with_stdin {
-                return std::future::pending::<()>().await;
-            }
-            use tokio::io::AsyncReadExt;
-            let mut stdin = tokio::io::stdin();
-            let mut buf = [0u8; 64];
-            while let Ok(n) = stdin.read(&mut buf).await {
-                if n == 0 {
-                    break;
+        // Stdin is watched on a plain thread: a blocking read in the runtime would hold up its
+        // shutdown for as long as the parent stays alive.
+        let (gone_tx, gone_rx) = tokio::sync::oneshot::channel::<()>();
+        if exit_with_stdin {
+            std::thread::spawn(move || {
+                use std::io::Read;
+                let mut buf = [0u8; 64];
+                let mut stdin = std::io::stdin();
+                while let Ok(n) = stdin.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
                 }
+                let _ = gone_tx.send(());
+            });
+        } else {
+            drop(gone_tx);
+        }
+        let stdin_closed = async move {
+            if exit_with_stdin {
+                let _ = gone_rx.await;
+            } else {
+                std::future::pending::<()>().await
             }
         };
         tokio::select! {
@@ -345,17 +355,20 @@ async fn apps(client: ClientOpts, cmd: AppsCmd) -> Result<(), CliError> {
 }
 
 async fn mint_token(cmd: TokenCmd) -> Result<(), CliError> {
+    // `--app` (or HERALD_APP) comes from the shared client options.
+    let app = cmd.client.app_id()?;
     let secret = match cmd.secret {
         Some(s) => s,
         None => {
             let mut c = cmd.client.connect().await?;
-            let app = c
-                .get_app(cmd.client.admin(pb::GetAppRequest { id: cmd.app.clone() })?)
+            let found = c
+                .get_app(cmd.client.admin(pb::GetAppRequest { id: app.clone() })?)
                 .await?
                 .into_inner()
                 .app
                 .ok_or_else(|| CliError::other("server returned no app"))?;
-            app.secrets
+            found
+                .secrets
                 .into_iter()
                 .next()
                 .ok_or_else(|| CliError::other("app has no secret"))?
@@ -363,7 +376,7 @@ async fn mint_token(cmd: TokenCmd) -> Result<(), CliError> {
     };
     let now = herald_raft::raft_node::now_ms() / 1000;
     let claims = token::Claims {
-        app: cmd.app,
+        app,
         sub: cmd.user,
         dev: cmd.device,
         iat: now,

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use herald_proto::v1::herald_client::HeraldClient;
 use herald_raft::raft_node::now_ms;
-use herald_raft::{NoObserver, NodeInfo, Op, RaftConfig, RaftNode};
+use herald_raft::{NodeInfo, Op, RaftConfig, RaftNode};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
@@ -21,6 +21,11 @@ use tracing::{info, warn};
 use crate::api::error::ApiError;
 use crate::api::HeraldApi;
 use crate::config::NodeConfig;
+use crate::coordinator::{Coordinator, CoordinatorConfig};
+use crate::peers::{PeerMonitor, PeerService};
+use crate::room::listener::Acceptor;
+use crate::room::observer::NodeObserver;
+use crate::room::{Room, RoomConfig};
 
 /// Sockets a node serves on, bound before it starts (so tests can use port 0 and learn the port).
 pub struct Listeners {
@@ -64,6 +69,8 @@ pub struct Node {
 struct NodeInner {
     config: NodeConfig,
     raft: RaftNode,
+    room: Arc<Room>,
+    peers: Arc<PeerMonitor>,
     /// Makes message ids unique per node process: `<node>-<boot>-<counter>`.
     boot: u64,
     next_msg: AtomicU64,
@@ -78,6 +85,14 @@ impl Node {
 
     pub fn raft(&self) -> &RaftNode {
         &self.inner.raft
+    }
+
+    pub fn room(&self) -> &Arc<Room> {
+        &self.inner.room
+    }
+
+    pub fn peers(&self) -> &Arc<PeerMonitor> {
+        &self.inner.peers
     }
 
     pub fn cancel_token(&self) -> &CancellationToken {
@@ -125,7 +140,7 @@ impl Node {
     }
 }
 
-/// Runs a node until `shutdown` is cancelled, then stops it cleanly.
+/// Runs a node until `shutdown` is cancelled, then drains and stops it cleanly.
 pub async fn run(
     config: NodeConfig,
     listeners: Listeners,
@@ -133,6 +148,10 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(c), Some(k)) if listeners.tls.is_some() => Some(crate::room::tls::server_config(c, k)?),
+        _ => None,
+    };
     let mut raft_config = RaftConfig::standard(
         config.id,
         config.data_dir.clone(),
@@ -144,17 +163,41 @@ pub async fn run(
     raft_config.election_timeout_max_ms = 2 * config.election_timeout.as_millis() as u64;
     raft_config.snapshot_every = config.snapshot_every;
     raft_config.write_timeout = config.write_timeout;
-    let raft = RaftNode::start(raft_config, Arc::new(NoObserver))
+    let observer = Arc::new(NodeObserver::default());
+    let raft = RaftNode::start(raft_config, observer.clone())
         .await
         .with_context(|| format!("cannot start raft on {}", config.data_dir.display()))?;
 
+    // Background work stops on `background` (after the drain), the rest on `shutdown`.
+    let background = CancellationToken::new();
+    let coordinator = Coordinator::new(CoordinatorConfig::standard(), config.id, background.clone())
+        .context("invalid coordinator config")?;
+    let room = Room::new(
+        RoomConfig {
+            node_id: config.id,
+            heartbeat: config.client_heartbeat,
+            heartbeat_min: config.client_heartbeat_min,
+            heartbeat_max: config.client_heartbeat_max,
+            max_frame: config.max_frame,
+            auth_timeout: config.auth_timeout,
+            send_queue: config.send_queue,
+            max_connections: config.max_connections,
+            accept_rate_per_ip: config.accept_rate_per_ip,
+        },
+        raft.clone(),
+        coordinator.clone(),
+    );
+    observer.attach(room.clone());
+    let peers = PeerMonitor::new(raft.clone(), room.clone(), config.node_down_timeout);
     let node = Node {
         inner: Arc::new(NodeInner {
             config: config.clone(),
             raft: raft.clone(),
+            room: room.clone(),
+            peers: peers.clone(),
             boot: rand::random::<u32>() as u64,
             next_msg: AtomicU64::new(1),
-            cancel: shutdown.clone(),
+            cancel: background.clone(),
             tasks: TaskTracker::new(),
         }),
     };
@@ -171,10 +214,13 @@ pub async fn run(
     let grpc_shutdown = CancellationToken::new();
     let grpc = tonic::transport::Server::builder()
         .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .add_service(raft.grpc_service())
         .add_service(herald_proto::v1::herald_server::HeraldServer::new(
             HeraldApi::new(node.clone()),
         ))
+        .add_service(PeerService::server(room.clone()))
         .add_service(health_service)
         .add_service(reflection)
         .serve_with_incoming_shutdown(
@@ -184,11 +230,64 @@ pub async fn run(
     let grpc_task = tokio::spawn(grpc);
     info!(node_id = config.id, %grpc_addr, data_dir = %config.data_dir.display(), "node started");
 
-    node.inner.tasks.spawn(announce(node.clone()));
-    node.inner.tasks.spawn(crate::housekeeping::run(node.clone()));
+    let tasks = &node.inner.tasks;
+    tasks.spawn(crate::housekeeping::run(node.clone()));
+    tasks.spawn(room.acks.clone().run(background.clone()));
+    tasks.spawn(peers.clone().run(background.clone()));
+    {
+        let (c, r, stop) = (coordinator.clone(), raft.clone(), background.clone());
+        tasks.spawn(async move { c.run_event_sender(r, stop).await });
+    }
+    {
+        let room = room.clone();
+        let stop = background.clone();
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => room.sweep(),
+                }
+            }
+        });
+    }
+
+    // Clients are accepted once this node's previous sessions are cleared from the registry.
+    let accept_stop = CancellationToken::new();
+    let conn_tasks = TaskTracker::new();
+    {
+        let node = node.clone();
+        let accept_stop = accept_stop.clone();
+        let conn_tasks = conn_tasks.clone();
+        tasks.spawn(async move {
+            if !announce(node.clone()).await {
+                return;
+            }
+            let acceptor = Acceptor::new(node.room().clone(), conn_tasks);
+            if let Some(l) = listeners.client {
+                tokio::spawn(acceptor.clone().run(l, None, accept_stop.clone()));
+            }
+            if let (Some(l), Some(cfg)) = (listeners.tls, tls) {
+                tokio::spawn(acceptor.clone().run(
+                    l,
+                    Some(tokio_rustls::TlsAcceptor::from(cfg)),
+                    accept_stop.clone(),
+                ));
+            }
+        });
+    }
 
     shutdown.cancelled().await;
     info!(node_id = config.id, "shutting down");
+    accept_stop.cancel();
+    drain(&node, &conn_tasks).await;
+    background.cancel();
+    if tokio::time::timeout(Duration::from_secs(5), coordinator.wait_stopped())
+        .await
+        .is_err()
+    {
+        warn!(node_id = config.id, "upstream requests still running at shutdown");
+    }
     node.inner.tasks.close();
     let stop = async {
         node.inner.tasks.wait().await;
@@ -203,9 +302,39 @@ pub async fn run(
     Ok(())
 }
 
+/// Moves clients away before the node stops: BYE with a redirect to every connection, wait for
+/// them to go (bounded), commit their acks, then take this node's sessions off the registry in
+/// one entry.
+async fn drain(node: &Node, conn_tasks: &TaskTracker) {
+    let room = node.room();
+    let n = room.start_drain();
+    conn_tasks.close();
+    if n > 0
+        && tokio::time::timeout(node.config().drain_timeout, conn_tasks.wait())
+            .await
+            .is_err()
+    {
+        warn!(
+            left = room.connections(),
+            "drain timeout: closing the remaining connections"
+        );
+    }
+    room.acks.flush().await;
+    if n > 0 {
+        let write = node.raft().write_one(Op::NodeDown {
+            node: node.config().id,
+        });
+        match tokio::time::timeout(Duration::from_secs(3), write).await {
+            Ok(Ok(_)) => info!(connections = n, "drained; sessions unregistered"),
+            Ok(Err(e)) => warn!(error = %e, "could not unregister this node's sessions"),
+            Err(_) => warn!("unregistering this node's sessions timed out"),
+        }
+    }
+}
+
 /// Once a leader exists: record this node's addresses and end any sessions a previous run of this
 /// node left in the registry (they died with that process).
-async fn announce(node: Node) {
+async fn announce(node: Node) -> bool {
     let c = node.config();
     let info = NodeInfo {
         id: c.id,
@@ -225,14 +354,16 @@ async fn announce(node: Node) {
                     at_ms = now_ms(),
                     "node announced"
                 );
-                return;
+                // Serve from a state that includes the clean-up.
+                node.raft().reader().wait_applied(done.log_index).await;
+                return true;
             }
             Err(e) => {
                 tracing::debug!(node_id = c.id, error = %e, "announce not committed yet; retrying");
             }
         }
         tokio::select! {
-            _ = node.cancel_token().cancelled() => return,
+            _ = node.cancel_token().cancelled() => return false,
             _ = tokio::time::sleep(delay) => {}
         }
         delay = (delay * 2).min(Duration::from_secs(2));

@@ -37,6 +37,15 @@ pub fn encode(frame: &Frame, dst: &mut BytesMut) {
     frame.encode(dst).expect("reserved capacity");
 }
 
+/// Appends one frame (prefix and body) to `dst`.
+pub fn encode_into_vec(frame: &Frame, dst: &mut Vec<u8>) {
+    let len = frame.encoded_len();
+    dst.reserve(HEADER_LEN + len);
+    dst.extend_from_slice(&(len as u32).to_be_bytes());
+    // Encoding into a Vec cannot fail.
+    frame.encode(dst).expect("vec grows");
+}
+
 /// Encodes one frame into its own buffer.
 pub fn encode_to_bytes(frame: &Frame) -> Bytes {
     let mut b = BytesMut::with_capacity(HEADER_LEN + frame.encoded_len());

@@ -617,13 +617,14 @@ impl RaftNode {
             {
                 let mm = m.borrow();
                 let last = mm.last_log_index.unwrap_or(0);
+                // A learner that never acknowledged anything has not caught up, however short
+                // the log is (an address nothing listens on must not become a voter).
                 let matched = mm
                     .replication
                     .as_ref()
                     .and_then(|r| r.get(&id).cloned().flatten())
-                    .map(|l| l.index)
-                    .unwrap_or(0);
-                if last.saturating_sub(matched) <= 100 {
+                    .map(|l| l.index);
+                if matched.is_some_and(|m| last.saturating_sub(m) <= 100) {
                     return Ok(());
                 }
             }

@@ -324,6 +324,9 @@ pub struct MailboxMeta {
     pub count: u64,
     /// Highest seq dropped by the cap (a resuming device behind it gets a GAP "trimmed").
     pub trimmed_upto: u64,
+    /// Highest seq removed because its TTL passed (a hole at or below it that is not trimmed is
+    /// reported as GAP "expired"; holes above both were acked by every device they were for).
+    pub expired_upto: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

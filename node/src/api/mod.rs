@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 
 use herald_proto::v1 as pb;
 use herald_proto::v1::herald_server::Herald;
-use herald_raft::{AppConfig, AppLimits, DevicePolicy, Enqueue, Op, OpResult, Target};
+use herald_raft::{AppConfig, AppLimits, DevicePolicy, Enqueue, Op, OpResult, Publish, Target};
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
@@ -35,13 +35,7 @@ impl Herald for HeraldApi {
         let app = auth::app_caller(&self.node, &request)?;
         let req = request.into_inner();
         tracing::Span::current().record("app", app.id.as_str());
-        if req.app != app.id {
-            return Err(ApiError::PermissionDenied(format!(
-                "this API key belongs to app {:?}, not {:?}",
-                app.id, req.app
-            ))
-            .into());
-        }
+        same_app(&app, &req.app)?;
         if req.targets.is_empty() {
             return Err(ApiError::InvalidArgument("push needs at least one target".into()).into());
         }
@@ -56,14 +50,25 @@ impl Herald for HeraldApi {
             ))
             .into());
         }
-        if req.qos() == pb::Qos::AtMostOnce {
-            return Err(ApiError::FailedPrecondition("qos 0 delivery is not available yet".into()).into());
-        }
+        let qos = req.qos();
         let msg_id = if req.msg_id.is_empty() {
             self.node.new_msg_id()
         } else {
             req.msg_id
         };
+        if qos == pb::Qos::AtMostOnce {
+            let (delivered, dropped) = self
+                .push_online(&app.id, &msg_id, &req.targets, req.payload)
+                .await;
+            return Ok(Response::new(pb::PushReply {
+                msg_id,
+                seqs: vec![],
+                duplicate: false,
+                delivered,
+                dropped,
+                log_index: 0,
+            }));
+        }
         let op = Op::Enqueue(Enqueue {
             app: app.id.clone(),
             msg_id,
@@ -98,31 +103,177 @@ impl Herald for HeraldApi {
         }
     }
 
-    async fn broadcast(&self, _request: Request<pb::BroadcastRequest>) -> Reply<pb::PublishReply> {
-        Err(Status::unimplemented("broadcast is not available yet"))
+    #[instrument(skip_all, fields(app))]
+    async fn broadcast(&self, request: Request<pb::BroadcastRequest>) -> Reply<pb::PublishReply> {
+        let app = auth::app_caller(&self.node, &request)?;
+        let r = request.into_inner();
+        same_app(&app, &r.app)?;
+        self.publish(
+            app,
+            crate::room::BROADCAST.into(),
+            r.payload,
+            r.msg_id,
+            r.idempotency_key,
+        )
+        .await
     }
 
-    async fn publish_topic(&self, _request: Request<pb::PublishRequest>) -> Reply<pb::PublishReply> {
-        Err(Status::unimplemented("publish is not available yet"))
+    #[instrument(skip_all, fields(app))]
+    async fn publish_topic(&self, request: Request<pb::PublishRequest>) -> Reply<pb::PublishReply> {
+        let app = auth::app_caller(&self.node, &request)?;
+        let r = request.into_inner();
+        same_app(&app, &r.app)?;
+        if r.topic.is_empty() || r.topic.len() > crate::room::MAX_NAME {
+            return Err(ApiError::InvalidArgument("topic must be 1 to 256 bytes".into()).into());
+        }
+        self.publish(app, r.topic, r.payload, r.msg_id, r.idempotency_key)
+            .await
     }
 
-    async fn kick(&self, _request: Request<pb::KickRequest>) -> Reply<pb::KickReply> {
-        Err(Status::unimplemented("kick is not available yet"))
+    #[instrument(skip_all, fields(app))]
+    async fn kick(&self, request: Request<pb::KickRequest>) -> Reply<pb::KickReply> {
+        let app = auth::app_caller(&self.node, &request)?;
+        let r = request.into_inner();
+        same_app(&app, &r.app)?;
+        if r.user.is_empty() {
+            return Err(ApiError::InvalidArgument("kick needs a user".into()).into());
+        }
+        let op = Op::Kick {
+            app: app.id,
+            user: r.user,
+            device: Some(r.device).filter(|d| !d.is_empty()),
+            reason: if r.reason.is_empty() {
+                "kicked by the app".into()
+            } else {
+                r.reason
+            },
+        };
+        let (result, _) = self.node.raft().write_one(op).await.map_err(ApiError::from)?;
+        match result {
+            OpResult::Dropped { sessions } => Ok(Response::new(pb::KickReply { kicked: sessions })),
+            OpResult::Rejected(r) => Err(ApiError::from(r).into()),
+            _ => Ok(Response::new(pb::KickReply { kicked: 0 })),
+        }
     }
 
-    async fn status(&self, _request: Request<pb::StatusRequest>) -> Reply<pb::StatusReply> {
-        Err(Status::unimplemented("status is not available yet"))
+    async fn status(&self, request: Request<pb::StatusRequest>) -> Reply<pb::StatusReply> {
+        let app = auth::app_caller(&self.node, &request)?;
+        let r = request.into_inner();
+        same_app(&app, &r.app)?;
+        let reader = self.node.raft().reader();
+        let sessions = reader.sessions(&app.id, &r.user).map_err(ApiError::from)?;
+        let devices = reader.devices(&app.id, &r.user).map_err(ApiError::from)?;
+        let meta = reader
+            .mailbox_meta(&app.id, &r.user)
+            .map_err(ApiError::from)?
+            .unwrap_or_default();
+        Ok(Response::new(pb::StatusReply {
+            online: !sessions.is_empty(),
+            sessions: sessions
+                .into_iter()
+                .map(|s| pb::SessionInfo {
+                    device: s.device,
+                    platform: s.platform,
+                    node_id: s.node,
+                    epoch: s.epoch,
+                    since_ms: s.since_ms,
+                })
+                .collect(),
+            pending: meta.count,
+            next_seq: meta.next_seq.max(1),
+            devices: devices
+                .into_iter()
+                .map(|(device, d)| pb::DeviceCursor {
+                    device,
+                    delivered: d.delivered,
+                    acked: d.acked,
+                })
+                .collect(),
+        }))
     }
 
     async fn delivery_status(
         &self,
-        _request: Request<pb::DeliveryStatusRequest>,
+        request: Request<pb::DeliveryStatusRequest>,
     ) -> Reply<pb::DeliveryStatusReply> {
-        Err(Status::unimplemented("delivery status is not available yet"))
+        let app = auth::app_caller(&self.node, &request)?;
+        let r = request.into_inner();
+        same_app(&app, &r.app)?;
+        let reader = self.node.raft().reader();
+        let locations = reader.msg_locations(&app.id, &r.msg_id).map_err(ApiError::from)?;
+        if locations.is_empty() {
+            return Err(ApiError::NotFound(format!(
+                "message {:?} is unknown or no longer held (acked by every device, trimmed or expired)",
+                r.msg_id
+            ))
+            .into());
+        }
+        let mut users = Vec::new();
+        for (user, seq) in locations {
+            let held = reader
+                .mailbox_since(&app.id, &user, seq.saturating_sub(1), 1)
+                .map_err(ApiError::from)?
+                .into_iter()
+                .find(|m| m.seq == seq);
+            let meta = reader
+                .mailbox_meta(&app.id, &user)
+                .map_err(ApiError::from)?
+                .unwrap_or_default();
+            let devices = reader
+                .devices(&app.id, &user)
+                .map_err(ApiError::from)?
+                .into_iter()
+                .filter(|(d, _)| {
+                    held.as_ref()
+                        .map(|m| m.devices.is_empty() || m.devices.contains(d))
+                        .unwrap_or(true)
+                })
+                .map(|(device, d)| {
+                    let state = if d.acked >= seq {
+                        pb::DeliveryState::Acked
+                    } else if held.is_none() && seq <= meta.trimmed_upto {
+                        pb::DeliveryState::Trimmed
+                    } else if held.is_none() && seq <= meta.expired_upto {
+                        pb::DeliveryState::Expired
+                    } else if d.delivered >= seq {
+                        pb::DeliveryState::Delivered
+                    } else {
+                        pb::DeliveryState::Stored
+                    };
+                    pb::DeviceDelivery {
+                        device,
+                        state: state as i32,
+                    }
+                })
+                .collect();
+            users.push(pb::UserDelivery {
+                user,
+                seq,
+                stored: held.is_some(),
+                devices,
+            });
+        }
+        Ok(Response::new(pb::DeliveryStatusReply {
+            msg_id: r.msg_id,
+            users,
+        }))
     }
 
-    async fn dispatch(&self, _request: Request<pb::DispatchRequest>) -> Reply<pb::DispatchReply> {
-        Err(Status::unimplemented("dispatch is not available yet"))
+    async fn dispatch(&self, request: Request<pb::DispatchRequest>) -> Reply<pb::DispatchReply> {
+        let r = request.into_inner();
+        if r.user.is_empty() {
+            return Err(ApiError::InvalidArgument("dispatch needs a user".into()).into());
+        }
+        let nodes = crate::dispatch::order(&self.node, &r.user, &r.transport).map_err(ApiError::from)?;
+        let c = self.node.config();
+        Ok(Response::new(pb::DispatchReply {
+            nodes,
+            heartbeat_ms: c.client_heartbeat.as_millis() as u32,
+            heartbeat_min_ms: c.client_heartbeat_min.as_millis() as u32,
+            heartbeat_max_ms: c.client_heartbeat_max.as_millis() as u32,
+            backoff_initial_ms: crate::dispatch::BACKOFF_INITIAL_MS,
+            backoff_max_ms: crate::dispatch::BACKOFF_MAX_MS,
+        }))
     }
 
     #[instrument(skip_all)]
@@ -321,6 +472,110 @@ impl Herald for HeraldApi {
 }
 
 impl HeraldApi {
+    async fn publish(
+        &self,
+        app: AppConfig,
+        topic: String,
+        payload: bytes::Bytes,
+        msg_id: String,
+        idempotency_key: String,
+    ) -> Reply<pb::PublishReply> {
+        if payload.len() > app.limits.max_payload as usize {
+            return Err(ApiError::InvalidArgument(format!(
+                "payload of {} bytes exceeds the app's limit of {}",
+                payload.len(),
+                app.limits.max_payload
+            ))
+            .into());
+        }
+        let msg_id = if msg_id.is_empty() {
+            self.node.new_msg_id()
+        } else {
+            msg_id
+        };
+        let op = Op::Publish(Publish {
+            app: app.id,
+            topic,
+            msg_id,
+            payload,
+            idempotency_key: Some(idempotency_key).filter(|k| !k.is_empty()),
+        });
+        let (result, log_index) = self.node.raft().write_one(op).await.map_err(ApiError::from)?;
+        match result {
+            OpResult::Published(p) => Ok(Response::new(pb::PublishReply {
+                msg_id: p.msg_id,
+                topic: p.topic,
+                seq: p.seq,
+                duplicate: p.duplicate,
+                log_index,
+            })),
+            OpResult::Rejected(r) => Err(ApiError::from(r).into()),
+            other => Err(ApiError::Internal(format!("unexpected result {other:?}")).into()),
+        }
+    }
+
+    /// QoS 0: deliver to whoever is online now (this node directly, others through the peer
+    /// service); nothing is stored. Returns (devices reached, targets dropped).
+    async fn push_online(
+        &self,
+        app: &str,
+        msg_id: &str,
+        targets: &[pb::Target],
+        payload: bytes::Bytes,
+    ) -> (u32, u32) {
+        let me = self.node.config().id;
+        let at = herald_raft::raft_node::now_ms();
+        let (mut delivered, mut dropped) = (0u32, 0u32);
+        for t in targets {
+            let sessions = self
+                .node
+                .raft()
+                .reader()
+                .sessions(app, &t.user)
+                .unwrap_or_default();
+            let mut nodes: Vec<u64> = sessions
+                .iter()
+                .filter(|s| t.devices.is_empty() || t.devices.contains(&s.device))
+                .map(|s| s.node)
+                .collect();
+            nodes.sort_unstable();
+            nodes.dedup();
+            let mut got = 0;
+            for n in nodes {
+                if n == me {
+                    got += self
+                        .node
+                        .room()
+                        .deliver_direct(app, &t.user, &t.devices, msg_id, &payload, at);
+                } else {
+                    let req = herald_proto::peer::DeliverRequest {
+                        from: me,
+                        app: app.into(),
+                        user: t.user.clone(),
+                        devices: t.devices.clone(),
+                        msg_id: msg_id.into(),
+                        payload: payload.clone(),
+                        pushed_at_ms: at,
+                    };
+                    match self.node.peers().deliver_remote(n, req).await {
+                        Ok(d) => got += d,
+                        Err(e) => tracing::debug!(node = n, error = %e, "qos0 peer delivery failed"),
+                    }
+                }
+            }
+            delivered += got;
+            if got == 0 {
+                dropped += 1;
+            }
+        }
+        self.node
+            .room()
+            .stats
+            .qos0_dropped
+            .fetch_add(dropped as u64, std::sync::atomic::Ordering::Relaxed);
+        (delivered, dropped)
+    }
+
     async fn put_app(&self, app: AppConfig) -> Reply<pb::AppReply> {
         let id = app.id.clone();
         let (result, index) = self
@@ -352,6 +607,16 @@ impl HeraldApi {
             log_index,
         }
     }
+}
+
+fn same_app(app: &AppConfig, requested: &str) -> Result<(), ApiError> {
+    if requested != app.id {
+        return Err(ApiError::PermissionDenied(format!(
+            "this API key belongs to app {:?}, not {:?}",
+            app.id, requested
+        )));
+    }
+    Ok(())
 }
 
 fn validate_app_id(id: &str) -> Result<(), ApiError> {

@@ -474,6 +474,7 @@ impl<'a> Applier<'a> {
                 next_seq: 1,
                 count: 0,
                 trimmed_upto: 0,
+                expired_upto: 0,
             }))
     }
 
@@ -758,6 +759,7 @@ impl<'a> Applier<'a> {
                                 self.remove_message(&app, &user, &m)?;
                                 let mut meta = self.mail_meta(&app, &user)?;
                                 meta.count = meta.count.saturating_sub(1);
+                                meta.expired_upto = meta.expired_upto.max(m.seq);
                                 self.txn.put(Cf::MailMeta, keys::user(&app, &user), &meta)?;
                                 self.bump(&app, |c| c.expired += 1)?;
                                 messages += 1;

@@ -351,6 +351,7 @@ impl Model {
                         next_seq: 1,
                         count: 0,
                         trimmed_upto: 0,
+                        expired_upto: 0,
                     });
                     let seq = meta.next_seq;
                     meta.next_seq += 1;
@@ -473,7 +474,9 @@ impl Model {
                     if kind == 0 {
                         let key = uk(&app, &name);
                         self.mail.get_mut(&key).expect("held").remove(&seq);
-                        self.mail_meta.get_mut(&key).expect("meta").count -= 1;
+                        let meta = self.mail_meta.get_mut(&key).expect("meta");
+                        meta.count -= 1;
+                        meta.expired_upto = meta.expired_upto.max(seq);
                         self.counters(&app).expired += 1;
                         messages += 1;
                     } else {

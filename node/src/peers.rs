@@ -1,0 +1,210 @@
+//! What a node knows about the other members: reachability and load (probed every
+//! [`PROBE_EVERY`]), used by Dispatch, redirects and — on the leader — to declare a member down.
+//! Also the node-to-node `herald.peer.v1.Peer` service for online-only (QoS 0) delivery.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use herald_proto::peer::peer_client::PeerClient;
+use herald_proto::peer::peer_server::{Peer, PeerServer};
+use herald_proto::peer::{DeliverReply, DeliverRequest};
+use herald_raft::{NodeId, Op, RaftNode};
+use parking_lot::RwLock;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+use tracing::{debug, info, warn};
+
+use crate::room::Room;
+
+pub const PROBE_EVERY: Duration = Duration::from_secs(1);
+
+/// One member's last known state.
+#[derive(Debug, Clone)]
+pub struct PeerState {
+    pub reachable: bool,
+    /// Last successful probe (or when monitoring started: a grace period).
+    pub last_ok: Instant,
+    pub connections: u64,
+}
+
+/// Reachability and load of every member, as this node sees them.
+pub struct PeerMonitor {
+    raft: RaftNode,
+    room: Arc<Room>,
+    node_down_timeout: Duration,
+    states: RwLock<HashMap<NodeId, PeerState>>,
+    channels: RwLock<HashMap<String, Channel>>,
+}
+
+impl PeerMonitor {
+    pub fn new(raft: RaftNode, room: Arc<Room>, node_down_timeout: Duration) -> Arc<PeerMonitor> {
+        Arc::new(PeerMonitor {
+            raft,
+            room,
+            node_down_timeout,
+            states: RwLock::new(HashMap::new()),
+            channels: RwLock::new(HashMap::new()),
+        })
+    }
+
+    pub fn state(&self, id: NodeId) -> Option<PeerState> {
+        self.states.read().get(&id).cloned()
+    }
+
+    pub fn states(&self) -> HashMap<NodeId, PeerState> {
+        self.states.read().clone()
+    }
+
+    /// A gRPC channel to a peer (lazily connected, cached per address).
+    pub fn channel(&self, addr: &str) -> Result<Channel, Status> {
+        if let Some(c) = self.channels.read().get(addr) {
+            return Ok(c.clone());
+        }
+        let c = Channel::from_shared(format!("http://{addr}"))
+            .map_err(|e| Status::internal(e.to_string()))?
+            .connect_timeout(Duration::from_secs(1))
+            .timeout(Duration::from_secs(3))
+            .tcp_nodelay(true)
+            .connect_lazy();
+        self.channels.write().insert(addr.to_string(), c.clone());
+        Ok(c)
+    }
+
+    /// Probes every member each second; on the leader, declares members down that stayed
+    /// unreachable past the timeout while holding sessions.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut declared: HashSet<NodeId> = HashSet::new();
+        let mut was_leader = false;
+        let mut tick = tokio::time::interval(PROBE_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            self.raft.set_load(self.room.connections());
+            let view = self.raft.cluster_view().await;
+            let now = Instant::now();
+            let leader = view.leader == Some(self.raft.id());
+            {
+                let mut st = self.states.write();
+                st.retain(|id, _| view.members.iter().any(|m| m.node_id == *id));
+                for m in &view.members {
+                    let e = st.entry(m.node_id).or_insert(PeerState {
+                        reachable: m.reachable,
+                        last_ok: now,
+                        connections: 0,
+                    });
+                    e.reachable = m.reachable;
+                    if m.reachable {
+                        e.last_ok = now;
+                        e.connections = m.probe.as_ref().map(|p| p.connections).unwrap_or(0);
+                    }
+                }
+                if leader && !was_leader {
+                    // A new leader gives every member a fresh grace period.
+                    for e in st.values_mut() {
+                        e.last_ok = now;
+                    }
+                }
+            }
+            was_leader = leader;
+            self.refresh_redirects();
+            if !leader {
+                declared.clear();
+                continue;
+            }
+            let down: Vec<NodeId> = self
+                .states
+                .read()
+                .iter()
+                .filter(|(id, s)| {
+                    **id != self.raft.id()
+                        && !s.reachable
+                        && now.duration_since(s.last_ok) > self.node_down_timeout
+                })
+                .map(|(id, _)| *id)
+                .collect();
+            declared.retain(|id| down.contains(id));
+            for id in down {
+                if declared.contains(&id) {
+                    continue;
+                }
+                let holds = self
+                    .raft
+                    .reader()
+                    .sessions_on_node(id)
+                    .map(|s| !s.is_empty())
+                    .unwrap_or(false);
+                if !holds {
+                    continue;
+                }
+                match self.raft.write_one(Op::NodeDown { node: id }).await {
+                    Ok((r, idx)) => {
+                        info!(node_id = id, log_index = idx, result = ?r, "member unreachable past the timeout: declared down");
+                        declared.insert(id);
+                    }
+                    Err(e) => warn!(node_id = id, error = %e, "could not declare member down"),
+                }
+            }
+        }
+    }
+
+    /// Client addresses of the other reachable members, fewest connections first.
+    fn refresh_redirects(&self) {
+        let nodes = self.raft.reader().nodes().unwrap_or_default();
+        let st = self.states.read();
+        let mut others: Vec<(u64, String)> = nodes
+            .into_iter()
+            .filter(|n| n.id != self.raft.id() && !n.client_addr.is_empty())
+            .filter_map(|n| {
+                st.get(&n.id)
+                    .filter(|s| s.reachable)
+                    .map(|s| (s.connections, n.client_addr))
+            })
+            .collect();
+        others.sort();
+        self.room
+            .set_redirects(others.into_iter().map(|(_, a)| a).collect());
+    }
+
+    /// Sends a QoS-0 message to the sessions `node` holds for the user; returns how many got it.
+    pub async fn deliver_remote(&self, node: NodeId, req: DeliverRequest) -> Result<u32, Status> {
+        let addr = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&node)
+            .map(|n| n.addr.clone())
+            .ok_or_else(|| Status::unavailable(format!("node {node} is not a member")))?;
+        let mut c = PeerClient::new(self.channel(&addr)?);
+        Ok(c.deliver(req).await?.into_inner().delivered)
+    }
+}
+
+/// The `herald.peer.v1.Peer` service: delivers QoS-0 messages to this node's sessions.
+pub struct PeerService {
+    room: Arc<Room>,
+}
+
+impl PeerService {
+    pub fn server(room: Arc<Room>) -> PeerServer<PeerService> {
+        PeerServer::new(PeerService { room })
+    }
+}
+
+#[tonic::async_trait]
+impl Peer for PeerService {
+    async fn deliver(&self, request: Request<DeliverRequest>) -> Result<Response<DeliverReply>, Status> {
+        let r = request.into_inner();
+        let delivered =
+            self.room
+                .deliver_direct(&r.app, &r.user, &r.devices, &r.msg_id, &r.payload, r.pushed_at_ms);
+        debug!(app = %r.app, user = %r.user, delivered, "qos0 delivered for a peer");
+        Ok(Response::new(DeliverReply { delivered }))
+    }
+}

@@ -1,0 +1,928 @@
+//! One client connection: the protocol of docs/PROTOCOL.md for every session on it.
+//!
+//! The task owns the socket and loops: take what others queued in the outbox (frames, mailbox
+//! pokes, kicks, close) → write it in one go → wait for the socket to be readable or the outbox to
+//! be poked. While idle it holds no read or write buffer: reads go through a per-thread scratch
+//! buffer and only a partial frame is kept. Rare, large steps (opening a session: a Raft commit)
+//! are boxed so they do not inflate the idle task.
+
+use std::cell::RefCell;
+use std::future::poll_fn;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use herald_proto::client::{
+    self as pc, frame::Kind, ErrorCode, Frame, GapReason, KickReason, OpenSession, Qos, TopicCursor,
+};
+use herald_proto::frame::{self, FrameError};
+use herald_raft::raft_node::now_ms;
+use herald_raft::{AppConfig, MailboxMeta, Op, OpResult, Register, WriteError};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tracing::{debug, info, warn};
+
+use super::outbox::{Close, ConnShared, Kick};
+use super::{LocalSession, Room, BROADCAST, MAX_NAME, MAX_SESSIONS_PER_CONN, MAX_TOPICS_PER_SESSION};
+use crate::coordinator::UpstreamFailure;
+use crate::token;
+
+/// Mailbox messages read from the state machine per pull.
+const PAGE: usize = 128;
+/// Frames taken from the outbox per write.
+const TAKE: usize = 512;
+/// A write that makes no progress this long ends the connection.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(15);
+
+thread_local! {
+    /// Read scratch space shared by every connection on this worker thread.
+    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; 16 * 1024].into_boxed_slice());
+}
+
+/// A session on this connection.
+struct Session {
+    id: u32,
+    app: Arc<str>,
+    user: Arc<str>,
+    device: Arc<str>,
+    epoch: u64,
+    /// Highest mailbox seq handed to the socket (or passed over: for another device, a gap).
+    delivered: u64,
+    /// Highest mailbox seq the client acked.
+    acked: u64,
+    /// Token expiry (unix seconds).
+    token_exp: u64,
+    /// Subscribed topics (besides the implicit `*`).
+    topics: Vec<String>,
+}
+
+/// How the connection ended, for logs.
+#[derive(Debug)]
+enum End {
+    ClientClosed,
+    Io(std::io::Error),
+    Closed(#[allow(dead_code)] Close),
+    NoSessions,
+}
+
+struct Conn<S> {
+    room: Arc<Room>,
+    shared: Arc<ConnShared>,
+    stream: S,
+    /// Bytes of a frame not complete yet (empty, unallocated, between frames).
+    rbuf: BytesMut,
+    /// Frames produced while handling input, written at the top of the loop.
+    out: Vec<u8>,
+    sessions: Vec<Session>,
+    hello_done: bool,
+}
+
+/// Serves one connection until it ends. `stream` is plain TCP or TLS.
+pub async fn serve<S>(room: Arc<Room>, shared: Arc<ConnShared>, stream: S)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let mut c = Conn {
+        room,
+        shared,
+        stream,
+        rbuf: BytesMut::new(),
+        out: Vec::new(),
+        sessions: Vec::new(),
+        hello_done: false,
+    };
+    let end = c.run().await;
+    match &end {
+        End::Io(e) => debug!(conn = c.shared.id, peer = %c.shared.peer, error = %e, "connection i/o ended"),
+        other => debug!(conn = c.shared.id, peer = %c.shared.peer, end = ?other, "connection ended"),
+    }
+    c.cleanup();
+}
+
+impl<S> Conn<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    async fn run(&mut self) -> End {
+        loop {
+            let work = self.shared.take(TAKE);
+            if let Some(close) = work.close {
+                self.final_frame(&close);
+                let _ = self.write_out().await;
+                return End::Closed(close);
+            }
+            for k in work.kicks {
+                self.kick(k);
+            }
+            for f in &work.frames {
+                f.write_into(&mut self.out);
+            }
+            let mut more = false;
+            for sid in work.pokes {
+                more |= self.pull_mailbox(sid);
+            }
+            if let Err(e) = self.write_out().await {
+                return End::Io(e);
+            }
+            if more {
+                // A full page was read: come back for the rest after the socket took this one.
+                for s in &self.sessions {
+                    self.shared.poke(s.id);
+                }
+            }
+            if self.hello_done && self.sessions.is_empty() {
+                return End::NoSessions;
+            }
+            tokio::select! {
+                biased;
+                _ = self.shared.notified() => {}
+                r = read_some(&mut self.stream, &mut self.rbuf) => match r {
+                    Ok(0) => return End::ClientClosed,
+                    Ok(_) => {
+                        self.shared.touch(self.room.now());
+                        if let Some(end) = self.handle_input().await {
+                            let _ = self.write_out().await;
+                            return end;
+                        }
+                    }
+                    Err(e) => return End::Io(e),
+                },
+            }
+        }
+    }
+
+    /// Decodes and handles every complete frame in the read buffer.
+    async fn handle_input(&mut self) -> Option<End> {
+        loop {
+            match frame::decode(&mut self.rbuf, self.room.config.max_frame) {
+                Ok(Some(f)) => {
+                    if let Some(end) = self.on_frame(f).await {
+                        return Some(end);
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    self.room.stats.rejected_frames.fetch_add(1, Ordering::Relaxed);
+                    let code = match e {
+                        FrameError::TooLarge { .. } => ErrorCode::FrameTooLarge,
+                        _ => ErrorCode::BadFrame,
+                    };
+                    info!(conn = self.shared.id, peer = %self.shared.peer, error = %e, "bad frame; closing");
+                    let close = Close::Error(code, e.to_string());
+                    self.final_frame(&close);
+                    return Some(End::Closed(close));
+                }
+            }
+        }
+        if self.rbuf.is_empty() {
+            // Between frames: hold no buffer.
+            self.rbuf = BytesMut::new();
+        }
+        None
+    }
+
+    async fn on_frame(&mut self, f: Frame) -> Option<End> {
+        let kind = f.kind?;
+        if !self.hello_done {
+            return match kind {
+                Kind::Hello(h) => self.on_hello(h).await,
+                _ => Some(self.fail(ErrorCode::BadRequest, "the first frame must be HELLO")),
+            };
+        }
+        match kind {
+            Kind::Hello(_) => return Some(self.fail(ErrorCode::BadRequest, "HELLO was already sent")),
+            Kind::OpenSession(o) => self.on_open(o).await,
+            Kind::CloseSession(c) => {
+                if let Some(i) = self.find(c.session_id) {
+                    let s = self.sessions.swap_remove(i);
+                    self.drop_session(&s, true);
+                }
+                self.send(Kind::SessionClosed(pc::SessionClosed {
+                    session_id: c.session_id,
+                    reason: "closed".into(),
+                }));
+            }
+            Kind::Ping(p) => {
+                if p.interval_ms > 0 {
+                    self.set_heartbeat(p.interval_ms);
+                }
+                self.send(Kind::Pong(pc::Pong { id: p.id }));
+            }
+            Kind::Ack(a) => self.on_ack(a.session_id, a.seq),
+            Kind::Subscribe(s) => {
+                let cursor = TopicCursor {
+                    topic: s.topic,
+                    last_seq: s.last_seq,
+                };
+                self.subscribe(s.session_id, cursor).await;
+            }
+            Kind::Unsubscribe(u) => {
+                if let Some(i) = self.find(u.session_id) {
+                    let s = &mut self.sessions[i];
+                    if u.topic != BROADCAST {
+                        s.topics.retain(|t| *t != u.topic);
+                        self.room.unsubscribe(&s.app, &u.topic, self.shared.id, s.id);
+                    }
+                }
+            }
+            Kind::Upstream(u) => self.on_upstream(u),
+            Kind::RefreshToken(r) => self.on_refresh(r.session_id, &r.token),
+            Kind::Bye(_) => return Some(End::ClientClosed),
+            // Frames only a server sends.
+            _ => return Some(self.fail(ErrorCode::BadRequest, "unexpected frame from a client")),
+        }
+        None
+    }
+
+    async fn on_hello(&mut self, h: pc::Hello) -> Option<End> {
+        if h.version != herald_proto::PROTOCOL_VERSION {
+            return Some(self.fail(
+                ErrorCode::UnsupportedVersion,
+                &format!(
+                    "protocol version {} is not supported (this node speaks 1)",
+                    h.version
+                ),
+            ));
+        }
+        let Some(o) = h.session else {
+            return Some(self.fail(ErrorCode::BadRequest, "HELLO carries no session"));
+        };
+        if h.heartbeat_ms > 0 {
+            self.set_heartbeat(h.heartbeat_ms);
+        }
+        let sid = o.session_id;
+        match self.open(o).await {
+            Ok(()) => {
+                self.hello_done = true;
+                self.shared.set_authed();
+                None
+            }
+            Err((code, msg)) => {
+                self.room.stats.rejected_auth.fetch_add(1, Ordering::Relaxed);
+                info!(conn = self.shared.id, peer = %self.shared.peer, ?code, reason = %msg, "hello refused");
+                self.send(Kind::Error(pc::Error {
+                    session_id: sid,
+                    code: code as i32,
+                    message: msg.clone(),
+                }));
+                Some(End::Closed(Close::Error(code, msg)))
+            }
+        }
+    }
+
+    async fn on_open(&mut self, o: OpenSession) {
+        let sid = o.session_id;
+        let refused = if self.sessions.len() >= MAX_SESSIONS_PER_CONN {
+            Some((
+                ErrorCode::TooManySessions,
+                format!("at most {MAX_SESSIONS_PER_CONN} sessions per connection"),
+            ))
+        } else {
+            self.open(o).await.err()
+        };
+        if let Some((code, msg)) = refused {
+            self.room.stats.rejected_auth.fetch_add(1, Ordering::Relaxed);
+            self.send(Kind::Error(pc::Error {
+                session_id: sid,
+                code: code as i32,
+                message: msg,
+            }));
+        }
+    }
+
+    /// Opens a session: token, Raft registration, local indexes, WELCOME, topics, mailbox replay.
+    async fn open(&mut self, o: OpenSession) -> Result<(), (ErrorCode, String)> {
+        if o.session_id == 0 {
+            return Err((ErrorCode::BadRequest, "session_id must not be 0".into()));
+        }
+        if self.find(o.session_id).is_some() {
+            return Err((
+                ErrorCode::SessionExists,
+                format!("session {} is already open here", o.session_id),
+            ));
+        }
+        for (what, v) in [("app", &o.app), ("user", &o.user), ("device", &o.device)] {
+            if v.is_empty() || v.len() > MAX_NAME {
+                return Err((
+                    ErrorCode::BadRequest,
+                    format!("{what} must be 1 to {MAX_NAME} bytes"),
+                ));
+            }
+        }
+        if o.platform.len() > MAX_NAME || o.topics.len() > MAX_TOPICS_PER_SESSION {
+            return Err((ErrorCode::BadRequest, "platform or topic list too long".into()));
+        }
+        let opened = Box::pin(register(self.room.clone(), self.shared.clone(), o)).await?;
+        let (session, welcome, topics) = opened;
+        let sid = session.id;
+        self.sessions.push(session);
+        self.send(Kind::Welcome(welcome));
+        for t in topics {
+            self.subscribe(sid, t).await;
+        }
+        // Replay what the device has not acked.
+        self.shared.poke(sid);
+        Ok(())
+    }
+
+    fn on_ack(&mut self, sid: u32, seq: u64) {
+        let Some(i) = self.find(sid) else { return };
+        let s = &mut self.sessions[i];
+        // A client cannot ack what it was never sent.
+        let seq = seq.min(s.delivered);
+        if seq > s.acked {
+            s.acked = seq;
+            self.room
+                .acks
+                .record(&s.app, &s.user, &s.device, s.delivered, s.acked);
+            self.room.stats.acks.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn on_upstream(&mut self, u: pc::Upstream) {
+        let Some(i) = self.find(u.session_id) else {
+            self.send(Kind::UpstreamReply(pc::UpstreamReply {
+                session_id: u.session_id,
+                request_id: u.request_id,
+                payload: Bytes::new(),
+                error: ErrorCode::UnknownSession as i32,
+                message: "no such session".into(),
+            }));
+            return;
+        };
+        let s = &self.sessions[i];
+        let app = match self.room.reader.app(&s.app) {
+            Ok(Some(a)) => a,
+            _ => {
+                self.send(upstream_error(
+                    u.session_id,
+                    u.request_id,
+                    ErrorCode::UnknownApp,
+                    "unknown app",
+                ));
+                return;
+            }
+        };
+        let shared = self.shared.clone();
+        let sid = u.session_id;
+        let rid = u.request_id;
+        match self
+            .room
+            .coordinator
+            .upstream(&app, &s.user, &s.device, rid, u.payload)
+        {
+            Ok(rx) => {
+                tokio::spawn(async move {
+                    let reply = match rx.await {
+                        Ok(Ok(payload)) => pc::UpstreamReply {
+                            session_id: sid,
+                            request_id: rid,
+                            payload,
+                            error: 0,
+                            message: String::new(),
+                        },
+                        Ok(Err(e)) => {
+                            let code = match e {
+                                UpstreamFailure::Failed { .. } => ErrorCode::UpstreamFailed,
+                                UpstreamFailure::Unavailable(_) => ErrorCode::UpstreamUnavailable,
+                            };
+                            upstream_error(sid, rid, code, &e.to_string()).into_reply()
+                        }
+                        Err(_) => {
+                            upstream_error(sid, rid, ErrorCode::UpstreamUnavailable, "node shutting down")
+                                .into_reply()
+                        }
+                    };
+                    shared.push(super::outbox::Outbound::Frame(frame::encode_to_bytes(&Frame {
+                        kind: Some(Kind::UpstreamReply(reply)),
+                    })));
+                });
+            }
+            Err(e) => self.send(upstream_error(
+                sid,
+                rid,
+                ErrorCode::UpstreamUnavailable,
+                &e.to_string(),
+            )),
+        }
+    }
+
+    fn on_refresh(&mut self, sid: u32, tok: &str) {
+        let Some(i) = self.find(sid) else { return };
+        let s = &self.sessions[i];
+        let secrets = match self.room.reader.app(&s.app) {
+            Ok(Some(a)) => a.secrets,
+            _ => Vec::new(),
+        };
+        match token::verify(tok, &secrets, &s.app, &s.user, &s.device, now_ms() / 1000) {
+            Ok(c) => self.sessions[i].token_exp = c.exp,
+            Err(e) => {
+                let s = self.sessions.swap_remove(i);
+                self.drop_session(&s, true);
+                self.send(Kind::Error(pc::Error {
+                    session_id: sid,
+                    code: ErrorCode::BadToken as i32,
+                    message: format!("refresh refused: {e}"),
+                }));
+            }
+        }
+    }
+
+    /// Subscribes a session to a topic, replaying retained messages after the cursor first.
+    async fn subscribe(&mut self, sid: u32, t: TopicCursor) {
+        let Some(i) = self.find(sid) else { return };
+        let app = self.sessions[i].app.clone();
+        let refuse = |this: &mut Self, code: ErrorCode, msg: &str| {
+            this.send(Kind::Subscribed(pc::Subscribed {
+                session_id: sid,
+                topic: t.topic.clone(),
+                seq: 0,
+                error: code as i32,
+                message: msg.into(),
+            }));
+        };
+        if t.topic.is_empty() || t.topic.len() > MAX_NAME {
+            return refuse(self, ErrorCode::BadRequest, "topic must be 1 to 256 bytes");
+        }
+        let is_broadcast = t.topic == BROADCAST;
+        if !is_broadcast {
+            if self.sessions[i].topics.len() >= MAX_TOPICS_PER_SESSION {
+                return refuse(self, ErrorCode::BadRequest, "too many topics for this session");
+            }
+            if self.sessions[i].topics.contains(&t.topic) {
+                self.room.unsubscribe(&app, &t.topic, self.shared.id, sid);
+            } else {
+                self.sessions[i].topics.push(t.topic.clone());
+            }
+        }
+        let current = self
+            .room
+            .reader
+            .topic_meta(&app, &t.topic)
+            .ok()
+            .flatten()
+            .map(|m| m.next_seq - 1)
+            .unwrap_or(0);
+        match t.last_seq {
+            None => {
+                if !is_broadcast {
+                    self.room.subscribe(&app, &t.topic, &self.shared, sid, true);
+                }
+            }
+            Some(cursor) => {
+                // Not ready: live messages skip us until the replay below caught up.
+                if is_broadcast {
+                    self.room.unsubscribe(&app, BROADCAST, self.shared.id, sid);
+                }
+                self.room.subscribe(&app, &t.topic, &self.shared, sid, false);
+                let mut cursor = cursor;
+                loop {
+                    cursor = self.replay_topic(sid, &app, &t.topic, cursor);
+                    if self.write_out().await.is_err() {
+                        return;
+                    }
+                    if self.room.mark_ready(&app, &t.topic, self.shared.id, sid, cursor) {
+                        break;
+                    }
+                }
+            }
+        }
+        self.send(Kind::Subscribed(pc::Subscribed {
+            session_id: sid,
+            topic: t.topic,
+            seq: current,
+            error: 0,
+            message: String::new(),
+        }));
+    }
+
+    /// Writes retained topic messages after `cursor` into the output; returns the new cursor.
+    fn replay_topic(&mut self, sid: u32, app: &str, topic: &str, mut cursor: u64) -> u64 {
+        loop {
+            let page = match self.room.reader.topic_since(app, topic, cursor, PAGE) {
+                Ok(p) => p,
+                Err(e) => {
+                    warn!(error = %e, "cannot read topic log");
+                    return cursor;
+                }
+            };
+            for m in &page {
+                if m.seq > cursor + 1 {
+                    self.send(Kind::Gap(pc::Gap {
+                        session_id: sid,
+                        topic: topic.into(),
+                        from_seq: cursor + 1,
+                        to_seq: m.seq - 1,
+                        reason: GapReason::Trimmed as i32,
+                    }));
+                }
+                self.send(Kind::Push(pc::Push {
+                    session_id: sid,
+                    msg_id: m.msg_id.clone(),
+                    seq: 0,
+                    topic: topic.into(),
+                    topic_seq: m.seq,
+                    payload: m.payload.clone(),
+                    qos: Qos::AtLeastOnce as i32,
+                    pushed_at_ms: m.pushed_ms,
+                }));
+                cursor = m.seq;
+            }
+            if page.len() < PAGE {
+                return cursor;
+            }
+        }
+    }
+
+    /// Reads the next page of a session's mailbox into the output. True when a full page was read
+    /// (more may follow).
+    fn pull_mailbox(&mut self, sid: u32) -> bool {
+        let Some(i) = self.find(sid) else { return false };
+        let (app, user, device) = {
+            let s = &self.sessions[i];
+            (s.app.clone(), s.user.clone(), s.device.clone())
+        };
+        let reader = &self.room.reader;
+        // Read the bound before the page, so a message stored in between is never taken for a hole.
+        let before = match reader.mailbox_meta(&app, &user) {
+            Ok(m) => m.unwrap_or_default(),
+            Err(e) => {
+                warn!(error = %e, "cannot read mailbox meta");
+                return false;
+            }
+        };
+        let from = self.sessions[i].delivered;
+        let page = match reader.mailbox_since(&app, &user, from, PAGE) {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(error = %e, "cannot read mailbox");
+                return false;
+            }
+        };
+        let full = page.len() == PAGE;
+        let mut cursor = from;
+        let mut holes = Vec::new();
+        let mut frames = 0u64;
+        for m in &page {
+            if m.seq > cursor + 1 {
+                holes.push((cursor + 1, m.seq - 1));
+            }
+            cursor = m.seq;
+        }
+        let last_known = before.next_seq.saturating_sub(1);
+        if !full && last_known > cursor {
+            holes.push((cursor + 1, last_known));
+        }
+        let meta = if holes.is_empty() {
+            before
+        } else {
+            reader.mailbox_meta(&app, &user).ok().flatten().unwrap_or(before)
+        };
+        let mut hole_iter = holes.into_iter().peekable();
+        for m in page {
+            while let Some(&(a, b)) = hole_iter.peek() {
+                if a > m.seq {
+                    break;
+                }
+                self.gap(sid, a, b, &meta);
+                hole_iter.next();
+            }
+            if m.devices.is_empty() || m.devices.iter().any(|d| **d == *device) {
+                self.send(Kind::Push(pc::Push {
+                    session_id: sid,
+                    msg_id: m.msg_id,
+                    seq: m.seq,
+                    topic: String::new(),
+                    topic_seq: 0,
+                    payload: m.payload,
+                    qos: Qos::AtLeastOnce as i32,
+                    pushed_at_ms: m.pushed_ms,
+                }));
+                frames += 1;
+            }
+        }
+        for (a, b) in hole_iter {
+            self.gap(sid, a, b, &meta);
+            cursor = cursor.max(b);
+        }
+        let s = &mut self.sessions[i];
+        if cursor > s.delivered {
+            s.delivered = cursor;
+            self.room
+                .acks
+                .record(&s.app, &s.user, &s.device, s.delivered, s.acked);
+        }
+        self.room.stats.deliveries.fetch_add(frames, Ordering::Relaxed);
+        full
+    }
+
+    /// Reports the part of a hole that was trimmed or expired (the rest was acked by every device
+    /// it was for, or was for other devices).
+    fn gap(&mut self, sid: u32, a: u64, b: u64, meta: &MailboxMeta) {
+        let trimmed_end = b.min(meta.trimmed_upto);
+        if trimmed_end >= a {
+            self.send(Kind::Gap(pc::Gap {
+                session_id: sid,
+                topic: String::new(),
+                from_seq: a,
+                to_seq: trimmed_end,
+                reason: GapReason::Trimmed as i32,
+            }));
+        }
+        let a2 = a.max(trimmed_end + 1);
+        let expired_end = b.min(meta.expired_upto);
+        if expired_end >= a2 {
+            self.send(Kind::Gap(pc::Gap {
+                session_id: sid,
+                topic: String::new(),
+                from_seq: a2,
+                to_seq: expired_end,
+                reason: GapReason::Expired as i32,
+            }));
+        }
+    }
+
+    /// Ends a session because of a kick (fenced by epoch).
+    fn kick(&mut self, k: Kick) {
+        let Some(i) = self.find(k.session_id) else { return };
+        if k.epoch != 0 && self.sessions[i].epoch != k.epoch {
+            return;
+        }
+        let s = self.sessions.swap_remove(i);
+        // The registry already moved on for every reason but token expiry.
+        self.drop_session(&s, k.code == KickReason::TokenExpired);
+        let redirect = if k.code == KickReason::NodeDown {
+            self.room.redirects()
+        } else {
+            Vec::new()
+        };
+        info!(conn = self.shared.id, session = s.id, app = %s.app, user = %s.user, device = %s.device, reason = %k.reason, "session kicked");
+        self.send(Kind::Kicked(pc::Kicked {
+            session_id: s.id,
+            reason: k.reason,
+            redirect,
+            code: k.code as i32,
+        }));
+    }
+
+    /// Removes a session from the local indexes; with `unregister`, also from the registry.
+    fn drop_session(&self, s: &Session, unregister: bool) {
+        self.room
+            .unindex_session(&s.app, &s.user, self.shared.id, s.id, &s.topics);
+        if unregister {
+            let raft = self.room.raft.clone();
+            let op = Op::Unregister {
+                app: s.app.to_string(),
+                user: s.user.to_string(),
+                device: s.device.to_string(),
+                epoch: s.epoch,
+            };
+            tokio::spawn(async move {
+                if let Err(e) = raft.write_one(op).await {
+                    debug!(error = %e, "unregister not committed");
+                }
+            });
+        }
+    }
+
+    fn set_heartbeat(&self, ms: u32) {
+        let c = &self.room.config;
+        let ms = (ms as u64).clamp(
+            c.heartbeat_min.as_millis() as u64,
+            c.heartbeat_max.as_millis() as u64,
+        );
+        self.shared.set_idle_limit(ms * 5 / 2);
+    }
+
+    fn find(&self, sid: u32) -> Option<usize> {
+        self.sessions.iter().position(|s| s.id == sid)
+    }
+
+    fn send(&mut self, kind: impl Into<Kind>) {
+        frame::encode_into_vec(
+            &Frame {
+                kind: Some(kind.into()),
+            },
+            &mut self.out,
+        );
+    }
+
+    /// Queues a connection-level ERROR and returns the end it leads to.
+    fn fail(&mut self, code: ErrorCode, msg: &str) -> End {
+        self.room.stats.rejected_frames.fetch_add(1, Ordering::Relaxed);
+        info!(conn = self.shared.id, peer = %self.shared.peer, ?code, reason = msg, "closing connection");
+        let close = Close::Error(code, msg.into());
+        self.final_frame(&close);
+        End::Closed(close)
+    }
+
+    fn final_frame(&mut self, close: &Close) {
+        match close {
+            Close::Error(code, msg) => {
+                if *code == ErrorCode::SlowConsumer {
+                    self.room.stats.slow_consumers.fetch_add(1, Ordering::Relaxed);
+                }
+                self.send(Kind::Error(pc::Error {
+                    session_id: 0,
+                    code: *code as i32,
+                    message: msg.clone(),
+                }))
+            }
+            Close::Bye(reason, redirect) => self.send(Kind::Bye(pc::Bye {
+                reason: reason.clone(),
+                redirect: redirect.clone(),
+            })),
+        }
+    }
+
+    async fn write_out(&mut self) -> std::io::Result<()> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let out = std::mem::take(&mut self.out);
+        let w = async {
+            self.stream.write_all(&out).await?;
+            self.stream.flush().await
+        };
+        match tokio::time::timeout(WRITE_TIMEOUT, w).await {
+            Ok(r) => r,
+            Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "write stalled")),
+        }
+    }
+
+    /// Connection gone: sessions go offline in the registry, the node forgets the connection.
+    fn cleanup(&mut self) {
+        for s in std::mem::take(&mut self.sessions) {
+            self.drop_session(&s, true);
+        }
+        self.room.remove_conn(self.shared.id);
+    }
+}
+
+/// Token check, Raft registration and local indexing of a new session (boxed by the caller).
+async fn register(
+    room: Arc<Room>,
+    shared: Arc<ConnShared>,
+    o: OpenSession,
+) -> Result<(Session, pc::Welcome, Vec<TopicCursor>), (ErrorCode, String)> {
+    let app: AppConfig = match room.reader.app(&o.app) {
+        Ok(Some(a)) => a,
+        Ok(None) => return Err((ErrorCode::UnknownApp, format!("unknown app {:?}", o.app))),
+        Err(e) => return Err((ErrorCode::Internal, e.to_string())),
+    };
+    let claims = token::verify(
+        &o.token,
+        &app.secrets,
+        &o.app,
+        &o.user,
+        &o.device,
+        now_ms() / 1000,
+    )
+    .map_err(|e| {
+        let code = match e {
+            token::TokenError::Expired { .. } => ErrorCode::TokenExpired,
+            token::TokenError::WrongApp { .. }
+            | token::TokenError::WrongUser { .. }
+            | token::TokenError::WrongDevice { .. } => ErrorCode::PermissionDenied,
+            _ => ErrorCode::BadToken,
+        };
+        (code, e.to_string())
+    })?;
+    let op = Op::Register(Register {
+        app: o.app.clone(),
+        user: o.user.clone(),
+        device: o.device.clone(),
+        platform: o.platform.clone(),
+        node: room.config.node_id,
+        conn: shared.id,
+        session: o.session_id,
+    });
+    let (result, index) = room.raft.write_one(op).await.map_err(|e| match e {
+        WriteError::Invalid(m) => (ErrorCode::BadRequest, m),
+        other => (
+            ErrorCode::NotReady,
+            format!("cannot register the session: {other}"),
+        ),
+    })?;
+    let registered = match result {
+        OpResult::Registered(r) => r,
+        OpResult::Rejected(r) => return Err((ErrorCode::UnknownApp, r.to_string())),
+        other => return Err((ErrorCode::Internal, format!("unexpected result {other:?}"))),
+    };
+    if tokio::time::timeout(Duration::from_secs(10), room.reader.wait_applied(index))
+        .await
+        .is_err()
+    {
+        return Err((
+            ErrorCode::NotReady,
+            "this node is not caught up; try another".into(),
+        ));
+    }
+    let app_id: Arc<str> = o.app.as_str().into();
+    let user: Arc<str> = o.user.as_str().into();
+    let device: Arc<str> = o.device.as_str().into();
+    room.index_session(
+        &app_id,
+        &user,
+        LocalSession {
+            conn: shared.clone(),
+            session_id: o.session_id,
+            device: device.clone(),
+            epoch: registered.epoch,
+        },
+    );
+    // A login that raced ours and won may have been applied before we were indexed: check.
+    match room.reader.session(&o.app, &o.user, &o.device) {
+        Ok(Some(s)) if s.epoch != registered.epoch => shared.kick(Kick {
+            session_id: o.session_id,
+            epoch: registered.epoch,
+            code: KickReason::Replaced,
+            reason: "replaced by a newer login".into(),
+        }),
+        Ok(None) => shared.kick(Kick {
+            session_id: o.session_id,
+            epoch: registered.epoch,
+            code: KickReason::Admin,
+            reason: "session ended".into(),
+        }),
+        _ => {}
+    }
+    // The client's cursor counts as an ack of everything up to it.
+    let acked = o.last_acked_seq.max(registered.acked_seq);
+    if o.last_acked_seq > registered.acked_seq {
+        room.acks.record(&app_id, &user, &device, acked, acked);
+    }
+    let c = &room.config;
+    let welcome = pc::Welcome {
+        session_id: o.session_id,
+        epoch: registered.epoch,
+        node_id: c.node_id,
+        heartbeat_ms: c.heartbeat.as_millis() as u32,
+        heartbeat_min_ms: c.heartbeat_min.as_millis() as u32,
+        heartbeat_max_ms: c.heartbeat_max.as_millis() as u32,
+        max_frame: c.max_frame as u32,
+        version: herald_proto::PROTOCOL_VERSION,
+        acked_seq: registered.acked_seq,
+    };
+    info!(conn = shared.id, app = %o.app, user = %o.user, device = %o.device, epoch = registered.epoch, kicked = registered.kicked.len(), "session open");
+    let session = Session {
+        id: o.session_id,
+        app: app_id,
+        user,
+        device,
+        epoch: registered.epoch,
+        delivered: acked,
+        acked,
+        token_exp: claims.exp,
+        topics: Vec::new(),
+    };
+    Ok((session, welcome, o.topics))
+}
+
+/// Reads what the socket has into `acc` through the thread's scratch buffer: nothing is held
+/// across the wait for readability.
+async fn read_some<S: AsyncRead + Unpin>(stream: &mut S, acc: &mut BytesMut) -> std::io::Result<usize> {
+    poll_fn(|cx| {
+        SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            let mut rb = ReadBuf::new(&mut scratch[..]);
+            match Pin::new(&mut *stream).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) => {
+                    let n = rb.filled().len();
+                    acc.extend_from_slice(rb.filled());
+                    Poll::Ready(Ok(n))
+                }
+                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+    })
+    .await
+}
+
+/// An UPSTREAM_REPLY carrying an error.
+struct UpstreamErr(pc::UpstreamReply);
+
+impl UpstreamErr {
+    fn into_reply(self) -> pc::UpstreamReply {
+        self.0
+    }
+}
+
+impl From<UpstreamErr> for Kind {
+    fn from(e: UpstreamErr) -> Kind {
+        Kind::UpstreamReply(e.0)
+    }
+}
+
+fn upstream_error(sid: u32, rid: u64, code: ErrorCode, msg: &str) -> UpstreamErr {
+    UpstreamErr(pc::UpstreamReply {
+        session_id: sid,
+        request_id: rid,
+        payload: Bytes::new(),
+        error: code as i32,
+        message: msg.into(),
+    })
+}

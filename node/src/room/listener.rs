@@ -1,0 +1,209 @@
+//! Accept loops for the client listeners (plain TCP and TLS), with the connection cap and a
+//! per-source-IP accept rate limit applied before any per-connection state exists.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use herald_proto::client::{frame::Kind, ErrorCode, Frame};
+use parking_lot::Mutex;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use super::{conn, Room};
+
+/// Binds a listener with a deep accept backlog (a burst of connects must not overflow it).
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let s = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    s.set_reuseaddr(true)?;
+    s.bind(addr)?;
+    s.listen(4096)
+}
+
+/// Token buckets per source IP: `rate` new connections per second, bursts up to `rate`.
+pub struct RateLimiter {
+    rate: f64,
+    buckets: Mutex<HashMap<IpAddr, (f64, Instant)>>,
+}
+
+impl RateLimiter {
+    pub fn new(rate: u32) -> Self {
+        RateLimiter {
+            rate: rate as f64,
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Takes a token for `ip`; false when it has none left.
+    pub fn allow(&self, ip: IpAddr) -> bool {
+        let now = Instant::now();
+        let mut b = self.buckets.lock();
+        if b.len() > 100_000 {
+            // Forget buckets that have refilled: they behave like new ones.
+            let rate = self.rate;
+            b.retain(|_, (tokens, at)| *tokens + now.duration_since(*at).as_secs_f64() * rate < rate);
+        }
+        let (tokens, at) = b.entry(ip).or_insert((self.rate, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * self.rate).min(self.rate);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// What both accept loops share.
+pub struct Acceptor {
+    pub room: Arc<Room>,
+    pub permits: Arc<Semaphore>,
+    pub limiter: RateLimiter,
+    pub tracker: TaskTracker,
+}
+
+impl Acceptor {
+    pub fn new(room: Arc<Room>, tracker: TaskTracker) -> Arc<Acceptor> {
+        let permits = Arc::new(Semaphore::new(room.config.max_connections));
+        let limiter = RateLimiter::new(room.config.accept_rate_per_ip);
+        Arc::new(Acceptor {
+            room,
+            permits,
+            limiter,
+            tracker,
+        })
+    }
+
+    /// Accepts until `shutdown`; `tls` wraps each connection in a TLS handshake first.
+    pub async fn run(
+        self: Arc<Self>,
+        listener: TcpListener,
+        tls: Option<TlsAcceptor>,
+        shutdown: CancellationToken,
+    ) {
+        let kind = if tls.is_some() { "tls" } else { "tcp" };
+        if let Ok(a) = listener.local_addr() {
+            info!(addr = %a, transport = kind, "client listener up");
+        }
+        loop {
+            let (stream, peer) = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // Out of file descriptors or similar: do not spin.
+                        warn!(error = %e, transport = kind, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            if !self.room.accepting() {
+                continue;
+            }
+            let _ = stream.set_nodelay(true);
+            if !self.limiter.allow(peer.ip()) {
+                self.room.stats.rejected_rate.fetch_add(1, Ordering::Relaxed);
+                debug!(%peer, "accept rate limit");
+                self.refuse(
+                    stream,
+                    tls.clone(),
+                    ErrorCode::RateLimited,
+                    "too many new connections from this address",
+                );
+                continue;
+            }
+            let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+                self.room.stats.rejected_busy.fetch_add(1, Ordering::Relaxed);
+                self.refuse(
+                    stream,
+                    tls.clone(),
+                    ErrorCode::ServerBusy,
+                    "connection limit reached; try another node",
+                );
+                continue;
+            };
+            let room = self.room.clone();
+            let tls = tls.clone();
+            let handshake_timeout = room.config.auth_timeout;
+            self.tracker.spawn(async move {
+                match tls {
+                    None => {
+                        let shared = room.add_conn(peer);
+                        conn::serve(room, shared, stream).await;
+                    }
+                    Some(acceptor) => {
+                        match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                            Ok(Ok(s)) => {
+                                let shared = room.add_conn(peer);
+                                // Boxed: a TLS stream is large, and only TLS connections pay for it.
+                                conn::serve(room, shared, Box::new(s)).await;
+                            }
+                            Ok(Err(e)) => debug!(%peer, error = %e, "tls handshake failed"),
+                            Err(_) => debug!(%peer, "tls handshake timed out"),
+                        }
+                    }
+                }
+                drop(permit);
+            });
+        }
+    }
+
+    /// Tells a refused client why (best effort, bounded) and closes.
+    fn refuse(&self, stream: TcpStream, tls: Option<TlsAcceptor>, code: ErrorCode, msg: &'static str) {
+        let frame = herald_proto::frame::encode_to_bytes(&Frame {
+            kind: Some(Kind::Error(herald_proto::client::Error {
+                session_id: 0,
+                code: code as i32,
+                message: msg.into(),
+            })),
+        });
+        self.tracker.spawn(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(2), async move {
+                match tls {
+                    None => {
+                        let mut s = stream;
+                        let _ = s.write_all(&frame).await;
+                        let _ = s.shutdown().await;
+                    }
+                    Some(a) => {
+                        if let Ok(mut s) = a.accept(stream).await {
+                            let _ = s.write_all(&frame).await;
+                            let _ = s.shutdown().await;
+                        }
+                    }
+                }
+            })
+            .await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rate_limiter_allows_a_burst_then_refuses() {
+        let l = RateLimiter::new(3);
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        assert!(l.allow(ip));
+        assert!(l.allow(ip));
+        assert!(l.allow(ip));
+        assert!(!l.allow(ip));
+        // Another address has its own bucket.
+        assert!(l.allow("10.0.0.2".parse().unwrap()));
+    }
+}

@@ -1,0 +1,537 @@
+//! The room server: client connections and the sessions on them, and the local indexes that route
+//! what the state machine applies (pushes, topic messages, kicks) to the right connections.
+//!
+//! Architecture Invariant: the room never reads a socket of another connection and never blocks
+//! the apply path: the observer only looks up local indexes and hands work to connections through
+//! their outboxes (bounded, `try`-style). Mailbox messages are pulled by the connection from the
+//! local state machine after a poke, so their order is the state machine's seq order whatever the
+//! timing; topic messages are pushed as one shared buffer to every subscriber.
+
+pub mod acks;
+pub mod conn;
+pub mod listener;
+pub mod observer;
+pub mod outbox;
+pub mod tls;
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use herald_proto::client::{frame::Kind, ErrorCode, Frame, KickReason, Push, Qos};
+use herald_raft::{RaftNode, StateReader, TopicMessage};
+use parking_lot::RwLock;
+use prost::Message;
+use tracing::{debug, info};
+
+use self::acks::AckBatcher;
+use self::outbox::{Close, ConnShared, Kick, Outbound};
+use crate::coordinator::Coordinator;
+
+/// The broadcast topic every session is subscribed to.
+pub const BROADCAST: &str = "*";
+/// Sessions one connection may carry.
+pub const MAX_SESSIONS_PER_CONN: usize = 16;
+/// Topics one session may subscribe to.
+pub const MAX_TOPICS_PER_SESSION: usize = 128;
+/// Longest app id, user, device, platform or topic name, in bytes.
+pub const MAX_NAME: usize = 256;
+
+/// Room-server settings (from the node config).
+#[derive(Debug, Clone)]
+pub struct RoomConfig {
+    pub node_id: u64,
+    pub heartbeat: Duration,
+    pub heartbeat_min: Duration,
+    pub heartbeat_max: Duration,
+    pub max_frame: usize,
+    pub auth_timeout: Duration,
+    pub send_queue: usize,
+    pub max_connections: usize,
+    pub accept_rate_per_ip: u32,
+}
+
+/// Counters for metrics and status.
+#[derive(Default)]
+pub struct RoomStats {
+    pub connections: AtomicU64,
+    pub sessions: AtomicU64,
+    pub connects: AtomicU64,
+    pub disconnects: AtomicU64,
+    pub deliveries: AtomicU64,
+    pub acks: AtomicU64,
+    pub slow_consumers: AtomicU64,
+    pub qos0_dropped: AtomicU64,
+    pub rejected_frames: AtomicU64,
+    pub rejected_auth: AtomicU64,
+    pub rejected_rate: AtomicU64,
+    pub rejected_busy: AtomicU64,
+}
+
+/// A session as the local indexes know it.
+#[derive(Clone)]
+pub struct LocalSession {
+    pub conn: Arc<ConnShared>,
+    pub session_id: u32,
+    pub device: Arc<str>,
+    pub epoch: u64,
+}
+
+/// A topic subscription of one local session.
+#[derive(Clone)]
+pub struct TopicSub {
+    pub conn: Arc<ConnShared>,
+    pub session_id: u32,
+    /// False while the session catches up from the retained log; live messages skip it then (the
+    /// catch-up reads them from the state machine instead).
+    pub ready: bool,
+}
+
+const SHARDS: usize = 32;
+
+/// One shard of an [`Index`]: app -> key -> entries.
+type Shard<T> = RwLock<HashMap<Box<str>, HashMap<Box<str>, Vec<T>>>>;
+
+/// app -> key -> entries, split over shards by the key's hash so lookups from the apply path and
+/// connection tasks rarely contend.
+struct Index<T> {
+    shards: Vec<Shard<T>>,
+}
+
+impl<T: Clone> Index<T> {
+    fn new() -> Self {
+        Index {
+            shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+        }
+    }
+
+    fn shard(&self, key: &str) -> &Shard<T> {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        key.hash(&mut h);
+        &self.shards[h.finish() as usize % SHARDS]
+    }
+
+    fn insert(&self, app: &str, key: &str, v: T) {
+        let mut s = self.shard(key).write();
+        s.entry(app.into())
+            .or_default()
+            .entry(key.into())
+            .or_default()
+            .push(v);
+    }
+
+    fn remove(&self, app: &str, key: &str, pred: impl Fn(&T) -> bool) {
+        let mut s = self.shard(key).write();
+        if let Some(m) = s.get_mut(app) {
+            if let Some(v) = m.get_mut(key) {
+                v.retain(|x| !pred(x));
+                if v.is_empty() {
+                    m.remove(key);
+                }
+            }
+            if m.is_empty() {
+                s.remove(app);
+            }
+        }
+    }
+
+    fn get(&self, app: &str, key: &str) -> Vec<T> {
+        self.shard(key)
+            .read()
+            .get(app)
+            .and_then(|m| m.get(key))
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn with<R>(&self, app: &str, key: &str, f: impl FnOnce(&[T]) -> R) -> R {
+        let s = self.shard(key).read();
+        let v = s
+            .get(app)
+            .and_then(|m| m.get(key))
+            .map(|v| v.as_slice())
+            .unwrap_or(&[]);
+        f(v)
+    }
+
+    fn update(&self, app: &str, key: &str, f: impl FnOnce(&mut Vec<T>)) {
+        let mut s = self.shard(key).write();
+        if let Some(v) = s.get_mut(app).and_then(|m| m.get_mut(key)) {
+            f(v);
+        }
+    }
+
+    fn all(&self) -> Vec<T> {
+        let mut out = Vec::new();
+        for s in &self.shards {
+            for m in s.read().values() {
+                for v in m.values() {
+                    out.extend(v.iter().cloned());
+                }
+            }
+        }
+        out
+    }
+}
+
+/// The room server of one node.
+pub struct Room {
+    pub config: RoomConfig,
+    pub raft: RaftNode,
+    pub reader: StateReader,
+    pub stats: RoomStats,
+    pub acks: AckBatcher,
+    pub coordinator: Coordinator,
+    started: Instant,
+    next_conn: AtomicU64,
+    accepting: AtomicBool,
+    conns: RwLock<HashMap<u64, Arc<ConnShared>>>,
+    /// (app, user) -> local sessions.
+    users: Index<LocalSession>,
+    /// (app, topic) -> local subscriptions; `*` holds every session of the app.
+    topics: Index<TopicSub>,
+    /// Client addresses of the other nodes, for BYE/KICKED redirects (refreshed by the node).
+    redirects: RwLock<Vec<String>>,
+}
+
+impl Room {
+    pub fn new(config: RoomConfig, raft: RaftNode, coordinator: Coordinator) -> Arc<Room> {
+        let reader = raft.reader().clone();
+        let acks = AckBatcher::new(raft.clone());
+        Arc::new(Room {
+            config,
+            reader,
+            raft,
+            stats: RoomStats::default(),
+            acks,
+            coordinator,
+            started: Instant::now(),
+            next_conn: AtomicU64::new(1),
+            accepting: AtomicBool::new(true),
+            conns: RwLock::new(HashMap::new()),
+            users: Index::new(),
+            topics: Index::new(),
+            redirects: RwLock::new(Vec::new()),
+        })
+    }
+
+    /// Coarse clock: ms since the room started.
+    pub fn now(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    pub fn accepting(&self) -> bool {
+        self.accepting.load(Ordering::Relaxed)
+    }
+
+    pub fn connections(&self) -> u64 {
+        self.stats.connections.load(Ordering::Relaxed)
+    }
+
+    pub fn set_redirects(&self, addrs: Vec<String>) {
+        *self.redirects.write() = addrs;
+    }
+
+    pub fn redirects(&self) -> Vec<String> {
+        self.redirects.read().clone()
+    }
+
+    /// Registers a new connection.
+    pub fn add_conn(&self, peer: std::net::SocketAddr) -> Arc<ConnShared> {
+        let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let idle = (self.config.heartbeat.as_millis() as u64) * 5 / 2;
+        let c = Arc::new(ConnShared::new(
+            id,
+            peer,
+            self.now(),
+            idle,
+            self.config.send_queue,
+        ));
+        self.conns.write().insert(id, c.clone());
+        self.stats.connections.fetch_add(1, Ordering::Relaxed);
+        self.stats.connects.fetch_add(1, Ordering::Relaxed);
+        c
+    }
+
+    pub fn remove_conn(&self, id: u64) {
+        if self.conns.write().remove(&id).is_some() {
+            self.stats.connections.fetch_sub(1, Ordering::Relaxed);
+            self.stats.disconnects.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn conn(&self, id: u64) -> Option<Arc<ConnShared>> {
+        self.conns.read().get(&id).cloned()
+    }
+
+    /// Makes a session reachable by pushes, broadcasts and kicks.
+    pub fn index_session(&self, app: &str, user: &str, s: LocalSession) {
+        self.topics.insert(
+            app,
+            BROADCAST,
+            TopicSub {
+                conn: s.conn.clone(),
+                session_id: s.session_id,
+                ready: true,
+            },
+        );
+        self.users.insert(app, user, s);
+        self.stats.sessions.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Removes a session and its subscriptions from the indexes.
+    pub fn unindex_session(&self, app: &str, user: &str, conn: u64, session_id: u32, topics: &[String]) {
+        self.users
+            .remove(app, user, |s| s.conn.id == conn && s.session_id == session_id);
+        for t in topics.iter().map(String::as_str).chain([BROADCAST]) {
+            self.topics
+                .remove(app, t, |s| s.conn.id == conn && s.session_id == session_id);
+        }
+        self.stats.sessions.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    pub fn subscribe(&self, app: &str, topic: &str, conn: &Arc<ConnShared>, session_id: u32, ready: bool) {
+        self.topics.insert(
+            app,
+            topic,
+            TopicSub {
+                conn: conn.clone(),
+                session_id,
+                ready,
+            },
+        );
+    }
+
+    pub fn unsubscribe(&self, app: &str, topic: &str, conn: u64, session_id: u32) {
+        self.topics
+            .remove(app, topic, |s| s.conn.id == conn && s.session_id == session_id);
+    }
+
+    /// Marks a caught-up subscription live if nothing was published since `delivered`; returns
+    /// false (stay in catch-up) otherwise. Runs under the topic's shard lock, which the apply path
+    /// also takes, so no message falls between the check and the switch.
+    pub fn mark_ready(&self, app: &str, topic: &str, conn: u64, session_id: u32, delivered: u64) -> bool {
+        let mut ok = false;
+        self.topics.update(app, topic, |subs| {
+            let current = self
+                .reader
+                .topic_meta(app, topic)
+                .ok()
+                .flatten()
+                .map(|m| m.next_seq - 1)
+                .unwrap_or(0);
+            if current <= delivered {
+                for s in subs
+                    .iter_mut()
+                    .filter(|s| s.conn.id == conn && s.session_id == session_id)
+                {
+                    s.ready = true;
+                }
+                ok = true;
+            }
+        });
+        ok
+    }
+
+    /// Local sessions of a user.
+    pub fn sessions_of(&self, app: &str, user: &str) -> Vec<LocalSession> {
+        self.users.get(app, user)
+    }
+
+    /// All local sessions (drain, node down).
+    pub fn all_sessions(&self) -> Vec<LocalSession> {
+        self.users.all()
+    }
+
+    /// Wakes the local sessions of `user` whose device the message is for.
+    pub fn poke_user(&self, app: &str, user: &str, devices: &[String]) {
+        self.users.with(app, user, |sessions| {
+            for s in sessions {
+                if devices.is_empty() || devices.iter().any(|d| **d == *s.device) {
+                    s.conn.poke(s.session_id);
+                }
+            }
+        });
+    }
+
+    /// Hands a topic message to every ready local subscriber: one encoded body shared by all,
+    /// plus a few bytes per subscriber naming its session.
+    pub fn fan_out(&self, app: &str, topic: &str, msg: &TopicMessage) -> usize {
+        let body = topic_push_body(topic, msg);
+        let mut n = 0;
+        self.topics.with(app, topic, |subs| {
+            for s in subs.iter().filter(|s| s.ready) {
+                let (head, head_len) = shared_head(s.session_id, body.len());
+                if s.conn.push(Outbound::Shared {
+                    head,
+                    head_len,
+                    body: body.clone(),
+                }) {
+                    n += 1;
+                } else {
+                    self.stats.slow_consumers.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+        self.stats.deliveries.fetch_add(n as u64, Ordering::Relaxed);
+        n
+    }
+
+    /// Online-only delivery to the local sessions of a user; returns how many got it.
+    pub fn deliver_direct(
+        &self,
+        app: &str,
+        user: &str,
+        devices: &[String],
+        msg_id: &str,
+        payload: &Bytes,
+        at_ms: u64,
+    ) -> u32 {
+        let mut n = 0;
+        self.users.with(app, user, |sessions| {
+            for s in sessions {
+                if !(devices.is_empty() || devices.iter().any(|d| **d == *s.device)) {
+                    continue;
+                }
+                let f = Frame {
+                    kind: Some(Kind::Push(Push {
+                        session_id: s.session_id,
+                        msg_id: msg_id.to_string(),
+                        seq: 0,
+                        topic: String::new(),
+                        topic_seq: 0,
+                        payload: payload.clone(),
+                        qos: Qos::AtMostOnce as i32,
+                        pushed_at_ms: at_ms,
+                    })),
+                };
+                if s.conn
+                    .push(Outbound::Frame(herald_proto::frame::encode_to_bytes(&f)))
+                {
+                    n += 1;
+                }
+            }
+        });
+        self.stats.deliveries.fetch_add(n as u64, Ordering::Relaxed);
+        n
+    }
+
+    /// Ends a local session (kick, node down), fenced by epoch.
+    pub fn kick_local(&self, conn: u64, session_id: u32, epoch: u64, code: KickReason, reason: &str) {
+        if let Some(c) = self.conn(conn) {
+            debug!(conn, session_id, epoch, reason, "kicking session");
+            c.kick(Kick {
+                session_id,
+                epoch,
+                code,
+                reason: reason.into(),
+            });
+        }
+    }
+
+    /// Closes idle connections, unauthenticated ones past the auth timeout, and asks every
+    /// connection to check its sessions' token expiry. Runs every second.
+    pub fn sweep(&self) {
+        let now = self.now();
+        let auth = self.config.auth_timeout.as_millis() as u64;
+        let conns: Vec<Arc<ConnShared>> = self.conns.read().values().cloned().collect();
+        for c in conns {
+            if !c.authed() {
+                if now.saturating_sub(c.opened_at) > auth {
+                    c.close(Close::Error(
+                        ErrorCode::AuthTimeout,
+                        "no HELLO within the auth timeout".into(),
+                    ));
+                }
+            } else if now.saturating_sub(c.last_rx()) > c.idle_limit() {
+                c.close(Close::Bye("idle timeout".into(), vec![]));
+            }
+        }
+    }
+
+    /// Stops accepting and asks every connection to leave with a redirect.
+    pub fn start_drain(&self) -> usize {
+        self.accepting.store(false, Ordering::Relaxed);
+        let redirect = self.redirects();
+        let conns: Vec<Arc<ConnShared>> = self.conns.read().values().cloned().collect();
+        for c in &conns {
+            c.close(Close::Bye("draining".into(), redirect.clone()));
+        }
+        info!(connections = conns.len(), "draining client connections");
+        conns.len()
+    }
+}
+
+/// The encoded `Frame { push: Push { .. } }` of a topic message, without length prefix and
+/// without a session id (each receiver's head adds it; protobuf merges the two `push` fields).
+pub fn topic_push_body(topic: &str, msg: &TopicMessage) -> Bytes {
+    let f = Frame {
+        kind: Some(Kind::Push(Push {
+            session_id: 0,
+            msg_id: msg.msg_id.clone(),
+            seq: 0,
+            topic: topic.to_string(),
+            topic_seq: msg.seq,
+            payload: msg.payload.clone(),
+            qos: Qos::AtLeastOnce as i32,
+            pushed_at_ms: msg.pushed_ms,
+        })),
+    };
+    let mut b = BytesMut::with_capacity(f.encoded_len());
+    f.encode(&mut b).expect("capacity reserved");
+    b.freeze()
+}
+
+/// Length prefix + `Frame.push { session_id }` for a shared body of `body_len` bytes.
+pub fn shared_head(session_id: u32, body_len: usize) -> ([u8; 16], u8) {
+    let tail = Frame {
+        kind: Some(Kind::Push(Push {
+            session_id,
+            ..Default::default()
+        })),
+    };
+    let mut t = BytesMut::with_capacity(12);
+    tail.encode(&mut t).expect("small");
+    let mut head = [0u8; 16];
+    let total = (t.len() + body_len) as u32;
+    let mut w = &mut head[..];
+    w.put_u32(total);
+    w.put_slice(&t);
+    (head, (4 + t.len()) as u8)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_shared_frame_decodes_as_one_push_with_the_session_id() {
+        let msg = TopicMessage {
+            seq: 7,
+            msg_id: "m7".into(),
+            payload: Bytes::from_static(b"hello"),
+            pushed_ms: 42,
+        };
+        let body = topic_push_body("room-1", &msg);
+        let (head, head_len) = shared_head(3, body.len());
+        let mut wire = BytesMut::new();
+        wire.extend_from_slice(&head[..head_len as usize]);
+        wire.extend_from_slice(&body);
+        let f = herald_proto::frame::decode(&mut wire, 1 << 16).unwrap().unwrap();
+        match f.kind {
+            Some(Kind::Push(p)) => {
+                assert_eq!(p.session_id, 3);
+                assert_eq!(p.topic, "room-1");
+                assert_eq!(p.topic_seq, 7);
+                assert_eq!(p.msg_id, "m7");
+                assert_eq!(&p.payload[..], b"hello");
+                assert_eq!(p.pushed_at_ms, 42);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(wire.is_empty());
+    }
+}

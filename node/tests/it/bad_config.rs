@@ -1,0 +1,210 @@
+//! `herald node` refuses bad configuration with exit code 2 and a message naming the problem,
+//! and a data dir it cannot trust with a non-zero exit naming the store; never a panic.
+
+use std::path::Path;
+use std::time::Duration;
+
+use crate::harness::{free_port, herald_with, Cluster, Output, EXIT_WAIT};
+
+/// Runs `herald node <args>`; it must exit by itself (a node that starts would run forever).
+async fn node(args: &[&str]) -> Output {
+    let mut all = vec!["node"];
+    all.extend_from_slice(args);
+    herald_with(&all, &[], Duration::from_secs(30)).await
+}
+
+/// Exit code 2, `needle` in stderr, no panic.
+#[track_caller]
+fn usage_error(out: &Output, needle: &str) {
+    assert_eq!(out.code, Some(2), "exit code: {out:#?}");
+    assert!(
+        out.stderr.contains(needle),
+        "stderr must contain {needle:?}: {out:#?}"
+    );
+    assert!(!out.stderr.contains("panicked"), "{out:#?}");
+}
+
+fn addr() -> String {
+    format!("127.0.0.1:{}", free_port())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_options_exit_2_with_a_clear_message() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let data = data.to_str().unwrap();
+    let (a1, a2, a3) = (addr(), addr(), addr());
+    let peers = format!("1={a1},2={a2},3={a3}");
+
+    let out = node(&["--id", "1", "--grpc-addr", &a1, "--peers", &peers]).await;
+    usage_error(&out, "missing --data-dir (or HERALD_DATA_DIR");
+
+    let out = node(&[
+        "--id",
+        "1",
+        "--data-dir",
+        data,
+        "--grpc-addr",
+        "nonsense",
+        "--peers",
+        &peers,
+    ])
+    .await;
+    usage_error(&out, "--grpc-addr \"nonsense\" is not a host:port address");
+
+    let out = node(&[
+        "--id",
+        "1",
+        "--data-dir",
+        data,
+        "--grpc-addr",
+        &a1,
+        "--peers",
+        "1=nowhere",
+    ])
+    .await;
+    usage_error(&out, "is not a host:port address");
+
+    let a4 = addr();
+    let out = node(&[
+        "--id",
+        "4",
+        "--data-dir",
+        data,
+        "--grpc-addr",
+        &a4,
+        "--peers",
+        &peers,
+    ])
+    .await;
+    usage_error(&out, "--id 4 is not in --peers (1,2,3)");
+
+    let file = tmp.path().join("a-file");
+    std::fs::write(&file, "not a dir").unwrap();
+    let file = file.to_str().unwrap();
+    let out = node(&[
+        "--id",
+        "1",
+        "--data-dir",
+        file,
+        "--grpc-addr",
+        &a1,
+        "--peers",
+        &peers,
+    ])
+    .await;
+    usage_error(&out, "exists and is not a directory");
+    assert_eq!(
+        std::fs::read_to_string(file).unwrap(),
+        "not a dir",
+        "the file must be left alone"
+    );
+
+    let toml = tmp.path().join("herald.toml");
+    std::fs::write(
+        &toml,
+        format!(
+            "id = 1\ndata_dir = {data:?}\ngrpc_addr = {a1:?}\npeers = {peers:?}\nelection_timeout = 300\n"
+        ),
+    )
+    .unwrap();
+    let out = node(&["--config", toml.to_str().unwrap()]).await;
+    usage_error(&out, "unknown field `election_timeout`");
+    assert!(
+        out.stderr.contains("herald.toml"),
+        "the message must name the file: {out:#?}"
+    );
+
+    // clap's own usage errors use the same code.
+    let out = node(&["--no-such-flag"]).await;
+    usage_error(&out, "--no-such-flag");
+
+    assert!(
+        !Path::new(data).exists(),
+        "a refused config must not create the data dir"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_port_in_use_is_a_runtime_error_not_a_panic() {
+    let tmp = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let a1 = taken.local_addr().unwrap().to_string();
+    let data = tmp.path().join("data");
+    let out = node(&[
+        "--id",
+        "1",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--grpc-addr",
+        &a1,
+        "--peers",
+        &format!("1={a1}"),
+    ])
+    .await;
+    assert_eq!(out.code, Some(1), "{out:#?}");
+    assert!(
+        out.stderr.contains(&format!("cannot listen for gRPC on {a1}")),
+        "{out:#?}"
+    );
+    assert!(!out.stderr.contains("panicked"), "{out:#?}");
+    drop(taken);
+}
+
+/// Starts a one-node cluster on a fresh data dir, lets it commit, stops it cleanly.
+async fn one_node_data_dir() -> Cluster {
+    let mut c = Cluster::start(1).await;
+    c.wait_log(1, "node announced", 1).await; // something committed and applied
+    let (status, _) = c.stop(1).await;
+    assert!(status.success(), "clean stop: {status}");
+    c
+}
+
+/// Restarts node 1 of `c` on its (damaged) data dir; it must fail with exit code 1, stderr
+/// naming the store and every `needle`, and no panic. Returns its log.
+async fn start_fails(c: &mut Cluster, needles: &[&str]) -> String {
+    let before = c.log_text(1).len();
+    c.restart(1);
+    let status = c.wait_exit(1, EXIT_WAIT).await;
+    let log = c.log_text(1)[before..].to_string();
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "a bad store is a runtime error (1), not a panic (101): {log}"
+    );
+    let error = log
+        .lines()
+        .find(|l| l.starts_with("error: "))
+        .unwrap_or_else(|| panic!("no `error:` line on stderr: {log}"));
+    for n in needles {
+        assert!(error.contains(n), "{error:?} must contain {n:?}");
+    }
+    assert!(!log.contains("panicked"), "{log}");
+    log
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_corrupt_raft_log_stops_the_node_with_an_error() {
+    let mut c = one_node_data_dir().await;
+    let current = c.data_dir(1).join("raft-log").join("CURRENT");
+    assert!(
+        current.is_file(),
+        "{} missing: the store layout changed",
+        current.display()
+    );
+    std::fs::write(&current, b"\x00garbage\xff\n").unwrap();
+    start_fails(&mut c, &["cannot start raft", "raft-log", "Corruption"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_corrupt_state_machine_stops_the_node_with_an_error() {
+    let mut c = one_node_data_dir().await;
+    let current = c.data_dir(1).join("sm").join("CURRENT");
+    assert!(
+        current.is_file(),
+        "{} missing: the store layout changed",
+        current.display()
+    );
+    std::fs::write(&current, b"garbage\n").unwrap();
+    start_fails(&mut c, &["cannot start raft", "corrupt data in", "CURRENT"]).await;
+}

@@ -1,0 +1,723 @@
+//! The room server on real node processes: delivery across nodes, the offline store and resume,
+//! QoS 0, topics, multi-device kicks, TLS, and the bad-input table.
+
+use std::time::Duration;
+
+use herald_node::token;
+use herald_proto::client::{self as pc, frame::Kind, ErrorCode, GapReason, KickReason};
+use herald_proto::v1 as pb;
+
+use crate::harness::{admin_request, eventually, App, Cluster, NODE_WAIT};
+use crate::raw::{error_code, Raw, Who};
+
+fn now_s() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn who(app: &App, user: &str, device: &str) -> Who {
+    Who {
+        app: app.id.clone(),
+        user: user.into(),
+        device: device.into(),
+        platform: "ios".into(),
+        token: token::mint(
+            &token::Claims {
+                app: app.id.clone(),
+                sub: user.into(),
+                dev: None,
+                iat: now_s(),
+                exp: now_s() + 3600,
+            },
+            &app.secret,
+        ),
+    }
+}
+
+fn payload(p: &pc::Push) -> String {
+    String::from_utf8_lossy(&p.payload).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn qos1_pushed_through_node_1_reaches_a_client_on_node_3() {
+    let c = Cluster::start(3).await;
+    let app = c.create_app("cross").await;
+    let mut raw = Raw::connect(c.client_addr(3)).await.unwrap();
+    let w = raw.hello(&who(&app, "alice", "phone"), 0).await.unwrap();
+    assert_eq!(w.node_id, 3);
+    assert!(w.epoch > 0);
+    let r = app
+        .push_acked(c.grpc_addr(1), "alice", "hello from 1", "k1")
+        .await;
+    let p = raw.pushes(1).await.unwrap();
+    assert_eq!(p[0].msg_id, r.msg_id);
+    assert_eq!(p[0].seq, 1);
+    assert_eq!(p[0].session_id, 1);
+    assert_eq!(payload(&p[0]), "hello from 1");
+    assert_eq!(p[0].qos(), pc::Qos::AtLeastOnce);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_offline_user_gets_every_push_in_order_and_acked_ones_are_not_sent_again() {
+    let c = Cluster::start(3).await;
+    let app = c.create_app("offline").await;
+    let me = who(&app, "bob", "phone");
+    // Register the device once, then go away.
+    let mut raw = Raw::connect(c.client_addr(1)).await.unwrap();
+    raw.hello(&me, 0).await.unwrap();
+    drop(raw);
+    let mut ids = Vec::new();
+    for i in 0..100 {
+        let r = app
+            .push_acked(c.grpc_addr(2), "bob", &format!("m{i}"), &format!("k{i}"))
+            .await;
+        ids.push(r.msg_id);
+    }
+    let mut raw = Raw::connect(c.client_addr(2)).await.unwrap();
+    raw.hello(&me, 0).await.unwrap();
+    let got = raw.pushes(100).await.unwrap();
+    let seqs: Vec<u64> = got.iter().map(|p| p.seq).collect();
+    assert_eq!(seqs, (1..=100).collect::<Vec<_>>(), "all 100, in seq order");
+    assert_eq!(got.iter().map(|p| p.msg_id.clone()).collect::<Vec<_>>(), ids);
+    raw.ack(1, 60).await.unwrap();
+    raw.ping(7).await.unwrap();
+    // Wait until the ack is committed (Status shows the device cursor), then reconnect elsewhere.
+    let mut grpc = c.client(3).await;
+    eventually("the ack to be committed", NODE_WAIT, || {
+        let mut grpc = grpc.clone();
+        let app = app.clone();
+        async move {
+            let s = grpc
+                .status(app.request(pb::StatusRequest {
+                    app: app.id.clone(),
+                    user: "bob".into(),
+                }))
+                .await?
+                .into_inner();
+            let acked = s
+                .devices
+                .iter()
+                .find(|d| d.device == "phone")
+                .map(|d| d.acked)
+                .unwrap_or(0);
+            anyhow::ensure!(acked == 60, "device cursor at {acked}");
+            Ok(())
+        }
+    })
+    .await;
+    drop(raw);
+    let mut raw = Raw::connect(c.client_addr(3)).await.unwrap();
+    let w = raw.hello(&me, 0).await.unwrap();
+    assert_eq!(w.acked_seq, 60);
+    let again = raw.pushes(40).await.unwrap();
+    assert_eq!(
+        again.first().map(|p| p.seq),
+        Some(61),
+        "acked messages are not sent again"
+    );
+    assert_eq!(again.last().map(|p| p.seq), Some(100));
+    let s = grpc
+        .status(app.request(pb::StatusRequest {
+            app: app.id.clone(),
+            user: "bob".into(),
+        }))
+        .await
+        .unwrap();
+    assert_eq!(
+        s.into_inner().pending,
+        40,
+        "acked messages were trimmed from the mailbox"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn qos0_reaches_online_users_only_and_drops_are_counted() {
+    let c = Cluster::start(3).await;
+    let app = c.create_app("qos0").await;
+    let mut raw = Raw::connect(c.client_addr(2)).await.unwrap();
+    raw.hello(&who(&app, "carol", "phone"), 0).await.unwrap();
+    let mut grpc = c.client(1).await;
+    let push = |user: &str| {
+        app.request(pb::PushRequest {
+            app: app.id.clone(),
+            targets: vec![pb::Target {
+                user: user.into(),
+                devices: vec![],
+            }],
+            payload: b"now or never".to_vec().into(),
+            qos: pb::Qos::AtMostOnce as i32,
+            ..Default::default()
+        })
+    };
+    let r = grpc.push(push("carol")).await.unwrap().into_inner();
+    assert_eq!(
+        (r.delivered, r.dropped),
+        (1, 0),
+        "online on another node: forwarded and delivered"
+    );
+    assert!(r.seqs.is_empty(), "nothing stored");
+    let p = raw.pushes(1).await.unwrap();
+    assert_eq!(p[0].seq, 0);
+    assert_eq!(p[0].qos(), pc::Qos::AtMostOnce);
+    let r = grpc.push(push("nobody")).await.unwrap().into_inner();
+    assert_eq!((r.delivered, r.dropped), (0, 1), "offline: dropped and counted");
+    let s = grpc
+        .status(app.request(pb::StatusRequest {
+            app: app.id.clone(),
+            user: "nobody".into(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(s.pending, 0, "qos 0 is never stored");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_resuming_subscriber_catches_up_on_a_topic_then_gets_live_messages() {
+    let c = Cluster::start(3).await;
+    let app = c.create_app("topics").await;
+    let mut grpc = c.client(1).await;
+    let publish = |n: u32| {
+        app.request(pb::PublishRequest {
+            app: app.id.clone(),
+            topic: "room-7".into(),
+            payload: format!("t{n}").into_bytes().into(),
+            ..Default::default()
+        })
+    };
+    for n in 1..=5 {
+        let r = grpc.publish_topic(publish(n)).await.unwrap().into_inner();
+        assert_eq!(r.seq, n as u64);
+    }
+    let mut raw = Raw::connect(c.client_addr(3)).await.unwrap();
+    raw.hello(&who(&app, "dave", "phone"), 0).await.unwrap();
+    raw.send(Kind::Subscribe(pc::Subscribe {
+        session_id: 1,
+        topic: "room-7".into(),
+        last_seq: Some(2),
+    }))
+    .await
+    .unwrap();
+    let (sub, replayed) = raw
+        .until(|k| {
+            if let Kind::Subscribed(s) = k {
+                Some(s.clone())
+            } else {
+                None
+            }
+        })
+        .await
+        .unwrap();
+    assert_eq!(sub.error, 0);
+    assert_eq!(sub.seq, 5);
+    let seqs: Vec<u64> = replayed
+        .iter()
+        .filter_map(|k| {
+            if let Kind::Push(p) = k {
+                Some(p.topic_seq)
+            } else {
+                None
+            }
+        })
+        .collect();
+    assert_eq!(seqs, vec![3, 4, 5], "messages after the cursor, in order");
+    grpc.publish_topic(publish(6)).await.unwrap();
+    let p = raw.pushes(1).await.unwrap();
+    assert_eq!(
+        (p[0].topic.as_str(), p[0].topic_seq, payload(&p[0]).as_str()),
+        ("room-7", 6, "t6")
+    );
+    // Broadcast reaches every session of the app without subscribing.
+    let b = grpc
+        .broadcast(app.request(pb::BroadcastRequest {
+            app: app.id.clone(),
+            payload: b"all".to_vec().into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    let p = raw.pushes(1).await.unwrap();
+    assert_eq!((p[0].topic.as_str(), p[0].topic_seq), ("*", b.seq));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_newer_login_kicks_the_older_session_across_nodes() {
+    let c = Cluster::start(3).await;
+    let app = c.create_app("kick").await;
+    // One session per platform for this app.
+    let mut admin = c.client(1).await;
+    let mut cfg = admin
+        .get_app(admin_request(pb::GetAppRequest { id: app.id.clone() }))
+        .await
+        .unwrap()
+        .into_inner()
+        .app
+        .unwrap();
+    cfg.policy = Some(pb::DevicePolicy {
+        max_per_platform: 1,
+        max_per_user: 0,
+    });
+    admin
+        .update_app(admin_request(pb::UpdateAppRequest { app: Some(cfg) }))
+        .await
+        .unwrap();
+
+    let phone = who(&app, "erin", "phone");
+    let mut first = Raw::connect(c.client_addr(1)).await.unwrap();
+    let w1 = first.hello(&phone, 0).await.unwrap();
+    // The same device logs in on another node: the older session is fenced and kicked.
+    let mut second = Raw::connect(c.client_addr(2)).await.unwrap();
+    let w2 = second.hello(&phone, 0).await.unwrap();
+    assert!(w2.epoch > w1.epoch);
+    let (k, _) = first
+        .until(|k| {
+            if let Kind::Kicked(k) = k {
+                Some(k.clone())
+            } else {
+                None
+            }
+        })
+        .await
+        .unwrap();
+    assert_eq!(k.code(), KickReason::Replaced);
+    assert!(
+        first.closed_within(Duration::from_secs(10)).await,
+        "its only session ended: connection closed"
+    );
+    // Another device on the same platform (policy: 1 per platform), on a third node.
+    let tablet = Who {
+        device: "tablet".into(),
+        ..phone.clone()
+    };
+    let mut third = Raw::connect(c.client_addr(3)).await.unwrap();
+    third.hello(&tablet, 0).await.unwrap();
+    let (k, _) = second
+        .until(|k| {
+            if let Kind::Kicked(k) = k {
+                Some(k.clone())
+            } else {
+                None
+            }
+        })
+        .await
+        .unwrap();
+    assert_eq!(k.code(), KickReason::Policy);
+    // The newest session still receives.
+    app.push_acked(c.grpc_addr(1), "erin", "for the tablet", "k1")
+        .await;
+    assert_eq!(payload(&third.pushes(1).await.unwrap()[0]), "for the tablet");
+    // An API kick ends it too.
+    let r = c
+        .client(2)
+        .await
+        .kick(app.request(pb::KickRequest {
+            app: app.id.clone(),
+            user: "erin".into(),
+            device: String::new(),
+            reason: "bye".into(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.kicked, 1);
+    let (k, _) = third
+        .until(|k| {
+            if let Kind::Kicked(k) = k {
+                Some(k.clone())
+            } else {
+                None
+            }
+        })
+        .await
+        .unwrap();
+    assert_eq!(k.code(), KickReason::Admin);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_input_gets_its_error_and_other_clients_keep_receiving() {
+    let mut c = Cluster::new(3);
+    // A low accept rate so the flood case trips it quickly.
+    for id in c.ids() {
+        c.spec_mut(id).extra_args.extend([
+            "--accept-rate-per-ip".into(),
+            "20".into(),
+            "--max-frame".into(),
+            "4096".into(),
+        ]);
+    }
+    c.start_all();
+    c.wait_leader().await;
+    let app = c.create_app("bad").await;
+    let other = c.create_app("other").await;
+    let addr = c.client_addr(1).to_string();
+    // A well-behaved client on the same node, checked after every case.
+    let mut good = Raw::connect(&addr).await.unwrap();
+    good.hello(&who(&app, "good", "phone"), 0).await.unwrap();
+    let mut n = 0;
+
+    // Garbage bytes: a length prefix followed by something that is not a Frame.
+    let mut r = Raw::connect(&addr).await.unwrap();
+    r.send_bytes(&[0, 0, 0, 5, 0xff, 0xff, 0xff, 0xff, 0xff])
+        .await
+        .unwrap();
+    assert_eq!(error_code(&r.recv().await.unwrap()), Some(ErrorCode::BadFrame));
+    assert!(r.closed_within(Duration::from_secs(5)).await);
+    check_good(&c, &app, &mut good, &mut n).await;
+
+    // A frame over the maximum size is refused from its length prefix.
+    let mut r = Raw::connect(&addr).await.unwrap();
+    r.send_bytes(&[0, 0, 0x20, 0]).await.unwrap();
+    assert_eq!(
+        error_code(&r.recv().await.unwrap()),
+        Some(ErrorCode::FrameTooLarge)
+    );
+    assert!(r.closed_within(Duration::from_secs(5)).await);
+    check_good(&c, &app, &mut good, &mut n).await;
+
+    // A truncated frame, then the client goes away: nothing breaks.
+    let mut r = Raw::connect(&addr).await.unwrap();
+    r.send_bytes(&[0, 0, 0, 100, 1, 2, 3]).await.unwrap();
+    drop(r);
+    check_good(&c, &app, &mut good, &mut n).await;
+
+    // A first frame that is not HELLO.
+    let mut r = Raw::connect(&addr).await.unwrap();
+    r.send(Kind::Ping(pc::Ping {
+        id: 1,
+        interval_ms: 0,
+    }))
+    .await
+    .unwrap();
+    assert_eq!(error_code(&r.recv().await.unwrap()), Some(ErrorCode::BadRequest));
+
+    // A wrong signature, an expired token, a token for another user, an unknown app.
+    let cases: Vec<(Who, ErrorCode)> = vec![
+        (
+            Who {
+                token: who(&other, "good", "x").token,
+                ..who(&app, "good", "x")
+            },
+            ErrorCode::BadToken,
+        ),
+        (
+            Who {
+                token: token::mint(
+                    &token::Claims {
+                        app: app.id.clone(),
+                        sub: "good".into(),
+                        dev: None,
+                        iat: 1,
+                        exp: 2,
+                    },
+                    &app.secret,
+                ),
+                ..who(&app, "good", "x")
+            },
+            ErrorCode::TokenExpired,
+        ),
+        (
+            Who {
+                token: who(&app, "mallory", "x").token,
+                ..who(&app, "good", "x")
+            },
+            ErrorCode::PermissionDenied,
+        ),
+        (
+            Who {
+                app: "nope".into(),
+                ..who(&app, "good", "x")
+            },
+            ErrorCode::UnknownApp,
+        ),
+    ];
+    for (w, code) in cases {
+        let mut r = Raw::connect(&addr).await.unwrap();
+        r.send(Kind::Hello(pc::Hello {
+            version: 1,
+            session: Some(w.open(1, 0)),
+            client: String::new(),
+            heartbeat_ms: 0,
+        }))
+        .await
+        .unwrap();
+        let k = r.recv().await.unwrap();
+        assert_eq!(error_code(&k), Some(code), "{k:?}");
+        assert!(r.closed_within(Duration::from_secs(5)).await);
+    }
+    // An unsupported protocol version.
+    let mut r = Raw::connect(&addr).await.unwrap();
+    r.send(Kind::Hello(pc::Hello {
+        version: 99,
+        session: Some(who(&app, "good", "x").open(1, 0)),
+        ..Default::default()
+    }))
+    .await
+    .unwrap();
+    assert_eq!(
+        error_code(&r.recv().await.unwrap()),
+        Some(ErrorCode::UnsupportedVersion)
+    );
+    check_good(&c, &app, &mut good, &mut n).await;
+
+    // A push to another app's user with this app's key is refused.
+    let mut grpc = c.client(1).await;
+    let mut req = app.push_request("good", "x", "");
+    req.get_mut().app = other.id.clone();
+    let e = grpc.push(req).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied);
+    let mut bad_key = other.push_request("good", "x", "");
+    bad_key
+        .metadata_mut()
+        .insert("x-herald-api-key", "wrong-key-wrong-key".parse().unwrap());
+    assert_eq!(
+        grpc.push(bad_key).await.unwrap_err().code(),
+        tonic::Code::Unauthenticated
+    );
+
+    // A flood of connections (and HELLOs) from one address: the rate limit answers RATE_LIMITED.
+    let mut limited = 0;
+    for _ in 0..60 {
+        let Ok(mut r) = Raw::connect(&addr).await else {
+            continue;
+        };
+        let _ = r
+            .send(Kind::Hello(pc::Hello {
+                version: 1,
+                session: Some(who(&app, "flood", "d").open(1, 0)),
+                ..Default::default()
+            }))
+            .await;
+        if let Ok(k) = r.recv_within(Duration::from_secs(10)).await {
+            if error_code(&k) == Some(ErrorCode::RateLimited) {
+                limited += 1;
+            }
+        }
+    }
+    assert!(limited > 0, "the flood hit the per-address accept rate limit");
+    check_good(&c, &app, &mut good, &mut n).await;
+}
+
+/// A push to the well-behaved client arrives: the node still serves others.
+async fn check_good(c: &Cluster, app: &App, good: &mut Raw, n: &mut u32) {
+    *n += 1;
+    let key = format!("good-{n}");
+    app.push_acked(c.grpc_addr(2), "good", &key, &key).await;
+    let p = good.pushes(1).await.unwrap();
+    assert_eq!(payload(&p[0]), key);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn gaps_are_reported_when_the_mailbox_cap_trimmed_messages() {
+    let c = Cluster::start(3).await;
+    let app = c.create_app("gaps").await;
+    let mut admin = c.client(1).await;
+    let mut cfg = admin
+        .get_app(admin_request(pb::GetAppRequest { id: app.id.clone() }))
+        .await
+        .unwrap()
+        .into_inner()
+        .app
+        .unwrap();
+    cfg.limits.as_mut().unwrap().mailbox_cap = 5;
+    admin
+        .update_app(admin_request(pb::UpdateAppRequest { app: Some(cfg) }))
+        .await
+        .unwrap();
+    let me = who(&app, "gary", "phone");
+    let mut raw = Raw::connect(c.client_addr(1)).await.unwrap();
+    raw.hello(&me, 0).await.unwrap();
+    drop(raw);
+    for i in 1..=8 {
+        app.push_acked(c.grpc_addr(1), "gary", &format!("m{i}"), &format!("k{i}"))
+            .await;
+    }
+    let mut raw = Raw::connect(c.client_addr(2)).await.unwrap();
+    raw.hello(&me, 0).await.unwrap();
+    let (gap, _) = raw
+        .until(|k| {
+            if let Kind::Gap(g) = k {
+                Some(g.clone())
+            } else {
+                None
+            }
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        (gap.from_seq, gap.to_seq, gap.reason()),
+        (1, 3, GapReason::Trimmed)
+    );
+    let p = raw.pushes(5).await.unwrap();
+    assert_eq!(p.iter().map(|p| p.seq).collect::<Vec<_>>(), vec![4, 5, 6, 7, 8]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn upstream_reaches_the_backend_and_session_events_are_sent_from_the_log() {
+    use herald_node::coordinator::test_backend::TestBackend;
+    use herald_proto::callback::SessionEventKind;
+    let backend = TestBackend::start().await.unwrap();
+    backend.set_reply_prefix(&b"echo:"[..]);
+    let c = Cluster::start(3).await;
+    let app = c.create_app("upstream").await;
+    let mut admin = c.client(1).await;
+    let mut cfg = admin
+        .get_app(admin_request(pb::GetAppRequest { id: app.id.clone() }))
+        .await
+        .unwrap()
+        .into_inner()
+        .app
+        .unwrap();
+    cfg.callbacks = vec![backend.endpoint()];
+    admin
+        .update_app(admin_request(pb::UpdateAppRequest { app: Some(cfg) }))
+        .await
+        .unwrap();
+    c.wait_caught_up(2).await;
+
+    let mut raw = Raw::connect(c.client_addr(2)).await.unwrap();
+    raw.hello(&who(&app, "hank", "phone"), 0).await.unwrap();
+    for i in 0..3u64 {
+        raw.send(Kind::Upstream(pc::Upstream {
+            session_id: 1,
+            request_id: 10 + i,
+            payload: format!("up{i}").into_bytes().into(),
+        }))
+        .await
+        .unwrap();
+    }
+    let mut replies = Vec::new();
+    while replies.len() < 3 {
+        if let Kind::UpstreamReply(r) = raw.recv().await.unwrap() {
+            assert_eq!(r.error, 0, "{r:?}");
+            replies.push((r.request_id, String::from_utf8_lossy(&r.payload).into_owned()));
+        }
+    }
+    replies.sort();
+    assert_eq!(
+        replies,
+        vec![
+            (10, "echo:up0".into()),
+            (11, "echo:up1".into()),
+            (12, "echo:up2".into())
+        ]
+    );
+    let order: Vec<u64> = backend.upstreams().iter().map(|a| a.request.request_id).collect();
+    assert_eq!(
+        order,
+        vec![10, 11, 12],
+        "one user's upstream reaches the backend in order"
+    );
+
+    // Online, then offline when the client goes away: sent from committed events, with keys.
+    drop(raw);
+    assert!(
+        backend.wait_events(2, NODE_WAIT).await,
+        "events: {:?}",
+        backend.events()
+    );
+    let ev = backend.events();
+    let kinds: Vec<SessionEventKind> = ev.iter().map(|e| e.kind()).collect();
+    assert_eq!(
+        &kinds[..2],
+        &[SessionEventKind::Online, SessionEventKind::Offline]
+    );
+    assert!(ev
+        .iter()
+        .all(|e| e.key.starts_with("upstream:") && e.user == "hank"));
+
+    // A dead backend: the client gets UPSTREAM_UNAVAILABLE, never a hang.
+    backend.stop().await;
+    let mut raw = Raw::connect(c.client_addr(3)).await.unwrap();
+    raw.hello(&who(&app, "hank", "phone"), 0).await.unwrap();
+    raw.send(Kind::Upstream(pc::Upstream {
+        session_id: 1,
+        request_id: 99,
+        payload: b"x".to_vec().into(),
+    }))
+    .await
+    .unwrap();
+    let (r, _) = raw
+        .until(|k| {
+            if let Kind::UpstreamReply(r) = k {
+                Some(r.clone())
+            } else {
+                None
+            }
+        })
+        .await
+        .unwrap();
+    assert_eq!(r.error(), ErrorCode::UpstreamUnavailable);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tls_clients_connect_with_the_dev_ca() {
+    use std::sync::Arc;
+    let pki_dir = tempfile::tempdir().unwrap();
+    let pki = herald_node::room::tls::dev_pki(pki_dir.path()).unwrap();
+    let mut c = Cluster::new(3);
+    let mut tls_addrs = Vec::new();
+    for id in c.ids() {
+        let addr = format!("127.0.0.1:{}", crate::harness::free_port());
+        tls_addrs.push(addr.clone());
+        c.spec_mut(id).extra_args.extend([
+            "--tls-addr".into(),
+            addr,
+            "--tls-cert".into(),
+            pki.cert.display().to_string(),
+            "--tls-key".into(),
+            pki.key.display().to_string(),
+        ]);
+    }
+    c.start_all();
+    c.wait_leader().await;
+    let app = c.create_app("tls").await;
+
+    let mut roots = rustls::RootCertStore::empty();
+    let ca = std::fs::read(&pki.ca).unwrap();
+    for cert in rustls_pemfile::certs(&mut &ca[..]) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+    let tcp = eventually("the TLS listener", NODE_WAIT, || {
+        let a = tls_addrs[0].clone();
+        async move { Ok(tokio::net::TcpStream::connect(a).await?) }
+    })
+    .await;
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = connector
+        .connect(name, tcp)
+        .await
+        .expect("handshake with the dev CA");
+    let mut raw = Raw::from_io(Box::new(tls));
+    raw.hello(&who(&app, "ivy", "phone"), 0).await.unwrap();
+    app.push_acked(c.grpc_addr(2), "ivy", "over tls", "k1").await;
+    assert_eq!(payload(&raw.pushes(1).await.unwrap()[0]), "over tls");
+
+    // A client that does not trust the dev CA fails the handshake.
+    let other = tempfile::tempdir().unwrap();
+    let other_pki = herald_node::room::tls::dev_pki(other.path()).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    let ca = std::fs::read(&other_pki.ca).unwrap();
+    for cert in rustls_pemfile::certs(&mut &ca[..]) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(&tls_addrs[1]).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    assert!(tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .is_err());
+}
