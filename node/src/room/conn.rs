@@ -116,6 +116,7 @@ where
             for k in work.kicks {
                 self.kick(k);
             }
+            self.expire_tokens();
             for f in &work.frames {
                 f.write_into(&mut self.out);
             }
@@ -642,6 +643,27 @@ where
                 reason: GapReason::Expired as i32,
             }));
         }
+    }
+
+    /// Ends sessions whose token expired without a refresh, and tells the sweeper the next expiry.
+    fn expire_tokens(&mut self) {
+        let now = now_ms() / 1000;
+        let expired: Vec<(u32, u64)> = self
+            .sessions
+            .iter()
+            .filter(|s| s.token_exp <= now)
+            .map(|s| (s.id, s.epoch))
+            .collect();
+        for (id, epoch) in expired {
+            self.kick(Kick {
+                session_id: id,
+                epoch,
+                code: KickReason::TokenExpired,
+                reason: "token expired; reconnect with a fresh token".into(),
+            });
+        }
+        let next = self.sessions.iter().map(|s| s.token_exp).min().unwrap_or(0);
+        self.shared.set_token_deadline(next);
     }
 
     /// Ends a session because of a kick (fenced by epoch).

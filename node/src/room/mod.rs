@@ -436,6 +436,7 @@ impl Room {
     /// connection to check its sessions' token expiry. Runs every second.
     pub fn sweep(&self) {
         let now = self.now();
+        let now_s = herald_raft::raft_node::now_ms() / 1000;
         let auth = self.config.auth_timeout.as_millis() as u64;
         let conns: Vec<Arc<ConnShared>> = self.conns.read().values().cloned().collect();
         for c in conns {
@@ -448,6 +449,8 @@ impl Room {
                 }
             } else if now.saturating_sub(c.last_rx()) > c.idle_limit() {
                 c.close(Close::Bye("idle timeout".into(), vec![]));
+            } else if c.token_deadline() != 0 && c.token_deadline() <= now_s {
+                c.wake();
             }
         }
     }

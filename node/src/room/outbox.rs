@@ -101,6 +101,9 @@ pub struct ConnShared {
     idle_limit_ms: AtomicU64,
     /// Set once the first session is open; before that the auth timeout applies.
     authed: AtomicBool,
+    /// Earliest token expiry of the connection's sessions (unix seconds, 0 = none); the sweeper
+    /// wakes the connection when it passes.
+    token_deadline: AtomicU64,
     /// When the connection was accepted (same clock as `last_rx`).
     pub opened_at: u64,
     /// Frames allowed in the queue before the client counts as a slow consumer.
@@ -117,6 +120,7 @@ impl ConnShared {
             last_rx: AtomicU64::new(now),
             idle_limit_ms: AtomicU64::new(idle_limit_ms),
             authed: AtomicBool::new(false),
+            token_deadline: AtomicU64::new(0),
             opened_at: now,
             limit,
         }
@@ -219,6 +223,19 @@ impl ConnShared {
 
     pub fn authed(&self) -> bool {
         self.authed.load(Ordering::Relaxed)
+    }
+
+    pub fn set_token_deadline(&self, unix_s: u64) {
+        self.token_deadline.store(unix_s, Ordering::Relaxed);
+    }
+
+    pub fn token_deadline(&self) -> u64 {
+        self.token_deadline.load(Ordering::Relaxed)
+    }
+
+    /// Wakes the connection task without giving it anything (it re-checks its timers).
+    pub fn wake(&self) {
+        self.notify.notify_one();
     }
 
     pub fn queued(&self) -> usize {
