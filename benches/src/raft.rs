@@ -10,7 +10,10 @@ use herald_proto::v1 as pb;
 use serde::Serialize;
 use tokio::sync::Mutex;
 
-use crate::cluster::{connect, LocalCluster};
+use crate::cluster::{app_request, connect, LocalCluster};
+use crate::genctl;
+use crate::plot::{cdf_series, Chart};
+use crate::report::Out;
 use crate::stats::{self, Latency};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -27,15 +30,12 @@ pub struct RaftArgs {
     /// First port (nodes use base+1..3 for gRPC, base+101..103 for clients).
     #[arg(long, default_value_t = 17400)]
     pub base_port: u16,
-    /// Write results as JSON here.
-    #[arg(long)]
-    pub out: Option<std::path::PathBuf>,
     /// Small and fast (CI): 1 s per step.
     #[arg(long)]
     pub quick: bool,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct Step {
     pub writers: usize,
     pub seconds: f64,
@@ -43,14 +43,15 @@ pub struct Step {
     pub errors: u64,
     pub commits_per_sec: f64,
     pub latency: Latency,
+    /// CPU-seconds the server processes used per second of the measured window (cores busy).
+    pub server_cores: f64,
 }
 
-pub async fn run(args: RaftArgs) -> Result<Vec<Step>> {
+pub async fn run(args: RaftArgs, out: &Out) -> Result<Vec<Step>> {
     let seconds = if args.quick { 1 } else { args.seconds };
     let mut cluster = LocalCluster::start(3, args.base_port, &[]).await?;
     let result = async {
-        let app = cluster.create_app("bench").await?;
-        let key = app.api_keys[0].clone();
+        let (app, key) = cluster.create_app("bench").await?;
         let leader = cluster.wait_leader(Duration::from_secs(30)).await?;
         let addr = cluster.nodes[leader].grpc.clone();
         eprintln!(
@@ -59,7 +60,17 @@ pub async fn run(args: RaftArgs) -> Result<Vec<Step>> {
         );
         let mut steps = Vec::new();
         for &w in &args.writers {
-            let step = measure(&addr, &key, w, args.payload, Duration::from_secs(seconds)).await?;
+            let step = measure(
+                &addr,
+                &app.app,
+                &key,
+                w,
+                args.payload,
+                Duration::from_secs(seconds),
+                &format!("raft, {w} writers"),
+                &cluster.pids(),
+            )
+            .await?;
             eprintln!(
                 "writers {:>4}: {:>9.0} commits/s  p50 {} ms  p99 {} ms  p99.9 {} ms  ({} errors)",
                 w,
@@ -76,13 +87,37 @@ pub async fn run(args: RaftArgs) -> Result<Vec<Step>> {
     .await;
     cluster.stop().await;
     let steps = result?;
-    if let Some(out) = &args.out {
-        std::fs::write(out, serde_json::to_string_pretty(&steps)?)?;
-    }
+    out.json("raft", crate::idle::versions().await, &steps)?;
+    out.svg(
+        "raft-latency-cdf.svg",
+        Chart {
+            title: "Raft: QoS-1 push commit latency CDF (3 nodes, fsync)",
+            x_label: "latency (ms, log)",
+            y_label: "fraction of pushes",
+            x_log: true,
+            series: steps
+                .iter()
+                .map(|s| cdf_series(&format!("{} writers", s.writers), &s.latency.cdf))
+                .collect(),
+        }
+        .svg(),
+    )?;
     Ok(steps)
 }
 
-async fn measure(addr: &str, key: &str, writers: usize, payload: usize, dur: Duration) -> Result<Step> {
+/// `writers` closed loops of QoS-1 pushes (to user `u<writer>`) against `addr` for `dur` after a
+/// warm-up of a fifth of it. `pids`: the server processes whose CPU time is read.
+#[allow(clippy::too_many_arguments)]
+pub async fn measure(
+    addr: &str,
+    app: &str,
+    key: &str,
+    writers: usize,
+    payload: usize,
+    dur: Duration,
+    label: &str,
+    pids: &[u32],
+) -> Result<Step> {
     let channels = writers.clamp(1, 4);
     let mut clients = Vec::new();
     for _ in 0..channels {
@@ -93,50 +128,55 @@ async fn measure(addr: &str, key: &str, writers: usize, payload: usize, dur: Dur
     let start = Instant::now();
     let measure_from = start + warmup;
     let end = measure_from + dur;
+    let pb = genctl::timer((warmup + dur).as_secs_f64(), label.to_string());
+    let cpu = cpu_window(pids.to_vec(), measure_from, end);
+    let ticker = {
+        let pb = pb.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                pb.set_position(start.elapsed().as_secs());
+            }
+        })
+    };
     let mut tasks = Vec::new();
     for w in 0..writers {
         let mut client = clients[w % channels].clone();
         let hist = hist.clone();
-        let key = key.to_string();
+        let (app, key) = (app.to_string(), key.to_string());
         let body = bytes::Bytes::from(vec![b'p'; payload]);
         tasks.push(tokio::spawn(async move {
             let mut local = stats::new_histogram();
             let mut ok = 0u64;
             let mut errors = 0u64;
-            let mut i = 0u64;
-            loop {
-                let now = Instant::now();
-                if now >= end {
-                    break;
-                }
-                let mut req = tonic::Request::new(pb::PushRequest {
-                    app: "bench".into(),
-                    targets: vec![pb::Target {
-                        user: format!("u{w}"),
-                        devices: vec![],
-                    }],
-                    payload: body.clone(),
-                    qos: pb::Qos::AtLeastOnce as i32,
-                    ..Default::default()
-                });
-                let md = req.metadata_mut();
-                md.insert("x-herald-app", "bench".parse().expect("ascii"));
-                md.insert("x-herald-api-key", key.parse().expect("ascii"));
+            while Instant::now() < end {
+                let req = app_request(
+                    pb::PushRequest {
+                        app: app.clone(),
+                        targets: vec![pb::Target {
+                            user: format!("u{w}"),
+                            devices: vec![],
+                        }],
+                        payload: body.clone(),
+                        qos: pb::Qos::AtLeastOnce as i32,
+                        ..Default::default()
+                    },
+                    &app,
+                    &key,
+                );
                 let t0 = Instant::now();
                 let r = client.push(req).await;
                 let us = t0.elapsed().as_micros() as u64;
-                if t0 >= measure_from {
+                if t0 >= measure_from && Instant::now() <= end {
                     match r {
                         Ok(_) => {
                             ok += 1;
-                            let _ = local.record(us.max(1));
+                            stats::record(&mut local, us);
                         }
                         Err(_) => errors += 1,
                     }
                 }
-                i += 1;
             }
-            let _ = i;
             hist.lock().await.add(&local).ok();
             (ok, errors)
         }));
@@ -148,6 +188,8 @@ async fn measure(addr: &str, key: &str, writers: usize, payload: usize, dur: Dur
         committed += o;
         errors += e;
     }
+    ticker.abort();
+    pb.finish_and_clear();
     let h = hist.lock().await;
     let secs = dur.as_secs_f64();
     Ok(Step {
@@ -157,5 +199,18 @@ async fn measure(addr: &str, key: &str, writers: usize, payload: usize, dur: Dur
         errors,
         commits_per_sec: committed as f64 / secs,
         latency: stats::summarize(&h),
+        server_cores: cpu.await.unwrap_or(0.0),
+    })
+}
+
+/// CPU-seconds per second that `pids` used between `from` and `to` (read by a task that sleeps
+/// until each instant).
+pub fn cpu_window(pids: Vec<u32>, from: Instant, to: Instant) -> tokio::task::JoinHandle<f64> {
+    tokio::spawn(async move {
+        tokio::time::sleep_until(from.into()).await;
+        let c0 = crate::sys::cpu_seconds_all(&pids).unwrap_or(0.0);
+        tokio::time::sleep_until(to.into()).await;
+        let c1 = crate::sys::cpu_seconds_all(&pids).unwrap_or(0.0);
+        (c1 - c0) / to.duration_since(from).as_secs_f64()
     })
 }

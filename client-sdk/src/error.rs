@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-pub use herald_proto::client::ErrorCode;
+pub use herald_proto::client::{ErrorCode, KickReason};
 
 /// Everything a call on a [`Client`](crate::Client) or [`Connection`](crate::Connection) can fail
 /// with, and what an [`Event::Error`](crate::Event::Error) or
@@ -37,11 +37,14 @@ pub enum ClientError {
         /// The server's explanation.
         message: String,
     },
-    /// The session was ended by the server: `replaced` by a newer login of the same device,
-    /// `kicked` by the app's backend, or another reason. The SDK does not reconnect it.
-    #[error("session kicked: {reason}")]
+    /// The session was ended by the server and is not reconnected: a newer login of the same
+    /// device ([`KickReason::Replaced`]), the app's device policy ([`KickReason::Policy`]), the
+    /// app's backend or an operator ([`KickReason::Admin`]).
+    #[error("session kicked ({code:?}): {reason}")]
     Kicked {
-        /// The reason the server gave.
+        /// Why, as the protocol codes it; branch on this.
+        code: KickReason,
+        /// The server's explanation, for humans.
         reason: String,
     },
     /// The session or connection is closed (by [`Client::close`](crate::Client::close), by
@@ -135,4 +138,9 @@ impl From<std::io::Error> for ClientError {
 /// Decodes a wire error code, mapping values this SDK does not know to `Unspecified`.
 pub(crate) fn code_of(raw: i32) -> ErrorCode {
     ErrorCode::try_from(raw).unwrap_or(ErrorCode::Unspecified)
+}
+
+/// Decodes a wire kick code, mapping values this SDK does not know to `Unspecified`.
+pub(crate) fn kick_code_of(raw: i32) -> KickReason {
+    KickReason::try_from(raw).unwrap_or(KickReason::Unspecified)
 }

@@ -35,20 +35,37 @@ pub enum Event {
     /// Messages in `[from_seq, to_seq]` can no longer be delivered: trimmed by a retention cap
     /// or expired. The SDK never hides a gap.
     Gap(Gap),
-    /// A subscription took effect; `seq` is the topic's current seq.
+    /// A subscription took effect (an explicit subscribe, or a topic of the session's
+    /// configuration, confirmed again after every reconnect); `seq` is the topic's current seq.
     Subscribed {
         /// The topic.
         topic: String,
         /// The topic's current seq; messages after it follow.
         seq: u64,
     },
+    /// The server refused a subscription (for example a bad topic name, or too many topics). The
+    /// topic is dropped from the session, which goes on.
+    SubscribeFailed {
+        /// The topic.
+        topic: String,
+        /// Why ([`ClientError::Refused`] with the protocol code).
+        error: ClientError,
+    },
     /// Something went wrong that the app should know about, but the session goes on (a failed
     /// cursor save, a token provider failure that will be retried).
     Error(ClientError),
-    /// The session was ended by the server (`replaced` by a newer login of the device, `kicked`
-    /// by the app's backend). The SDK does not reconnect it; the stream ends.
+    /// The session was ended by the server: a newer login of the device
+    /// ([`KickReason::Replaced`](crate::KickReason::Replaced)), the app's device policy
+    /// ([`Policy`](crate::KickReason::Policy)), the app's backend or an operator
+    /// ([`Admin`](crate::KickReason::Admin)). The SDK does not reconnect it; the stream ends.
+    ///
+    /// Kicks that are not the end of the session are handled by the SDK and show up as
+    /// [`Event::Disconnected`] followed by [`Event::Connected`]: `NODE_DOWN` (it moves to another
+    /// node) and `TOKEN_EXPIRED` (it asks the token provider and opens the session again).
     Kicked {
-        /// The reason the server gave.
+        /// Why, as the protocol codes it.
+        code: crate::KickReason,
+        /// The server's explanation, for humans.
         reason: String,
         /// Nodes the server suggests for a new session, best first (often empty).
         redirect: Vec<String>,
@@ -115,8 +132,11 @@ pub enum DisconnectReason {
         /// The server's explanation.
         message: String,
     },
-    /// The cluster declared the node lost (KICKED `node down`); the SDK moves elsewhere.
+    /// The cluster declared the node lost (KICKED `NODE_DOWN`); the SDK moves elsewhere.
     NodeDown,
+    /// The session's token expired on the server (KICKED `TOKEN_EXPIRED`): the SDK asks the token
+    /// provider for a fresh one and opens the session again, resuming from its cursors.
+    TokenExpired,
     /// The node cannot reach the cluster's leader (NOT_READY); the SDK moves elsewhere.
     NotReady,
     /// The server sent something that is not valid protocol.
@@ -132,6 +152,7 @@ impl fmt::Display for DisconnectReason {
             DisconnectReason::Bye { reason, .. } => write!(f, "server said bye: {reason}"),
             DisconnectReason::ServerError { code, message } => write!(f, "server error {code:?}: {message}"),
             DisconnectReason::NodeDown => f.write_str("node declared down"),
+            DisconnectReason::TokenExpired => f.write_str("token expired"),
             DisconnectReason::NotReady => f.write_str("node not ready"),
             DisconnectReason::Protocol(e) => write!(f, "protocol violation: {e}"),
         }

@@ -51,6 +51,7 @@
 //!   sends its cursors (last acked mailbox seq, last seq per topic) in every handshake so the
 //!   server replays what follows, and it drops re-deliveries by message id (a window of recent
 //!   ids) and by seq (a mailbox message at or below the highest one seen is a duplicate).
+//!   Online-only (QoS 0) messages carry no seq and are deduplicated by id only.
 //! - **Gaps are surfaced, never hidden**: when the server can no longer replay something (trimmed
 //!   by a cap, or expired) the stream yields [`Event::Gap`] before the next message.
 //! - **Acks**: in [`AckMode::Auto`] (default) a message counts as handled when the stream hands
@@ -81,8 +82,17 @@
 //! - Tokens: a fixed one, or a [`TokenProvider`] asked again before the token expires (sent with
 //!   REFRESH_TOKEN) and once after the server refuses one; a refusal with no new token ends the
 //!   session with [`Event::Closed`]\([`ClientError::Auth`]\).
-//! - Kicks: `replaced` (a newer login of the device) and backend kicks end the session with
-//!   [`Event::Kicked`] and are not retried; a `node down` kick moves the connection elsewhere.
+//! - Kicks are told apart by their [`KickReason`] code, never by their text: `REPLACED` (a newer
+//!   login of the device), `POLICY` (the app's device limits) and `ADMIN` (the app's backend or
+//!   an operator) end the session with [`Event::Kicked`] and are not retried; `NODE_DOWN` moves
+//!   the connection to another node and resumes; `TOKEN_EXPIRED` asks the token provider for a
+//!   fresh token and opens the session again (a fixed token ends it with
+//!   [`Event::Closed`]\([`ClientError::Auth`]\)).
+//! - Subscriptions: the server answers each one, in order, including the topics given at open
+//!   (again after every reconnect). A refused one yields [`Event::SubscribeFailed`] (and an error
+//!   from [`Client::subscribe`]); the session goes on.
+//! - Broadcasts (the `*` topic) resume across reconnects like topics: the session's first open
+//!   learns the broadcast seq, and every handshake carries the cursor.
 //!
 //! # Logging
 //!
@@ -121,7 +131,7 @@ pub use backoff::BackoffConfig;
 pub use client::{Client, ClientBuilder, Events};
 pub use config::{AckMode, SessionConfig, MAX_NAME_LEN, MAX_TOPICS};
 pub use connection::{Connection, ConnectionBuilder, ConnectionState};
-pub use error::{ClientError, ErrorCode};
+pub use error::{ClientError, ErrorCode, KickReason};
 pub use event::{DisconnectReason, Event, Gap, GapReason, Message, Qos};
 pub use heartbeat::HeartbeatConfig;
 pub use store::{CursorStore, Cursors, FileStore, MemoryStore, SessionKey, StoreError};

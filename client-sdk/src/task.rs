@@ -18,8 +18,8 @@ use std::time::{Duration, SystemTime};
 use bytes::{Bytes, BytesMut};
 use herald_proto::client::frame::Kind;
 use herald_proto::client::{
-    Ack, Bye, CloseSession, ErrorCode, Frame, GapReason as WireGapReason, Hello, OpenSession, Ping, Push,
-    RefreshToken, Subscribe, TopicCursor, Unsubscribe, Upstream,
+    Ack, Bye, CloseSession, ErrorCode, Frame, GapReason as WireGapReason, Hello, KickReason, Kicked,
+    OpenSession, Ping, Push, RefreshToken, Subscribe, Subscribed, TopicCursor, Unsubscribe, Upstream,
 };
 use herald_proto::frame;
 use rand::rngs::StdRng;
@@ -34,7 +34,7 @@ use crate::backoff::{Backoff, BackoffConfig};
 use crate::config::{validate_topic, SessionConfig, MAX_TOPICS};
 use crate::dedupe::DedupeFilter;
 use crate::dispatch::{self, DispatchInfo};
-use crate::error::code_of;
+use crate::error::{code_of, kick_code_of};
 use crate::event::{DisconnectReason, Event, Gap, GapReason, Message, Qos};
 use crate::heartbeat::{HeartbeatConfig, HeartbeatPolicy};
 use crate::nodes::NodeList;
@@ -52,6 +52,8 @@ const TOKEN_RETRY: Duration = Duration::from_secs(5);
 const SAVE_GRACE: Duration = Duration::from_secs(5);
 /// Read buffer capacity kept per connection.
 const READ_BUF: usize = 8 * 1024;
+/// The app-wide broadcast topic: implicit in every session, resumed like a topic.
+const BROADCAST: &str = "*";
 
 /// Settings of one connection, fixed when it is built.
 #[derive(Debug, Clone)]
@@ -169,12 +171,27 @@ struct PendingUpstream {
 }
 
 struct PendingSub {
-    /// SUBSCRIBED carries no request id; replies are matched by topic.
+    /// The topic subscribed to.
     topic: String,
-    /// The caller, waiting for the confirmation.
-    reply: oneshot::Sender<Result<(), ClientError>>,
-    /// SUBSCRIBE written on the current link; otherwise the topic rides in the next handshake.
-    sent: bool,
+    /// The caller, waiting for the answer; `None` once it gave up on it (an unsubscribe
+    /// overtook the subscribe), while the server's answer is still due.
+    reply: Option<oneshot::Sender<Result<(), ClientError>>>,
+    /// How the request travels on the current link.
+    state: SubState,
+}
+
+/// Where a subscribe request stands. SUBSCRIBED carries no request id: the server answers the
+/// topics of a handshake first, in order, then SUBSCRIBEs in the order they were sent, so an
+/// answer belongs to the oldest request still waiting in that order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SubState {
+    /// Not on this link yet: rides in the next handshake, or is sent after the WELCOME of the one
+    /// in flight.
+    Queued,
+    /// Carried by the handshake of this link; answered by its SUBSCRIBED.
+    InHandshake,
+    /// SUBSCRIBE written on this link.
+    Sent,
 }
 
 /// The task's view of one session.
@@ -206,6 +223,9 @@ struct Session {
     /// The topics the last HELLO or OPEN_SESSION carried, to reconcile changes made while the
     /// session was opening.
     handshake_topics: BTreeSet<String>,
+    /// Topics of the handshake whose SUBSCRIBED has not arrived yet, in the order sent (the
+    /// server answers them in that order, before any SUBSCRIBE).
+    handshake_answers: VecDeque<String>,
     /// Highest ack the server has from us.
     ack_sent: u64,
     /// Upstream requests by request id (bounded by the client's in-flight slots).
@@ -244,7 +264,96 @@ impl Session {
             let _ = u.reply.send(Err(err.clone()));
         }
         for s in self.subs.drain(..) {
-            let _ = s.reply.send(Err(err.clone()));
+            if let Some(r) = s.reply {
+                let _ = r.send(Err(err.clone()));
+            }
+        }
+    }
+
+    /// The session is no longer open on the link (lost, or ended by the server in a way the SDK
+    /// recovers from): it is opened again at the next chance, with its current cursors. Upstream
+    /// requests written on the link fail (their outcome is unknown); subscribes are kept for the
+    /// next handshake.
+    fn went_offline(&mut self, reason: DisconnectReason) {
+        if self.state == SessState::Live {
+            self.emit(Event::Disconnected { reason });
+        }
+        self.state = SessState::Idle;
+        fail_sent(self, ClientError::Disconnected);
+        self.subs.retain_mut(|p| {
+            p.state = SubState::Queued;
+            p.reply.is_some()
+        });
+        self.handshake_answers.clear();
+    }
+
+    /// SUBSCRIBED: the answer to a topic of the handshake or to the oldest SUBSCRIBE sent.
+    fn on_subscribed(&mut self, sub: Subscribed) {
+        let sid = self.shared.id;
+        let pending = if self.handshake_answers.front() == Some(&sub.topic) {
+            self.handshake_answers.pop_front();
+            self.subs
+                .iter()
+                .position(|p| p.state == SubState::InHandshake && p.topic == sub.topic)
+        } else {
+            match self.subs.iter().position(|p| p.state == SubState::Sent) {
+                Some(i) if self.subs[i].topic == sub.topic => Some(i),
+                oldest => {
+                    tracing::warn!(
+                        session = sid,
+                        topic = %sub.topic,
+                        expected = ?oldest.map(|i| self.subs[i].topic.clone()),
+                        "SUBSCRIBED does not answer the oldest request; matching by topic"
+                    );
+                    self.subs
+                        .iter()
+                        .position(|p| p.state == SubState::Sent && p.topic == sub.topic)
+                }
+            }
+        };
+        let reply = pending.and_then(|i| self.subs.remove(i)).and_then(|p| p.reply);
+        let code = code_of(sub.error);
+        let explicit = self.topics.contains(&sub.topic);
+        if code == ErrorCode::Unspecified {
+            if let Some(r) = reply {
+                let _ = r.send(Ok(()));
+            }
+            // Unsubscribed while the answer was on its way: nothing to record.
+            if !explicit && sub.topic != BROADCAST {
+                return;
+            }
+            self.shared.init_topic(&sub.topic, sub.seq);
+            // The implicit broadcast topic is confirmed silently (its cursor is the SDK's business).
+            if explicit {
+                self.emit(Event::Subscribed {
+                    topic: sub.topic,
+                    seq: sub.seq,
+                });
+            }
+            return;
+        }
+        let message = if sub.message.is_empty() {
+            format!("subscription to {:?} refused", sub.topic)
+        } else {
+            sub.message
+        };
+        tracing::info!(session = sid, topic = %sub.topic, ?code, %message, "subscription refused");
+        let err = ClientError::Refused { code, message };
+        if let Some(r) = reply {
+            let _ = r.send(Err(err.clone()));
+        }
+        if explicit {
+            self.topics.remove(&sub.topic);
+            self.filter.forget_topic(&sub.topic);
+            self.shared.forget_topic(&sub.topic);
+            self.emit(Event::SubscribeFailed {
+                topic: sub.topic,
+                error: err,
+            });
+        } else if sub.topic == BROADCAST {
+            // Broadcasts still arrive live; only their resume cursor was refused.
+            self.shared.forget_topic(BROADCAST);
+            self.emit(Event::Error(err));
         }
     }
 
@@ -270,15 +379,15 @@ impl Session {
                 last_seq: self.shared.topic_cursor(t),
             })
             .collect();
-        // Broadcasts resume like any topic once one was handled.
-        if !self.topics.contains("*") {
-            if let Some(seq) = self.shared.topic_cursor("*") {
-                topics.push(TopicCursor {
-                    topic: "*".into(),
-                    last_seq: Some(seq),
-                });
-            }
+        // Broadcasts resume like a topic: from the last one handled, or, before any, from the seq
+        // the server's SUBSCRIBED reports when the session first opens.
+        if !self.topics.contains(BROADCAST) {
+            topics.push(TopicCursor {
+                topic: BROADCAST.into(),
+                last_seq: self.shared.topic_cursor(BROADCAST),
+            });
         }
+        self.handshake_answers = topics.iter().map(|t| t.topic.clone()).collect();
         OpenSession {
             session_id: self.shared.id,
             app: self.cfg.app.clone(),
@@ -726,7 +835,14 @@ impl Task {
             if link.rbuf.capacity() - link.rbuf.len() < 1024 {
                 link.rbuf.reserve(READ_BUF);
             }
-            if !self.sessions.values().any(Session::is_active) && !self.backpressured() {
+            // No session open or opening here (all ended, or waiting for a fresh token): the server
+            // closes such a connection; leave first, and come back when a session can open.
+            if !self
+                .sessions
+                .values()
+                .any(|s| matches!(s.state, SessState::Live | SessState::Opening))
+                && !self.backpressured()
+            {
                 return LinkEnd::Idle;
             }
             let paused = self.backpressured();
@@ -928,15 +1044,7 @@ impl Task {
             }
             Kind::Subscribed(sub) => {
                 if let Some(s) = self.live_session(sub.session_id) {
-                    s.shared.init_topic(&sub.topic, sub.seq);
-                    if let Some(i) = s.subs.iter().position(|p| p.sent && p.topic == sub.topic) {
-                        let p = s.subs.remove(i).expect("index from position");
-                        let _ = p.reply.send(Ok(()));
-                    }
-                    s.emit(Event::Subscribed {
-                        topic: sub.topic,
-                        seq: sub.seq,
-                    });
+                    s.on_subscribed(sub);
                 }
                 Flow::Continue
             }
@@ -957,28 +1065,7 @@ impl Task {
                 }
                 Flow::Continue
             }
-            Kind::Kicked(k) => {
-                if k.reason == "node down" {
-                    self.nodes.redirect(k.redirect);
-                    return Flow::End(LinkEnd::Lost(DisconnectReason::NodeDown));
-                }
-                if let Some(s) = self.sessions.get_mut(&k.session_id) {
-                    if s.is_active() {
-                        tracing::info!(session = k.session_id, reason = %k.reason, "session kicked");
-                        let err = ClientError::Kicked {
-                            reason: k.reason.clone(),
-                        };
-                        s.finish(
-                            Some(Event::Kicked {
-                                reason: k.reason,
-                                redirect: k.redirect,
-                            }),
-                            err,
-                        );
-                    }
-                }
-                Flow::Continue
-            }
+            Kind::Kicked(k) => self.on_kicked(k),
             Kind::SessionClosed(c) => {
                 // Sessions we close are gone from the map already; one still here was ended by
                 // the server on its own.
@@ -990,10 +1077,12 @@ impl Task {
                             c.reason
                         };
                         let err = ClientError::Kicked {
+                            code: KickReason::Unspecified,
                             reason: reason.clone(),
                         };
                         s.finish(
                             Some(Event::Kicked {
+                                code: KickReason::Unspecified,
                                 reason,
                                 redirect: Vec::new(),
                             }),
@@ -1017,6 +1106,61 @@ impl Task {
                 kind_name(&other)
             )))),
         }
+    }
+
+    /// KICKED: branch on the code. `NODE_DOWN` moves the connection, `TOKEN_EXPIRED` reopens the
+    /// session with a fresh token, every other code ends the session.
+    fn on_kicked(&mut self, k: Kicked) -> Flow {
+        let code = kick_code_of(k.code);
+        let sid = k.session_id;
+        if code == KickReason::NodeDown {
+            tracing::info!(session = sid, redirect = ?k.redirect, "node declared down; moving");
+            self.nodes.redirect(k.redirect);
+            return Flow::End(LinkEnd::Lost(DisconnectReason::NodeDown));
+        }
+        let Some(s) = self.sessions.get_mut(&sid).filter(|s| s.is_active()) else {
+            return Flow::Continue;
+        };
+        if code == KickReason::TokenExpired && s.token_source.can_refresh() {
+            tracing::info!(
+                session = sid,
+                "token expired on the server; reopening with a fresh one"
+            );
+            s.went_offline(DisconnectReason::TokenExpired);
+            s.token_due = None;
+            // A fresh token that is refused again ends the session.
+            s.auth_retried = true;
+            self.fetch_token(
+                sid,
+                TokenWhy::Rejected {
+                    code: ErrorCode::TokenExpired,
+                },
+            );
+            return Flow::Continue;
+        }
+        if code == KickReason::TokenExpired {
+            tracing::info!(session = sid, "fixed token expired; session over");
+            let err = ClientError::Auth {
+                code: ErrorCode::TokenExpired,
+                message: k.reason,
+            };
+            s.finish(Some(Event::Closed(err.clone())), err);
+            return Flow::Continue;
+        }
+        tracing::info!(session = sid, ?code, reason = %k.reason, "session kicked");
+        let err = ClientError::Kicked {
+            code,
+            reason: k.reason.clone(),
+        };
+        s.finish(
+            Some(Event::Kicked {
+                code,
+                reason: k.reason,
+                redirect: k.redirect,
+            }),
+            err,
+        );
+        Flow::Continue
     }
 
     fn live_session(&mut self, sid: u32) -> Option<&mut Session> {
@@ -1066,26 +1210,20 @@ impl Task {
             }));
         }
         s.ack_sent = local.max(w.acked_seq);
-        // Subscriptions made while offline rode in the handshake; ones made while it was in
-        // flight go now, and so do unsubscribes of topics it carried.
-        let mut keep = VecDeque::new();
-        for mut p in s.subs.drain(..) {
-            if p.sent {
-                keep.push_back(p);
-            } else if s.handshake_topics.contains(&p.topic) {
-                let _ = p.reply.send(Ok(()));
+        // Subscriptions made while offline rode in the handshake (its SUBSCRIBEDs answer them);
+        // ones made while it was in flight go now, and so do unsubscribes of topics it carried.
+        for p in s.subs.iter_mut().filter(|p| p.state == SubState::Queued) {
+            if s.handshake_topics.contains(&p.topic) {
+                p.state = SubState::InHandshake;
             } else {
-                let last_seq = s.shared.topic_cursor(&p.topic);
                 link.push(Kind::Subscribe(Subscribe {
                     session_id: sid,
                     topic: p.topic.clone(),
-                    last_seq,
+                    last_seq: s.shared.topic_cursor(&p.topic),
                 }));
-                p.sent = true;
-                keep.push_back(p);
+                p.state = SubState::Sent;
             }
         }
-        s.subs = keep;
         for t in s.handshake_topics.difference(&s.topics) {
             link.push(Kind::Unsubscribe(Unsubscribe {
                 session_id: sid,
@@ -1175,19 +1313,15 @@ impl Task {
             return Flow::Continue;
         }
         tracing::info!(session = sid, ?code, %message, "session error");
+        // An ERROR naming a session means the session is not open (it failed to open, or a
+        // refused token refresh closed it); the connection and its other sessions go on.
         let was_live = s.state == SessState::Live;
         match code {
             ErrorCode::BadToken | ErrorCode::TokenExpired => {
-                if was_live {
-                    s.emit(Event::Disconnected {
-                        reason: DisconnectReason::ServerError {
-                            code,
-                            message: message.clone(),
-                        },
-                    });
-                }
-                s.state = SessState::Idle;
-                fail_sent(s, ClientError::Disconnected);
+                s.went_offline(DisconnectReason::ServerError {
+                    code,
+                    message: message.clone(),
+                });
                 if s.token_source.can_refresh() && !s.auth_retried {
                     s.auth_retried = true;
                     self.fetch_token(sid, TokenWhy::Rejected { code });
@@ -1208,19 +1342,8 @@ impl Task {
             }
             ErrorCode::UnknownSession if was_live => {
                 // The server lost track of the session: open it again.
-                s.emit(Event::Disconnected {
-                    reason: DisconnectReason::ServerError { code, message },
-                });
-                s.state = SessState::Idle;
-                fail_sent(s, ClientError::Disconnected);
+                s.went_offline(DisconnectReason::ServerError { code, message });
                 self.open_waiting(link);
-            }
-            ErrorCode::BadRequest if was_live && s.subs.iter().any(|p| p.sent) => {
-                // A refused SUBSCRIBE (the protocol has no request id; the oldest is the one).
-                let i = s.subs.iter().position(|p| p.sent).expect("checked by the guard");
-                let p = s.subs.remove(i).expect("index from position");
-                s.topics.remove(&p.topic);
-                let _ = p.reply.send(Err(ClientError::Refused { code, message }));
             }
             _ => {
                 let err = ClientError::Refused { code, message };
@@ -1275,6 +1398,7 @@ impl Task {
                     token_source: cfg.token.clone().expect("validated before open"),
                     topics: cfg.topics.iter().cloned().collect(),
                     handshake_topics: BTreeSet::new(),
+                    handshake_answers: VecDeque::new(),
                     shared,
                     cfg,
                     token,
@@ -1321,7 +1445,7 @@ impl Task {
                     return;
                 }
                 s.topics.insert(topic.clone());
-                let sent = match link {
+                let state = match link {
                     Some(l) if s.state == SessState::Live => {
                         let last_seq = s.shared.topic_cursor(&topic);
                         l.push(Kind::Subscribe(Subscribe {
@@ -1329,11 +1453,15 @@ impl Task {
                             topic: topic.clone(),
                             last_seq,
                         }));
-                        true
+                        SubState::Sent
                     }
-                    _ => false,
+                    _ => SubState::Queued,
                 };
-                s.subs.push_back(PendingSub { topic, reply, sent });
+                s.subs.push_back(PendingSub {
+                    topic,
+                    reply: Some(reply),
+                    state,
+                });
             }
             Command::Unsubscribe { sid, topic, reply } => {
                 let Some(s) = self.sessions.get_mut(&sid).filter(|s| s.is_active()) else {
@@ -1343,10 +1471,16 @@ impl Task {
                 if s.topics.remove(&topic) {
                     s.filter.forget_topic(&topic);
                     s.shared.forget_topic(&topic);
-                    for p in s.subs.iter().filter(|p| p.topic == topic) {
+                    // A subscribe still waiting is overtaken: its caller gets `Closed`; one the
+                    // server will answer stays in line (without a caller) to keep the order.
+                    s.subs.retain_mut(|p| {
+                        if p.topic != topic {
+                            return true;
+                        }
                         tracing::debug!(session = sid, topic = %p.topic, "subscribe overtaken by unsubscribe");
-                    }
-                    s.subs.retain(|p| p.topic != topic);
+                        p.reply = None;
+                        p.state != SubState::Queued
+                    });
                     if let (Some(l), SessState::Live) = (link, s.state) {
                         l.push(Kind::Unsubscribe(Unsubscribe {
                             session_id: sid,
@@ -1530,7 +1664,7 @@ impl Task {
                 let _ = tokio::time::timeout(Duration::from_secs(1), link.io.shutdown()).await;
                 tracing::debug!(addr = %link.addr, "connection idle, closed");
                 for s in self.sessions.values_mut().filter(|s| s.is_active()) {
-                    s.state = SessState::Idle;
+                    s.went_offline(DisconnectReason::ClosedByServer);
                 }
                 self.backoff.reset();
                 true
@@ -1545,16 +1679,7 @@ impl Task {
             LinkEnd::Lost(reason) => {
                 tracing::info!(addr = %link.addr, %reason, uptime_ms = uptime.map(|u| u.as_millis() as u64), "disconnected");
                 for s in self.sessions.values_mut().filter(|s| s.is_active()) {
-                    if s.state == SessState::Live {
-                        s.emit(Event::Disconnected {
-                            reason: reason.clone(),
-                        });
-                    }
-                    s.state = SessState::Idle;
-                    fail_sent(s, ClientError::Disconnected);
-                    for p in s.subs.iter_mut() {
-                        p.sent = false;
-                    }
+                    s.went_offline(reason.clone());
                 }
                 if let Some(u) = uptime {
                     self.backoff.connection_ended(u);

@@ -10,8 +10,8 @@ use bytes::{BufMut, Bytes, BytesMut};
 use futures::StreamExt;
 use herald_proto::client::frame::Kind;
 use herald_proto::client::{
-    Bye, Error as WireError, ErrorCode, Frame, Gap as WireGap, GapReason as WireGapReason, Hello, Kicked,
-    Ping, Pong, Push, Qos as WireQos, SessionClosed, Subscribed, UpstreamReply, Welcome,
+    Bye, Error as WireError, ErrorCode, Frame, Gap as WireGap, GapReason as WireGapReason, Hello, KickReason,
+    Kicked, Ping, Pong, Push, Qos as WireQos, SessionClosed, Subscribed, UpstreamReply, Welcome,
 };
 use herald_proto::frame;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -189,6 +189,34 @@ fn welcome(sid: u32, heartbeat_ms: u32, acked_seq: u64) -> Kind {
     })
 }
 
+fn subscribed(sid: u32, topic: &str, seq: u64) -> Kind {
+    Kind::Subscribed(Subscribed {
+        session_id: sid,
+        topic: topic.into(),
+        seq,
+        ..Default::default()
+    })
+}
+
+fn refused(sid: u32, topic: &str, code: ErrorCode, message: &str) -> Kind {
+    Kind::Subscribed(Subscribed {
+        session_id: sid,
+        topic: topic.into(),
+        seq: 0,
+        error: code as i32,
+        message: message.into(),
+    })
+}
+
+fn kicked(sid: u32, code: KickReason, reason: &str) -> Kind {
+    Kind::Kicked(Kicked {
+        session_id: sid,
+        reason: reason.into(),
+        redirect: vec![],
+        code: code as i32,
+    })
+}
+
 fn push(sid: u32, id: &str, seq: u64) -> Kind {
     Kind::Push(Push {
         session_id: sid,
@@ -303,11 +331,19 @@ async fn hello_carries_the_session_and_messages_arrive_once_with_automatic_acks(
         (s.platform.as_str(), s.token.as_str(), s.last_acked_seq),
         ("ios", "t1", 0)
     );
-    assert_eq!(s.topics.len(), 1);
-    assert_eq!((s.topics[0].topic.as_str(), s.topics[0].last_seq), ("news", None));
+    // The configured topic, and the implicit broadcast topic whose seq the first open learns.
+    let topics: Vec<_> = s.topics.iter().map(|t| (t.topic.as_str(), t.last_seq)).collect();
+    assert_eq!(topics, vec![("news", None), ("*", None)]);
 
     conn.send(welcome(s.session_id, 10_000, 0)).await;
     assert_eq!(expect_connected(&mut events).await, (2, 101));
+    // The server answers each handshake topic, in order; `*` is confirmed silently.
+    conn.send(subscribed(s.session_id, "news", 4)).await;
+    conn.send(subscribed(s.session_id, "*", 0)).await;
+    match next(&mut events).await {
+        Event::Subscribed { topic, seq } => assert_eq!((topic.as_str(), seq), ("news", 4)),
+        other => panic!("expected Subscribed, got {other:?}"),
+    }
     assert_eq!(
         client.connection().state(),
         ConnectionState::Connected {
@@ -418,11 +454,8 @@ async fn reconnect_resumes_from_the_cursors_and_replays_are_not_shown_again() {
         s.last_acked_seq, 3,
         "m4 was not handed out yet, so it is not acked"
     );
-    assert_eq!(s.topics.len(), 1);
-    assert_eq!(
-        (s.topics[0].topic.as_str(), s.topics[0].last_seq),
-        ("news", Some(7))
-    );
+    let topics: Vec<_> = s.topics.iter().map(|t| (t.topic.as_str(), t.last_seq)).collect();
+    assert_eq!(topics, vec![("news", Some(7)), ("*", None)]);
     // The app takes the buffered message now, before the new session is accepted.
     assert_eq!(
         next_message(&mut events).await.msg_id,
@@ -727,7 +760,7 @@ async fn subscribe_waits_for_the_server_and_rides_in_the_next_handshake() {
     assert_eq!(next_message(&mut events).await.topic_seq, 11);
     assert!(next_message(&mut events).await.is_broadcast());
 
-    // A refused subscribe (BAD_REQUEST for the session while a SUBSCRIBE is pending).
+    // A refused subscribe: SUBSCRIBED with an error answers it; the session goes on.
     let c = client.clone();
     let bad = tokio::spawn(async move { c.subscribe("x".repeat(10)).await });
     conn.recv_until(|k| {
@@ -738,14 +771,29 @@ async fn subscribe_waits_for_the_server_and_rides_in_the_next_handshake() {
         }
     })
     .await;
-    conn.send(Kind::Error(WireError {
-        session_id: sid,
-        code: ErrorCode::BadRequest as i32,
-        message: "too many topics".into(),
-    }))
+    conn.send(refused(
+        sid,
+        &"x".repeat(10),
+        ErrorCode::BadRequest,
+        "too many topics",
+    ))
     .await;
     let e = bad.await.unwrap().unwrap_err();
     assert_eq!(e.code(), Some(ErrorCode::BadRequest));
+    assert!(e.to_string().contains("too many topics"), "{e}");
+    match next(&mut events).await {
+        Event::SubscribeFailed { topic, error } => {
+            assert_eq!(topic, "x".repeat(10));
+            assert_eq!(error.code(), Some(ErrorCode::BadRequest));
+        }
+        other => panic!("expected SubscribeFailed, got {other:?}"),
+    }
+    conn.send(topic_push(sid, "s12", "sport", 12)).await;
+    assert_eq!(
+        next_message(&mut events).await.topic_seq,
+        12,
+        "the session goes on"
+    );
 
     // Reconnect: the topic and both cursors ride in HELLO, with a topic subscribed while
     // offline (unless the reconnect won the race; then it is sent after WELCOME).
@@ -760,8 +808,12 @@ async fn subscribe_waits_for_the_server_and_rides_in_the_next_handshake() {
     let s = conn.hello().await.session.unwrap();
     let topics: Vec<_> = s.topics.iter().map(|t| (t.topic.as_str(), t.last_seq)).collect();
     let golf_in_hello = topics.contains(&("golf", None));
-    let others: Vec<_> = topics.into_iter().filter(|(t, _)| *t != "golf").collect();
-    assert_eq!(others, vec![("sport", Some(11)), ("*", Some(3))]);
+    let others: Vec<_> = topics.iter().filter(|(t, _)| *t != "golf").copied().collect();
+    assert_eq!(
+        others,
+        vec![("sport", Some(12)), ("*", Some(3))],
+        "the refused topic is not asked for again"
+    );
 
     // Subscribed while the session is opening: not in that HELLO, so sent after WELCOME.
     let c = client.clone();
@@ -769,6 +821,10 @@ async fn subscribe_waits_for_the_server_and_rides_in_the_next_handshake() {
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert!(!opening.is_finished());
     conn.send(welcome(sid, 10_000, 0)).await;
+    // Handshake topics are answered first, in order; golf (if it rode in HELLO) resolves then.
+    for (t, _) in &topics {
+        conn.send(subscribed(sid, t, 1)).await;
+    }
     let mut expected = vec!["chess".to_string()];
     if !golf_in_hello {
         expected.push("golf".to_string());
@@ -779,13 +835,7 @@ async fn subscribe_waits_for_the_server_and_rides_in_the_next_handshake() {
         let sub = conn
             .recv_until(|k| if let Kind::Subscribe(s) = k { Some(s) } else { None })
             .await;
-        conn.send(Kind::Subscribed(Subscribed {
-            session_id: sid,
-            topic: sub.topic.clone(),
-            seq: 1,
-            ..Default::default()
-        }))
-        .await;
+        conn.send(subscribed(sid, &sub.topic, 1)).await;
         sent.push(sub.topic);
     }
     sent.sort();
@@ -916,15 +966,13 @@ async fn replaced_session_is_kicked_and_not_reconnected() {
     let sid = conn.hello().await.session.unwrap().session_id;
     conn.send(welcome(sid, 10_000, 0)).await;
     expect_connected(&mut events).await;
-    conn.send(Kind::Kicked(Kicked {
-        session_id: sid,
-        reason: "replaced".into(),
-        redirect: vec![],
-        code: herald_proto::client::KickReason::Replaced as i32,
-    }))
-    .await;
+    conn.send(kicked(sid, KickReason::Replaced, "replaced by a newer login"))
+        .await;
     match next(&mut events).await {
-        Event::Kicked { reason, .. } => assert_eq!(reason, "replaced"),
+        Event::Kicked { code, reason, .. } => {
+            assert_eq!(code, KickReason::Replaced);
+            assert_eq!(reason, "replaced by a newer login");
+        }
         other => panic!("expected Kicked, got {other:?}"),
     }
     expect_end(&mut events).await;
@@ -943,16 +991,236 @@ async fn node_down_kick_moves_the_connection() {
     let sid = conn.hello().await.session.unwrap().session_id;
     conn.send(welcome(sid, 10_000, 0)).await;
     expect_connected(&mut events).await;
+    // The code decides, not the text.
     conn.send(Kind::Kicked(Kicked {
         session_id: sid,
-        reason: "node down".into(),
+        reason: "whatever the server says".into(),
         redirect: vec![b.addr.clone()],
-        code: herald_proto::client::KickReason::NodeDown as i32,
+        code: KickReason::NodeDown as i32,
     }))
     .await;
     assert_eq!(expect_disconnected(&mut events).await, DisconnectReason::NodeDown);
     let mut conn2 = b.accept().await;
     conn2.hello().await;
+}
+
+#[tokio::test]
+async fn policy_and_admin_kicks_end_only_their_session() {
+    let peer = Peer::bind().await;
+    let conn_handle = Connection::builder()
+        .nodes([peer.addr.clone()])
+        .backoff(fast_backoff())
+        .build()
+        .unwrap();
+    let (chat, mut chat_ev) = conn_handle
+        .open(SessionConfig::new("chat", "alice", "p1").token("tc"))
+        .await
+        .unwrap();
+    let (news, mut news_ev) = conn_handle
+        .open(SessionConfig::new("news", "alice", "p1").token("tn"))
+        .await
+        .unwrap();
+    let mut conn = peer.accept().await;
+    conn.hello().await;
+    conn.send(welcome(chat.session_id(), 10_000, 0)).await;
+    conn.recv_until(|k| matches!(k, Kind::OpenSession(_)).then_some(()))
+        .await;
+    conn.send(welcome(news.session_id(), 10_000, 0)).await;
+    expect_connected(&mut chat_ev).await;
+    expect_connected(&mut news_ev).await;
+
+    conn.send(kicked(chat.session_id(), KickReason::Admin, "kicked by the app"))
+        .await;
+    match next(&mut chat_ev).await {
+        Event::Kicked { code, .. } => assert_eq!(code, KickReason::Admin),
+        other => panic!("expected Kicked, got {other:?}"),
+    }
+    expect_end(&mut chat_ev).await;
+    match chat.upstream("x").await {
+        Err(ClientError::Closed) => {}
+        other => panic!("expected Closed, got {other:?}"),
+    }
+    // The other app's session is untouched: same connection, no reconnect.
+    conn.send(push(news.session_id(), "n1", 1)).await;
+    assert_eq!(next_message(&mut news_ev).await.msg_id, "n1");
+
+    conn.send(kicked(news.session_id(), KickReason::Policy, "over the limit"))
+        .await;
+    match next(&mut news_ev).await {
+        Event::Kicked { code, reason, .. } => {
+            assert_eq!((code, reason.as_str()), (KickReason::Policy, "over the limit"))
+        }
+        other => panic!("expected Kicked, got {other:?}"),
+    }
+    expect_end(&mut news_ev).await;
+    let rest = conn.until_closed().await;
+    assert!(rest.iter().any(|k| matches!(k, Kind::Bye(_))), "{rest:?}");
+    peer.no_connection_within(Duration::from_millis(300)).await;
+}
+
+#[tokio::test]
+async fn token_expired_kick_reopens_the_session_with_a_fresh_token() {
+    let peer = Peer::bind().await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    let provider = move || {
+        let n = c.fetch_add(1, Ordering::SeqCst);
+        async move { Ok::<_, BoxError>(format!("tok-{n}")) }
+    };
+    let conn_handle = Connection::builder()
+        .nodes([peer.addr.clone()])
+        .backoff(fast_backoff())
+        .build()
+        .unwrap();
+    let (chat, mut chat_ev) = conn_handle
+        .open(SessionConfig::new("chat", "alice", "p1").token_provider(provider))
+        .await
+        .unwrap();
+    let (news, mut news_ev) = conn_handle
+        .open(SessionConfig::new("news", "alice", "p1").token("tn"))
+        .await
+        .unwrap();
+    let mut conn = peer.accept().await;
+    assert_eq!(conn.hello().await.session.unwrap().token, "tok-0");
+    conn.send(welcome(chat.session_id(), 10_000, 0)).await;
+    conn.recv_until(|k| matches!(k, Kind::OpenSession(_)).then_some(()))
+        .await;
+    conn.send(welcome(news.session_id(), 10_000, 0)).await;
+    expect_connected(&mut chat_ev).await;
+    expect_connected(&mut news_ev).await;
+    conn.send(push(chat.session_id(), "c1", 1)).await;
+    assert_eq!(next_message(&mut chat_ev).await.seq, 1);
+    conn.acked(chat.session_id(), 1).await;
+
+    // One session's token expires: it is reopened on the same connection with a fresh token and
+    // its cursor; the other session does not notice.
+    conn.send(kicked(
+        chat.session_id(),
+        KickReason::TokenExpired,
+        "token expired",
+    ))
+    .await;
+    assert_eq!(
+        expect_disconnected(&mut chat_ev).await,
+        DisconnectReason::TokenExpired
+    );
+    let o = conn
+        .recv_until(|k| {
+            if let Kind::OpenSession(o) = k {
+                Some(o)
+            } else {
+                None
+            }
+        })
+        .await;
+    assert_eq!(
+        (o.session_id, o.token.as_str(), o.last_acked_seq),
+        (chat.session_id(), "tok-1", 1)
+    );
+    conn.send(welcome(chat.session_id(), 10_000, 1)).await;
+    expect_connected(&mut chat_ev).await;
+    conn.send(push(chat.session_id(), "c1", 1)).await; // a replay: not shown again
+    conn.send(push(chat.session_id(), "c2", 2)).await;
+    assert_eq!(next_message(&mut chat_ev).await.msg_id, "c2");
+    conn.send(push(news.session_id(), "n1", 1)).await;
+    assert_eq!(next_message(&mut news_ev).await.msg_id, "n1");
+
+    // Alone on its connection, the server would close it after the kick: the SDK leaves and
+    // comes back with a fresh token at once (no backoff: nothing failed).
+    news.close().await.unwrap();
+    expect_end(&mut news_ev).await;
+    conn.send(kicked(
+        chat.session_id(),
+        KickReason::TokenExpired,
+        "token expired",
+    ))
+    .await;
+    assert_eq!(
+        expect_disconnected(&mut chat_ev).await,
+        DisconnectReason::TokenExpired
+    );
+    let rest = conn.until_closed().await;
+    assert!(rest.iter().any(|k| matches!(k, Kind::Bye(_))), "{rest:?}");
+    let mut conn = peer.accept().await;
+    let h = conn.hello().await.session.unwrap();
+    assert_eq!(
+        (h.session_id, h.token.as_str(), h.last_acked_seq),
+        (chat.session_id(), "tok-2", 2)
+    );
+    conn.send(welcome(h.session_id, 10_000, 2)).await;
+    expect_connected(&mut chat_ev).await;
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test]
+async fn a_fixed_token_that_expires_ends_the_session() {
+    let peer = Peer::bind().await;
+    let (_client, mut events) = builder(&[&peer]).connect().await.unwrap();
+    let mut conn = peer.accept().await;
+    let sid = conn.hello().await.session.unwrap().session_id;
+    conn.send(welcome(sid, 10_000, 0)).await;
+    expect_connected(&mut events).await;
+    conn.send(kicked(sid, KickReason::TokenExpired, "token expired"))
+        .await;
+    match next(&mut events).await {
+        Event::Closed(ClientError::Auth { code, .. }) => assert_eq!(code, ErrorCode::TokenExpired),
+        other => panic!("expected Closed(Auth), got {other:?}"),
+    }
+    expect_end(&mut events).await;
+    peer.no_connection_within(Duration::from_millis(300)).await;
+}
+
+#[tokio::test]
+async fn a_refused_topic_at_open_is_dropped_and_the_broadcast_cursor_is_learned() {
+    let peer = Peer::bind().await;
+    let (client, mut events) = builder(&[&peer]).topics(["bad", "ok"]).connect().await.unwrap();
+    let mut conn = peer.accept().await;
+    let s = conn.hello().await.session.unwrap();
+    let sid = s.session_id;
+    let topics: Vec<_> = s.topics.iter().map(|t| t.topic.as_str()).collect();
+    assert_eq!(topics, vec!["bad", "ok", "*"]);
+    conn.send(welcome(sid, 10_000, 0)).await;
+    conn.send(refused(sid, "bad", ErrorCode::BadRequest, "no such topic"))
+        .await;
+    conn.send(subscribed(sid, "ok", 3)).await;
+    conn.send(subscribed(sid, "*", 7)).await;
+    expect_connected(&mut events).await;
+    match next(&mut events).await {
+        Event::SubscribeFailed { topic, error } => {
+            assert_eq!(topic, "bad");
+            assert_eq!(error.code(), Some(ErrorCode::BadRequest));
+        }
+        other => panic!("expected SubscribeFailed, got {other:?}"),
+    }
+    match next(&mut events).await {
+        Event::Subscribed { topic, seq } => assert_eq!((topic.as_str(), seq), ("ok", 3)),
+        other => panic!("expected Subscribed, got {other:?}"),
+    }
+    let c = client.cursors();
+    assert_eq!(c.topics.get("ok"), Some(&3));
+    assert_eq!(
+        c.topics.get("*"),
+        Some(&7),
+        "broadcasts resume from the first open"
+    );
+    assert_eq!(c.topics.get("bad"), None);
+    // A subscribe made now is answered after the handshake topics, in order.
+    let c2 = client.clone();
+    let sub = tokio::spawn(async move { c2.subscribe("late").await });
+    conn.recv_until(|k| matches!(k, Kind::Subscribe(_)).then_some(()))
+        .await;
+    conn.send(subscribed(sid, "late", 0)).await;
+    sub.await.unwrap().unwrap();
+    match next(&mut events).await {
+        Event::Subscribed { topic, .. } => assert_eq!(topic, "late"),
+        other => panic!("expected Subscribed, got {other:?}"),
+    }
+    drop(conn);
+    expect_disconnected(&mut events).await;
+    let mut conn = peer.accept().await;
+    let s = conn.hello().await.session.unwrap();
+    let topics: Vec<_> = s.topics.iter().map(|t| (t.topic.as_str(), t.last_seq)).collect();
+    assert_eq!(topics, vec![("late", Some(0)), ("ok", Some(3)), ("*", Some(7))]);
 }
 
 #[tokio::test]
@@ -1637,14 +1905,16 @@ async fn tls_refuses_a_certificate_from_another_ca() {
 async fn a_token_about_to_expire_is_refreshed_on_the_live_session() {
     use base64::engine::general_purpose::URL_SAFE_NO_PAD;
     use base64::Engine;
-    // Tokens whose refresh moment (30 s before `exp`) is one second away.
+    // Tokens whose refresh moment (30 s before `exp`: a tenth of the 91 s lifetime, at least 30 s)
+    // is one second away.
     fn token(n: usize) -> String {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_secs();
         let claims = format!(
-            r#"{{"app":"demo","sub":"alice","n":{n},"iat":{now},"exp":{}}}"#,
+            r#"{{"app":"demo","sub":"alice","n":{n},"iat":{},"exp":{}}}"#,
+            now - 60,
             now + 31
         );
         format!(

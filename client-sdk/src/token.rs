@@ -18,8 +18,10 @@ pub type TokenFuture = Pin<Box<dyn Future<Output = Result<String, BoxError>> + S
 /// Fetches a session token (an HS256 JWT minted by the app's backend, see PROTOCOL.md section 7).
 ///
 /// The SDK calls it when the session is opened, shortly before the current token's `exp`
-/// (the fresh token is sent with REFRESH_TOKEN, without reconnecting), and once after the server
-/// refused a token (`BAD_TOKEN`, `TOKEN_EXPIRED`). If that call returns the same token again, the
+/// (the fresh token is sent with REFRESH_TOKEN, without reconnecting), once after the server
+/// refused a token (`BAD_TOKEN`, `TOKEN_EXPIRED`), and when the server ended the session because
+/// its token expired (KICKED `TOKEN_EXPIRED`; the session is then opened again with the new
+/// token and resumes where it was). If that call returns the same token again, the
 /// session ends with [`ClientError::Auth`](crate::ClientError::Auth) instead of retrying forever.
 ///
 /// Any `Fn() -> impl Future<Output = Result<String, BoxError>>` closure is a provider:
@@ -95,13 +97,15 @@ pub(crate) fn jwt_times(token: &str) -> Option<(Option<u64>, u64)> {
 }
 
 /// How long from `now` until the token should be refreshed: a tenth of its lifetime (at least
-/// 30 s, at most 5 min) before it expires. `None` if the token carries no readable `exp`, or the
-/// refresh moment already passed.
+/// 30 s, at most 5 min, and never more than half the lifetime, so short-lived tokens are
+/// refreshed too) before it expires. `None` if the token carries no readable `exp`, or the
+/// refresh moment already passed (the server then ends the session with `TOKEN_EXPIRED` at
+/// expiry and the SDK reopens it with a fresh token).
 pub(crate) fn refresh_in(token: &str, now: SystemTime) -> Option<Duration> {
     let (iat, exp) = jwt_times(token)?;
     let now = now.duration_since(UNIX_EPOCH).ok()?.as_secs();
     let lifetime = iat.map(|i| exp.saturating_sub(i)).unwrap_or(600);
-    let margin = (lifetime / 10).clamp(30, 300);
+    let margin = (lifetime / 10).clamp(30, 300).min(lifetime / 2);
     let at = exp.saturating_sub(margin);
     (at > now).then(|| Duration::from_secs(at - now))
 }
@@ -135,6 +139,8 @@ mod tests {
         assert_eq!(refresh_in(&short, now), Some(Duration::from_secs(70)));
         let late = UNIX_EPOCH + Duration::from_secs(1080);
         assert_eq!(refresh_in(&short, late), None, "already inside the margin");
+        let tiny = jwt(r#"{"iat":1000,"exp":1010}"#); // 10 s: refreshed at half its life
+        assert_eq!(refresh_in(&tiny, now), Some(Duration::from_secs(5)));
     }
 
     #[tokio::test]

@@ -39,6 +39,11 @@ pub mod env {
     pub const NODE_DOWN_TIMEOUT_MS: &str = "HERALD_NODE_DOWN_TIMEOUT_MS";
     pub const DRAIN_TIMEOUT_MS: &str = "HERALD_DRAIN_TIMEOUT_MS";
     pub const LOG_FORMAT: &str = "HERALD_LOG_FORMAT";
+    pub const ADMIN_ADDR: &str = "HERALD_ADMIN_ADDR";
+    pub const WS_ADDR: &str = "HERALD_WS_ADDR";
+    pub const ADVERTISE_WS_ADDR: &str = "HERALD_ADVERTISE_WS_ADDR";
+    pub const ARCHIVE_URL: &str = "HERALD_ARCHIVE_URL";
+    pub const ARCHIVE_BATCH: &str = "HERALD_ARCHIVE_BATCH";
 }
 
 /// Every node option, each optional so that flags, env vars and the file can be layered.
@@ -127,6 +132,23 @@ pub struct NodeOptions {
     /// Log format: "text" or "json" [default: text].
     #[arg(long, env = env::LOG_FORMAT)]
     pub log_format: Option<String>,
+    /// Listen address of the admin HTTP server: /metrics (Prometheus), /healthz, /readyz, the
+    /// dashboard at / and its JSON API under /api/ (empty: disabled).
+    #[arg(long, env = env::ADMIN_ADDR)]
+    pub admin_addr: Option<String>,
+    /// Listen address of the WebSocket client listener (same frames as binary messages; empty: disabled).
+    #[arg(long, env = env::WS_ADDR)]
+    pub ws_addr: Option<String>,
+    /// Address clients are told to use for WebSocket (default: --ws-addr).
+    #[arg(long, env = env::ADVERTISE_WS_ADDR)]
+    pub advertise_ws_addr: Option<String>,
+    /// MySQL/MariaDB URL of the cold archive, e.g. mysql://user:pass@host:3306/herald (empty:
+    /// no archive). Acked, expired and trimmed messages are written there by the leader.
+    #[arg(long, env = env::ARCHIVE_URL, hide_env_values = true)]
+    pub archive_url: Option<String>,
+    /// Archived messages written to MySQL per INSERT [default: 500].
+    #[arg(long, env = env::ARCHIVE_BATCH)]
+    pub archive_batch: Option<usize>,
 }
 
 macro_rules! merge_fields {
@@ -168,6 +190,11 @@ impl NodeOptions {
             node_down_timeout_ms,
             drain_timeout_ms,
             log_format,
+            admin_addr,
+            ws_addr,
+            advertise_ws_addr,
+            archive_url,
+            archive_batch,
         )
     }
 
@@ -220,6 +247,12 @@ pub struct NodeConfig {
     pub node_down_timeout: Duration,
     pub drain_timeout: Duration,
     pub log_format: LogFormat,
+    pub admin_listen: Option<SocketAddr>,
+    pub ws_listen: Option<SocketAddr>,
+    pub ws_advertise: String,
+    /// The cold archive's MySQL URL (validated as a mysql:// URL), if any.
+    pub archive_url: Option<String>,
+    pub archive_batch: usize,
 }
 
 impl NodeOptions {
@@ -314,6 +347,30 @@ impl NodeOptions {
                 "--client-heartbeat-ms {client_heartbeat} must lie between --client-heartbeat-min-ms {client_heartbeat_min} and --client-heartbeat-max-ms {client_heartbeat_max}"
             )));
         }
+        let admin_listen = optional_addr("admin-addr", self.admin_addr)?;
+        let ws_listen = optional_addr("ws-addr", self.ws_addr)?;
+        let ws_advertise = match ws_listen {
+            Some(a) => advertise("ws", a, self.advertise_ws_addr)?,
+            None => String::new(),
+        };
+        let archive_url = match self.archive_url.map(|u| u.trim().to_string()) {
+            Some(u) if !u.is_empty() => {
+                if !u.starts_with("mysql://") {
+                    return Err(ConfigError(
+                        "--archive-url must be a mysql:// URL (mysql://user:pass@host:port/database)".into(),
+                    ));
+                }
+                if mysql_async::Opts::from_url(&u).is_err() {
+                    return Err(ConfigError(
+                        "--archive-url is not a valid MySQL URL (mysql://user:pass@host:port/database)"
+                            .into(),
+                    ));
+                }
+                Some(u)
+            }
+            _ => None,
+        };
+        let archive_batch = positive("archive-batch", self.archive_batch.map(|v| v as u64), 500)? as usize;
         let log_format = match self.log_format.as_deref().unwrap_or("text") {
             "text" => LogFormat::Text,
             "json" => LogFormat::Json,
@@ -357,6 +414,11 @@ impl NodeOptions {
             )?),
             drain_timeout: Duration::from_millis(positive("drain-timeout-ms", self.drain_timeout_ms, 5_000)?),
             log_format,
+            admin_listen,
+            ws_listen,
+            ws_advertise,
+            archive_url,
+            archive_batch,
         })
     }
 }
@@ -443,6 +505,62 @@ pub fn parse_peers(raw: &str) -> Result<BTreeMap<u64, String>, ConfigError> {
         }
     }
     Ok(peers)
+}
+
+/// The option reference (`docs/CONFIG.md`), generated from the clap definitions of
+/// [`NodeOptions`]: flag, environment variable, TOML key (the field name), default and meaning.
+/// A test compares it with the committed file, so the document cannot drift from the code.
+pub fn reference_markdown() -> String {
+    use clap::Args;
+    let cmd = NodeOptions::augment_args(clap::Command::new("node"));
+    let mut out = String::new();
+    out.push_str("# Herald node configuration reference\n\n");
+    out.push_str(
+        "<!-- Generated from node/src/config.rs by `HERALD_UPDATE_DOCS=1 cargo test -p herald-node --lib config_reference`; do not edit by hand. -->\n\n",
+    );
+    out.push_str(
+        "Every option of `herald node` can be given as a flag, as an environment variable, or as a key of the\n\
+         TOML file named by `--config` (`HERALD_CONFIG`). Flags win over environment variables, which win\n\
+         over the file, which wins over the defaults. Durations are in milliseconds (`_ms`). An empty\n\
+         address disables that listener.\n\n",
+    );
+    out.push_str("| flag | env var | TOML key | default | meaning |\n|---|---|---|---|---|\n");
+    out.push_str(&format!(
+        "| `--config` | `{}` | — | — | TOML file with any of the options below (flags and env vars win over it). |\n",
+        env::CONFIG
+    ));
+    for arg in cmd.get_arguments() {
+        let id = arg.get_id().as_str();
+        if id == "help" || id == "version" {
+            continue;
+        }
+        let long = arg.get_long().map(|l| format!("`--{l}`")).unwrap_or_default();
+        let env = arg
+            .get_env()
+            .map(|e| format!("`{}`", e.to_string_lossy()))
+            .unwrap_or_else(|| "—".into());
+        let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+        let help = help.split_whitespace().collect::<Vec<_>>().join(" ");
+        let (meaning, default) = match help.rfind(" [default: ") {
+            Some(i) if help.ends_with(']') => (
+                help[..i].to_string(),
+                help[i + " [default: ".len()..help.len() - 1].to_string(),
+            ),
+            _ => (help.clone(), "—".to_string()),
+        };
+        let cell = |s: &str| s.replace('|', "\\|");
+        out.push_str(&format!(
+            "| {long} | {env} | `{id}` | {} | {} |\n",
+            cell(&default),
+            cell(&meaning)
+        ));
+    }
+    out.push_str(
+        "\nExample `herald.toml`:\n\n```toml\nid = 1\ndata_dir = \"/var/lib/herald\"\n\
+         grpc_addr = \"10.0.0.1:7401\"\nclient_addr = \"10.0.0.1:7411\"\nws_addr = \"10.0.0.1:7441\"\n\
+         admin_addr = \"10.0.0.1:7431\"\npeers = \"1=10.0.0.1:7401,2=10.0.0.2:7401,3=10.0.0.3:7401\"\n```\n",
+    );
+    out
 }
 
 #[cfg(test)]
@@ -549,5 +667,70 @@ mod tests {
     #[test]
     fn unknown_file_keys_are_refused() {
         assert!(toml::from_str::<NodeOptions>("idd = 2").is_err());
+    }
+
+    #[test]
+    fn config_reference_is_current() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/CONFIG.md");
+        let want = reference_markdown();
+        if std::env::var_os("HERALD_UPDATE_DOCS").is_some_and(|v| v == "1") {
+            std::fs::write(&path, &want).expect("write docs/CONFIG.md");
+            return;
+        }
+        let have = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            have == want,
+            "docs/CONFIG.md is out of date with the options in node/src/config.rs; regenerate it with \
+             `HERALD_UPDATE_DOCS=1 cargo test -p herald-node --lib config_reference` and commit it"
+        );
+    }
+
+    #[test]
+    fn every_option_has_a_flag_an_env_var_and_a_meaning() {
+        use clap::Args;
+        let cmd = NodeOptions::augment_args(clap::Command::new("node"));
+        let doc = reference_markdown();
+        for arg in cmd.get_arguments() {
+            let id = arg.get_id().as_str();
+            assert!(arg.get_long().is_some(), "{id} has no flag");
+            let env = arg.get_env().unwrap_or_else(|| panic!("{id} has no env var"));
+            assert!(env.to_string_lossy().starts_with("HERALD_"), "{id}");
+            assert!(arg.get_help().is_some(), "{id} has no help");
+            assert!(
+                doc.contains(&format!("`{id}`")),
+                "{id} missing from the reference"
+            );
+        }
+        // The TOML key of every option is its field name.
+        let file: NodeOptions =
+            toml::from_str("admin_addr = \"127.0.0.1:1\"\nws_addr = \"127.0.0.1:2\"\narchive_batch = 7")
+                .unwrap();
+        assert_eq!(file.archive_batch, Some(7));
+        assert_eq!(file.ws_addr.as_deref(), Some("127.0.0.1:2"));
+    }
+
+    #[test]
+    fn new_listeners_and_the_archive_resolve() {
+        let c = NodeOptions {
+            admin_addr: Some("127.0.0.1:7431".into()),
+            ws_addr: Some("127.0.0.1:7441".into()),
+            archive_url: Some("mysql://root@127.0.0.1:3306/herald".into()),
+            ..base()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(c.ws_advertise, "127.0.0.1:7441");
+        assert!(c.admin_listen.is_some());
+        assert_eq!(c.archive_batch, 500);
+        assert!(err(NodeOptions {
+            archive_url: Some("postgres://x".into()),
+            ..base()
+        })
+        .contains("mysql://"));
+        assert!(err(NodeOptions {
+            ws_addr: Some("0.0.0.0:7441".into()),
+            ..base()
+        })
+        .contains("advertise-ws-addr"));
     }
 }

@@ -18,7 +18,8 @@ pub struct DevArgs {
     /// Where the three nodes keep their data, logs and the dev admin token.
     #[arg(long, default_value = "./herald-dev")]
     pub data_dir: PathBuf,
-    /// Node i listens for gRPC on base+i, plain TCP clients on base+10+i, TLS clients on base+20+i.
+    /// Node i listens for gRPC on base+i, plain TCP clients on base+10+i, TLS clients on base+20+i,
+    /// admin HTTP (metrics, dashboard) on base+30+i and WebSocket clients on base+40+i.
     #[arg(long, default_value_t = 7400)]
     pub base_port: u16,
     /// The demo app's id.
@@ -27,6 +28,9 @@ pub struct DevArgs {
     /// Start the cluster, print the summary and exit, leaving the nodes running (for scripts).
     #[arg(long)]
     pub detach: bool,
+    /// Give every node this cold archive (mysql://user:pass@host:port/database).
+    #[arg(long)]
+    pub archive_url: Option<String>,
 }
 
 const NODES: u64 = 3;
@@ -42,6 +46,14 @@ pub fn client_addr(base: u16, i: u64) -> String {
 
 pub fn tls_addr(base: u16, i: u64) -> String {
     format!("127.0.0.1:{}", base as u64 + 20 + i)
+}
+
+pub fn admin_addr(base: u16, i: u64) -> String {
+    format!("127.0.0.1:{}", base as u64 + 30 + i)
+}
+
+pub fn ws_addr(base: u16, i: u64) -> String {
+    format!("127.0.0.1:{}", base as u64 + 40 + i)
 }
 
 pub async fn run(args: DevArgs) -> Result<(), CliError> {
@@ -77,6 +89,8 @@ pub async fn run(args: DevArgs) -> Result<(), CliError> {
             .args(["--grpc-addr", &grpc_addr(args.base_port, i)])
             .args(["--client-addr", &client_addr(args.base_port, i)])
             .args(["--tls-addr", &tls_addr(args.base_port, i)])
+            .args(["--admin-addr", &admin_addr(args.base_port, i)])
+            .args(["--ws-addr", &ws_addr(args.base_port, i)])
             .arg("--tls-cert")
             .arg(&pki.cert)
             .arg("--tls-key")
@@ -91,6 +105,9 @@ pub async fn run(args: DevArgs) -> Result<(), CliError> {
         } else {
             // The node exits when this process goes away, however it goes.
             cmd.stdin(Stdio::piped()).arg("--exit-with-stdin");
+        }
+        if let Some(url) = &args.archive_url {
+            cmd.env(crate::config::env::ARCHIVE_URL, url);
         }
         let mut child = cmd
             .spawn()
@@ -135,6 +152,9 @@ pub async fn run(args: DevArgs) -> Result<(), CliError> {
         "client": (1..=NODES).map(|i| client_addr(args.base_port, i)).collect::<Vec<_>>(),
         "tls": (1..=NODES).map(|i| tls_addr(args.base_port, i)).collect::<Vec<_>>(),
         "tls_ca": pki.ca.display().to_string(),
+        "admin": (1..=NODES).map(|i| admin_addr(args.base_port, i)).collect::<Vec<_>>(),
+        "ws": (1..=NODES).map(|i| ws_addr(args.base_port, i)).collect::<Vec<_>>(),
+        "dashboard": format!("http://{}/", admin_addr(args.base_port, 1)),
         "admin_token": admin_token,
         "app": args.app,
         "app_secret": secret,
@@ -185,6 +205,16 @@ fn print_summary(args: &DevArgs, s: &serde_json::Value) {
     println!("  gRPC API:     {}", list("grpc"));
     println!("  client (TCP): {}", list("client"));
     println!("  client (TLS): {}  (dev CA: {})", list("tls"), get("tls_ca"));
+    println!(
+        "  client (WS):  {}",
+        list("ws")
+            .split(' ')
+            .map(|a| format!("ws://{a}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    println!("  admin (HTTP): {}  (/metrics, /healthz, /readyz)", list("admin"));
+    println!("  dashboard:    {}  (asks for the admin token)", get("dashboard"));
     println!("  admin token:  {}", get("admin_token"));
     println!("  app:          {}  (api key {})", get("app"), get("api_key"));
     println!("  token for user alice (24h):");

@@ -3,7 +3,9 @@
 //! Architecture Invariant: no RocksDB here; replicated state is reached only through
 //! `herald_raft::RaftNode` (writes) and `herald_raft::StateReader` (reads).
 
+pub mod admin;
 pub mod api;
+pub mod archive;
 pub mod cli;
 pub mod config;
 pub mod coordinator;

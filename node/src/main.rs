@@ -4,6 +4,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use herald_node::cli::listen::ListenCmd;
+use herald_node::cli::messages::{self, BroadcastCmd, DeliveryCmd, KickCmd, PublishCmd, PushCmd, StatusCmd};
 use herald_node::cli::{self, CliError, ClientOpts};
 use herald_node::config::{self, NodeOptions};
 use herald_node::{dev, logging, node, token};
@@ -44,8 +46,20 @@ enum Cmd {
     },
     /// Mint a client token for a user of an app.
     Token(TokenCmd),
-    /// Push a message to users (QoS 1: stored until acked or expired).
+    /// Push a message to users (QoS 1: stored until acked or expired; QoS 0: online only).
     Push(PushCmd),
+    /// Send a message to every session of the app (the `*` topic, retained for catch-up).
+    Broadcast(BroadcastCmd),
+    /// Publish a message to the subscribers of a topic (retained for catch-up).
+    Publish(PublishCmd),
+    /// A user's sessions, stored messages and device cursors, as JSON.
+    Status(StatusCmd),
+    /// What happened to a stored message, per user and device, as JSON.
+    Delivery(DeliveryCmd),
+    /// End a user's sessions (every device, or one).
+    Kick(KickCmd),
+    /// Connect as a client (the SDK) and print one JSON line per event.
+    Listen(ListenCmd),
 }
 
 #[derive(clap::Args)]
@@ -128,27 +142,9 @@ struct TokenCmd {
     /// The app's secret; when absent it is fetched with the admin API from --server.
     #[arg(long, env = "HERALD_APP_SECRET", hide_env_values = true)]
     secret: Option<String>,
-    #[command(flatten)]
-    client: ClientOpts,
-}
-
-#[derive(clap::Args)]
-struct PushCmd {
-    /// Target users (repeatable).
-    #[arg(long = "user", required = true)]
-    users: Vec<String>,
-    /// Only these devices of each user (repeatable).
-    #[arg(long = "device")]
-    devices: Vec<String>,
-    /// Message payload (UTF-8 text).
+    /// Print {"token", "app", "user", "device", "exp"} instead of the bare token.
     #[arg(long)]
-    payload: String,
-    /// Time to live in ms (0 = the app's default).
-    #[arg(long, default_value_t = 0)]
-    ttl_ms: u64,
-    /// A retry with the same key returns the first result and stores nothing.
-    #[arg(long)]
-    idempotency_key: Option<String>,
+    json: bool,
     #[command(flatten)]
     client: ClientOpts,
 }
@@ -181,8 +177,20 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Cmd::Cluster { client, cmd } => cluster(client, cmd).await,
         Cmd::Apps { client, cmd } => apps(client, cmd).await,
         Cmd::Token(cmd) => mint_token(cmd).await,
-        Cmd::Push(cmd) => push(cmd).await,
+        Cmd::Push(cmd) => print(messages::push(cmd).await?),
+        Cmd::Broadcast(cmd) => print(messages::broadcast(cmd).await?),
+        Cmd::Publish(cmd) => print(messages::publish(cmd).await?),
+        Cmd::Status(cmd) => print(messages::status(cmd).await?),
+        Cmd::Delivery(cmd) => print(messages::delivery(cmd).await?),
+        Cmd::Kick(cmd) => print(messages::kick(cmd).await?),
+        Cmd::Listen(cmd) => cli::listen::run(cmd).await,
     }
+}
+
+/// One JSON document on one line.
+fn print(v: serde_json::Value) -> Result<(), CliError> {
+    println!("{v}");
+    Ok(())
 }
 
 async fn run_node(cmd: NodeCmd) -> Result<(), CliError> {
@@ -382,38 +390,17 @@ async fn mint_token(cmd: TokenCmd) -> Result<(), CliError> {
         iat: now,
         exp: now + cmd.ttl,
     };
-    println!("{}", token::mint(&claims, &secret));
-    Ok(())
-}
-
-async fn push(cmd: PushCmd) -> Result<(), CliError> {
-    let app = cmd.client.app_id()?;
-    let mut c = cmd.client.connect().await?;
-    let req = pb::PushRequest {
-        app,
-        targets: cmd
-            .users
-            .into_iter()
-            .map(|user| pb::Target {
-                user,
-                devices: cmd.devices.clone(),
-            })
-            .collect(),
-        payload: cmd.payload.into_bytes().into(),
-        qos: pb::Qos::AtLeastOnce as i32,
-        ttl_ms: cmd.ttl_ms,
-        idempotency_key: cmd.idempotency_key.unwrap_or_default(),
-        msg_id: String::new(),
-    };
-    let r = c.push(cmd.client.app_request(req)?).await?.into_inner();
-    println!(
-        "{}",
-        serde_json::json!({
-            "msg_id": r.msg_id,
-            "seqs": r.seqs.iter().map(|s| serde_json::json!({"user": s.user, "seq": s.seq})).collect::<Vec<_>>(),
-            "duplicate": r.duplicate,
-            "log_index": r.log_index,
-        })
-    );
+    let minted = token::mint(&claims, &secret);
+    if cmd.json {
+        return print(serde_json::json!({
+            "token": minted,
+            "app": claims.app,
+            "user": claims.sub,
+            "device": claims.dev,
+            "exp": claims.exp,
+        }));
+    }
+    // The bare token, so that `TOKEN=$(herald token ...)` works.
+    println!("{minted}");
     Ok(())
 }

@@ -23,7 +23,7 @@ use crate::api::HeraldApi;
 use crate::config::NodeConfig;
 use crate::coordinator::{Coordinator, CoordinatorConfig};
 use crate::peers::{PeerMonitor, PeerService};
-use crate::room::listener::Acceptor;
+use crate::room::listener::{Acceptor, Wrap};
 use crate::room::observer::NodeObserver;
 use crate::room::{Room, RoomConfig};
 
@@ -32,6 +32,10 @@ pub struct Listeners {
     pub grpc: TcpListener,
     pub client: Option<TcpListener>,
     pub tls: Option<TcpListener>,
+    /// WebSocket client listener.
+    pub ws: Option<TcpListener>,
+    /// Admin HTTP server (metrics, probes, dashboard).
+    pub admin: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -56,7 +60,29 @@ impl Listeners {
             ),
             None => None,
         };
-        Ok(Listeners { grpc, client, tls })
+        let ws = match config.ws_listen {
+            Some(a) => Some(
+                TcpListener::bind(a)
+                    .await
+                    .with_context(|| format!("cannot listen for WebSocket clients on {a}"))?,
+            ),
+            None => None,
+        };
+        let admin = match config.admin_listen {
+            Some(a) => Some(
+                TcpListener::bind(a)
+                    .await
+                    .with_context(|| format!("cannot listen for admin HTTP on {a}"))?,
+            ),
+            None => None,
+        };
+        Ok(Listeners {
+            grpc,
+            client,
+            tls,
+            ws,
+            admin,
+        })
     }
 }
 
@@ -202,6 +228,14 @@ pub async fn run(
         }),
     };
 
+    let archive = match &config.archive_url {
+        Some(url) => Some(Arc::new(
+            crate::archive::Archive::new(url, config.archive_batch).context("invalid --archive-url")?,
+        )),
+        None => None,
+    };
+    let announced = Arc::new(std::sync::atomic::AtomicBool::new(false));
+
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<herald_proto::v1::herald_server::HeraldServer<HeraldApi>>()
@@ -221,6 +255,7 @@ pub async fn run(
             HeraldApi::new(node.clone()),
         ))
         .add_service(PeerService::server(room.clone()))
+        .add_service(crate::archive::ArchiveApi::server(node.clone(), archive.clone()))
         .add_service(health_service)
         .add_service(reflection)
         .serve_with_incoming_shutdown(
@@ -234,6 +269,25 @@ pub async fn run(
     tasks.spawn(crate::housekeeping::run(node.clone()));
     tasks.spawn(room.acks.clone().run(background.clone()));
     tasks.spawn(peers.clone().run(background.clone()));
+    tasks.spawn(crate::admin::run_sampler(node.clone(), background.clone()));
+    match &archive {
+        Some(a) => {
+            tasks.spawn(a.clone().run(raft.clone(), background.clone()));
+        }
+        None => {
+            tasks.spawn(crate::archive::keep_disabled(raft.clone(), background.clone()));
+        }
+    }
+    // The admin server runs until the very end (probes answer "not ready" while draining).
+    let admin_stop = CancellationToken::new();
+    let admin_task = listeners.admin.map(|l| {
+        let state = Arc::new(crate::admin::AdminState {
+            node: node.clone(),
+            announced: announced.clone(),
+            archive: archive.as_ref().map(|a| a.stats.clone()),
+        });
+        tokio::spawn(crate::admin::serve(l, state, admin_stop.clone()))
+    });
     {
         let (c, r, stop) = (coordinator.clone(), raft.clone(), background.clone());
         tasks.spawn(async move { c.run_event_sender(r, stop).await });
@@ -259,10 +313,12 @@ pub async fn run(
         let node = node.clone();
         let accept_stop = accept_stop.clone();
         let conn_tasks = conn_tasks.clone();
+        let announced = announced.clone();
         tasks.spawn(async move {
             if !announce(node.clone()).await {
                 return;
             }
+            announced.store(true, Ordering::Relaxed);
             let acceptor = Acceptor::new(node.room().clone(), conn_tasks);
             if let Some(l) = listeners.client {
                 tokio::spawn(acceptor.clone().run(l, None, accept_stop.clone()));
@@ -273,6 +329,9 @@ pub async fn run(
                     Some(tokio_rustls::TlsAcceptor::from(cfg)),
                     accept_stop.clone(),
                 ));
+            }
+            if let Some(l) = listeners.ws {
+                tokio::spawn(acceptor.clone().run_wrapped(l, Wrap::Ws, accept_stop.clone()));
             }
         });
     }
@@ -294,6 +353,10 @@ pub async fn run(
         raft.shutdown().await;
         grpc_shutdown.cancel();
         let _ = grpc_task.await;
+        admin_stop.cancel();
+        if let Some(t) = admin_task {
+            let _ = t.await;
+        }
     };
     if tokio::time::timeout(Duration::from_secs(10), stop).await.is_err() {
         warn!(node_id = config.id, "shutdown did not finish within 10s");
@@ -307,6 +370,9 @@ pub async fn run(
 /// one entry.
 async fn drain(node: &Node, conn_tasks: &TaskTracker) {
     let room = node.room();
+    if room.connections() > 0 {
+        node.peers().refresh_now(Duration::from_secs(1)).await;
+    }
     let n = room.start_drain();
     conn_tasks.close();
     if n > 0
@@ -341,7 +407,7 @@ async fn announce(node: Node) -> bool {
         grpc_addr: c.grpc_advertise.clone(),
         client_addr: c.client_advertise.clone(),
         tls_addr: c.tls_advertise.clone(),
-        ws_addr: String::new(),
+        ws_addr: c.ws_advertise.clone(),
     };
     let mut delay = Duration::from_millis(100);
     loop {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use herald_proto::peer::peer_client::PeerClient;
 use herald_proto::peer::peer_server::{Peer, PeerServer};
-use herald_proto::peer::{DeliverReply, DeliverRequest};
+use herald_proto::peer::{DeliverReply, DeliverRequest, RatesReply, RatesRequest};
 use herald_raft::{NodeId, Op, RaftNode};
 use parking_lot::RwLock;
 use tokio_util::sync::CancellationToken;
@@ -84,34 +84,9 @@ impl PeerMonitor {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            self.raft.set_load(self.room.connections());
-            let view = self.raft.cluster_view().await;
-            let now = Instant::now();
-            let leader = view.leader == Some(self.raft.id());
-            {
-                let mut st = self.states.write();
-                st.retain(|id, _| view.members.iter().any(|m| m.node_id == *id));
-                for m in &view.members {
-                    let e = st.entry(m.node_id).or_insert(PeerState {
-                        reachable: m.reachable,
-                        last_ok: now,
-                        connections: 0,
-                    });
-                    e.reachable = m.reachable;
-                    if m.reachable {
-                        e.last_ok = now;
-                        e.connections = m.probe.as_ref().map(|p| p.connections).unwrap_or(0);
-                    }
-                }
-                if leader && !was_leader {
-                    // A new leader gives every member a fresh grace period.
-                    for e in st.values_mut() {
-                        e.last_ok = now;
-                    }
-                }
-            }
+            let leader = self.observe(!was_leader).await;
             was_leader = leader;
-            self.refresh_redirects();
+            let now = Instant::now();
             if !leader {
                 declared.clear();
                 continue;
@@ -149,6 +124,47 @@ impl PeerMonitor {
                     Err(e) => warn!(node_id = id, error = %e, "could not declare member down"),
                 }
             }
+        }
+    }
+
+    /// Probes every member now: updates their states and the redirect list; returns whether
+    /// this node leads. `fresh_grace` (a new leader) restarts every member's grace period.
+    async fn observe(&self, fresh_grace: bool) -> bool {
+        self.raft.set_load(self.room.connections());
+        let view = self.raft.cluster_view().await;
+        let now = Instant::now();
+        let leader = view.leader == Some(self.raft.id());
+        {
+            let mut st = self.states.write();
+            st.retain(|id, _| view.members.iter().any(|m| m.node_id == *id));
+            for m in &view.members {
+                let e = st.entry(m.node_id).or_insert(PeerState {
+                    reachable: m.reachable,
+                    last_ok: now,
+                    connections: 0,
+                });
+                e.reachable = m.reachable;
+                if m.reachable {
+                    e.last_ok = now;
+                    e.connections = m.probe.as_ref().map(|p| p.connections).unwrap_or(0);
+                }
+            }
+            if leader && fresh_grace {
+                // A new leader gives every member a fresh grace period.
+                for e in st.values_mut() {
+                    e.last_ok = now;
+                }
+            }
+        }
+        self.refresh_redirects();
+        leader
+    }
+
+    /// Probes the members once more (bounded by `limit`) so a drain right after start-up, before
+    /// the first regular probe saw the peers, still hands its clients somewhere to go.
+    pub async fn refresh_now(&self, limit: Duration) {
+        if tokio::time::timeout(limit, self.observe(false)).await.is_err() {
+            warn!("probing the members before the drain timed out; using the last known redirects");
         }
     }
 
@@ -206,5 +222,12 @@ impl Peer for PeerService {
                 .deliver_direct(&r.app, &r.user, &r.devices, &r.msg_id, &r.payload, r.pushed_at_ms);
         debug!(app = %r.app, user = %r.user, delivered, "qos0 delivered for a peer");
         Ok(Response::new(DeliverReply { delivered }))
+    }
+
+    async fn rates(&self, _request: Request<RatesRequest>) -> Result<Response<RatesReply>, Status> {
+        Ok(Response::new(RatesReply {
+            node_id: self.room.config.node_id,
+            samples: self.room.stats.ops.samples(),
+        }))
     }
 }

@@ -20,5 +20,5 @@ pub mod types;
 pub use error::{StoreError, WriteError};
 pub use log_store::LogStore;
 pub use raft_node::{RaftConfig, RaftNode};
-pub use sm::{StateMachine, StateReader};
+pub use sm::{SnapshotStats, StateMachine, StateReader};
 pub use types::*;

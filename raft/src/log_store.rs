@@ -101,7 +101,15 @@ fn syncer_loop(db: Arc<DB>, rx: mpsc::Receiver<LogFlushed<TypeConfig>>) {
     while let Ok(first) = rx.recv() {
         let mut group = vec![first];
         group.extend(rx.try_iter());
-        match db.flush_wal(true) {
+        // BUG INJECTION (test-only cargo feature `bug-skip-fsync`, for the jepsen suite): report
+        // appends durable without writing the WAL out. With `manual_wal_flush` (set in `open`
+        // under the same feature) the appended entries then sit in RocksDB's in-process WAL
+        // buffer, so a SIGKILL loses them just as a power cut loses unsynced page cache.
+        #[cfg(feature = "bug-skip-fsync")]
+        let flushed: Result<(), rocksdb::Error> = Ok(());
+        #[cfg(not(feature = "bug-skip-fsync"))]
+        let flushed = db.flush_wal(true);
+        match flushed {
             Ok(()) => {
                 for cb in group {
                     cb.log_io_completed(Ok(()));
@@ -130,6 +138,9 @@ impl LogStore {
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
         opts.set_keep_log_file_num(4);
+        // BUG INJECTION (test-only, see `syncer_loop`): keep WAL writes in process memory.
+        #[cfg(feature = "bug-skip-fsync")]
+        opts.set_manual_wal_flush(true);
         let cfs = [CF_LOGS, CF_META].map(|name| {
             let mut cf_opts = Options::default();
             cf_opts.set_compression_type(DBCompressionType::Lz4);

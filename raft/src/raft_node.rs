@@ -495,6 +495,7 @@ impl RaftNode {
                 from: me,
                 target: *id,
                 peers: peers.clone().into_iter().collect(),
+                ..Default::default()
             };
             match self
                 .inner
@@ -652,6 +653,8 @@ impl RaftNode {
             committed_index: m.last_applied.map(|l| l.index).unwrap_or(0),
             state: state_name(m.state).into(),
             connections: *self.inner.load.borrow(),
+            state_hash: 0,
+            state_hash_index: 0,
         }
     }
 
@@ -681,7 +684,7 @@ impl RaftNode {
                     let req = ProbeRequest {
                         from: me.id(),
                         target: id,
-                        peers: Default::default(),
+                        ..Default::default()
                     };
                     me.inner
                         .clients
@@ -738,8 +741,23 @@ impl RaftServiceHooks for Hooks {
         })
     }
 
-    fn probe(&self, _req: ProbeRequest) -> ProbeReply {
-        self.0.probe_reply()
+    fn probe(&self, req: ProbeRequest) -> ProbeReply {
+        let mut reply = self.0.probe_reply();
+        if req.want_state_hash {
+            // Fault tests compare replicas: the hash belongs to an applied index only if nothing
+            // was applied while it was computed.
+            let reader = self.0.reader();
+            let before = reader.applied_index();
+            match reader.state_hash() {
+                Ok(h) if reader.applied_index() == before => {
+                    reply.state_hash = h;
+                    reply.state_hash_index = before;
+                }
+                Ok(_) => {}
+                Err(e) => warn!(error = %e, "state hash failed"),
+            }
+        }
+        reply
     }
 }
 
@@ -753,10 +771,24 @@ fn state_name(s: ServerState) -> &'static str {
     }
 }
 
-/// Wall clock in unix milliseconds (only the leader's is ever used, see `Request::ts_ms`).
+/// Env var shifting this process's wall clock ([`now_ms`]) by a signed number of milliseconds.
+/// **Fault tests only** (the jepsen suite's clock-skew nemesis); never set it in production. Read
+/// once, at the first call.
+pub const CLOCK_OFFSET_ENV: &str = "HERALD_CLOCK_OFFSET_MS";
+
+/// Wall clock in unix milliseconds (only the leader's is ever used, see `Request::ts_ms`),
+/// shifted by [`CLOCK_OFFSET_ENV`] when a fault test set it.
 pub fn now_ms() -> u64 {
-    SystemTime::now()
+    static OFFSET_MS: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+    let offset = *OFFSET_MS.get_or_init(|| {
+        std::env::var(CLOCK_OFFSET_ENV)
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    });
+    let real = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+        .unwrap_or(0);
+    real.saturating_add_signed(offset)
 }

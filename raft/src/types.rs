@@ -117,6 +117,12 @@ pub enum Op {
     Expire { max: u32 },
     /// Drop session events up to and including `upto` from the callback outbox (they were sent).
     EventsDone { upto: u64 },
+    /// Turn the archive outbox on or off: while on, every mailbox message removed by an ack, its
+    /// TTL or the mailbox cap is also appended to the archive outbox (same write batch). Entries
+    /// already in the outbox stay when it is turned off.
+    SetArchive { enabled: bool },
+    /// Drop archive entries up to and including `upto` (they are in the cold archive).
+    ArchiveDone { upto: u64 },
 }
 
 /// What one op did.
@@ -393,6 +399,65 @@ pub struct SessionEvent {
     pub epoch: u64,
     pub node: NodeId,
     pub at_ms: u64,
+}
+
+/// Why a mailbox message left the mailbox (recorded with it in the archive).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ArchiveOutcome {
+    /// Every device it was for acked it.
+    Acked,
+    /// Its TTL passed (by log time).
+    Expired,
+    /// The user's mailbox cap pushed it out.
+    Trimmed,
+}
+
+impl ArchiveOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ArchiveOutcome::Acked => "acked",
+            ArchiveOutcome::Expired => "expired",
+            ArchiveOutcome::Trimmed => "trimmed",
+        }
+    }
+}
+
+/// A removed mailbox message waiting in the archive outbox for the cold archive.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ArchivedMessage {
+    /// Position in the archive outbox: gapless, increasing, never reused.
+    pub id: u64,
+    pub app: String,
+    pub user: String,
+    pub message: StoredMessage,
+    /// Log time it was removed, and why.
+    pub removed_ms: u64,
+    pub outcome: ArchiveOutcome,
+}
+
+/// The archive outbox's bookkeeping: the outbox is the contiguous id range `[first, next_id)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArchiveState {
+    /// Whether removed messages are archived (`Op::SetArchive`).
+    pub enabled: bool,
+    /// Id the next archived message gets (first is 1).
+    pub next_id: u64,
+    /// Lowest id still in the outbox (== next_id when empty); everything below was archived or
+    /// dropped.
+    pub first: u64,
+    /// Entries dropped because the outbox was full (never archived).
+    pub dropped: u64,
+}
+
+impl Default for ArchiveState {
+    fn default() -> Self {
+        ArchiveState {
+            enabled: false,
+            next_id: 1,
+            first: 1,
+            dropped: 0,
+        }
+    }
 }
 
 /// What one applied entry did that nodes act on (deliver, kick, fan out, call back).

@@ -51,6 +51,11 @@ impl Herald for HeraldApi {
             .into());
         }
         let qos = req.qos();
+        let ops = &self.node.room().stats.ops;
+        match qos {
+            pb::Qos::AtMostOnce => ops.pushes_qos0.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            pb::Qos::AtLeastOnce => ops.pushes_qos1.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        };
         let msg_id = if req.msg_id.is_empty() {
             self.node.new_msg_id()
         } else {
@@ -84,6 +89,22 @@ impl Herald for HeraldApi {
             ttl_ms: req.ttl_ms,
             idempotency_key: Some(req.idempotency_key).filter(|k| !k.is_empty()),
         });
+        // BUG INJECTION (test-only cargo feature `bug-ack-before-commit`, for the jepsen suite):
+        // answer the pusher as soon as the write is proposed, before it commits.
+        #[cfg(feature = "bug-ack-before-commit")]
+        {
+            let msg_id = match &op {
+                Op::Enqueue(e) => e.msg_id.clone(),
+                _ => String::new(),
+            };
+            let raft = self.node.raft().clone();
+            tokio::spawn(async move { raft.write_one(op).await });
+            return Ok(Response::new(pb::PushReply {
+                msg_id,
+                ..Default::default()
+            }));
+        }
+        #[allow(unreachable_code)]
         let (result, log_index) = self.node.raft().write_one(op).await.map_err(ApiError::from)?;
         match result {
             OpResult::Enqueued(e) => Ok(Response::new(pb::PushReply {
@@ -488,6 +509,12 @@ impl HeraldApi {
             ))
             .into());
         }
+        self.node
+            .room()
+            .stats
+            .ops
+            .publishes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let msg_id = if msg_id.is_empty() {
             self.node.new_msg_id()
         } else {

@@ -1,8 +1,15 @@
-//! The `herald` client commands: thin wrappers over the gRPC API.
+//! The `herald` client commands: thin wrappers over the gRPC API (`messages`: push, broadcast,
+//! publish, status, delivery, kick) and the SDK (`listen`). Every command prints JSON on stdout
+//! (one document, or one line per item or event) and its errors as one `error: ...` line on
+//! stderr.
 //!
 //! Exit codes a script can rely on: 0 success, 2 usage error, 3 cluster unavailable or unreachable,
-//! 4 refused (invalid argument, not found, permission, already exists), 5 outcome unknown (a write
-//! that timed out may still commit), 1 anything else.
+//! 4 refused (invalid argument, not found, permission, already exists, bad token), 5 outcome
+//! unknown (a write that timed out may still commit), 6 `listen --count` timed out before the
+//! count, 1 anything else.
+
+pub mod listen;
+pub mod messages;
 
 use std::time::Duration;
 

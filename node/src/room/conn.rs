@@ -602,6 +602,11 @@ where
                     pushed_at_ms: m.pushed_ms,
                 }));
                 frames += 1;
+                self.room
+                    .stats
+                    .ops
+                    .delivery_latency
+                    .observe_since(m.pushed_ms, now_ms());
             }
         }
         for (a, b) in hole_iter {

@@ -1,5 +1,5 @@
-//! Accept loops for the client listeners (plain TCP and TLS), with the connection cap and a
-//! per-source-IP accept rate limit applied before any per-connection state exists.
+//! Accept loops for the client listeners (plain TCP, TLS and WebSocket), with the connection cap
+//! and a per-source-IP accept rate limit applied before any per-connection state exists.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -17,7 +17,29 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use super::{conn, Room};
+use super::{conn, ws, Room};
+use crate::admin::metrics::Transport;
+
+/// What a listener does with an accepted socket before the client protocol starts.
+#[derive(Clone)]
+pub enum Wrap {
+    /// Frames right away.
+    Plain,
+    /// A TLS handshake first.
+    Tls(TlsAcceptor),
+    /// A WebSocket handshake first (HTTP upgrade on any path); frames travel in binary messages.
+    Ws,
+}
+
+impl Wrap {
+    fn transport(&self) -> Transport {
+        match self {
+            Wrap::Plain => Transport::Tcp,
+            Wrap::Tls(_) => Transport::Tls,
+            Wrap::Ws => Transport::Ws,
+        }
+    }
+}
 
 /// Binds a listener with a deep accept backlog (a burst of connects must not overflow it).
 pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
@@ -93,7 +115,21 @@ impl Acceptor {
         tls: Option<TlsAcceptor>,
         shutdown: CancellationToken,
     ) {
-        let kind = if tls.is_some() { "tls" } else { "tcp" };
+        let wrap = match tls {
+            Some(t) => Wrap::Tls(t),
+            None => Wrap::Plain,
+        };
+        self.run_wrapped(listener, wrap, shutdown).await
+    }
+
+    /// Accepts until `shutdown`, doing `wrap`'s handshake before the client protocol.
+    pub async fn run_wrapped(
+        self: Arc<Self>,
+        listener: TcpListener,
+        wrap: Wrap,
+        shutdown: CancellationToken,
+    ) {
+        let kind = wrap.transport().name();
         if let Ok(a) = listener.local_addr() {
             info!(addr = %a, transport = kind, "client listener up");
         }
@@ -119,7 +155,7 @@ impl Acceptor {
                 debug!(%peer, "accept rate limit");
                 self.refuse(
                     stream,
-                    tls.clone(),
+                    wrap.clone(),
                     ErrorCode::RateLimited,
                     "too many new connections from this address",
                 );
@@ -129,30 +165,49 @@ impl Acceptor {
                 self.room.stats.rejected_busy.fetch_add(1, Ordering::Relaxed);
                 self.refuse(
                     stream,
-                    tls.clone(),
+                    wrap.clone(),
                     ErrorCode::ServerBusy,
                     "connection limit reached; try another node",
                 );
                 continue;
             };
             let room = self.room.clone();
-            let tls = tls.clone();
+            let wrap = wrap.clone();
             let handshake_timeout = room.config.auth_timeout;
             self.tracker.spawn(async move {
-                match tls {
-                    None => {
+                let transport = wrap.transport();
+                match wrap {
+                    Wrap::Plain => {
                         let shared = room.add_conn(peer);
-                        conn::serve(room, shared, stream).await;
+                        room.stats.ops.conn_opened(transport);
+                        conn::serve(room.clone(), shared, stream).await;
+                        room.stats.ops.conn_closed(transport);
                     }
-                    Some(acceptor) => {
+                    Wrap::Tls(acceptor) => {
                         match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                             Ok(Ok(s)) => {
                                 let shared = room.add_conn(peer);
+                                room.stats.ops.conn_opened(transport);
                                 // Boxed: a TLS stream is large, and only TLS connections pay for it.
-                                conn::serve(room, shared, Box::new(s)).await;
+                                conn::serve(room.clone(), shared, Box::new(s)).await;
+                                room.stats.ops.conn_closed(transport);
                             }
                             Ok(Err(e)) => debug!(%peer, error = %e, "tls handshake failed"),
                             Err(_) => debug!(%peer, "tls handshake timed out"),
+                        }
+                    }
+                    Wrap::Ws => {
+                        let handshake =
+                            tokio_tungstenite::accept_async_with_config(stream, Some(ws::config()));
+                        match tokio::time::timeout(handshake_timeout, handshake).await {
+                            Ok(Ok(s)) => {
+                                let shared = room.add_conn(peer);
+                                room.stats.ops.conn_opened(transport);
+                                conn::serve(room.clone(), shared, Box::new(ws::WsStream::new(s))).await;
+                                room.stats.ops.conn_closed(transport);
+                            }
+                            Ok(Err(e)) => debug!(%peer, error = %e, "websocket handshake failed"),
+                            Err(_) => debug!(%peer, "websocket handshake timed out"),
                         }
                     }
                 }
@@ -162,7 +217,7 @@ impl Acceptor {
     }
 
     /// Tells a refused client why (best effort, bounded) and closes.
-    fn refuse(&self, stream: TcpStream, tls: Option<TlsAcceptor>, code: ErrorCode, msg: &'static str) {
+    fn refuse(&self, stream: TcpStream, wrap: Wrap, code: ErrorCode, msg: &'static str) {
         let frame = herald_proto::frame::encode_to_bytes(&Frame {
             kind: Some(Kind::Error(herald_proto::client::Error {
                 session_id: 0,
@@ -172,14 +227,23 @@ impl Acceptor {
         });
         self.tracker.spawn(async move {
             let _ = tokio::time::timeout(Duration::from_secs(2), async move {
-                match tls {
-                    None => {
+                match wrap {
+                    Wrap::Plain => {
                         let mut s = stream;
                         let _ = s.write_all(&frame).await;
                         let _ = s.shutdown().await;
                     }
-                    Some(a) => {
+                    Wrap::Tls(a) => {
                         if let Ok(mut s) = a.accept(stream).await {
+                            let _ = s.write_all(&frame).await;
+                            let _ = s.shutdown().await;
+                        }
+                    }
+                    Wrap::Ws => {
+                        if let Ok(s) =
+                            tokio_tungstenite::accept_async_with_config(stream, Some(ws::config())).await
+                        {
+                            let mut s = ws::WsStream::new(s);
                             let _ = s.write_all(&frame).await;
                             let _ = s.shutdown().await;
                         }

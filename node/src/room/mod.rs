@@ -13,6 +13,7 @@ pub mod listener;
 pub mod observer;
 pub mod outbox;
 pub mod tls;
+pub mod ws;
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -69,6 +70,8 @@ pub struct RoomStats {
     pub rejected_auth: AtomicU64,
     pub rejected_rate: AtomicU64,
     pub rejected_busy: AtomicU64,
+    /// Latency histogram, per-transport gauges, API push counters, load samples (admin metrics).
+    pub ops: crate::admin::metrics::OpsStats,
 }
 
 /// A session as the local indexes know it.
@@ -341,6 +344,18 @@ impl Room {
         self.users.get(app, user)
     }
 
+    /// Local sessions per app (metrics, dashboard). Walks the index: for scrapes, not hot paths.
+    pub fn sessions_by_app(&self) -> std::collections::BTreeMap<String, u64> {
+        let mut out = std::collections::BTreeMap::new();
+        for s in &self.users.shards {
+            for (app, users) in s.read().iter() {
+                *out.entry(app.to_string()).or_insert(0) +=
+                    users.values().map(|v| v.len() as u64).sum::<u64>();
+            }
+        }
+        out
+    }
+
     /// All local sessions (drain, node down).
     pub fn all_sessions(&self) -> Vec<LocalSession> {
         self.users.all()
@@ -377,6 +392,8 @@ impl Room {
             }
         });
         self.stats.deliveries.fetch_add(n as u64, Ordering::Relaxed);
+        let lag = herald_raft::raft_node::now_ms().saturating_sub(msg.pushed_ms);
+        self.stats.ops.delivery_latency.observe_n(lag, n as u64);
         n
     }
 

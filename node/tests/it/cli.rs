@@ -67,6 +67,12 @@ async fn every_subcommand_has_a_valid_definition() {
         &["apps", "get"],
         &["token"],
         &["push"],
+        &["broadcast"],
+        &["publish"],
+        &["status"],
+        &["delivery"],
+        &["kick"],
+        &["listen"],
     ];
     for cmd in commands {
         let mut args = cmd.to_vec();

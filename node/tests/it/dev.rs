@@ -176,7 +176,8 @@ async fn dev_detach_starts_serves_stops_and_reuses_its_data() {
     let dir = tmp.path().join("herald-dev");
     let _guard = DevGuard { dir: dir.clone() };
     // dev uses base+1..=3 (gRPC), base+11..=13 (TCP clients) and base+21..=23 (TLS clients).
-    let base = free_port_block(30);
+    // ... plus base+31..=33 (admin HTTP) and base+41..=43 (WebSocket clients).
+    let base = free_port_block(50);
 
     let first = dev_up(&dir, base).await;
     assert_eq!(push(&first, 0).await, 1);

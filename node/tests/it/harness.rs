@@ -340,6 +340,20 @@ pub async fn herald_admin(addr: &str, args: &[&str]) -> Output {
     herald(&all).await
 }
 
+/// Starts `herald <args>` in a clean environment with stdout and stderr piped, for commands that
+/// run until they are stopped (`herald listen`). The process is killed when the handle drops.
+pub fn herald_spawn(args: &[&str]) -> tokio::process::Child {
+    let mut cmd = Command::new(herald_bin());
+    clean_env(&mut cmd);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut cmd = tokio::process::Command::from(cmd);
+    cmd.kill_on_drop(true);
+    cmd.spawn().expect("cannot run the herald binary")
+}
+
 /// Runs `herald <args>` with extra environment variables; killed and a panic after `limit`.
 pub async fn herald_with(args: &[&str], env: &[(&str, &str)], limit: Duration) -> Output {
     let mut cmd = Command::new(herald_bin());

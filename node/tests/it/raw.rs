@@ -71,11 +71,14 @@ impl Raw {
     pub async fn send(&mut self, kind: Kind) -> Result<()> {
         let b = frame::encode_to_bytes(&Frame { kind: Some(kind) });
         self.io.write_all(&b).await?;
+        // Needed by the WebSocket stream (one flush, one message); a no-op on TCP.
+        self.io.flush().await?;
         Ok(())
     }
 
     pub async fn send_bytes(&mut self, b: &[u8]) -> Result<()> {
         self.io.write_all(b).await?;
+        self.io.flush().await?;
         Ok(())
     }
 

@@ -721,3 +721,192 @@ async fn tls_clients_connect_with_the_dev_ca() {
         .await
         .is_err());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn limits_and_timeouts_close_only_the_offending_connection() {
+    let mut c = Cluster::new(3);
+    for id in c.ids() {
+        c.spec_mut(id).extra_args.extend(
+            [
+                "--max-connections",
+                "3",
+                "--auth-timeout-ms",
+                "1000",
+                "--client-heartbeat-ms",
+                "1000",
+                "--client-heartbeat-min-ms",
+                "500",
+            ]
+            .map(String::from),
+        );
+    }
+    c.start_all();
+    c.wait_leader().await;
+    let app = c.create_app("limits").await;
+    let addr = c.client_addr(1).to_string();
+    let mut good = Raw::connect(&addr).await.unwrap();
+    good.hello(&who(&app, "good", "phone"), 0).await.unwrap();
+    // The well-behaved client asks for a longer heartbeat (a phone on a quiet network would),
+    // so the server's idle timeout for it is far beyond this test.
+    good.send(Kind::Ping(pc::Ping {
+        id: 7,
+        interval_ms: 20_000,
+    }))
+    .await
+    .unwrap();
+    good.until(|k| matches!(k, Kind::Pong(p) if p.id == 7).then_some(()))
+        .await
+        .unwrap();
+
+    // No HELLO within the auth timeout.
+    let mut silent = Raw::connect(&addr).await.unwrap();
+    let k = silent.recv_within(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(error_code(&k), Some(ErrorCode::AuthTimeout));
+    assert!(silent.closed_within(Duration::from_secs(5)).await);
+
+    // The connection cap: two more fit, the next is refused as busy.
+    let mut a = Raw::connect(&addr).await.unwrap();
+    a.hello(&who(&app, "a", "phone"), 0).await.unwrap();
+    let mut b = Raw::connect(&addr).await.unwrap();
+    b.hello(&who(&app, "b", "phone"), 0).await.unwrap();
+    let mut over = Raw::connect(&addr).await.unwrap();
+    assert_eq!(
+        error_code(&over.recv().await.unwrap()),
+        Some(ErrorCode::ServerBusy)
+    );
+    drop((a, b));
+
+    // A client that stops sending anything is closed after 2.5 heartbeats (1 s here).
+    let mut idle = eventually("a free connection slot", NODE_WAIT, || {
+        let addr = addr.clone();
+        let me = who(&app, "idle", "phone");
+        async move {
+            let mut r = Raw::connect(&addr).await?;
+            r.hello(&me, 0).await?;
+            Ok(r)
+        }
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let (bye, _) = idle
+        .until(|k| {
+            if let Kind::Bye(b) = k {
+                Some(b.clone())
+            } else {
+                None
+            }
+        })
+        .await
+        .expect("closed for idleness");
+    assert!(bye.reason.contains("idle"), "{bye:?}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+
+    // The well-behaved client pinged meanwhile and still receives.
+    good.ping(1).await.unwrap();
+    app.push_acked(c.grpc_addr(2), "good", "still here", "k1").await;
+    assert_eq!(payload(&good.pushes(1).await.unwrap()[0]), "still here");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_drains_clients_to_other_nodes_and_loses_nothing() {
+    let mut c = Cluster::start(3).await;
+    let app = c.create_app("drain").await;
+    let me = who(&app, "jack", "phone");
+    let mut raw = Raw::connect(c.client_addr(3)).await.unwrap();
+    raw.hello(&me, 0).await.unwrap();
+    app.push_acked(c.grpc_addr(1), "jack", "before", "k0").await;
+    let got = raw.pushes(1).await.unwrap();
+    raw.ack(1, got[0].seq).await.unwrap();
+    raw.ping(1).await.unwrap();
+    c.sigterm(3);
+    let (bye, _) = raw
+        .until(|k| {
+            if let Kind::Bye(b) = k {
+                Some(b.clone())
+            } else {
+                None
+            }
+        })
+        .await
+        .unwrap();
+    assert_eq!(bye.reason, "draining");
+    let expected: Vec<String> = vec![c.client_addr(1).to_string(), c.client_addr(2).to_string()];
+    assert!(
+        !bye.redirect.is_empty() && bye.redirect.iter().all(|a| expected.contains(a)),
+        "{bye:?}"
+    );
+    assert!(raw.closed_within(Duration::from_secs(10)).await);
+    // Pushes while the client moves are stored; the client resumes on a redirect target.
+    app.push_acked(c.grpc_addr(1), "jack", "during", "k1").await;
+    let mut moved = Raw::connect(&bye.redirect[0]).await.unwrap();
+    let w = moved.hello(&me, got[0].seq).await.unwrap();
+    assert_ne!(w.node_id, 3);
+    let p = moved.pushes(1).await.unwrap();
+    assert_eq!(
+        (p[0].seq, payload(&p[0]).as_str()),
+        (2, "during"),
+        "nothing lost, nothing repeated"
+    );
+    let status = c.wait_exit(3, Duration::from_secs(20)).await;
+    assert!(status.success(), "the drained node exits cleanly");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_unreachable_past_the_timeout_is_declared_down() {
+    let mut c = Cluster::new(3);
+    for id in c.ids() {
+        c.spec_mut(id)
+            .extra_args
+            .extend(["--node-down-timeout-ms".into(), "2000".into()]);
+    }
+    c.start_all();
+    let leader = c.wait_leader().await;
+    let app = c.create_app("down").await;
+    let victim = c.ids().into_iter().find(|id| *id != leader).unwrap();
+    let mut raw = Raw::connect(c.client_addr(victim)).await.unwrap();
+    raw.hello(&who(&app, "kate", "phone"), 0).await.unwrap();
+    let mut grpc = c.client(leader).await;
+    let status = |grpc: &mut herald_proto::v1::herald_client::HeraldClient<tonic::transport::Channel>| {
+        let mut grpc = grpc.clone();
+        let app = app.clone();
+        async move {
+            grpc.status(app.request(pb::StatusRequest {
+                app: app.id.clone(),
+                user: "kate".into(),
+            }))
+            .await
+            .map(|r| r.into_inner())
+        }
+    };
+    assert!(status(&mut grpc).await.unwrap().online);
+    c.pause(victim);
+    eventually("the paused node's session to go offline", NODE_WAIT, || {
+        let f = status(&mut grpc);
+        async move {
+            let s = f.await?;
+            anyhow::ensure!(!s.online, "still online: {:?}", s.sessions);
+            Ok(())
+        }
+    })
+    .await;
+    // Pushes meanwhile are stored; when the node comes back its stale session is told to move.
+    app.push_acked(c.grpc_addr(leader), "kate", "while down", "k1")
+        .await;
+    c.resume(victim);
+    let (k, _) = raw
+        .until(|k| {
+            if let Kind::Kicked(k) = k {
+                Some(k.clone())
+            } else {
+                None
+            }
+        })
+        .await
+        .unwrap();
+    assert_eq!(k.code(), KickReason::NodeDown);
+    let other = c.ids().into_iter().find(|id| *id != victim).unwrap();
+    let mut again = Raw::connect(c.client_addr(other)).await.unwrap();
+    again.hello(&who(&app, "kate", "phone"), 0).await.unwrap();
+    let p = again.pushes(1).await.unwrap();
+    assert_eq!(payload(&p[0]), "while down");
+}

@@ -17,6 +17,9 @@ use crate::types::*;
 pub(crate) const IDEMPOTENCY_TTL_MS: u64 = 24 * 3600 * 1000;
 /// The callback outbox holds at most this many events; past it the oldest is dropped (counted).
 pub(crate) const OUTBOX_CAP: u64 = 100_000;
+/// The archive outbox holds at most this many removed messages; past it the oldest is dropped
+/// (counted in [`ArchiveState::dropped`]), so a cold archive that is down never blocks apply.
+pub(crate) const ARCHIVE_CAP: u64 = 100_000;
 /// Expire skips index entries whose target is gone (left by DeleteApp) without counting them
 /// against `max`; this bounds how many such entries one Expire op looks at.
 pub(crate) const EXPIRE_ORPHAN_SCAN: usize = 10_000;
@@ -65,6 +68,10 @@ pub(crate) struct Applier<'a> {
     events: Vec<ApplyEvent>,
     /// Whether the entry being applied added outbox events (then it reports EventsPending).
     outbox_grew: bool,
+    /// The archive outbox's bookkeeping, read on first use in this apply call; `dirty` once
+    /// changed (written back by [`Applier::finish`]).
+    archive: Option<ArchiveState>,
+    archive_dirty: bool,
 }
 
 fn reject_unknown(app: &str) -> OpResult {
@@ -96,7 +103,20 @@ impl<'a> Applier<'a> {
             clocks,
             events: Vec::new(),
             outbox_grew: false,
+            archive: None,
+            archive_dirty: false,
         }
+    }
+
+    /// Writes what the apply call changed in the bookkeeping kept outside [`Clocks`] into the
+    /// overlay (call once, after the last entry).
+    pub(crate) fn finish(&mut self) -> Result<(), StoreError> {
+        if std::mem::take(&mut self.archive_dirty) {
+            if let Some(state) = self.archive {
+                self.txn.put(Cf::Meta, keys::META_ARCHIVE.to_vec(), &state)?;
+            }
+        }
+        Ok(())
     }
 
     /// The events of the entry just applied (EventsPending last when the outbox grew).
@@ -148,7 +168,77 @@ impl<'a> Applier<'a> {
             Op::Publish(p) => self.publish(p),
             Op::Expire { max } => self.expire(*max),
             Op::EventsDone { upto } => self.events_done(*upto),
+            Op::SetArchive { enabled } => {
+                let mut st = self.archive_state()?;
+                st.enabled = *enabled;
+                self.set_archive_state(st);
+                Ok(OpResult::Done)
+            }
+            Op::ArchiveDone { upto } => self.archive_done(*upto),
         }
+    }
+
+    // ---- archive outbox ---------------------------------------------------------------------
+
+    fn archive_state(&mut self) -> Result<ArchiveState, StoreError> {
+        if let Some(st) = self.archive {
+            return Ok(st);
+        }
+        let st = self.txn.get(Cf::Meta, keys::META_ARCHIVE)?.unwrap_or_default();
+        self.archive = Some(st);
+        Ok(st)
+    }
+
+    fn set_archive_state(&mut self, st: ArchiveState) {
+        self.archive = Some(st);
+        self.archive_dirty = true;
+    }
+
+    /// Appends a message just removed from a mailbox to the archive outbox, if archiving is on.
+    /// Bounded: past [`ARCHIVE_CAP`] the oldest entry is dropped and counted.
+    fn archive_removed(
+        &mut self,
+        app: &str,
+        user: &str,
+        msg: &StoredMessage,
+        outcome: ArchiveOutcome,
+    ) -> Result<(), StoreError> {
+        let mut st = self.archive_state()?;
+        if !st.enabled {
+            return Ok(());
+        }
+        let id = st.next_id;
+        st.next_id += 1;
+        let entry = ArchivedMessage {
+            id,
+            app: app.to_string(),
+            user: user.to_string(),
+            message: msg.clone(),
+            removed_ms: self.now(),
+            outcome,
+        };
+        self.txn.put(Cf::Archive, keys::archive(id), &entry)?;
+        if st.next_id - st.first > ARCHIVE_CAP {
+            self.txn.delete(Cf::Archive, keys::archive(st.first));
+            st.first += 1;
+            st.dropped += 1;
+        }
+        self.set_archive_state(st);
+        Ok(())
+    }
+
+    fn archive_done(&mut self, upto: u64) -> Result<OpResult, StoreError> {
+        let mut st = self.archive_state()?;
+        let end = upto.saturating_add(1).min(st.next_id);
+        if st.first >= end {
+            return Ok(OpResult::Done);
+        }
+        while st.first < end {
+            self.txn.delete(Cf::Archive, keys::archive(st.first));
+            st.first += 1;
+        }
+        self.set_archive_state(st);
+        Ok(OpResult::Done)
     }
 
     // ---- apps -------------------------------------------------------------------------------
@@ -563,6 +653,7 @@ impl<'a> Applier<'a> {
                     break;
                 };
                 self.remove_message(&e.app, &t.user, &oldest)?;
+                self.archive_removed(&e.app, &t.user, &oldest, ArchiveOutcome::Trimmed)?;
                 meta.count -= 1;
                 meta.trimmed_upto = meta.trimmed_upto.max(oldest.seq);
                 counters.trimmed += 1;
@@ -642,6 +733,7 @@ impl<'a> Applier<'a> {
                 break;
             }
             self.remove_message(app, user, &msg)?;
+            self.archive_removed(app, user, &msg, ArchiveOutcome::Acked)?;
             meta.count = meta.count.saturating_sub(1);
             removed += 1;
             from = msg.seq + 1;
@@ -757,6 +849,7 @@ impl<'a> Applier<'a> {
                         match msg {
                             Some(m) if m.expires_ms == expires_ms => {
                                 self.remove_message(&app, &user, &m)?;
+                                self.archive_removed(&app, &user, &m, ArchiveOutcome::Expired)?;
                                 let mut meta = self.mail_meta(&app, &user)?;
                                 meta.count = meta.count.saturating_sub(1);
                                 meta.expired_upto = meta.expired_upto.max(m.seq);

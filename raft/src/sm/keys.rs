@@ -39,12 +39,14 @@ pub(crate) enum Cf {
     Counters,
     /// event id BE -> SessionEvent : the callback outbox
     Outbox,
+    /// archive id BE -> ArchivedMessage : the archive outbox (removed messages for the cold archive)
+    Archive,
     /// fixed names -> bookkeeping (last applied, membership, clocks, counters)
     Meta,
 }
 
 impl Cf {
-    pub(crate) const ALL: [Cf; 15] = [
+    pub(crate) const ALL: [Cf; 16] = [
         Cf::Apps,
         Cf::Nodes,
         Cf::Sessions,
@@ -59,6 +61,7 @@ impl Cf {
         Cf::Expiry,
         Cf::Counters,
         Cf::Outbox,
+        Cf::Archive,
         Cf::Meta,
     ];
 
@@ -78,6 +81,7 @@ impl Cf {
             Cf::Expiry => "expiry",
             Cf::Counters => "counters",
             Cf::Outbox => "outbox",
+            Cf::Archive => "archive",
             Cf::Meta => "meta",
         }
     }
@@ -102,6 +106,8 @@ impl Cf {
 pub(crate) const META_LAST_APPLIED: &[u8] = b"last_applied";
 pub(crate) const META_MEMBERSHIP: &[u8] = b"membership";
 pub(crate) const META_CLOCKS: &[u8] = b"clocks";
+/// The archive outbox's [`ArchiveState`](crate::types::ArchiveState); absent = default (off).
+pub(crate) const META_ARCHIVE: &[u8] = b"archive";
 
 /// Expiry index kinds; the byte after the time orders messages before keys at equal times.
 pub(crate) const EXPIRY_MESSAGE: u8 = 0;
@@ -219,6 +225,9 @@ pub(crate) fn idem(app: &str, key: &str) -> Vec<u8> {
     KeyBuf::new().str(app).str(key).done()
 }
 pub(crate) fn outbox(id: u64) -> Vec<u8> {
+    KeyBuf::new().u64(id).done()
+}
+pub(crate) fn archive(id: u64) -> Vec<u8> {
     KeyBuf::new().u64(id).done()
 }
 

@@ -59,6 +59,33 @@ pub(crate) struct Shared {
     log_time: AtomicU64,
     /// Broadcasts `applied` to `wait_applied` callers.
     applied_tx: watch::Sender<u64>,
+    /// Snapshot counters for metrics (see [`SnapshotStats`]).
+    snapshots_built: AtomicU64,
+    snapshots_installed: AtomicU64,
+    snapshot_build_ms_total: AtomicU64,
+    snapshot_build_ms_last: AtomicU64,
+}
+
+/// What this replica did with snapshots since it started (for metrics).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SnapshotStats {
+    /// Snapshots built here, and how long they took (all of them, and the last one).
+    pub built: u64,
+    pub build_ms_total: u64,
+    pub build_ms_last: u64,
+    /// Snapshots received from a leader and installed.
+    pub installed: u64,
+}
+
+impl Shared {
+    pub(crate) fn snapshot_stats(&self) -> SnapshotStats {
+        SnapshotStats {
+            built: self.snapshots_built.load(Ordering::Relaxed),
+            build_ms_total: self.snapshot_build_ms_total.load(Ordering::Relaxed),
+            build_ms_last: self.snapshot_build_ms_last.load(Ordering::Relaxed),
+            installed: self.snapshots_installed.load(Ordering::Relaxed),
+        }
+    }
 }
 
 impl Shared {
@@ -226,6 +253,10 @@ impl StateMachine {
             applied: AtomicU64::new(index),
             log_time: AtomicU64::new(clocks.log_time_ms),
             applied_tx,
+            snapshots_built: AtomicU64::new(0),
+            snapshots_installed: AtomicU64::new(0),
+            snapshot_build_ms_total: AtomicU64::new(0),
+            snapshot_build_ms_last: AtomicU64::new(0),
         });
         tracing::info!(path = %dir.display(), gen, applied = index, "state machine opened");
         let mut sm = StateMachine {
@@ -296,6 +327,7 @@ impl StateMachine {
             responses.push(response);
             events.push((entry.log_id.index, applier.take_events()));
         }
+        applier.finish().map_err(sm_write_err)?;
         let clocks = applier.clocks.clone();
         let mut txn = applier.txn;
         let meta = (|| {
@@ -439,7 +471,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         snapshot: Box<SnapshotDir>,
     ) -> Result<(), StorageError> {
         self.install(meta, &snapshot.path)
-            .map_err(|e| snap_write_err(Some(meta), e))
+            .map_err(|e| snap_write_err(Some(meta), e))?;
+        self.shared.snapshots_installed.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
@@ -465,6 +499,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
         let db = self.shared.db();
         let snapshots = self.snapshots.clone();
+        let started = std::time::Instant::now();
         let built = tokio::task::spawn_blocking(move || {
             let built = snapshot::build(&db, &snapshots)?;
             snapshot::prune(&snapshots)?;
@@ -473,7 +508,13 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         .await
         .map_err(|e| StorageError::from(StorageIOError::write_snapshot(None, AnyError::new(&e))))?;
         let (meta, path) = built.map_err(|e| snap_write_err(None, e))?;
-        tracing::info!(snapshot_id = %meta.snapshot_id, "snapshot built");
+        let ms = started.elapsed().as_millis() as u64;
+        self.shared.snapshots_built.fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .snapshot_build_ms_total
+            .fetch_add(ms, Ordering::Relaxed);
+        self.shared.snapshot_build_ms_last.store(ms, Ordering::Relaxed);
+        tracing::info!(snapshot_id = %meta.snapshot_id, took_ms = ms, "snapshot built");
         Ok(Snapshot {
             meta,
             snapshot: Box::new(SnapshotDir { path }),

@@ -60,6 +60,11 @@ impl StateReader {
         let _ = rx.wait_for(|applied| *applied >= index).await;
     }
 
+    /// Snapshots built and installed by this replica since it started.
+    pub fn snapshot_stats(&self) -> super::SnapshotStats {
+        self.shared.snapshot_stats()
+    }
+
     /// Log time after the last applied entry.
     pub fn log_time_ms(&self) -> u64 {
         self.shared.log_time.load(Ordering::Acquire)
@@ -205,6 +210,25 @@ impl StateReader {
             .into_iter()
             .map(|(k, v)| decode(Cf::Outbox, &k, &v))
             .collect()
+    }
+
+    /// Up to `limit` archive outbox entries with id > `after_id`, in id order.
+    pub fn archive_since(&self, after_id: u64, limit: usize) -> Result<Vec<ArchivedMessage>, StoreError> {
+        let db = self.db();
+        let lo = keys::archive(after_id.saturating_add(1));
+        Txn::new(&db)
+            .scan(Cf::Archive, &lo, &[0xff; 9], limit)?
+            .into_iter()
+            .map(|(k, v)| decode(Cf::Archive, &k, &v))
+            .collect()
+    }
+
+    /// The archive outbox's bookkeeping (whether archiving is on, its id range, drops).
+    pub fn archive_state(&self) -> Result<ArchiveState, StoreError> {
+        let db = self.db();
+        Ok(Txn::new(&db)
+            .get(Cf::Meta, keys::META_ARCHIVE)?
+            .unwrap_or_default())
     }
 
     /// Events dropped because the outbox was full.

@@ -95,7 +95,13 @@ struct Model {
     idem: BTreeMap<UserKey, (u64, OpResult)>,
     counters: BTreeMap<String, AppCounters>,
     outbox: BTreeMap<u64, SessionEvent>,
+    /// The archive outbox: removed messages while archiving is on, bounded by ARCHIVE_CAP.
+    archive: BTreeMap<u64, ArchivedMessage>,
+    archive_state: ArchiveState,
 }
+
+/// The store's archive outbox cap (raft/src/sm/apply.rs); the model applies the same bound.
+const ARCHIVE_CAP: u64 = 100_000;
 
 fn dk(app: &str, user: &str, device: &str) -> DevKey {
     (app.to_string(), user.to_string(), device.to_string())
@@ -121,6 +127,34 @@ impl Model {
             idem: BTreeMap::new(),
             counters: BTreeMap::new(),
             outbox: BTreeMap::new(),
+            archive: BTreeMap::new(),
+            archive_state: ArchiveState::default(),
+        }
+    }
+
+    /// A message left a mailbox: into the archive outbox if archiving is on.
+    fn archive_removed(&mut self, app: &str, user: &str, msg: StoredMessage, outcome: ArchiveOutcome) {
+        let st = &mut self.archive_state;
+        if !st.enabled {
+            return;
+        }
+        let id = st.next_id;
+        st.next_id += 1;
+        self.archive.insert(
+            id,
+            ArchivedMessage {
+                id,
+                app: app.to_string(),
+                user: user.to_string(),
+                message: msg,
+                removed_ms: self.log_time,
+                outcome,
+            },
+        );
+        if st.next_id - st.first > ARCHIVE_CAP {
+            self.archive.remove(&st.first);
+            st.first += 1;
+            st.dropped += 1;
         }
     }
 
@@ -367,16 +401,20 @@ impl Model {
                             expires_ms,
                         },
                     );
-                    let mut trimmed = 0;
+                    let mut trimmed = Vec::new();
                     while held.len() > app.limits.mailbox_cap as usize {
-                        let (oldest, _) = held.pop_first().expect("non-empty");
+                        let (oldest, m) = held.pop_first().expect("non-empty");
                         meta.trimmed_upto = meta.trimmed_upto.max(oldest);
-                        trimmed += 1;
+                        trimmed.push(m);
                     }
                     meta.count = held.len() as u64;
+                    let trimmed_n = trimmed.len() as u64;
+                    for m in trimmed {
+                        self.archive_removed(&e.app, &t.user, m, ArchiveOutcome::Trimmed);
+                    }
                     let c = self.counters(&e.app);
                     c.stored += 1;
-                    c.trimmed += trimmed;
+                    c.trimmed += trimmed_n;
                     seqs.push((t.user.clone(), seq));
                 }
                 let r = OpResult::Enqueued(Enqueued {
@@ -473,7 +511,8 @@ impl Model {
                 for (_, kind, app, name, seq) in due {
                     if kind == 0 {
                         let key = uk(&app, &name);
-                        self.mail.get_mut(&key).expect("held").remove(&seq);
+                        let m = self.mail.get_mut(&key).expect("held").remove(&seq).expect("due");
+                        self.archive_removed(&app, &name, m, ArchiveOutcome::Expired);
                         let meta = self.mail_meta.get_mut(&key).expect("meta");
                         meta.count -= 1;
                         meta.expired_upto = meta.expired_upto.max(seq);
@@ -494,6 +533,19 @@ impl Model {
                 self.outbox.retain(|id, _| id > upto);
                 OpResult::Done
             }
+            Op::SetArchive { enabled } => {
+                self.archive_state.enabled = *enabled;
+                OpResult::Done
+            }
+            Op::ArchiveDone { upto } => {
+                let st = &mut self.archive_state;
+                let end = upto.saturating_add(1).min(st.next_id);
+                while st.first < end {
+                    self.archive.remove(&st.first);
+                    st.first += 1;
+                }
+                OpResult::Done
+            }
         }
     }
 
@@ -512,6 +564,7 @@ impl Model {
             return;
         };
         let mut acked = 0;
+        let mut removed = Vec::new();
         while let Some((&seq, msg)) = held.first_key_value() {
             let done = if msg.devices.is_empty() {
                 devices.values().all(|a| *a >= seq)
@@ -523,8 +576,11 @@ impl Model {
             if !done {
                 break;
             }
-            held.pop_first();
+            removed.extend(held.pop_first().map(|(_, m)| m));
             acked += 1;
+        }
+        for m in removed {
+            self.archive_removed(app, user, m, ArchiveOutcome::Acked);
         }
         if acked > 0 {
             self.mail_meta.get_mut(&key).expect("meta").count -= acked;
@@ -637,6 +693,8 @@ fn gen_op() -> impl Strategy<Value = Gen> {
         4 => publish,
         2 => (0u32..6).prop_map(|max| Gen::Op(Op::Expire { max })),
         1 => (0u64..20).prop_map(|upto| Gen::Op(Op::EventsDone { upto })),
+        1 => any::<bool>().prop_map(|enabled| Gen::Op(Op::SetArchive { enabled })),
+        1 => (0u64..30).prop_map(|upto| Gen::Op(Op::ArchiveDone { upto })),
         1 => (0usize..2, 0u8..4).prop_map(|(i, v)| Gen::Op(Op::PutApp(app_config(["a1", "a2"][i], v)))),
         1 => name(["a1", "a2", "a3"]).prop_map(|app| Gen::Op(Op::DeleteApp { app })),
         1 => (1u64..4).prop_map(|id| Gen::Op(Op::SetNode(NodeInfo {
@@ -867,6 +925,15 @@ fn compare_reads(model: &Model, r: &StateReader) -> Result<(), TestCaseError> {
         r.events_since(0, 100_000).map_err(err)?,
         model.outbox.values().cloned().collect::<Vec<_>>()
     );
+    prop_assert_eq!(r.archive_state().map_err(err)?, model.archive_state);
+    let archived: Vec<ArchivedMessage> = model.archive.values().cloned().collect();
+    prop_assert_eq!(r.archive_since(0, 100_000).map_err(err)?, archived.clone());
+    if archived.len() > 1 {
+        prop_assert_eq!(
+            r.archive_since(archived[0].id, 1).map_err(err)?,
+            vec![archived[1].clone()]
+        );
+    }
     Ok(())
 }
 

@@ -1,0 +1,55 @@
+//! Builds `herald` with an injected bug (a test-only cargo feature of herald-node) into the
+//! suite's own target dir, so the normal build is never touched.
+//!
+//! | bug | feature | where | what the suite must report |
+//! |---|---|---|---|
+//! | `ack-before-commit` | `bug-ack-before-commit` | node/src/api/mod.rs `push` | `lost` (acknowledged pushes that never committed, under partitions) |
+//! | `skip-fsync` | `bug-skip-fsync` (raft) | raft/src/log_store.rs | `lost` / `convergence` / `raft` after power loss |
+//! | `stale-registry` | `bug-stale-registry` | node/src/room/observer.rs | `fencing` (a replaced session still gets messages) |
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{bail, Context};
+
+pub const BUGS: [&str; 3] = ["ack-before-commit", "skip-fsync", "stale-registry"];
+
+/// The suite's target dir for bugged builds (one dir: RocksDB is compiled once for all bugs).
+pub fn target_dir() -> PathBuf {
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/root".into());
+    home.join(".cache/herald/target-jepsen")
+}
+
+/// Builds the binary for `bug` and returns a copy of it named after the bug.
+pub fn build(bug: &str) -> anyhow::Result<PathBuf> {
+    if !BUGS.contains(&bug) {
+        bail!("unknown bug {bug:?} (known: {})", BUGS.join(", "));
+    }
+    let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("workspace dir")?
+        .to_path_buf();
+    let target = target_dir();
+    eprintln!(
+        "herald-jepsen: building herald with bug-{bug} into {} (the first build compiles RocksDB)",
+        target.display()
+    );
+    let status = Command::new("cargo")
+        .args(["build", "-p", "herald-node", "--bin", "herald", "--features"])
+        .arg(format!("bug-{bug}"))
+        .arg("--manifest-path")
+        .arg(workspace.join("Cargo.toml"))
+        .env("CARGO_TARGET_DIR", &target)
+        .status()
+        .context("cannot run cargo")?;
+    if !status.success() {
+        bail!("building herald with bug-{bug} failed");
+    }
+    let dir = target.join("bugs");
+    std::fs::create_dir_all(&dir)?;
+    let dest = dir.join(format!("herald-{bug}"));
+    std::fs::copy(target.join("debug/herald"), &dest)?;
+    Ok(dest)
+}

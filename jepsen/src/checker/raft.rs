@@ -1,0 +1,169 @@
+//! Raft probes: what every node's `RaftService/Probe` said over the run (polled by the monitor).
+//!
+//! - `two-leaders`: two nodes said they were leader in the same term;
+//! - `term-went-back`: a node's term decreased (its vote is a synced write, so it never should);
+//! - `commit-went-back`: a node's applied index — everything up to it is committed — decreased
+//!   (the state machine is persisted with its applied index), or the cluster's final applied
+//!   index is below one a node had already reported (a committed entry disappeared).
+//!
+//! - `node-crashed`: a node process exited without the harness killing it (a panic, an abort).
+//!
+//! A node whose data dir the harness wiped (membership nemesis) starts a new `generation`; its
+//! term and index start again from zero legitimately.
+
+use std::collections::BTreeMap;
+
+use super::CheckResult;
+use crate::history::{Op, F};
+
+pub fn check(history: &[Op]) -> CheckResult {
+    let mut r = CheckResult::new("raft");
+    let mut leaders: BTreeMap<u64, (u64, u64)> = BTreeMap::new();
+    let mut per_node: BTreeMap<(u64, u64), (u64, u64, u64)> = BTreeMap::new();
+    let mut max_applied: Option<(u64, u64, u64)> = None;
+    let mut probes = 0u64;
+    for o in history.iter().filter(|o| o.f == F::Probe) {
+        let Some(node) = o.node else { continue };
+        if o.value.state.as_deref() == Some("crashed") {
+            r.violation(
+                "node-crashed",
+                format!(
+                    "node {node} exited on its own: {}",
+                    o.error.as_deref().unwrap_or("?")
+                ),
+                vec![o.index],
+            );
+            continue;
+        }
+        probes += 1;
+        let term = o.value.term.unwrap_or(0);
+        let applied = o.value.applied.unwrap_or(0);
+        let gen = o.value.generation.unwrap_or(0);
+        if o.value.state.as_deref() == Some("leader") {
+            match leaders.get(&term) {
+                Some(&(other, op)) if other != node => r.violation(
+                    "two-leaders",
+                    format!("nodes {other} and {node} both led term {term}"),
+                    vec![op, o.index],
+                ),
+                _ => {
+                    leaders.insert(term, (node, o.index));
+                }
+            }
+        }
+        if let Some(&(t0, a0, op)) = per_node.get(&(node, gen)) {
+            if term < t0 {
+                r.violation(
+                    "term-went-back",
+                    format!("node {node} went from term {t0} to {term}"),
+                    vec![op, o.index],
+                );
+            }
+            if applied < a0 {
+                r.violation(
+                    "commit-went-back",
+                    format!("node {node} went from applied index {a0} to {applied}"),
+                    vec![op, o.index],
+                );
+            }
+        }
+        per_node.insert((node, gen), (term, applied, o.index));
+        if max_applied.is_none_or(|(a, _, _)| applied > a) {
+            max_applied = Some((applied, node, o.index));
+        }
+    }
+    // The final state must contain every index ever reported applied.
+    let finals: Vec<&Op> = history.iter().filter(|o| o.f == F::Hash).collect();
+    if let (Some((seen, node, op)), Some(fin)) =
+        (max_applied, finals.iter().filter_map(|o| o.value.applied).max())
+    {
+        if fin < seen {
+            r.violation(
+                "commit-went-back",
+                format!("node {node} had applied index {seen}, but the healed cluster ends at {fin}"),
+                vec![op],
+            );
+        }
+    }
+    r.stats = serde_json::json!({
+        "probes": probes,
+        "terms_with_a_leader": leaders.len(),
+        "max_applied": max_applied.map(|m| m.0),
+    });
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checker::Validity;
+    use crate::history::{Type, Val, MONITOR};
+
+    fn probe(i: u64, node: u64, term: u64, state: &str, applied: u64, gen: u64) -> Op {
+        let mut o = Op::new(
+            i,
+            MONITOR,
+            Type::Ok,
+            F::Probe,
+            Val {
+                term: Some(term),
+                state: Some(state.into()),
+                applied: Some(applied),
+                generation: Some(gen),
+                ..Val::default()
+            },
+        )
+        .with_node(node);
+        o.index = i;
+        o
+    }
+
+    #[test]
+    fn a_normal_run_passes() {
+        let h = vec![
+            probe(0, 1, 1, "leader", 5, 0),
+            probe(1, 2, 1, "follower", 4, 0),
+            probe(2, 2, 2, "leader", 6, 0),
+            probe(3, 1, 2, "follower", 6, 0),
+            // Wiped and re-added: a new generation starts from zero.
+            probe(4, 3, 0, "learner", 0, 1),
+        ];
+        let r = check(&h);
+        assert_eq!(r.valid, Validity::Valid, "{r:?}");
+    }
+
+    #[test]
+    fn two_leaders_in_a_term_and_regressions_fail() {
+        let h = vec![
+            probe(0, 1, 3, "leader", 9, 0),
+            probe(1, 2, 3, "leader", 9, 0),
+            probe(2, 1, 2, "follower", 7, 0),
+            probe(3, 3, 0, "crashed", 0, 0),
+        ];
+        let r = check(&h);
+        assert_eq!(r.valid, Validity::Invalid);
+        assert_eq!(r.count_kind("two-leaders"), 1, "{r:#?}");
+        assert_eq!(r.count_kind("term-went-back"), 1, "{r:#?}");
+        assert_eq!(r.count_kind("commit-went-back"), 1, "{r:#?}");
+        assert_eq!(r.count_kind("node-crashed"), 1, "{r:#?}");
+    }
+
+    #[test]
+    fn a_final_state_behind_a_reported_commit_fails() {
+        let mut fin = Op::new(
+            9,
+            MONITOR,
+            Type::Ok,
+            F::Hash,
+            Val {
+                applied: Some(8),
+                hash: Some(1),
+                ..Val::default()
+            },
+        )
+        .with_node(1);
+        fin.index = 9;
+        let h = vec![probe(0, 1, 3, "leader", 10, 0), fin];
+        assert_eq!(check(&h).count_kind("commit-went-back"), 1);
+    }
+}

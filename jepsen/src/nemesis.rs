@@ -1,0 +1,639 @@
+//! The nemesis: faults, installed on a schedule and healed.
+//!
+//! | name | what it does |
+//! |---|---|
+//! | `kill` | SIGKILL one node (the leader half of the time); restarted on its data dir at heal |
+//! | `pause` | SIGSTOP one node (the leader half of the time); SIGCONT at heal |
+//! | `partition-one` | iptables in the namespaces: one node hears nobody and nobody hears it |
+//! | `partition-leader` | the same for the current leader |
+//! | `partition-halves` | a random minority against the majority |
+//! | `partition-bridge` | two halves that only one node (the bridge) hears both of |
+//! | `partition-ring` | every node hears only its two neighbours in a random ring (5+ nodes) |
+//! | `delay` | every node's proxy holds each chunk 30 ms + up to 40 ms |
+//! | `loss` | every node's proxy stalls 5% of the chunks 400 ms (a TCP retransmission) and cuts 0.2% of the connections |
+//! | `clock` | one or two nodes restart with their wall clock 2–120 s ahead or behind (`HERALD_CLOCK_OFFSET_MS`); back to 0 at heal |
+//! | `membership` | RemoveNode of a voter under load, then SIGKILL and wipe it; at heal it starts empty and is added back (AddNode) |
+//! | `power` | SIGKILL every node at once; all restart 1–3 s later |
+//! | `partition-kill` | a partition, then SIGKILL of a node while it holds |
+//! | `pause-kill` | SIGSTOP of a node, then SIGKILL of another |
+//!
+//! `partition` stands for every partition kind, `all` for everything. Outcomes follow openraft's
+//! jepsen: a fault is `installed` (ok), `skipped` (ok, with that reason: no safe target) or
+//! indeterminate (info). Every installed fault is healed before the next one and at the end of
+//! the run, before the final reads.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::cluster::Cluster;
+use crate::history::{Recorder, Val, F, NEMESIS};
+use crate::proxy::Faults;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Fault {
+    Kill,
+    Pause,
+    PartitionOne,
+    PartitionLeader,
+    PartitionHalves,
+    PartitionBridge,
+    PartitionRing,
+    Delay,
+    Loss,
+    Clock,
+    Membership,
+    Power,
+    PartitionKill,
+    PauseKill,
+}
+
+impl Fault {
+    pub const ALL: [Fault; 14] = [
+        Fault::Kill,
+        Fault::Pause,
+        Fault::PartitionOne,
+        Fault::PartitionLeader,
+        Fault::PartitionHalves,
+        Fault::PartitionBridge,
+        Fault::PartitionRing,
+        Fault::Delay,
+        Fault::Loss,
+        Fault::Clock,
+        Fault::Membership,
+        Fault::Power,
+        Fault::PartitionKill,
+        Fault::PauseKill,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Fault::Kill => "kill",
+            Fault::Pause => "pause",
+            Fault::PartitionOne => "partition-one",
+            Fault::PartitionLeader => "partition-leader",
+            Fault::PartitionHalves => "partition-halves",
+            Fault::PartitionBridge => "partition-bridge",
+            Fault::PartitionRing => "partition-ring",
+            Fault::Delay => "delay",
+            Fault::Loss => "loss",
+            Fault::Clock => "clock",
+            Fault::Membership => "membership",
+            Fault::Power => "power",
+            Fault::PartitionKill => "partition-kill",
+            Fault::PauseKill => "pause-kill",
+        }
+    }
+
+    fn is_partition(self) -> bool {
+        matches!(
+            self,
+            Fault::PartitionOne
+                | Fault::PartitionLeader
+                | Fault::PartitionHalves
+                | Fault::PartitionBridge
+                | Fault::PartitionRing
+        )
+    }
+
+    /// Parses a comma-separated list (`none` for no faults).
+    pub fn parse_list(s: &str, nodes: u64) -> anyhow::Result<Vec<Fault>> {
+        let mut out = BTreeSet::new();
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            match part {
+                "none" => {}
+                "all" => out.extend(Fault::ALL),
+                "partition" => out.extend(Fault::ALL.into_iter().filter(|f| f.is_partition())),
+                name => {
+                    let f = Fault::ALL
+                        .into_iter()
+                        .find(|f| f.name() == name)
+                        .ok_or_else(|| anyhow::anyhow!("unknown nemesis {name:?}"))?;
+                    out.insert(f);
+                }
+            }
+        }
+        if nodes < 5 {
+            // A ring of 3 is no partition at all.
+            out.remove(&Fault::PartitionRing);
+        }
+        Ok(out.into_iter().collect())
+    }
+}
+
+/// How often and how long.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// Healthy time between faults (ms, uniform in the range).
+    pub quiet_ms: (u64, u64),
+    /// How long a fault holds (ms).
+    pub hold_ms: (u64, u64),
+}
+
+#[derive(Debug, Default)]
+struct State {
+    killed: BTreeSet<u64>,
+    paused: BTreeSet<u64>,
+    grudge: BTreeMap<u64, BTreeSet<u64>>,
+    skewed: BTreeSet<u64>,
+    removed: BTreeSet<u64>,
+    proxies: bool,
+}
+
+pub struct Nemesis {
+    cluster: Arc<Cluster>,
+    rec: Recorder,
+    faults: Vec<Fault>,
+    timing: Timing,
+    rng: StdRng,
+    st: State,
+}
+
+impl Nemesis {
+    pub fn new(
+        cluster: Arc<Cluster>,
+        rec: Recorder,
+        faults: Vec<Fault>,
+        timing: Timing,
+        seed: u64,
+    ) -> Nemesis {
+        Nemesis {
+            cluster,
+            rec,
+            faults,
+            timing,
+            rng: StdRng::seed_from_u64(seed ^ 0x6e65_6d65_7369_7321),
+            st: State::default(),
+        }
+    }
+
+    /// Installs and heals faults until `until` (or `stop`); everything is healed on return.
+    pub async fn run(&mut self, until: Instant, stop: CancellationToken) {
+        if self.faults.is_empty() {
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = tokio::time::sleep_until(until) => {}
+            }
+            return;
+        }
+        loop {
+            let quiet = self
+                .rng
+                .gen_range(self.timing.quiet_ms.0..=self.timing.quiet_ms.1);
+            if !sleep_until_or(Instant::now() + Duration::from_millis(quiet), until, &stop).await {
+                break;
+            }
+            let f = *self.faults.choose(&mut self.rng).expect("faults not empty");
+            let hold =
+                Duration::from_millis(self.rng.gen_range(self.timing.hold_ms.0..=self.timing.hold_ms.1));
+            self.fault(f, hold, until, &stop).await;
+            self.heal().await;
+            if Instant::now() >= until || stop.is_cancelled() {
+                break;
+            }
+        }
+        self.heal().await;
+    }
+
+    async fn fault(&mut self, f: Fault, hold: Duration, until: Instant, stop: &CancellationToken) {
+        match f {
+            Fault::PartitionKill => {
+                let p = *[
+                    Fault::PartitionOne,
+                    Fault::PartitionHalves,
+                    Fault::PartitionLeader,
+                ]
+                .choose(&mut self.rng)
+                .expect("non-empty");
+                self.install(p).await;
+                sleep_until_or(Instant::now() + hold / 2, until, stop).await;
+                self.install(Fault::Kill).await;
+                sleep_until_or(Instant::now() + hold / 2, until, stop).await;
+            }
+            Fault::PauseKill => {
+                self.install(Fault::Pause).await;
+                sleep_until_or(Instant::now() + hold / 2, until, stop).await;
+                self.install(Fault::Kill).await;
+                sleep_until_or(Instant::now() + hold / 2, until, stop).await;
+            }
+            Fault::Power => {
+                self.install(f).await;
+                let off = Duration::from_millis(self.rng.gen_range(1000..3000));
+                tokio::time::sleep(off).await;
+            }
+            _ => {
+                self.install(f).await;
+                sleep_until_or(Instant::now() + hold, until, stop).await;
+            }
+        }
+    }
+
+    /// Nodes not killed, paused or removed.
+    fn live(&self) -> Vec<u64> {
+        self.cluster
+            .ids
+            .iter()
+            .copied()
+            .filter(|id| {
+                !self.st.killed.contains(id) && !self.st.paused.contains(id) && !self.st.removed.contains(id)
+            })
+            .collect()
+    }
+
+    /// Live voters that can reach a quorum of the voters directly.
+    fn majority(&self) -> Vec<u64> {
+        let voters: Vec<u64> = self
+            .cluster
+            .ids
+            .iter()
+            .copied()
+            .filter(|id| !self.st.removed.contains(id))
+            .collect();
+        let live = self.live();
+        let cut = |a: u64, b: u64| {
+            self.st.grudge.get(&a).is_some_and(|g| g.contains(&b))
+                || self.st.grudge.get(&b).is_some_and(|g| g.contains(&a))
+        };
+        live.iter()
+            .copied()
+            .filter(|&x| {
+                let reach = 1 + live.iter().filter(|&&y| y != x && !cut(x, y)).count();
+                reach * 2 > voters.len()
+            })
+            .collect()
+    }
+
+    async fn target(&mut self, prefer_leader: bool) -> Option<u64> {
+        let live = self.live();
+        if prefer_leader && self.rng.gen_bool(0.5) {
+            if let Some(l) = self.cluster.leader().await {
+                if live.contains(&l) {
+                    return Some(l);
+                }
+            }
+        }
+        live.choose(&mut self.rng).copied()
+    }
+
+    fn record_invoke(&self, f: &str, nodes: &[u64]) -> Val {
+        let v = Val {
+            fault: Some(f.to_string()),
+            nodes: Some(nodes.to_vec()),
+            ..Val::default()
+        };
+        self.rec.invoke(NEMESIS, F::Nemesis, None, v.clone());
+        v
+    }
+
+    fn record_done(&self, v: Val, outcome: Result<&str, String>) {
+        match outcome {
+            Ok(reason) => {
+                self.rec.ok(
+                    NEMESIS,
+                    F::Nemesis,
+                    None,
+                    Val {
+                        reason: Some(reason.to_string()),
+                        majority: Some(self.majority()),
+                        ..v
+                    },
+                );
+            }
+            Err(e) => {
+                self.rec.info(
+                    NEMESIS,
+                    F::Nemesis,
+                    None,
+                    Val {
+                        majority: Some(self.majority()),
+                        ..v
+                    },
+                    e,
+                );
+            }
+        }
+    }
+
+    fn partition_grudge(&mut self, f: Fault, leader: Option<u64>) -> Option<(Grudge, Vec<u64>)> {
+        let mut ids = self.live();
+        if ids.len() < 2 {
+            return None;
+        }
+        ids.shuffle(&mut self.rng);
+        let all: Vec<u64> = self.cluster.ids.clone();
+        let mut g: BTreeMap<u64, BTreeSet<u64>> = BTreeMap::new();
+        let mut cut = |a: u64, b: u64| {
+            g.entry(a).or_default().insert(b);
+            g.entry(b).or_default().insert(a);
+        };
+        let isolated: Vec<u64> = match f {
+            Fault::PartitionOne | Fault::PartitionLeader => {
+                let x = if f == Fault::PartitionLeader {
+                    leader?
+                } else {
+                    ids[0]
+                };
+                for &o in all.iter().filter(|&&o| o != x) {
+                    cut(x, o);
+                }
+                vec![x]
+            }
+            Fault::PartitionHalves => {
+                let mut shuffled = all.clone();
+                shuffled.shuffle(&mut self.rng);
+                let k = (all.len() - 1) / 2;
+                let (minority, majority) = shuffled.split_at(k.max(1));
+                for &a in minority {
+                    for &b in majority {
+                        cut(a, b);
+                    }
+                }
+                minority.to_vec()
+            }
+            Fault::PartitionBridge => {
+                let mut shuffled = all.clone();
+                shuffled.shuffle(&mut self.rng);
+                let mid = shuffled.len() / 2;
+                let bridge = shuffled[mid];
+                let (left, right) = (shuffled[..mid].to_vec(), shuffled[mid + 1..].to_vec());
+                for &a in &left {
+                    for &b in &right {
+                        cut(a, b);
+                    }
+                }
+                vec![bridge]
+            }
+            Fault::PartitionRing => {
+                let mut ring = all.clone();
+                ring.shuffle(&mut self.rng);
+                let n = ring.len();
+                for i in 0..n {
+                    for j in i + 1..n {
+                        let d = (j - i).min(n - (j - i));
+                        if d > 1 {
+                            cut(ring[i], ring[j]);
+                        }
+                    }
+                }
+                vec![]
+            }
+            _ => return None,
+        };
+        Some((g, isolated))
+    }
+
+    /// Installs one (simple) fault and records it.
+    async fn install(&mut self, f: Fault) {
+        let c = self.cluster.clone();
+        match f {
+            Fault::Kill => {
+                let Some(x) = self.target(true).await else {
+                    return self.skip(f, "no live node");
+                };
+                let v = self.record_invoke(f.name(), &[x]);
+                c.kill9(x);
+                self.st.killed.insert(x);
+                self.record_done(v, Ok("installed"));
+            }
+            Fault::Pause => {
+                let Some(x) = self.target(true).await else {
+                    return self.skip(f, "no live node");
+                };
+                let v = self.record_invoke(f.name(), &[x]);
+                let r = c.pause(x);
+                if r.is_ok() {
+                    self.st.paused.insert(x);
+                }
+                self.record_done(v, r.map(|_| "installed").map_err(|e| e.to_string()));
+            }
+            _ if f.is_partition() => {
+                let leader = if f == Fault::PartitionLeader {
+                    c.leader().await
+                } else {
+                    None
+                };
+                let Some((g, isolated)) = self.partition_grudge(f, leader) else {
+                    return self.skip(f, "no leader or too few live nodes");
+                };
+                let v = self.record_invoke(f.name(), &isolated);
+                let r = c.net.lock().partition(&g);
+                self.st.grudge = g;
+                self.record_done(v, r.map(|_| "installed").map_err(|e| e.to_string()));
+            }
+            Fault::Delay | Fault::Loss => {
+                let faults = if f == Fault::Delay {
+                    Faults {
+                        delay_ms: 30,
+                        jitter_ms: 40,
+                        ..Faults::default()
+                    }
+                } else {
+                    Faults {
+                        loss: 0.05,
+                        stall_ms: 400,
+                        reset: 0.002,
+                        ..Faults::default()
+                    }
+                };
+                let v = self.record_invoke(f.name(), &c.ids);
+                let r = c.set_proxy_faults(faults);
+                self.st.proxies = true;
+                self.record_done(v, r.map(|_| "installed").map_err(|e| e.to_string()));
+            }
+            Fault::Clock => {
+                let mut live = self.live();
+                live.shuffle(&mut self.rng);
+                let k = self.rng.gen_range(1..=2usize).min(live.len());
+                let chosen: Vec<u64> = live[..k].to_vec();
+                if chosen.is_empty() {
+                    return self.skip(f, "no live node");
+                }
+                let v = self.record_invoke(f.name(), &chosen);
+                for &x in &chosen {
+                    let ms =
+                        self.rng.gen_range(2_000..120_000i64) * if self.rng.gen_bool(0.5) { 1 } else { -1 };
+                    c.set_clock_offset(x, ms);
+                    c.kill9(x);
+                    let _ = c.start(x);
+                    self.st.skewed.insert(x);
+                }
+                self.record_done(v, Ok("installed"));
+            }
+            Fault::Membership => {
+                if !self.st.removed.is_empty() || self.live().len() < c.ids.len() {
+                    return self.skip(f, "a member is already down or removed");
+                }
+                let Some(&x) = self.live().choose(&mut self.rng) else {
+                    return self.skip(f, "no live node");
+                };
+                let v = self.record_invoke(f.name(), &[x]);
+                let r = tokio::time::timeout(Duration::from_secs(35), c.remove_node(x)).await;
+                match r {
+                    Ok(Ok(_)) => {
+                        c.kill9(x);
+                        let _ = c.wipe(x);
+                        self.st.removed.insert(x);
+                        self.record_done(v, Ok("installed"));
+                    }
+                    Ok(Err(e)) => {
+                        // The removal may or may not have happened: take the node out anyway
+                        // so that heal adds it back in a known way.
+                        c.kill9(x);
+                        let _ = c.wipe(x);
+                        self.st.removed.insert(x);
+                        self.record_done(v, Err(format!("RemoveNode: {e:#}")));
+                    }
+                    Err(_) => {
+                        c.kill9(x);
+                        let _ = c.wipe(x);
+                        self.st.removed.insert(x);
+                        self.record_done(v, Err("RemoveNode timed out".into()));
+                    }
+                }
+            }
+            Fault::Power => {
+                let v = self.record_invoke(f.name(), &c.ids);
+                c.kill9_all();
+                self.st.killed.extend(c.ids.iter().copied());
+                self.record_done(v, Ok("installed"));
+            }
+            Fault::PartitionKill | Fault::PauseKill => unreachable!("mixes are composed in fault()"),
+            _ => self.skip(f, "unsupported"),
+        }
+    }
+
+    fn skip(&self, f: Fault, why: &str) {
+        let v = self.record_invoke(f.name(), &[]);
+        self.rec.ok(
+            NEMESIS,
+            F::Nemesis,
+            None,
+            Val {
+                reason: Some("skipped".into()),
+                state: Some(why.to_string()),
+                majority: Some(self.majority()),
+                ..v
+            },
+        );
+    }
+
+    /// Heals everything that is installed, and records it.
+    pub async fn heal(&mut self) {
+        let st = &mut self.st;
+        if st.killed.is_empty()
+            && st.paused.is_empty()
+            && st.grudge.is_empty()
+            && st.skewed.is_empty()
+            && st.removed.is_empty()
+            && !st.proxies
+        {
+            return;
+        }
+        let c = self.cluster.clone();
+        let v = self.record_invoke("heal", &[]);
+        let mut errors = Vec::new();
+        if let Err(e) = c.net.lock().heal() {
+            errors.push(format!("partition: {e:#}"));
+        }
+        self.st.grudge.clear();
+        if self.st.proxies {
+            if let Err(e) = c.set_proxy_faults(Faults::default()) {
+                errors.push(format!("proxies: {e:#}"));
+            }
+            self.st.proxies = false;
+        }
+        for x in std::mem::take(&mut self.st.paused) {
+            if let Err(e) = c.resume(x) {
+                if c.is_running(x) {
+                    errors.push(format!("resume {x}: {e:#}"));
+                }
+            }
+        }
+        for x in std::mem::take(&mut self.st.skewed) {
+            c.set_clock_offset(x, 0);
+            if c.is_running(x) {
+                c.kill9(x);
+                if let Err(e) = c.start(x) {
+                    errors.push(format!("restart {x}: {e:#}"));
+                }
+            }
+        }
+        for x in std::mem::take(&mut self.st.killed) {
+            if self.st.removed.contains(&x) {
+                continue;
+            }
+            if let Err(e) = c.start(x) {
+                errors.push(format!("start {x}: {e:#}"));
+            }
+        }
+        for x in std::mem::take(&mut self.st.removed) {
+            if let Err(e) = c.start(x) {
+                errors.push(format!("start {x}: {e:#}"));
+                continue;
+            }
+            let deadline = Instant::now() + Duration::from_secs(120);
+            loop {
+                match c.members().await {
+                    Ok((voters, _)) if voters.contains(&x) => break,
+                    _ => {}
+                }
+                match tokio::time::timeout(Duration::from_secs(75), c.add_node(x)).await {
+                    Ok(Ok(_)) => break,
+                    Ok(Err(e)) if Instant::now() >= deadline => {
+                        errors.push(format!("add {x}: {e:#}"));
+                        break;
+                    }
+                    Err(_) if Instant::now() >= deadline => {
+                        errors.push(format!("add {x}: timed out"));
+                        break;
+                    }
+                    _ => tokio::time::sleep(Duration::from_millis(500)).await,
+                }
+            }
+        }
+        let outcome = if errors.is_empty() {
+            Ok("healed")
+        } else {
+            Err(errors.join("; "))
+        };
+        self.record_done(v, outcome);
+    }
+}
+
+/// Sleeps until `t` (capped at `until`); false if `until` passed or `stop` fired.
+async fn sleep_until_or(t: Instant, until: Instant, stop: &CancellationToken) -> bool {
+    let t = t.min(until);
+    tokio::select! {
+        _ = stop.cancelled() => false,
+        _ = tokio::time::sleep_until(t) => Instant::now() < until,
+    }
+}
+
+/// Who cannot reach whom: node → the nodes it is cut from.
+type Grudge = BTreeMap<u64, BTreeSet<u64>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_parse() {
+        let all = Fault::parse_list("all", 5).unwrap();
+        assert_eq!(all.len(), Fault::ALL.len());
+        let p = Fault::parse_list("partition", 3).unwrap();
+        assert!(p.iter().all(|f| f.is_partition()));
+        assert!(!p.contains(&Fault::PartitionRing), "no ring of three");
+        assert_eq!(
+            Fault::parse_list("kill,pause-kill", 3).unwrap(),
+            vec![Fault::Kill, Fault::PauseKill]
+        );
+        assert!(Fault::parse_list("none", 3).unwrap().is_empty());
+        assert!(Fault::parse_list("bogus", 3).is_err());
+    }
+}

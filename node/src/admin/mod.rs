@@ -1,0 +1,728 @@
+//! The admin HTTP server (`--admin-addr`): Prometheus metrics, health and readiness probes, and
+//! the dashboard (a static page embedded in the binary) with the JSON API it reads.
+//!
+//! | path | auth | what |
+//! |---|---|---|
+//! | `/metrics` | open | Prometheus text exposition ([`render_metrics`]) |
+//! | `/healthz` | open | 200 while the process and its Raft core run |
+//! | `/readyz` | open | 200 when this node is a member, caught up and accepting clients; else 503 with reasons |
+//! | `/` | open | the dashboard page (it holds no data; it asks for the admin token once) |
+//! | `/api/cluster`, `/api/apps`, `/api/user?app=&user=`, `/api/rates` | admin token | JSON |
+//!
+//! When the node has an admin token, `/api/*` needs it as `Authorization: Bearer <token>` or
+//! `?token=<token>`; without one they are open, like the gRPC admin calls.
+//!
+//! Architecture Invariant: the admin server only reads (local indexes, counters, the state
+//! machine through `StateReader`, peers' load through the peer service); it never writes to Raft.
+
+pub mod metrics;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use herald_proto::peer::peer_client::PeerClient;
+use herald_proto::peer::{RateSample, RatesRequest};
+use herald_raft::raft_node::now_ms;
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use self::metrics::{Exposition, Transport, SAMPLE_EVERY};
+use crate::api::auth::ct_eq;
+use crate::archive::ArchiveStats;
+use crate::node::Node;
+
+/// The dashboard page, served at `/`.
+const DASHBOARD: &str = include_str!("dashboard.html");
+
+/// Entries a member may be behind the leader's log and still count as caught up (`/readyz`).
+pub const READY_MAX_LAG: u64 = 1_000;
+
+/// What the admin handlers read.
+pub struct AdminState {
+    pub node: Node,
+    /// Set once the node announced itself and accepts clients (see `node::announce`).
+    pub announced: Arc<AtomicBool>,
+    /// The archiver's counters, when the cold archive is configured.
+    pub archive: Option<Arc<ArchiveStats>>,
+}
+
+/// Serves the admin API on `listener` until `shutdown`.
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: CancellationToken) {
+    if let Ok(a) = listener.local_addr() {
+        info!(addr = %a, "admin http listener up");
+    }
+    let app = Router::new()
+        .route("/", get(dashboard))
+        .route("/metrics", get(metrics_handler))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/api/cluster", get(api_cluster))
+        .route("/api/apps", get(api_apps))
+        .route("/api/user", get(api_user))
+        .route("/api/rates", get(api_rates))
+        .with_state(state);
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+    {
+        warn!(error = %e, "admin http server failed");
+    }
+}
+
+/// Samples the node's load every [`SAMPLE_EVERY`] into the rate ring (dashboards, peers ask).
+pub async fn run_sampler(node: Node, shutdown: CancellationToken) {
+    let room = node.room().clone();
+    let mut tick = tokio::time::interval(SAMPLE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let read = |room: &crate::room::Room| {
+        let s = &room.stats;
+        (
+            s.deliveries.load(Ordering::Relaxed),
+            s.ops.pushes(),
+            s.acks.load(Ordering::Relaxed),
+            s.connects.load(Ordering::Relaxed),
+        )
+    };
+    let mut last = read(&room);
+    let mut last_at = std::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = read(&room);
+        let secs = last_at.elapsed().as_secs_f64().max(0.001);
+        let rate = |a: u64, b: u64| (a.saturating_sub(b)) as f64 / secs;
+        room.stats.ops.record_sample(RateSample {
+            at_ms: now_ms(),
+            connections: room.connections(),
+            deliveries_per_s: rate(now.0, last.0),
+            pushes_per_s: rate(now.1, last.1),
+            acks_per_s: rate(now.2, last.2),
+            connects_per_s: rate(now.3, last.3),
+        });
+        last = now;
+        last_at = std::time::Instant::now();
+    }
+}
+
+type Params = Query<HashMap<String, String>>;
+
+/// Checks the admin token (header or `?token=`) when the node has one.
+fn authorize(state: &AdminState, headers: &HeaderMap, q: &HashMap<String, String>) -> Result<(), Response> {
+    let Some(token) = state.node.config().admin_token.as_deref() else {
+        return Ok(());
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .or_else(|| q.get("token").map(String::as_str));
+    match given {
+        Some(g) if ct_eq(g.as_bytes(), token.as_bytes()) => Ok(()),
+        Some(_) => Err(error(StatusCode::UNAUTHORIZED, "wrong admin token")),
+        None => Err(error(
+            StatusCode::UNAUTHORIZED,
+            "this endpoint needs the admin token: `Authorization: Bearer <token>` or `?token=<token>`",
+        )),
+    }
+}
+
+fn error(code: StatusCode, msg: &str) -> Response {
+    (code, Json(json!({ "error": msg }))).into_response()
+}
+
+async fn dashboard() -> Html<&'static str> {
+    Html(DASHBOARD)
+}
+
+async fn metrics_handler(State(s): State<Arc<AdminState>>) -> Response {
+    let body = render_metrics(&s);
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        body,
+    )
+        .into_response()
+}
+
+async fn healthz(State(s): State<Arc<AdminState>>) -> Response {
+    let m = s.node.raft().metrics().borrow().clone();
+    match &m.running_state {
+        Ok(()) => (StatusCode::OK, "ok\n").into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("raft stopped: {e}\n")).into_response(),
+    }
+}
+
+/// Why this node is not ready (empty = ready).
+pub fn readiness(s: &AdminState) -> Vec<String> {
+    let node = &s.node;
+    let m = node.raft().metrics().borrow().clone();
+    let mut why = Vec::new();
+    let me = node.config().id;
+    if m.membership_config.membership().get_node(&me).is_none() {
+        why.push("not a member of the cluster".to_string());
+    }
+    match m.current_leader {
+        None => why.push("no leader known".into()),
+        Some(_) => {
+            let last = m.last_log_index.unwrap_or(0);
+            let applied = node.raft().reader().applied_index();
+            if last.saturating_sub(applied) > READY_MAX_LAG {
+                why.push(format!("applying: {applied} of {last}"));
+            }
+        }
+    }
+    if !s.announced.load(Ordering::Relaxed) {
+        why.push("not announced yet (clearing sessions of a previous run)".into());
+    }
+    if !node.room().accepting() {
+        why.push("draining".into());
+    }
+    why
+}
+
+async fn readyz(State(s): State<Arc<AdminState>>) -> Response {
+    let why = readiness(&s);
+    if why.is_empty() {
+        (StatusCode::OK, Json(json!({"ready": true}))).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"ready": false, "reasons": why})),
+        )
+            .into_response()
+    }
+}
+
+async fn api_cluster(State(s): State<Arc<AdminState>>, headers: HeaderMap, Query(q): Params) -> Response {
+    if let Err(r) = authorize(&s, &headers, &q) {
+        return r;
+    }
+    let node = &s.node;
+    let view = node.raft().cluster_view().await;
+    let infos = node.raft().reader().nodes().unwrap_or_default();
+    let newest = view
+        .members
+        .iter()
+        .filter_map(|m| m.probe.as_ref().map(|p| p.last_log_index))
+        .max()
+        .unwrap_or(0);
+    let members: Vec<Value> = view
+        .members
+        .iter()
+        .map(|m| {
+            let info = infos.iter().find(|i| i.id == m.node_id);
+            let p = m.probe.clone().unwrap_or_default();
+            json!({
+                "node_id": m.node_id,
+                "grpc_addr": m.grpc_addr,
+                "client_addr": info.map(|i| i.client_addr.clone()).unwrap_or_default(),
+                "tls_addr": info.map(|i| i.tls_addr.clone()).unwrap_or_default(),
+                "ws_addr": info.map(|i| i.ws_addr.clone()).unwrap_or_default(),
+                "role": if m.voter { "voter" } else { "learner" },
+                "reachable": m.reachable,
+                "state": if m.reachable { p.state.clone() } else { "unreachable".into() },
+                "leader": view.leader == Some(m.node_id),
+                "term": p.term,
+                "last_log_index": p.last_log_index,
+                "applied_index": p.applied_index,
+                "matched_index": m.matched_index,
+                "lag": if m.reachable { Some(newest.saturating_sub(p.applied_index)) } else { None },
+                "connections": p.connections,
+            })
+        })
+        .collect();
+    let archive = node.raft().reader().archive_state().ok();
+    Json(json!({
+        "node_id": view.node_id,
+        "leader_id": view.leader,
+        "term": view.term,
+        "applied_index": view.committed_index,
+        "log_time_ms": node.raft().reader().log_time_ms(),
+        "ready": readiness(&s).is_empty(),
+        "members": members,
+        "archive": archive.map(|a| json!({
+            "enabled": a.enabled,
+            "pending": a.next_id - a.first,
+            "dropped": a.dropped,
+            "configured_here": s.archive.is_some(),
+        })),
+    }))
+    .into_response()
+}
+
+async fn api_apps(State(s): State<Arc<AdminState>>, headers: HeaderMap, Query(q): Params) -> Response {
+    if let Err(r) = authorize(&s, &headers, &q) {
+        return r;
+    }
+    let reader = s.node.raft().reader();
+    let apps = match reader.apps() {
+        Ok(a) => a,
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    };
+    let here = s.node.room().sessions_by_app();
+    let list: Vec<Value> = apps
+        .into_iter()
+        .map(|a| {
+            let c = reader.counters(&a.id).unwrap_or_default();
+            json!({
+                "id": a.id,
+                "name": a.name,
+                "created_ms": a.created_ms,
+                "callbacks": a.callbacks.len(),
+                "limits": {
+                    "mailbox_cap": a.limits.mailbox_cap,
+                    "default_ttl_ms": a.limits.default_ttl_ms,
+                    "topic_retain": a.limits.topic_retain,
+                    "max_payload": a.limits.max_payload,
+                },
+                "sessions_on_this_node": here.get(&a.id).copied().unwrap_or(0),
+                "counters": {
+                    "stored": c.stored, "acked": c.acked, "expired": c.expired, "trimmed": c.trimmed,
+                    "published": c.published, "topic_trimmed": c.topic_trimmed,
+                },
+            })
+        })
+        .collect();
+    Json(json!({ "apps": list })).into_response()
+}
+
+async fn api_user(State(s): State<Arc<AdminState>>, headers: HeaderMap, Query(q): Params) -> Response {
+    if let Err(r) = authorize(&s, &headers, &q) {
+        return r;
+    }
+    let (Some(app), Some(user)) = (q.get("app"), q.get("user")) else {
+        return error(StatusCode::BAD_REQUEST, "needs ?app=<app id>&user=<user>");
+    };
+    let reader = s.node.raft().reader();
+    let found = (|| {
+        let exists = reader.app(app)?.is_some();
+        let sessions = reader.sessions(app, user)?;
+        let devices = reader.devices(app, user)?;
+        let meta = reader.mailbox_meta(app, user)?.unwrap_or_default();
+        let pending = reader.mailbox_since(app, user, 0, 50)?;
+        Ok::<_, herald_raft::StoreError>((exists, sessions, devices, meta, pending))
+    })();
+    let (exists, sessions, devices, meta, pending) = match found {
+        Ok(v) => v,
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    };
+    if !exists {
+        return error(StatusCode::NOT_FOUND, &format!("unknown app {app:?}"));
+    }
+    Json(json!({
+        "app": app,
+        "user": user,
+        "online": !sessions.is_empty(),
+        "sessions": sessions.iter().map(|x| json!({
+            "device": x.device, "platform": x.platform, "node_id": x.node,
+            "epoch": x.epoch, "since_ms": x.since_ms,
+        })).collect::<Vec<_>>(),
+        "devices": devices.iter().map(|(d, st)| json!({
+            "device": d, "platform": st.platform, "delivered": st.delivered,
+            "acked": st.acked, "last_seen_ms": st.last_seen_ms,
+        })).collect::<Vec<_>>(),
+        "mailbox": {
+            "next_seq": meta.next_seq.max(1), "count": meta.count,
+            "trimmed_upto": meta.trimmed_upto, "expired_upto": meta.expired_upto,
+        },
+        "pending": pending.iter().map(|m| json!({
+            "seq": m.seq, "msg_id": m.msg_id,
+            "payload": String::from_utf8_lossy(&m.payload),
+            "devices": m.devices, "pushed_ms": m.pushed_ms, "expires_ms": m.expires_ms,
+        })).collect::<Vec<_>>(),
+    }))
+    .into_response()
+}
+
+async fn api_rates(State(s): State<Arc<AdminState>>, headers: HeaderMap, Query(q): Params) -> Response {
+    if let Err(r) = authorize(&s, &headers, &q) {
+        return r;
+    }
+    let node = &s.node;
+    let me = node.config().id;
+    let members: Vec<(u64, String)> = node
+        .raft()
+        .metrics()
+        .borrow()
+        .membership_config
+        .membership()
+        .nodes()
+        .map(|(id, n)| (*id, n.addr.clone()))
+        .collect();
+    let asks = members.into_iter().map(|(id, addr)| {
+        let node = node.clone();
+        async move {
+            if id == me {
+                return (id, Some(node.room().stats.ops.samples()));
+            }
+            let Ok(ch) = node.peers().channel(&addr) else {
+                return (id, None);
+            };
+            let mut client = PeerClient::new(ch);
+            match tokio::time::timeout(Duration::from_secs(2), client.rates(RatesRequest {})).await {
+                Ok(Ok(r)) => (id, Some(r.into_inner().samples)),
+                _ => (id, None),
+            }
+        }
+    });
+    let nodes: Vec<Value> = futures::future::join_all(asks)
+        .await
+        .into_iter()
+        .map(|(id, samples)| {
+            json!({
+                "node_id": id,
+                "reachable": samples.is_some(),
+                "samples": samples.unwrap_or_default().iter().map(|x| json!({
+                    "at_ms": x.at_ms, "connections": x.connections,
+                    "deliveries_per_s": x.deliveries_per_s, "pushes_per_s": x.pushes_per_s,
+                    "acks_per_s": x.acks_per_s, "connects_per_s": x.connects_per_s,
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    Json(json!({ "interval_ms": SAMPLE_EVERY.as_millis() as u64, "nodes": nodes })).into_response()
+}
+
+/// Everything the node exports, as Prometheus text.
+pub fn render_metrics(s: &AdminState) -> String {
+    let node = &s.node;
+    let room = node.room();
+    let st = &room.stats;
+    let l = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as f64;
+    let mut e = Exposition::default();
+    e.single(
+        "herald_node_id",
+        "gauge",
+        "This node's Raft id.",
+        node.config().id as f64,
+    );
+    e.single(
+        "herald_ready",
+        "gauge",
+        "1 when /readyz answers ready (member, caught up, accepting).",
+        if readiness(s).is_empty() { 1.0 } else { 0.0 },
+    );
+
+    // Connections and client traffic.
+    e.labeled(
+        "herald_connections",
+        "gauge",
+        "Open client connections by transport.",
+        "transport",
+        Transport::ALL
+            .iter()
+            .map(|t| (t.name(), st.ops.connections(*t) as f64)),
+    );
+    let by_app = room.sessions_by_app();
+    e.labeled(
+        "herald_sessions",
+        "gauge",
+        "Open client sessions on this node by app.",
+        "app",
+        by_app.iter().map(|(a, n)| (a.as_str(), *n as f64)),
+    );
+    e.single(
+        "herald_connects_total",
+        "counter",
+        "Client connections accepted.",
+        l(&st.connects),
+    );
+    e.single(
+        "herald_disconnects_total",
+        "counter",
+        "Client connections ended.",
+        l(&st.disconnects),
+    );
+    e.labeled(
+        "herald_pushes_total",
+        "counter",
+        "Pushes accepted by this node's API by qos (topic and broadcast publishes count as qos 1 stored).",
+        "qos",
+        [("0", l(&st.ops.pushes_qos0)), ("1", l(&st.ops.pushes_qos1))],
+    );
+    e.single(
+        "herald_publishes_total",
+        "counter",
+        "Broadcasts and topic publishes accepted by this node's API.",
+        l(&st.ops.publishes),
+    );
+    e.single(
+        "herald_deliveries_total",
+        "counter",
+        "Messages handed to client connections of this node.",
+        l(&st.deliveries),
+    );
+    e.single(
+        "herald_acks_total",
+        "counter",
+        "Client acks that moved a cursor.",
+        l(&st.acks),
+    );
+    e.histogram(
+        "herald_delivery_latency_seconds",
+        "Push accepted (its log time) to written to the client's socket, mailbox and topic messages (replays after a reconnect included).",
+        &st.ops.delivery_latency,
+    );
+    e.labeled(
+        "herald_rejected_total",
+        "counter",
+        "Client inputs refused, by reason.",
+        "reason",
+        [
+            ("bad_frame", l(&st.rejected_frames)),
+            ("auth", l(&st.rejected_auth)),
+            ("rate_limited", l(&st.rejected_rate)),
+            ("server_busy", l(&st.rejected_busy)),
+            ("slow_consumer", l(&st.slow_consumers)),
+            ("qos0_offline", l(&st.qos0_dropped)),
+        ],
+    );
+
+    // Replicated message counters (the same on every replica).
+    let reader = node.raft().reader();
+    let apps = reader.apps().unwrap_or_default();
+    let counters: Vec<(String, herald_raft::AppCounters)> = apps
+        .iter()
+        .map(|a| (a.id.clone(), reader.counters(&a.id).unwrap_or_default()))
+        .collect();
+    type Pick = fn(&herald_raft::AppCounters) -> u64;
+    let families: [(&str, &str, Pick); 4] = [
+        (
+            "herald_messages_stored_total",
+            "Mailbox messages stored, by app (replicated).",
+            |c| c.stored,
+        ),
+        (
+            "herald_messages_acked_total",
+            "Mailbox messages removed because every device acked them, by app.",
+            |c| c.acked,
+        ),
+        (
+            "herald_messages_expired_total",
+            "Mailbox messages removed because their TTL passed, by app.",
+            |c| c.expired,
+        ),
+        (
+            "herald_messages_trimmed_total",
+            "Mailbox messages dropped by the per-user cap, by app.",
+            |c| c.trimmed,
+        ),
+    ];
+    for (name, help, pick) in families {
+        e.labeled(
+            name,
+            "counter",
+            help,
+            "app",
+            counters.iter().map(|(a, c)| (a.as_str(), pick(c) as f64)),
+        );
+    }
+
+    // Raft.
+    let m = node.raft().metrics().borrow().clone();
+    let last = m.last_log_index.unwrap_or(0);
+    let applied = reader.applied_index();
+    let commit = match &m.replication {
+        // The leader's commit index: the highest index a majority of voters holds.
+        Some(rep) => {
+            let mut matched: Vec<u64> = m
+                .membership_config
+                .membership()
+                .voter_ids()
+                .map(|v| {
+                    if v == m.id {
+                        last
+                    } else {
+                        rep.get(&v).cloned().flatten().map(|l| l.index).unwrap_or(0)
+                    }
+                })
+                .collect();
+            matched.sort_unstable_by(|a, b| b.cmp(a));
+            matched
+                .get(matched.len() / 2)
+                .copied()
+                .unwrap_or(applied)
+                .max(applied)
+        }
+        // A follower knows committed entries only as it applies them.
+        None => applied,
+    };
+    e.single(
+        "herald_raft_term",
+        "gauge",
+        "Current Raft term.",
+        m.current_term as f64,
+    );
+    e.single(
+        "herald_raft_leader_id",
+        "gauge",
+        "Id of the leader this node knows (0: none).",
+        m.current_leader.unwrap_or(0) as f64,
+    );
+    e.single(
+        "herald_raft_is_leader",
+        "gauge",
+        "1 on the leader.",
+        if m.current_leader == Some(m.id) { 1.0 } else { 0.0 },
+    );
+    e.single(
+        "herald_raft_last_log_index",
+        "gauge",
+        "Last index in this node's Raft log.",
+        last as f64,
+    );
+    e.single(
+        "herald_raft_commit_index",
+        "gauge",
+        "Commit index (the leader's majority index; on a follower, what it applied).",
+        commit as f64,
+    );
+    e.single(
+        "herald_raft_apply_index",
+        "gauge",
+        "Last index applied to the state machine.",
+        applied as f64,
+    );
+    e.single(
+        "herald_raft_apply_lag",
+        "gauge",
+        "Entries in this node's log not applied yet.",
+        last.saturating_sub(applied) as f64,
+    );
+    if let Some(rep) = &m.replication {
+        let lags: Vec<(String, f64)> = rep
+            .iter()
+            .filter(|(id, _)| **id != m.id)
+            .map(|(id, l)| {
+                (
+                    id.to_string(),
+                    last.saturating_sub(l.map(|l| l.index).unwrap_or(0)) as f64,
+                )
+            })
+            .collect();
+        e.labeled(
+            "herald_raft_replication_lag",
+            "gauge",
+            "Leader only: entries each follower is behind the leader's log.",
+            "peer",
+            lags.iter().map(|(id, v)| (id.as_str(), *v)),
+        );
+    }
+    let snaps = reader.snapshot_stats();
+    e.single(
+        "herald_raft_snapshot_index",
+        "gauge",
+        "Last log index covered by this node's newest snapshot.",
+        m.snapshot.map(|l| l.index).unwrap_or(0) as f64,
+    );
+    e.single(
+        "herald_raft_snapshots_built_total",
+        "counter",
+        "Snapshots built by this node.",
+        snaps.built as f64,
+    );
+    e.single(
+        "herald_raft_snapshots_installed_total",
+        "counter",
+        "Snapshots received from a leader and installed.",
+        snaps.installed as f64,
+    );
+    e.single(
+        "herald_raft_snapshot_build_seconds_total",
+        "counter",
+        "Time spent building snapshots.",
+        snaps.build_ms_total as f64 / 1000.0,
+    );
+    e.single(
+        "herald_raft_snapshot_build_seconds_last",
+        "gauge",
+        "How long the last snapshot build took.",
+        snaps.build_ms_last as f64 / 1000.0,
+    );
+
+    // Callbacks (coordinator).
+    let c = room.coordinator.stats();
+    e.single(
+        "herald_callback_queue_depth",
+        "gauge",
+        "Upstream requests queued or in flight to apps' backends.",
+        c.upstream_depth as f64,
+    );
+    e.labeled(
+        "herald_callback_failures_total",
+        "counter",
+        "Callback failures by kind.",
+        "kind",
+        [
+            ("upstream_failed", c.upstream_failed as f64),
+            ("upstream_unavailable", c.upstream_unavailable as f64),
+            ("upstream_queue_full", c.upstream_queue_full as f64),
+            ("session_events", c.event_send_failures as f64),
+        ],
+    );
+    e.single(
+        "herald_callback_upstream_ok_total",
+        "counter",
+        "Upstream requests answered.",
+        c.upstream_ok as f64,
+    );
+    e.single(
+        "herald_callback_events_sent_total",
+        "counter",
+        "Session events accepted by backends.",
+        c.events_sent as f64,
+    );
+
+    // Cold archive.
+    if let Ok(a) = reader.archive_state() {
+        e.single(
+            "herald_archive_enabled",
+            "gauge",
+            "1 when removed messages are archived (replicated setting).",
+            if a.enabled { 1.0 } else { 0.0 },
+        );
+        e.single(
+            "herald_archive_pending",
+            "gauge",
+            "Removed messages waiting in the replicated archive outbox.",
+            (a.next_id - a.first) as f64,
+        );
+        e.single(
+            "herald_archive_dropped_total",
+            "counter",
+            "Archive outbox entries dropped because it was full (never archived).",
+            a.dropped as f64,
+        );
+    }
+    if let Some(a) = &s.archive {
+        e.single(
+            "herald_archive_written_total",
+            "counter",
+            "Rows this node's archiver wrote to MySQL (duplicates ignored by MySQL included).",
+            l(&a.written),
+        );
+        e.single(
+            "herald_archive_failures_total",
+            "counter",
+            "Archive batches that failed (retried).",
+            l(&a.failures),
+        );
+        e.single(
+            "herald_archive_up",
+            "gauge",
+            "1 when the last MySQL call of this node's archiver succeeded.",
+            l(&a.up),
+        );
+    }
+    e.finish()
+}
