@@ -11,7 +11,6 @@ use herald_proto::v1::herald_client::HeraldClient;
 use herald_raft::raft_node::now_ms;
 use herald_raft::{NodeInfo, Op, RaftConfig, RaftNode};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::transport::Channel;
@@ -246,8 +245,10 @@ pub async fn run(
         .context("cannot build the reflection service")?;
     let grpc_addr = listeners.grpc.local_addr()?;
     let grpc_shutdown = CancellationToken::new();
+    // `Server::tcp_nodelay` is ignored for a listener we bind ourselves (tonic applies it only
+    // when it binds); without TCP_NODELAY, Nagle + delayed ACK holds small replies ~40 ms.
+    let incoming = tonic::transport::server::TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
     let grpc = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .add_service(raft.grpc_service())
@@ -258,10 +259,7 @@ pub async fn run(
         .add_service(crate::archive::ArchiveApi::server(node.clone(), archive.clone()))
         .add_service(health_service)
         .add_service(reflection)
-        .serve_with_incoming_shutdown(
-            TcpListenerStream::new(listeners.grpc),
-            grpc_shutdown.clone().cancelled_owned(),
-        );
+        .serve_with_incoming_shutdown(incoming, grpc_shutdown.clone().cancelled_owned());
     let grpc_task = tokio::spawn(grpc);
     info!(node_id = config.id, %grpc_addr, data_dir = %config.data_dir.display(), "node started");
 

@@ -77,7 +77,9 @@ impl RaftConfig {
             snapshot_every: 50_000,
             keep_logs_after_snapshot: 1000,
             max_batch_ops: 1024,
-            max_inflight_batches: 8,
+            // Measured (BENCHMARKS.md): on 2 cores, 1–2 entries in flight carry more pushes per
+            // second than 8 (fewer, fuller entries; less per-entry work competing for the CPU).
+            max_inflight_batches: 2,
             write_timeout: Duration::from_secs(5),
             network: NetworkOptions::standard(),
         }

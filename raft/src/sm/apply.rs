@@ -646,8 +646,10 @@ impl<'a> Applier<'a> {
             self.txn.put(Cf::MsgIdx, ikey, &locs)?;
             counters.stored += 1;
 
-            // Per-user cap: drop the oldest held messages.
-            let mut from = 0;
+            // Per-user cap: drop the oldest held messages. Nothing at or below `trimmed_upto` is
+            // held (the cap always drops the oldest), so the scan starts above it instead of
+            // walking the deletion markers of every message trimmed before.
+            let mut from = meta.trimmed_upto + 1;
             while meta.count > u64::from(app.limits.mailbox_cap) {
                 let Some(oldest) = self.oldest_message(&e.app, &t.user, from)? else {
                     break;
@@ -778,7 +780,8 @@ impl<'a> Applier<'a> {
         let mut counters = self.counters(&p.app)?;
         counters.published += 1;
         let (_, hi) = keys::prefix_range(tkey.clone());
-        let mut from = 0;
+        // Retention drops the oldest first: nothing at or below `trimmed_upto` is left.
+        let mut from = meta.trimmed_upto + 1;
         while meta.count > u64::from(app.limits.topic_retain) {
             let lo = keys::topic_msg(&p.app, &p.topic, from);
             let Some((k, _)) = self.txn.scan(Cf::TopicLog, &lo, &hi, 1)?.pop() else {

@@ -120,6 +120,11 @@ pub struct StateMachine {
     retired: Vec<(Arc<DB>, PathBuf)>,
 }
 
+/// Block cache shared by a state-machine DB's column families.
+const SM_BLOCK_CACHE_BYTES: usize = 64 << 20;
+/// Memtable size of the column families whose few keys are rewritten on every apply.
+const HOT_CF_WRITE_BUFFER_BYTES: usize = 2 << 20;
+
 /// Options of every state-machine DB (live generations); all column families are created.
 fn open_db(path: &Path, create: bool) -> Result<DB, StoreError> {
     let mut opts = Options::default();
@@ -128,9 +133,34 @@ fn open_db(path: &Path, create: bool) -> Result<DB, StoreError> {
     opts.set_compression_type(DBCompressionType::Lz4);
     // RocksDB's info logs are for debugging; keep a few, not its default thousand.
     opts.set_keep_log_file_num(4);
+    // One block cache for every column family; bloom filters so the apply loop's point reads of
+    // keys that do not exist (a new msg id, an unused idempotency key) skip the SST files, and a
+    // memtable bloom so they skip the memtable's skiplist too.
+    let cache = rocksdb::Cache::new_lru_cache(SM_BLOCK_CACHE_BYTES);
     let cfs = Cf::ALL.iter().map(|cf| {
+        let mut table = rocksdb::BlockBasedOptions::default();
+        table.set_block_cache(&cache);
+        table.set_bloom_filter(10.0, false);
+        table.set_whole_key_filtering(true);
+        table.set_cache_index_and_filter_blocks(true);
+        table.set_pin_l0_filter_and_index_blocks_in_cache(true);
         let mut cf_opts = Options::default();
-        cf_opts.set_compression_type(DBCompressionType::Lz4);
+        cf_opts.set_block_based_table_factory(&table);
+        // A few keys rewritten on every apply (mailbox metas, counters, cursors, last applied)
+        // pile up one memtable version per write: a small memtable keeps the skiplist that every
+        // apply searches shallow, and its flush collapses the versions to one.
+        if matches!(
+            cf,
+            Cf::MailMeta | Cf::Counters | Cf::Meta | Cf::TopicMeta | Cf::Devices
+        ) {
+            cf_opts.set_write_buffer_size(HOT_CF_WRITE_BUFFER_BYTES);
+        }
+        cf_opts.set_memtable_whole_key_filtering(true);
+        cf_opts.set_memtable_prefix_bloom_ratio(0.05);
+        // Young data is rewritten soon by compaction: compress only from level 2 down.
+        let lz4 = DBCompressionType::Lz4;
+        let none = DBCompressionType::None;
+        cf_opts.set_compression_per_level(&[none, none, lz4, lz4, lz4, lz4, lz4]);
         ColumnFamilyDescriptor::new(cf.name(), cf_opts)
     });
     DB::open_cf_descriptors(&opts, path, cfs).map_err(|e| StoreError::Rocks {

@@ -14,7 +14,6 @@ use herald_raft::{
     Target,
 };
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
 struct Member {
@@ -91,7 +90,10 @@ impl Cluster {
         let server = tokio::spawn(async move {
             let _ = tonic::transport::Server::builder()
                 .add_service(svc)
-                .serve_with_incoming_shutdown(TcpListenerStream::new(l), s.cancelled_owned())
+                .serve_with_incoming_shutdown(
+                    tonic::transport::server::TcpIncoming::from(l).with_nodelay(Some(true)),
+                    s.cancelled_owned(),
+                )
                 .await;
         });
         self.members.insert(id, Member { node, stop, server });
