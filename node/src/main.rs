@@ -12,9 +12,6 @@ use herald_node::{dev, logging, node, token};
 use herald_proto::v1 as pb;
 use tokio_util::sync::CancellationToken;
 
-#[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(
     name = "herald",

@@ -244,10 +244,12 @@ impl Herald for HeraldApi {
                 .devices(&app.id, &user)
                 .map_err(ApiError::from)?
                 .into_iter()
-                .filter(|(d, _)| {
-                    held.as_ref()
-                        .map(|m| m.devices.is_empty() || m.devices.contains(d))
-                        .unwrap_or(true)
+                .filter(|(d, state)| match &held {
+                    Some(m) => m.devices.is_empty() || m.devices.contains(d),
+                    // Gone but neither trimmed nor expired: every device it was for acked it,
+                    // so a device that has not was not one of them.
+                    None if seq > meta.trimmed_upto && seq > meta.expired_upto => state.acked >= seq,
+                    None => true,
                 })
                 .map(|(device, d)| {
                     let state = if d.acked >= seq {

@@ -130,6 +130,39 @@ async fn an_offline_user_gets_every_push_in_order_and_acked_ones_are_not_sent_ag
         40,
         "acked messages were trimmed from the mailbox"
     );
+    // DeliveryStatus still answers for a message acked and removed (until its TTL), and for one
+    // still held.
+    let status = |msg_id: String| {
+        let mut grpc = grpc.clone();
+        let app = app.clone();
+        async move {
+            grpc.delivery_status(app.request(pb::DeliveryStatusRequest {
+                app: app.id.clone(),
+                msg_id,
+            }))
+            .await
+            .map(|r| r.into_inner())
+        }
+    };
+    let acked = status(ids[0].clone())
+        .await
+        .expect("status of an acked, removed message");
+    assert_eq!(acked.users.len(), 1);
+    assert_eq!((acked.users[0].user.as_str(), acked.users[0].seq), ("bob", 1));
+    assert!(!acked.users[0].stored, "acked messages leave the mailbox");
+    let states: Vec<(String, i32)> = acked.users[0]
+        .devices
+        .iter()
+        .map(|d| (d.device.clone(), d.state))
+        .collect();
+    assert_eq!(
+        states,
+        vec![("phone".to_string(), pb::DeliveryState::Acked as i32)]
+    );
+    let held = status(ids[99].clone()).await.expect("status of a held message");
+    assert_eq!(held.users[0].seq, 100);
+    assert!(held.users[0].stored);
+    assert_ne!(held.users[0].devices[0].state, pb::DeliveryState::Acked as i32);
 }
 
 #[tokio::test(flavor = "multi_thread")]

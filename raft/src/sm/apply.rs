@@ -578,23 +578,49 @@ impl<'a> Applier<'a> {
         }
     }
 
-    /// Deletes a held message with its expiry entry and its msg-id location. The caller fixes the
-    /// mailbox meta and counters.
-    fn remove_message(&mut self, app: &str, user: &str, msg: &StoredMessage) -> Result<(), StoreError> {
+    /// Deletes a held message with its expiry entry. An expired message also loses its msg-id
+    /// location; one acked or trimmed keeps it (so `DeliveryStatus` can still say what happened)
+    /// until the time the message would have expired, through an expiry entry of its own. The
+    /// caller fixes the mailbox meta and counters.
+    fn remove_message(
+        &mut self,
+        app: &str,
+        user: &str,
+        msg: &StoredMessage,
+        why: ArchiveOutcome,
+    ) -> Result<(), StoreError> {
         self.txn.delete(Cf::Mail, keys::mail(app, user, msg.seq));
         self.txn.delete(
             Cf::Expiry,
             keys::expiry_message(msg.expires_ms, app, user, msg.seq),
         );
-        let ikey = keys::msg_idx(app, &msg.msg_id);
+        if why != ArchiveOutcome::Expired {
+            self.txn.put_raw(
+                Cf::Expiry,
+                keys::expiry_location(msg.expires_ms, app, &msg.msg_id, user, msg.seq),
+                Vec::new(),
+            );
+            return Ok(());
+        }
+        self.drop_location(app, &msg.msg_id, user, msg.seq)?;
+        Ok(())
+    }
+
+    /// Removes (user, seq) from a msg id's locations; false when it was not there.
+    fn drop_location(&mut self, app: &str, msg_id: &str, user: &str, seq: u64) -> Result<bool, StoreError> {
+        let ikey = keys::msg_idx(app, msg_id);
         let mut locs: Vec<(String, u64)> = self.txn.get(Cf::MsgIdx, &ikey)?.unwrap_or_default();
-        locs.retain(|(u, s)| !(u == user && *s == msg.seq));
+        let before = locs.len();
+        locs.retain(|(u, s)| !(u == user && *s == seq));
+        if locs.len() == before {
+            return Ok(false);
+        }
         if locs.is_empty() {
             self.txn.delete(Cf::MsgIdx, ikey);
         } else {
             self.txn.put(Cf::MsgIdx, ikey, &locs)?;
         }
-        Ok(())
+        Ok(true)
     }
 
     fn enqueue(&mut self, e: &Enqueue) -> Result<OpResult, StoreError> {
@@ -654,7 +680,7 @@ impl<'a> Applier<'a> {
                 let Some(oldest) = self.oldest_message(&e.app, &t.user, from)? else {
                     break;
                 };
-                self.remove_message(&e.app, &t.user, &oldest)?;
+                self.remove_message(&e.app, &t.user, &oldest, ArchiveOutcome::Trimmed)?;
                 self.archive_removed(&e.app, &t.user, &oldest, ArchiveOutcome::Trimmed)?;
                 meta.count -= 1;
                 meta.trimmed_upto = meta.trimmed_upto.max(oldest.seq);
@@ -734,7 +760,7 @@ impl<'a> Applier<'a> {
             if !fully_acked(&msg, &devices) {
                 break;
             }
-            self.remove_message(app, user, &msg)?;
+            self.remove_message(app, user, &msg, ArchiveOutcome::Acked)?;
             self.archive_removed(app, user, &msg, ArchiveOutcome::Acked)?;
             meta.count = meta.count.saturating_sub(1);
             removed += 1;
@@ -851,7 +877,7 @@ impl<'a> Applier<'a> {
                             self.txn.get(Cf::Mail, &keys::mail(&app, &user, seq))?;
                         match msg {
                             Some(m) if m.expires_ms == expires_ms => {
-                                self.remove_message(&app, &user, &m)?;
+                                self.remove_message(&app, &user, &m, ArchiveOutcome::Expired)?;
                                 self.archive_removed(&app, &user, &m, ArchiveOutcome::Expired)?;
                                 let mut meta = self.mail_meta(&app, &user)?;
                                 meta.count = meta.count.saturating_sub(1);
@@ -862,6 +888,26 @@ impl<'a> Applier<'a> {
                                 true
                             }
                             _ => false,
+                        }
+                    }
+                    Some(ExpiryItem::Location {
+                        app,
+                        msg_id,
+                        user,
+                        seq,
+                        ..
+                    }) => {
+                        // A held message at (user, seq) means the app was deleted and made
+                        // again since: the location is that message's, not this entry's.
+                        let held = self
+                            .txn
+                            .get_raw(Cf::Mail, &keys::mail(&app, &user, seq))?
+                            .is_some();
+                        if !held && self.drop_location(&app, &msg_id, &user, seq)? {
+                            keys_removed += 1;
+                            true
+                        } else {
+                            false
                         }
                     }
                     Some(ExpiryItem::Idem {

@@ -112,6 +112,7 @@ pub(crate) const META_ARCHIVE: &[u8] = b"archive";
 /// Expiry index kinds; the byte after the time orders messages before keys at equal times.
 pub(crate) const EXPIRY_MESSAGE: u8 = 0;
 pub(crate) const EXPIRY_IDEM: u8 = 1;
+pub(crate) const EXPIRY_LOCATION: u8 = 2;
 
 /// Builds a key from components.
 #[derive(Default)]
@@ -251,6 +252,19 @@ pub(crate) fn expiry_idem(expires_ms: u64, app: &str, key: &str) -> Vec<u8> {
         .done()
 }
 
+/// Expiry index entry of the msg-id location of a message that was acked or trimmed before its
+/// TTL: (expires BE, 2, app, msg id, user, seq BE).
+pub(crate) fn expiry_location(expires_ms: u64, app: &str, msg_id: &str, user: &str, seq: u64) -> Vec<u8> {
+    KeyBuf::new()
+        .u64(expires_ms)
+        .u8(EXPIRY_LOCATION)
+        .str(app)
+        .str(msg_id)
+        .str(user)
+        .u64(seq)
+        .done()
+}
+
 /// What an expiry index key points at.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum ExpiryItem {
@@ -264,6 +278,13 @@ pub(crate) enum ExpiryItem {
         expires_ms: u64,
         app: String,
         key: String,
+    },
+    Location {
+        expires_ms: u64,
+        app: String,
+        msg_id: String,
+        user: String,
+        seq: u64,
     },
 }
 
@@ -281,6 +302,13 @@ pub(crate) fn parse_expiry(key: &[u8]) -> Option<ExpiryItem> {
             expires_ms,
             app: r.str()?,
             key: r.str()?,
+        },
+        EXPIRY_LOCATION => ExpiryItem::Location {
+            expires_ms,
+            app: r.str()?,
+            msg_id: r.str()?,
+            user: r.str()?,
+            seq: r.u64()?,
         },
         _ => return None,
     };
@@ -349,6 +377,16 @@ mod tests {
                 expires_ms: 9,
                 app: "a".into(),
                 key: "k".into()
+            })
+        );
+        assert_eq!(
+            parse_expiry(&expiry_location(9, "a", "m", "u", 4)),
+            Some(ExpiryItem::Location {
+                expires_ms: 9,
+                app: "a".into(),
+                msg_id: "m".into(),
+                user: "u".into(),
+                seq: 4
             })
         );
         // Truncated or trailing bytes are rejected, not misread.

@@ -5,7 +5,7 @@
 //! components by (length, bytes), the model's BTreeMaps by bytes, and with equal lengths the two
 //! orders agree, so iteration orders (NodeDown, Kick, Expire) match without modelling the encoding.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -98,6 +98,12 @@ struct Model {
     /// The archive outbox: removed messages while archiving is on, bounded by ARCHIVE_CAP.
     archive: BTreeMap<u64, ArchivedMessage>,
     archive_state: ArchiveState,
+    /// Msg-id locations of messages acked or trimmed before their TTL: (app, msg id, user, seq).
+    /// DeliveryStatus still finds them until the message would have expired.
+    kept: BTreeSet<(String, String, String, u64)>,
+    /// The store's expiry entries for those locations: (expires, app, msg id, user, seq). Like
+    /// the store's, they outlive a DeleteApp (they are keyed by time) and are skipped then.
+    kept_expiry: BTreeSet<(u64, String, String, String, u64)>,
 }
 
 /// The store's archive outbox cap (raft/src/sm/apply.rs); the model applies the same bound.
@@ -129,7 +135,17 @@ impl Model {
             outbox: BTreeMap::new(),
             archive: BTreeMap::new(),
             archive_state: ArchiveState::default(),
+            kept: BTreeSet::new(),
+            kept_expiry: BTreeSet::new(),
         }
+    }
+
+    /// A message left the mailbox acked or trimmed: its location stays until its TTL.
+    fn keep_location(&mut self, app: &str, user: &str, m: &StoredMessage) {
+        self.kept
+            .insert((app.into(), m.msg_id.clone(), user.into(), m.seq));
+        self.kept_expiry
+            .insert((m.expires_ms, app.into(), m.msg_id.clone(), user.into(), m.seq));
     }
 
     /// A message left a mailbox: into the archive outbox if archiving is on.
@@ -253,6 +269,7 @@ impl Model {
                 self.topics.retain(|k, _| &k.0 != app);
                 self.topic_meta.retain(|k, _| &k.0 != app);
                 self.idem.retain(|k, _| &k.0 != app);
+                self.kept.retain(|k| &k.0 != app);
                 self.counters.remove(app);
                 OpResult::Done
             }
@@ -410,6 +427,7 @@ impl Model {
                     meta.count = held.len() as u64;
                     let trimmed_n = trimmed.len() as u64;
                     for m in trimmed {
+                        self.keep_location(&e.app, &t.user, &m);
                         self.archive_removed(&e.app, &t.user, m, ArchiveOutcome::Trimmed);
                     }
                     let c = self.counters(&e.app);
@@ -493,34 +511,57 @@ impl Model {
                 r
             }
             Op::Expire { max } => {
-                // Due items in expiry order: time, messages before keys, app, user/key, seq.
-                let mut due: Vec<(u64, u8, String, String, u64)> = Vec::new();
+                // Due items in the store's key order: time, kind (message 0, idempotency key 1,
+                // kept location 2), app, user / key / msg id, (user), seq.
+                let mut due: Vec<(u64, u8, String, String, String, u64)> = Vec::new();
                 for ((app, user), held) in &self.mail {
                     for m in held.values().filter(|m| m.expires_ms <= self.log_time) {
-                        due.push((m.expires_ms, 0, app.clone(), user.clone(), m.seq));
+                        due.push((m.expires_ms, 0, app.clone(), user.clone(), String::new(), m.seq));
                     }
                 }
                 for ((app, key), (exp, _)) in &self.idem {
                     if *exp <= self.log_time {
-                        due.push((*exp, 1, app.clone(), key.clone(), 0));
+                        due.push((*exp, 1, app.clone(), key.clone(), String::new(), 0));
+                    }
+                }
+                for (exp, app, msg_id, user, seq) in &self.kept_expiry {
+                    if *exp <= self.log_time {
+                        due.push((*exp, 2, app.clone(), msg_id.clone(), user.clone(), *seq));
                     }
                 }
                 due.sort();
-                due.truncate(*max as usize);
                 let (mut messages, mut keys) = (0, 0);
-                for (_, kind, app, name, seq) in due {
-                    if kind == 0 {
-                        let key = uk(&app, &name);
-                        let m = self.mail.get_mut(&key).expect("held").remove(&seq).expect("due");
-                        self.archive_removed(&app, &name, m, ArchiveOutcome::Expired);
-                        let meta = self.mail_meta.get_mut(&key).expect("meta");
-                        meta.count -= 1;
-                        meta.expired_upto = meta.expired_upto.max(seq);
-                        self.counters(&app).expired += 1;
-                        messages += 1;
-                    } else {
-                        self.idem.remove(&uk(&app, &name));
-                        keys += 1;
+                for (exp, kind, app, name, user, seq) in due {
+                    if messages + keys >= *max {
+                        break;
+                    }
+                    match kind {
+                        0 => {
+                            let key = uk(&app, &name);
+                            let m = self.mail.get_mut(&key).expect("held").remove(&seq).expect("due");
+                            self.archive_removed(&app, &name, m, ArchiveOutcome::Expired);
+                            let meta = self.mail_meta.get_mut(&key).expect("meta");
+                            meta.count -= 1;
+                            meta.expired_upto = meta.expired_upto.max(seq);
+                            self.counters(&app).expired += 1;
+                            messages += 1;
+                        }
+                        1 => {
+                            self.idem.remove(&uk(&app, &name));
+                            keys += 1;
+                        }
+                        _ => {
+                            // Scanned entries go whether they still point at something or not.
+                            self.kept_expiry
+                                .remove(&(exp, app.clone(), name.clone(), user.clone(), seq));
+                            let held = self
+                                .mail
+                                .get(&uk(&app, &user))
+                                .is_some_and(|h| h.contains_key(&seq));
+                            if !held && self.kept.remove(&(app, name, user, seq)) {
+                                keys += 1;
+                            }
+                        }
                     }
                 }
                 OpResult::Expired {
@@ -580,6 +621,7 @@ impl Model {
             acked += 1;
         }
         for m in removed {
+            self.keep_location(app, user, &m);
             self.archive_removed(app, user, m, ArchiveOutcome::Acked);
         }
         if acked > 0 {
@@ -898,7 +940,12 @@ fn compare_reads(model: &Model, r: &StateReader) -> Result<(), TestCaseError> {
             prop_assert_eq!(r.topic_since(app, topic, 0, 1000).map_err(err)?, held);
         }
         for msg_id in MSG_IDS {
-            let mut want: Vec<(String, u64)> = Vec::new();
+            let mut want: Vec<(String, u64)> = model
+                .kept
+                .iter()
+                .filter(|(a, m, _, _)| a == app && m == msg_id)
+                .map(|(_, _, user, seq)| (user.clone(), *seq))
+                .collect();
             for ((a, user), held) in &model.mail {
                 if a == app {
                     want.extend(
