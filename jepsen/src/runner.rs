@@ -198,6 +198,9 @@ async fn run_inner(
     if let Some(w) = offline.as_mut() {
         w.drain_online(&ctx).await;
     }
+    if let Some(w) = storm.as_mut() {
+        w.drain_online(&ctx).await;
+    }
     drain(&ctx, Duration::from_secs(opts.drain_s)).await;
     rec.phase("drain-end");
     if let Some(w) = qos1 {

@@ -1,12 +1,12 @@
-//! Fencing by epoch: once a newer session of a device is registered (epoch E'), the older
-//! session of that device must not be handed anything committed after E'. Its node has to end it
-//! (KICKED `replaced`) when it applies the newer registration, and mailbox messages committed
-//! later carry a log index above E'.
+//! Fencing by epoch: once a newer session of a device is registered (a higher epoch), the older
+//! session of that device must not be handed anything committed after that registration. Its node
+//! has to end it (KICKED `replaced`) when it applies the newer registration.
 //!
-//! Checked on mailbox deliveries whose push was acknowledged with its log index (the epoch of a
-//! registration is its log index too, so the two compare): a delivery to client instance C of a
-//! message committed at index L is stale when another instance of the same (user, device) had
-//! registered with an epoch E' with C's epoch < E' < L.
+//! Epochs count registrations cluster-wide; they are not log indexes, so the order between a
+//! registration and a push is taken from real time: a push invoked after the newer registration
+//! was acknowledged (WELCOME) commits after it. Checked on mailbox deliveries of acknowledged
+//! pushes: a delivery to client instance C (epoch e) of a message whose push was invoked after
+//! another instance of the same (user, device) got WELCOME with an epoch above e is stale.
 
 use std::collections::HashMap;
 
@@ -18,8 +18,8 @@ type Device<'a> = (&'a str, &'a str);
 
 pub fn check(idx: &Index<'_>) -> CheckResult {
     let mut r = CheckResult::new("fencing");
-    // (user, device) → [(epoch, client, op index)] of every completed registration.
-    let mut regs: HashMap<Device<'_>, Vec<(u64, u64, u64)>> = HashMap::new();
+    // (user, device) → [(epoch, client, op index, time acknowledged)] of every registration.
+    let mut regs: HashMap<Device<'_>, Vec<(u64, u64, u64, u64)>> = HashMap::new();
     for o in idx.history {
         if !matches!(o.f, F::Connect | F::Reconnect) || o.kind != Type::Ok {
             continue;
@@ -32,7 +32,7 @@ pub fn check(idx: &Index<'_>) -> CheckResult {
         ) else {
             continue;
         };
-        regs.entry((u, d)).or_default().push((e, c, o.index));
+        regs.entry((u, d)).or_default().push((e, c, o.index, o.time_us));
     }
     let mut checked = 0u64;
     for o in &idx.recvs {
@@ -48,15 +48,16 @@ pub fn check(idx: &Index<'_>) -> CheckResult {
         ) else {
             continue;
         };
-        let Some(l) = idx.sent.get(msg).and_then(|s| s.log_index) else {
+        let Some(sent) = idx.sent.get(msg).filter(|s| s.log_index.is_some()) else {
             continue;
         };
+        let (l, pushed_at) = (sent.log_index.unwrap_or(0), sent.pair.invoke.time_us);
         checked += 1;
         let Some(others) = regs.get(&(u, d)) else { continue };
-        if let Some(&(newer, other, op)) = others
+        if let Some(&(newer, other, op, _)) = others
             .iter()
-            .filter(|(e, cl, _)| *cl != c && *e > my_epoch && *e < l)
-            .min_by_key(|(e, _, _)| *e)
+            .filter(|(e, cl, _, at)| *cl != c && *e > my_epoch && *at < pushed_at)
+            .min_by_key(|(e, _, _, _)| *e)
         {
             r.violation(
                 "stale-session-delivery",
@@ -92,6 +93,19 @@ mod tests {
         h.connected(6, 101, "u1", "d", 12, 2);
         h.pushed(8, 10, "u1", "m2", 2, 15);
         recv_with_epoch(&mut h, 10, 101, "m2", 2, 12);
+        let r = check(&Index::new(&h.ops));
+        assert_eq!(r.valid, Validity::Valid, "{r:?}");
+    }
+
+    #[test]
+    fn a_message_pushed_before_the_newer_login_was_acknowledged_passes() {
+        // Epochs are not log indexes: the message's index (15) is above the newer epoch (12), but
+        // its push began before that login was acknowledged, so the old session may get it.
+        let mut h = H::new();
+        h.connected(0, 100, "u1", "d", 5, 1);
+        h.pushed(2, 10, "u1", "m1", 1, 15);
+        recv_with_epoch(&mut h, 4, 100, "m1", 1, 5);
+        h.connected(6, 101, "u1", "d", 12, 2);
         let r = check(&Index::new(&h.ops));
         assert_eq!(r.valid, Validity::Valid, "{r:?}");
     }

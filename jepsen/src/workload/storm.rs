@@ -25,6 +25,7 @@ struct Slot {
 type Retiring = Arc<Mutex<Vec<(Instant, Device)>>>;
 
 pub struct Storm {
+    slots: Arc<Vec<Slot>>,
     current: Arc<Mutex<Vec<Option<Device>>>>,
     retiring: Retiring,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -131,6 +132,7 @@ impl Storm {
             }));
         }
         Ok(Storm {
+            slots,
             current,
             retiring,
             tasks,
@@ -144,6 +146,22 @@ impl Storm {
         let old: Vec<Device> = self.retiring.lock().drain(..).map(|(_, d)| d).collect();
         for d in old {
             d.close(ctx).await;
+        }
+    }
+
+    /// Drain: every user logs in once more on a fresh device instance (same store, so it resumes
+    /// from its last acked seq). A device whose reconnect was cut short by the stop would
+    /// otherwise leave its user's last pushes unread, and they would look lost.
+    pub async fn drain_online(&mut self, ctx: &Ctx) {
+        let mut rng = ctx.rng("storm-drain", 0);
+        for (i, slot) in self.slots.iter().enumerate() {
+            let Ok(d) = Device::open(ctx, spec(ctx, slot, None, &mut rng)).await else {
+                continue;
+            };
+            let old = self.current.lock()[i].replace(d);
+            if let Some(old) = old {
+                old.close(ctx).await;
+            }
         }
     }
 
