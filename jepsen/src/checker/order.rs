@@ -18,14 +18,15 @@ use crate::history::F;
 
 /// A delivery stream: (scope, topic or None for the mailbox).
 type Stream<'a> = (u64, Option<&'a str>);
+/// (user, device, seq) → the scopes handed it, with the history index of each delivery.
+type Handed<'a> = HashMap<(&'a str, &'a str, u64), Vec<(u64, u64)>>;
 
 pub fn check(idx: &Index<'_>) -> CheckResult {
     let mut r = CheckResult::new("order");
     let mut last: HashMap<Stream<'_>, (u64, u64)> = HashMap::new();
     let mut gaps: HashMap<Stream<'_>, Vec<(u64, u64)>> = HashMap::new();
     let mut checked = 0u64;
-    // (user, device, seq) → scopes handed it, with the history index of the delivery.
-    let mut handed: HashMap<(&str, &str, u64), Vec<(u64, u64)>> = HashMap::new();
+    let mut handed: Handed<'_> = HashMap::new();
     for o in idx.history {
         if o.f != F::Recv || o.value.topic.is_some() {
             continue;
