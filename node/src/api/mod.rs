@@ -224,7 +224,7 @@ impl Herald for HeraldApi {
         let locations = reader.msg_locations(&app.id, &r.msg_id).map_err(ApiError::from)?;
         if locations.is_empty() {
             return Err(ApiError::NotFound(format!(
-                "message {:?} is unknown or no longer held (acked by every device, trimmed or expired)",
+                "message {:?} is unknown, or its TTL has passed",
                 r.msg_id
             ))
             .into());

@@ -143,7 +143,10 @@ where
                     Ok(0) => return End::ClientClosed,
                     Ok(_) => {
                         self.shared.touch(self.room.now());
-                        if let Some(end) = self.handle_input().await {
+                        // Boxed: frame handling (sessions opening, subscribing) awaits deep
+                        // futures; inline, they would sit in every idle connection's task
+                        // (≈ 2 KB each), boxed they exist only while a frame is handled.
+                        if let Some(end) = Box::pin(self.handle_input()).await {
                             let _ = self.write_out().await;
                             return end;
                         }

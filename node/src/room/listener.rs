@@ -184,7 +184,11 @@ impl Acceptor {
                         room.stats.ops.conn_closed(transport);
                     }
                     Wrap::Tls(acceptor) => {
-                        match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                        // Handshakes are boxed: the task is as large as its largest state, and an
+                        // inline TLS or WebSocket handshake would make every connection's task
+                        // that large for its whole life.
+                        let handshake = tokio::time::timeout(handshake_timeout, acceptor.accept(stream));
+                        match Box::pin(handshake).await {
                             Ok(Ok(s)) => {
                                 let shared = room.add_conn(peer);
                                 room.stats.ops.conn_opened(transport);
@@ -199,7 +203,7 @@ impl Acceptor {
                     Wrap::Ws => {
                         let handshake =
                             tokio_tungstenite::accept_async_with_config(stream, Some(ws::config()));
-                        match tokio::time::timeout(handshake_timeout, handshake).await {
+                        match Box::pin(tokio::time::timeout(handshake_timeout, handshake)).await {
                             Ok(Ok(s)) => {
                                 let shared = room.add_conn(peer);
                                 room.stats.ops.conn_opened(transport);
