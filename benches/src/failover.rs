@@ -71,7 +71,8 @@ pub async fn run(args: FailoverArgs, out: &Out) -> Result<FailoverResult> {
         max_ms: ms.last().copied().unwrap_or(0.0),
         median_ms: ms.get(ms.len() / 2).copied().unwrap_or(0.0),
         trials,
-        election_timeout_ms: "400 (randomized 400–800), raft heartbeat 100 (node defaults)".into(),
+        election_timeout_ms:
+            "200 (randomized 200–400, plus a 400 ms leader lease), raft heartbeat 50 (node defaults)".into(),
     };
     println!("\nleader failover (kill -9 under load)");
     for (i, t) in result.trials.iter().enumerate() {

@@ -87,10 +87,10 @@ pub struct NodeOptions {
     /// Bearer token required for admin calls (apps, membership). Unset: admin calls are open.
     #[arg(long, env = env::ADMIN_TOKEN)]
     pub admin_token: Option<String>,
-    /// Raft heartbeat interval in ms [default: 100].
+    /// Raft heartbeat interval in ms [default: 50].
     #[arg(long, env = env::RAFT_HEARTBEAT_MS)]
     pub raft_heartbeat_ms: Option<u64>,
-    /// Raft election timeout in ms (randomized between it and twice it) [default: 400].
+    /// Raft election timeout in ms (randomized between it and twice it; openraft adds a leader lease of twice it) [default: 200].
     #[arg(long, env = env::ELECTION_TIMEOUT_MS)]
     pub election_timeout_ms: Option<u64>,
     /// Build a Raft snapshot after this many log entries [default: 50000].
@@ -315,9 +315,9 @@ impl NodeOptions {
             Some(_) => {}
         }
         let raft_heartbeat =
-            Duration::from_millis(positive("raft-heartbeat-ms", self.raft_heartbeat_ms, 100)?);
+            Duration::from_millis(positive("raft-heartbeat-ms", self.raft_heartbeat_ms, 50)?);
         let election_timeout =
-            Duration::from_millis(positive("election-timeout-ms", self.election_timeout_ms, 400)?);
+            Duration::from_millis(positive("election-timeout-ms", self.election_timeout_ms, 200)?);
         if election_timeout <= raft_heartbeat * 2 {
             return Err(ConfigError(format!(
                 "--election-timeout-ms ({}) must be more than twice --raft-heartbeat-ms ({})",
