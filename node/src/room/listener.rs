@@ -184,16 +184,17 @@ impl Acceptor {
                         room.stats.ops.conn_closed(transport);
                     }
                     Wrap::Tls(acceptor) => {
-                        // Handshakes are boxed: the task is as large as its largest state, and an
-                        // inline TLS or WebSocket handshake would make every connection's task
-                        // that large for its whole life.
-                        let handshake = tokio::time::timeout(handshake_timeout, acceptor.accept(stream));
-                        match Box::pin(handshake).await {
+                        // The task is as large as its largest state, for its whole life. The
+                        // handshakes and the streams they yield are boxed in statements of their
+                        // own, so neither sits inline in every connection's task.
+                        let handshake =
+                            Box::pin(tokio::time::timeout(handshake_timeout, acceptor.accept(stream)));
+                        let accepted = handshake.await.map(|r| r.map(Box::new));
+                        match accepted {
                             Ok(Ok(s)) => {
                                 let shared = room.add_conn(peer);
                                 room.stats.ops.conn_opened(transport);
-                                // Boxed: a TLS stream is large, and only TLS connections pay for it.
-                                conn::serve(room.clone(), shared, Box::new(s)).await;
+                                conn::serve(room.clone(), shared, s).await;
                                 room.stats.ops.conn_closed(transport);
                             }
                             Ok(Err(e)) => debug!(%peer, error = %e, "tls handshake failed"),
@@ -201,13 +202,16 @@ impl Acceptor {
                         }
                     }
                     Wrap::Ws => {
-                        let handshake =
-                            tokio_tungstenite::accept_async_with_config(stream, Some(ws::config()));
-                        match Box::pin(tokio::time::timeout(handshake_timeout, handshake)).await {
+                        let handshake = Box::pin(tokio::time::timeout(
+                            handshake_timeout,
+                            tokio_tungstenite::accept_async_with_config(stream, Some(ws::config())),
+                        ));
+                        let accepted = handshake.await.map(|r| r.map(|s| Box::new(ws::WsStream::new(s))));
+                        match accepted {
                             Ok(Ok(s)) => {
                                 let shared = room.add_conn(peer);
                                 room.stats.ops.conn_opened(transport);
-                                conn::serve(room.clone(), shared, Box::new(ws::WsStream::new(s))).await;
+                                conn::serve(room.clone(), shared, s).await;
                                 room.stats.ops.conn_closed(transport);
                             }
                             Ok(Err(e)) => debug!(%peer, error = %e, "websocket handshake failed"),
