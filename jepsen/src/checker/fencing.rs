@@ -48,10 +48,9 @@ pub fn check(idx: &Index<'_>) -> CheckResult {
         ) else {
             continue;
         };
-        let Some(sent) = idx.sent.get(msg).filter(|s| s.log_index.is_some()) else {
-            continue;
-        };
-        let (l, pushed_at) = (sent.log_index.unwrap_or(0), sent.pair.invoke.time_us);
+        let Some(sent) = idx.sent.get(msg) else { continue };
+        let Some(l) = sent.log_index else { continue };
+        let pushed_at = sent.pair.invoke.time_us;
         checked += 1;
         let Some(others) = regs.get(&(u, d)) else { continue };
         if let Some(&(newer, other, op, _)) = others
