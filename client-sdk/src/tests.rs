@@ -1694,7 +1694,8 @@ mod fake_dispatch {
 
     #[derive(Clone)]
     pub(super) struct Fake {
-        pub(super) nodes: Vec<String>,
+        /// The node list of each answer in turn; the last one is repeated.
+        pub(super) answers: Vec<Vec<String>>,
         pub(super) seen: Arc<Mutex<Vec<DispatchRequest>>>,
     }
 
@@ -1723,10 +1724,14 @@ mod fake_dispatch {
             no()
         }
         async fn dispatch(&self, r: Request<DispatchRequest>) -> R<DispatchReply> {
-            self.seen.lock().unwrap().push(r.into_inner());
+            let call = {
+                let mut seen = self.seen.lock().unwrap();
+                seen.push(r.into_inner());
+                seen.len() - 1
+            };
+            let nodes = &self.answers[call.min(self.answers.len() - 1)];
             Ok(Response::new(DispatchReply {
-                nodes: self
-                    .nodes
+                nodes: nodes
                     .iter()
                     .enumerate()
                     .map(|(i, a)| DispatchNode {
@@ -1787,7 +1792,7 @@ async fn the_node_list_comes_from_dispatch() {
     let (a, b) = (Peer::bind().await, Peer::bind().await);
     let seen = Arc::new(Mutex::new(Vec::new()));
     let grpc = fake_dispatch::serve(fake_dispatch::Fake {
-        nodes: vec![b.addr.clone(), a.addr.clone()],
+        answers: vec![vec![b.addr.clone(), a.addr.clone()]],
         seen: seen.clone(),
     })
     .await;
@@ -1825,6 +1830,47 @@ async fn the_node_list_comes_from_dispatch() {
     drop(conn);
     let mut conn = a.accept().await;
     conn.hello().await;
+}
+
+#[tokio::test]
+async fn the_node_list_is_refreshed_and_a_changed_list_is_used() {
+    let (a, b) = (Peer::bind().await, Peer::bind().await);
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    // The first answer names only `a`; every later one only `b`.
+    let grpc = fake_dispatch::serve(fake_dispatch::Fake {
+        answers: vec![vec![a.addr.clone()], vec![b.addr.clone()]],
+        seen: seen.clone(),
+    })
+    .await;
+    let (_client, mut events) = Client::builder("demo", "alice", "phone-1")
+        .token("t")
+        .dispatch_seeds([grpc])
+        .connection(|c| c.dispatch_refresh(Duration::from_millis(200)))
+        .connect()
+        .await
+        .unwrap();
+    let mut conn = a.accept().await;
+    let sid = conn.hello().await.session.unwrap().session_id;
+    conn.send(welcome(sid, 10_000, 0)).await;
+    expect_connected(&mut events).await;
+    assert_eq!(seen.lock().unwrap().len(), 1);
+    // While connected, Dispatch is asked again on its own (nothing failed).
+    timeout(WAIT, async {
+        while seen.lock().unwrap().len() < 2 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the node list was not refreshed");
+    // The link to `a` ends: the client goes to `b`, the only node of the fresh list, although
+    // `a` still listens (with the first list it would have come back to `a`).
+    drop(conn);
+    expect_disconnected(&mut events).await;
+    let mut conn = b.accept().await;
+    let sid = conn.hello().await.session.unwrap().session_id;
+    conn.send(welcome(sid, 10_000, 0)).await;
+    expect_connected(&mut events).await;
+    a.no_connection_within(Duration::from_millis(300)).await;
 }
 
 // ---- TLS ---------------------------------------------------------------------------------------
