@@ -20,6 +20,9 @@ use crate::harness::{connect, eventually, free_port, App, Cluster, NODE_WAIT};
 /// How long a test waits for its client to see what it expects.
 pub const CLIENT_WAIT: Duration = Duration::from_secs(60);
 
+/// The client heartbeat of clusters whose tests bound the dead-link detection.
+const HEARTBEAT: Duration = Duration::from_secs(1);
+
 /// A reconnect backoff short enough for tests (the cluster's default goes up to 30 s).
 pub fn quick_backoff() -> BackoffConfig {
     BackoffConfig {
@@ -220,7 +223,10 @@ pub fn assert_exactly_once(inbox: &Inbox, pushed: &[pb::PushReply], user: &str) 
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_client_on_a_killed_node_resumes_elsewhere_and_gets_what_was_pushed_meanwhile() {
-    let mut c = Cluster::start(3).await;
+    // A 1 s heartbeat bounds the dead-link detection (two missed heartbeats) used below.
+    let mut c = Cluster::new(3).node_args(&["--client-heartbeat-ms", &HEARTBEAT.as_millis().to_string()]);
+    c.start_all();
+    c.wait_leader().await;
     let app = c.create_app("failover").await;
     let (_client, events) = client(&app, "alice")
         .dispatch_seeds(seeds(&c))
@@ -254,10 +260,18 @@ async fn a_client_on_a_killed_node_resumes_elsewhere_and_gets_what_was_pushed_me
     let (node, _, at) = inbox.connected.last().cloned().unwrap();
     assert_ne!(node, home, "reconnected to a live node");
     let took = at - killed;
-    // A few backoff rounds (200 ms doubling to 2 s) plus a leader election if the leader died.
+    // The bound, from the client's settings:
+    // - detection: kill -9 closes the node's sockets, so the client reads EOF at once; were the
+    //   FIN lost, silence for two heartbeats (2 x 1 s) ends the link;
+    // - backoff (full jitter, 200 ms doubling, capped at 2 s): the link was the first one, so the
+    //   windows are 0.2, 0.4, 0.8 s; up to three failed attempts (the killed node listed first
+    //   again, a handshake refused during the election) wait at most 1.4 s, within one cap;
+    // - 3 s margin: a leader election if the leader died (about 0.2-0.4 s plus its lease),
+    //   connect, handshake and the session's open, on a loaded 2-core machine.
+    let bound = 2 * HEARTBEAT + quick_backoff().max + Duration::from_secs(3);
     assert!(
-        took < Duration::from_secs(20),
-        "reconnect took {took:?}:\n{}",
+        took <= bound,
+        "reconnect took {took:?}, more than {bound:?}:\n{}",
         inbox.tail(20)
     );
     inbox.messages(15, CLIENT_WAIT).await;
@@ -534,19 +548,80 @@ async fn tls_with_the_dev_ca_through_static_nodes_and_dispatch() {
     assert!(mallory.connected.is_empty());
 }
 
+/// A stand-in for an address that is down: it accepts every connection and closes it at once (the
+/// client sees its handshake fail, as with a node that died), counting the attempts.
+struct DeadEnd {
+    addr: String,
+    tried: Arc<AtomicUsize>,
+}
+
+impl DeadEnd {
+    async fn bind() -> DeadEnd {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let tried = Arc::new(AtomicUsize::new(0));
+        let count = tried.clone();
+        tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                drop(socket);
+            }
+        });
+        DeadEnd { addr, tried }
+    }
+
+    fn tried(&self) -> usize {
+        self.tried.load(Ordering::SeqCst)
+    }
+}
+
+/// An address in front of `upstream` that acts like a [`DeadEnd`] until every one of `dead` was
+/// tried at least once, and forwards to `upstream` from then on. Lists start at a random entry
+/// (against reconnect storms), so with a plain live entry a client may never touch the dead ones;
+/// behind this gate it reaches the live node only after it went past each dead one.
+async fn gate(upstream: String, dead: &[&DeadEnd]) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let dead: Vec<Arc<AtomicUsize>> = dead.iter().map(|d| d.tried.clone()).collect();
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            if dead.iter().any(|t| t.load(Ordering::SeqCst) == 0) {
+                drop(inbound);
+                continue;
+            }
+            let upstream = upstream.clone();
+            tokio::spawn(async move {
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect(&upstream).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn dead_seeds_and_dead_nodes_first_in_the_lists_are_skipped() {
     let c = Cluster::start(3).await;
     let app = c.create_app("dead-seeds").await;
-    let dead = || format!("127.0.0.1:{}", free_port());
+    // Alice knows three gRPC seeds, two of them dead; the live one (node 2) opens only once both
+    // dead ones were tried. Bob likewise with three client addresses, the live one node 3's.
+    let dead_seeds = [DeadEnd::bind().await, DeadEnd::bind().await];
+    let live_seed = gate(c.grpc_addr(2).to_string(), &[&dead_seeds[0], &dead_seeds[1]]).await;
+    let dead_nodes = [DeadEnd::bind().await, DeadEnd::bind().await];
+    let live_node = gate(c.client_addr(3).to_string(), &[&dead_nodes[0], &dead_nodes[1]]).await;
     let (_a, ev) = client(&app, "alice")
-        .dispatch_seeds([dead(), dead(), c.grpc_addr(2).to_string()])
+        .dispatch_seeds([dead_seeds[0].addr.clone(), dead_seeds[1].addr.clone(), live_seed])
         .connect()
         .await
         .unwrap();
     let mut alice = Inbox::new(ev);
     let (_b, ev) = client(&app, "bob")
-        .nodes([dead(), dead(), c.client_addr(3).to_string()])
+        .nodes([
+            dead_nodes[0].addr.clone(),
+            dead_nodes[1].addr.clone(),
+            live_node.clone(),
+        ])
         .connect()
         .await
         .unwrap();
@@ -554,6 +629,11 @@ async fn dead_seeds_and_dead_nodes_first_in_the_lists_are_skipped() {
     alice.connected(CLIENT_WAIT).await;
     let bob_node = bob.connected(CLIENT_WAIT).await;
     assert_eq!(bob_node, 3, "the only live node of bob's list");
+    assert_eq!(bob.connected[0].1, live_node);
+    // Each dead entry was tried and skipped (the gates stay shut until then).
+    for d in dead_seeds.iter().chain(&dead_nodes) {
+        assert!(d.tried() >= 1, "{} was never tried", d.addr);
+    }
     let a = vec![app.push_acked(c.grpc_addr(1), "alice", "hi", "k1").await];
     let b = vec![app.push_acked(c.grpc_addr(1), "bob", "hi", "k2").await];
     alice.messages(1, CLIENT_WAIT).await;
