@@ -12,12 +12,24 @@ use herald_node::{dev, logging, node, token};
 use herald_proto::v1 as pb;
 use tokio_util::sync::CancellationToken;
 
+/// The exit codes of the client commands (kept in step with `cli` and `cli::listen`).
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  success; listen: --count reached, Ctrl-C/SIGTERM, kicked, or --timeout without --count
+  1  anything else
+  2  usage error
+  3  cluster unavailable or unreachable; listen: --timeout passed without ever connecting
+  4  refused: invalid argument, not found, permission, already exists, bad or expired token
+  5  outcome unknown: a write timed out and may still commit (retry with the same --idempotency-key)
+  6  listen --count N --timeout S: the timeout passed before N messages arrived";
+
 #[derive(Parser)]
 #[command(
     name = "herald",
     version,
     about = "Herald: a long-connection push cluster",
-    propagate_version = true
+    propagate_version = true,
+    after_help = EXIT_CODES
 )]
 struct Cli {
     #[command(subcommand)]

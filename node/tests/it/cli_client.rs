@@ -1,6 +1,7 @@
 //! `herald listen` (an SDK client printing JSON lines) and the app commands `push --qos`,
 //! `publish`, `broadcast`, `status`, `delivery` and `kick` against a running cluster: their JSON
-//! output and their exit codes (0 ok, 2 usage, 3 unreachable, 4 refused, 6 listen timed out).
+//! output and their exit codes (0 ok, 2 usage, 3 unreachable, 4 refused, 5 outcome unknown, 6 listen
+//! timed out), and the exit code table in `herald --help`.
 
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
@@ -325,7 +326,7 @@ async fn listen_prints_every_kind_of_message_as_json_lines_and_exits_at_the_coun
 
 #[tokio::test(flavor = "multi_thread")]
 async fn listen_and_app_command_exit_codes_and_kick() {
-    let c = Cluster::start(3).await;
+    let mut c = Cluster::start(3).await;
     let app = c.create_app("cli-codes").await;
     let other = c.create_app("cli-other").await;
     let seed_list = seeds(&c).join(",");
@@ -519,4 +520,33 @@ async fn listen_and_app_command_exit_codes_and_kick() {
         (&app.id.as_str().into(), &"bob".into(), &Value::Null)
     );
     assert_eq!(t["token"].as_str().unwrap().split('.').count(), 3, "{t}");
+
+    // The exit codes are listed in the help.
+    let help = herald(&["--help"]).await.ok();
+    for line in ["Exit codes:", "  5  outcome unknown", "  6  listen --count"] {
+        assert!(help.stdout.contains(line), "{line:?} in:\n{}", help.stdout);
+    }
+
+    // Outcome unknown (5): the leader alone cannot commit; its write times out (after the node's
+    // 5 s write timeout) and may still commit later, so the push is neither done nor refused.
+    let leader = c.wait_leader().await;
+    for id in c.ids().into_iter().filter(|id| *id != leader) {
+        c.kill9(id);
+    }
+    let out = app_cmd(
+        c.grpc_addr(leader),
+        &app,
+        &[
+            "push",
+            "--user",
+            "bob",
+            "--payload",
+            "lost?",
+            "--idempotency-key",
+            "k5",
+        ],
+    )
+    .await
+    .code(5);
+    assert!(out.stderr.contains("idempotency key"), "{out:?}");
 }
