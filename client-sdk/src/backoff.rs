@@ -13,6 +13,20 @@ use rand::Rng;
 ///
 /// Unless set explicitly on the [`ConnectionBuilder`](crate::ConnectionBuilder), the values
 /// come from the cluster's Dispatch answer, with [`BackoffConfig::default`] as the fallback.
+///
+/// ```
+/// use std::time::Duration;
+/// use herald_client::{BackoffConfig, Client};
+///
+/// // Retry within 1 s at first, never wait more than 20 s, start over after 30 s connected.
+/// let backoff = BackoffConfig {
+///     initial: Duration::from_secs(1),
+///     max: Duration::from_secs(20),
+///     reset_after: Duration::from_secs(30),
+/// };
+/// let builder = Client::builder("demo", "alice", "phone-1").backoff(backoff);
+/// assert_eq!(BackoffConfig::default().initial, Duration::from_millis(500));
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BackoffConfig {
     /// Upper bound of the first delay.

@@ -147,6 +147,26 @@ impl Client {
     }
 
     /// Stops delivery of `topic` and forgets its cursor.
+    ///
+    /// Works offline too: the next handshake simply no longer carries the topic. (No node needs
+    /// to run for this example.)
+    ///
+    /// ```
+    /// # #[tokio::main]
+    /// # async fn main() -> Result<(), herald_client::ClientError> {
+    /// use herald_client::Client;
+    ///
+    /// let (client, _events) = Client::builder("demo", "alice", "phone-1")
+    ///     .token("eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9...")
+    ///     .nodes(["127.0.0.1:7410"])
+    ///     .topics(["news", "sports"])
+    ///     .connect()
+    ///     .await?;
+    /// client.unsubscribe("sports").await?;
+    /// assert!(client.cursors().topics.get("sports").is_none());
+    /// client.close().await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn unsubscribe(&self, topic: impl Into<String>) -> Result<(), ClientError> {
         let (tx, rx) = oneshot::channel();
         self.inner
@@ -170,6 +190,13 @@ impl Client {
     /// [`ClientError::Timeout`], [`ClientError::Disconnected`] (the connection was lost after the
     /// request was sent: the backend may or may not have it), [`ClientError::TooLarge`],
     /// [`ClientError::Closed`].
+    ///
+    /// ```no_run
+    /// # async fn demo(client: herald_client::Client) -> Result<(), herald_client::ClientError> {
+    /// let reply = client.upstream(r#"{"op":"read","room":42}"#).await?;
+    /// println!("backend said {}", String::from_utf8_lossy(&reply));
+    /// # Ok(()) }
+    /// ```
     pub async fn upstream(&self, payload: impl Into<Bytes>) -> Result<Bytes, ClientError> {
         let payload = payload.into();
         let fut = async {
@@ -198,6 +225,30 @@ impl Client {
     /// Acks every mailbox message up to `seq` ([`AckMode::Manual`]; cumulative, as in the
     /// protocol). Capped at the highest seq the stream has handed out, so it cannot skip messages
     /// the app never saw. For topic messages use [`Message::ack`](crate::Message::ack).
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), herald_client::ClientError> {
+    /// use futures::StreamExt;
+    /// use herald_client::{AckMode, Client, Event};
+    ///
+    /// let (client, mut events) = Client::builder("demo", "alice", "phone-1")
+    ///     .token("eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9...")
+    ///     .dispatch_seeds(["127.0.0.1:7401"])
+    ///     .ack_mode(AckMode::Manual)
+    ///     .connect()
+    ///     .await?;
+    /// let mut batch = Vec::new();
+    /// while let Some(Event::Message(m)) = events.next().await {
+    ///     batch.push(m);
+    ///     if batch.len() == 100 {
+    ///         // ... store the batch durably, then ack all of it at once (cumulative).
+    ///         let last = batch.iter().map(|m| m.seq).max().unwrap_or(0);
+    ///         client.ack(last);
+    ///         batch.clear();
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub fn ack(&self, seq: u64) {
         self.inner.shared.ack_seq(seq);
     }
@@ -215,6 +266,28 @@ impl Client {
     /// Ends the session: acks what was handled, sends CLOSE_SESSION, ends the event stream and
     /// waits for the last cursor save. A client made by [`Client::builder`] also closes its
     /// connection (BYE). Idempotent.
+    ///
+    /// No node needs to run for this example:
+    ///
+    /// ```
+    /// # #[tokio::main]
+    /// # async fn main() -> Result<(), herald_client::ClientError> {
+    /// use futures::StreamExt;
+    /// use herald_client::Client;
+    ///
+    /// let (client, mut events) = Client::builder("demo", "alice", "phone-1")
+    ///     .token("eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9...")
+    ///     .nodes(["127.0.0.1:7410"])
+    ///     .connect()
+    ///     .await?;
+    /// client.close().await?;
+    /// // The stream ends after the events already queued.
+    /// while let Some(event) = events.next().await {
+    ///     println!("{event:?}");
+    /// }
+    /// client.close().await?; // idempotent
+    /// # Ok(()) }
+    /// ```
     pub async fn close(&self) -> Result<(), ClientError> {
         if self.inner.own_connection {
             self.inner.conn.close().await;

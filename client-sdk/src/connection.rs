@@ -47,7 +47,29 @@ pub enum ConnectionState {
 /// Settings of a [`Connection`]; made by [`Connection::builder`].
 ///
 /// At least one of [`dispatch_seeds`](Self::dispatch_seeds) and [`nodes`](Self::nodes) is
-/// required.
+/// required. No node needs to run for this example (nothing connects before the first session,
+/// and then in the background):
+///
+/// ```
+/// # #[tokio::main]
+/// # async fn main() -> Result<(), herald_client::ClientError> {
+/// use std::time::Duration;
+/// use herald_client::{Connection, ConnectionState, SessionConfig};
+///
+/// let conn = Connection::builder()
+///     .dispatch_seeds(["127.0.0.1:7401"])
+///     .nodes(["127.0.0.1:7410"]) // used until Dispatch answers
+///     .connect_timeout(Duration::from_secs(3))
+///     .dispatch_refresh(Duration::from_secs(60))
+///     .build()?;
+/// assert_eq!(conn.state(), ConnectionState::Idle);
+/// let (_chat, _events) = conn
+///     .open(SessionConfig::new("chat", "alice", "phone-1").token("eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9..."))
+///     .await?;
+/// conn.close().await;
+/// assert_eq!(conn.state(), ConnectionState::Closed);
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone)]
 pub struct ConnectionBuilder {
     cfg: ConnConfig,

@@ -12,6 +12,26 @@ use crate::ClientError;
 ///
 /// The stream ends (yields `None`) after [`Event::Kicked`] and [`Event::Closed`], and after
 /// the session was closed by the app.
+///
+/// ```no_run
+/// # async fn demo(mut events: herald_client::Events) {
+/// use futures::StreamExt;
+/// use herald_client::Event;
+///
+/// while let Some(event) = events.next().await {
+///     match event {
+///         Event::Message(m) => println!("{}: {:?}", m.msg_id, m.payload),
+///         Event::Gap(g) => println!("lost {}..={} of {:?}: {:?}", g.from_seq, g.to_seq, g.topic, g.reason),
+///         Event::Connected { node_id, .. } => println!("online via node {node_id}"),
+///         Event::Disconnected { reason } => println!("offline ({reason}), reconnecting"),
+///         Event::Kicked { code, reason, .. } => println!("signed out ({code:?}): {reason}"),
+///         Event::Closed(e) => println!("session over: {e}"),
+///         other => println!("{other:?}"),
+///     }
+/// }
+/// // The stream ended: kicked, closed, or the app closed the session.
+/// # }
+/// ```
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub enum Event {
@@ -189,6 +209,26 @@ impl Message {
     /// Marks the message handled (manual-ack mode): for a mailbox message this acks every
     /// mailbox message up to its seq (acks are cumulative in the protocol), for a topic message
     /// it advances the topic's resume cursor. A no-op in automatic mode and after close.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), herald_client::ClientError> {
+    /// use futures::StreamExt;
+    /// use herald_client::{AckMode, Client, Event};
+    ///
+    /// let (_client, mut events) = Client::builder("demo", "alice", "phone-1")
+    ///     .token("eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9...")
+    ///     .dispatch_seeds(["127.0.0.1:7401"])
+    ///     .ack_mode(AckMode::Manual)
+    ///     .connect()
+    ///     .await?;
+    /// while let Some(event) = events.next().await {
+    ///     if let Event::Message(m) = event {
+    ///         // ... handle it (store it, show it), and only then:
+    ///         m.ack();
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub fn ack(&self) {
         self.session.ack_message(self);
     }

@@ -22,6 +22,20 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 /// Heartbeat settings.
+///
+/// ```
+/// use std::time::Duration;
+/// use herald_client::{Client, HeartbeatConfig};
+///
+/// // A phone: find the longest interval the network keeps alive, notice a failed probe in 5 s.
+/// let heartbeat = HeartbeatConfig {
+///     adaptive: true,
+///     pong_timeout: Duration::from_secs(5),
+///     ..HeartbeatConfig::default()
+/// };
+/// let builder = Client::builder("demo", "alice", "phone-1").heartbeat(heartbeat);
+/// assert!(!HeartbeatConfig::default().adaptive);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HeartbeatConfig {
     /// Search for the longest interval the network keeps alive (see the module docs). Off by
