@@ -102,10 +102,10 @@ pub struct NodeOptions {
     /// Client heartbeat interval advertised to clients, in ms [default: 30000].
     #[arg(long, env = env::CLIENT_HEARTBEAT_MS)]
     pub client_heartbeat_ms: Option<u64>,
-    /// Shortest heartbeat interval a client may use, in ms [default: 5000 or the heartbeat if lower].
+    /// Shortest heartbeat interval a client may use, in ms (the default drops to --client-heartbeat-ms when that is lower) [default: 5000].
     #[arg(long, env = env::CLIENT_HEARTBEAT_MIN_MS)]
     pub client_heartbeat_min_ms: Option<u64>,
-    /// Longest heartbeat interval a client may adapt to, in ms [default: 600000].
+    /// Longest heartbeat interval a client may adapt to, in ms (the default rises to --client-heartbeat-ms when that is higher) [default: 600000].
     #[arg(long, env = env::CLIENT_HEARTBEAT_MAX_MS)]
     pub client_heartbeat_max_ms: Option<u64>,
     /// Most client connections this node holds at once [default: 18000].
@@ -683,6 +683,112 @@ mod tests {
             "docs/CONFIG.md is out of date with the options in node/src/config.rs; regenerate it with \
              `HERALD_UPDATE_DOCS=1 cargo test -p herald-node --lib config_reference` and commit it"
         );
+    }
+
+    /// The resolved value of option `id` in `c`, as the reference's default column writes it;
+    /// `None` for options without a default (required, or off when unset).
+    fn resolved(c: &NodeConfig, id: &str) -> Option<String> {
+        let ms = |d: Duration| Some(d.as_millis().to_string());
+        match id {
+            "raft_heartbeat_ms" => ms(c.raft_heartbeat),
+            "election_timeout_ms" => ms(c.election_timeout),
+            "snapshot_every" => Some(c.snapshot_every.to_string()),
+            "write_timeout_ms" => ms(c.write_timeout),
+            "client_heartbeat_ms" => ms(c.client_heartbeat),
+            "client_heartbeat_min_ms" => ms(c.client_heartbeat_min),
+            "client_heartbeat_max_ms" => ms(c.client_heartbeat_max),
+            "max_connections" => Some(c.max_connections.to_string()),
+            "max_frame" => Some(c.max_frame.to_string()),
+            "auth_timeout_ms" => ms(c.auth_timeout),
+            "accept_rate_per_ip" => Some(c.accept_rate_per_ip.to_string()),
+            "send_queue" => Some(c.send_queue.to_string()),
+            "node_down_timeout_ms" => ms(c.node_down_timeout),
+            "drain_timeout_ms" => ms(c.drain_timeout),
+            "log_format" => Some(
+                match c.log_format {
+                    LogFormat::Text => "text",
+                    LogFormat::Json => "json",
+                }
+                .to_string(),
+            ),
+            "archive_batch" => Some(c.archive_batch.to_string()),
+            "id" | "data_dir" | "grpc_addr" | "peers" => None,
+            "advertise_grpc_addr" => {
+                assert_eq!(
+                    c.grpc_advertise,
+                    c.grpc_listen.to_string(),
+                    "defaults to --grpc-addr"
+                );
+                None
+            }
+            "client_addr" | "advertise_client_addr" => {
+                assert!(c.client_listen.is_none() && c.client_advertise.is_empty());
+                None
+            }
+            "tls_addr" | "advertise_tls_addr" | "tls_cert" | "tls_key" => {
+                assert!(c.tls_listen.is_none() && c.tls_cert.is_none() && c.tls_key.is_none());
+                None
+            }
+            "admin_token" => {
+                assert!(c.admin_token.is_none());
+                None
+            }
+            "admin_addr" => {
+                assert!(c.admin_listen.is_none());
+                None
+            }
+            "ws_addr" | "advertise_ws_addr" => {
+                assert!(c.ws_listen.is_none() && c.ws_advertise.is_empty());
+                None
+            }
+            "archive_url" => {
+                assert!(c.archive_url.is_none());
+                None
+            }
+            other => panic!("option {other} is new: say in `resolved` what it resolves to by default"),
+        }
+    }
+
+    /// The `[default: ...]` of every option's help (the reference's default column) is what an
+    /// otherwise empty config resolves to, and every option that has a default documents it.
+    #[test]
+    fn documented_defaults_are_the_resolved_defaults() {
+        use clap::Args;
+        let cmd = NodeOptions::augment_args(clap::Command::new("node"));
+        let c = base().resolve().unwrap();
+        let mut checked = 0;
+        for arg in cmd.get_arguments() {
+            let id = arg.get_id().as_str();
+            let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+            let help = help.split_whitespace().collect::<Vec<_>>().join(" ");
+            let documented = help
+                .rfind(" [default: ")
+                .filter(|_| help.ends_with(']'))
+                .map(|i| help[i + " [default: ".len()..help.len() - 1].to_string());
+            assert_eq!(
+                documented,
+                resolved(&c, id),
+                "--{}: the documented default (left) is not the resolved one (right)",
+                id.replace('_', "-")
+            );
+            checked += usize::from(documented.is_some());
+        }
+        assert_eq!(checked, 16, "options with a default");
+        // The two defaults that follow another option, as their help says.
+        let low = NodeOptions {
+            client_heartbeat_ms: Some(1_000),
+            ..base()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(low.client_heartbeat_min, Duration::from_millis(1_000));
+        let high = NodeOptions {
+            client_heartbeat_ms: Some(900_000),
+            ..base()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(high.client_heartbeat_max, Duration::from_millis(900_000));
     }
 
     #[test]

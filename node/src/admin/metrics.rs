@@ -5,7 +5,8 @@
 //! buckets, gauges per transport); nothing here takes a lock per delivery. The rate ring is
 //! written by one sampler task every [`SAMPLE_EVERY`] and read by the admin API.
 
-use std::collections::VecDeque;
+use std::cell::Cell;
+use std::collections::{HashMap, VecDeque};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -112,15 +113,46 @@ pub struct OpsStats {
     pub publishes: AtomicU64,
     /// Recent load samples, oldest first.
     rates: Mutex<VecDeque<RateSample>>,
+    /// Transport of every open connection by connection id, for the per-app connection gauge
+    /// (written on connect and disconnect only, read by scrapes).
+    transports: Mutex<HashMap<u64, Transport>>,
+}
+
+thread_local! {
+    /// The connection [`OpsStats::conn_added`] saw last on this thread, until
+    /// [`OpsStats::conn_opened`] names its transport.
+    static JUST_ADDED: Cell<Option<u64>> = const { Cell::new(None) };
 }
 
 impl OpsStats {
+    /// Called by `Room::add_conn` with the new connection's id. The listener calls
+    /// [`OpsStats::conn_opened`] right after it, in the same task with no `.await` in between,
+    /// so nothing else runs on this thread in between and the two calls pair up exactly.
+    /// (The listener does not pass the transport to `add_conn`; this pairing stands in for that.)
+    pub fn conn_added(&self, conn: u64) {
+        JUST_ADDED.with(|c| c.set(Some(conn)));
+    }
+
     pub fn conn_opened(&self, t: Transport) {
         self.connections[t as usize].fetch_add(1, Ordering::Relaxed);
+        if let Some(conn) = JUST_ADDED.with(Cell::take) {
+            self.transports.lock().insert(conn, t);
+        }
     }
 
     pub fn conn_closed(&self, t: Transport) {
         self.connections[t as usize].fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Called by `Room::remove_conn`.
+    pub fn conn_removed(&self, conn: u64) {
+        self.transports.lock().remove(&conn);
+    }
+
+    /// The transport of open connection `conn`; `None` if it was not paired (see
+    /// [`OpsStats::conn_added`]) or is closed.
+    pub fn transport_of(&self, conn: u64) -> Option<Transport> {
+        self.transports.lock().get(&conn).copied()
     }
 
     pub fn connections(&self, t: Transport) -> u64 {
@@ -176,6 +208,27 @@ impl Exposition {
         self.family(name, kind, help);
         for (v, x) in samples {
             let _ = writeln!(self.out, "{name}{{{label}=\"{}\"}} {}", escape(v), fmt_value(x));
+        }
+    }
+
+    /// A metric family with one sample per combination of label values (`labels` names them, each
+    /// sample gives one value per name, in order).
+    pub fn multi_labeled<'a>(
+        &mut self,
+        name: &str,
+        kind: &str,
+        help: &str,
+        labels: &[&str],
+        samples: impl IntoIterator<Item = (Vec<&'a str>, f64)>,
+    ) {
+        self.family(name, kind, help);
+        for (values, x) in samples {
+            let pairs: Vec<String> = labels
+                .iter()
+                .zip(values)
+                .map(|(l, v)| format!("{l}=\"{}\"", escape(v)))
+                .collect();
+            let _ = writeln!(self.out, "{name}{{{}}} {}", pairs.join(","), fmt_value(x));
         }
     }
 
@@ -252,6 +305,47 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("herald_lat_seconds_count 1\n"), "{text}");
+    }
+
+    #[test]
+    fn multi_labeled_samples_name_every_label() {
+        let mut e = Exposition::default();
+        e.multi_labeled(
+            "herald_z",
+            "gauge",
+            "A z.",
+            &["app", "transport"],
+            [(vec!["chat", "ws"], 2.0), (vec!["n\"ews", "tcp"], 1.0)],
+        );
+        let text = e.finish();
+        assert!(
+            text.contains("herald_z{app=\"chat\",transport=\"ws\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("herald_z{app=\"n\\\"ews\",transport=\"tcp\"} 1\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_connection_is_paired_with_the_transport_opened_after_it_on_the_same_thread() {
+        let s = OpsStats::default();
+        s.conn_added(7);
+        s.conn_opened(Transport::Ws);
+        assert_eq!(s.transport_of(7), Some(Transport::Ws));
+        assert_eq!(s.connections(Transport::Ws), 1);
+        // A transport opened without a connection added before it pairs with nothing.
+        s.conn_opened(Transport::Tcp);
+        assert_eq!(s.transport_of(8), None);
+        // A connection added on another thread does not pair with this thread's open.
+        let s = std::sync::Arc::new(s);
+        let s2 = s.clone();
+        std::thread::spawn(move || s2.conn_added(9)).join().unwrap();
+        s.conn_opened(Transport::Tls);
+        assert_eq!(s.transport_of(9), None);
+        s.conn_removed(7);
+        assert_eq!(s.transport_of(7), None);
     }
 
     #[test]

@@ -162,32 +162,59 @@ async fn healthz(State(s): State<Arc<AdminState>>) -> Response {
     }
 }
 
+/// What `/readyz` decides from, read from the node by [`readiness`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadyInputs {
+    /// This node is in the Raft membership (voter or learner).
+    pub member: bool,
+    /// This node knows a leader.
+    pub leader_known: bool,
+    /// Last index in this node's log.
+    pub last_log: u64,
+    /// Last index applied to the state machine.
+    pub applied: u64,
+    /// The node announced itself (its previous run's sessions are cleared).
+    pub announced: bool,
+    /// The room accepts clients (false while draining).
+    pub accepting: bool,
+}
+
+/// Why a node in state `i` is not ready (empty = ready).
+pub fn not_ready_reasons(i: &ReadyInputs) -> Vec<String> {
+    let mut why = Vec::new();
+    if !i.member {
+        why.push("not a member of the cluster".to_string());
+    }
+    if !i.leader_known {
+        why.push("no leader known".into());
+    } else if i.last_log.saturating_sub(i.applied) > READY_MAX_LAG {
+        why.push(format!("applying: {} of {}", i.applied, i.last_log));
+    }
+    if !i.announced {
+        why.push("not announced yet (clearing sessions of a previous run)".into());
+    }
+    if !i.accepting {
+        why.push("draining".into());
+    }
+    why
+}
+
 /// Why this node is not ready (empty = ready).
 pub fn readiness(s: &AdminState) -> Vec<String> {
     let node = &s.node;
     let m = node.raft().metrics().borrow().clone();
-    let mut why = Vec::new();
-    let me = node.config().id;
-    if m.membership_config.membership().get_node(&me).is_none() {
-        why.push("not a member of the cluster".to_string());
-    }
-    match m.current_leader {
-        None => why.push("no leader known".into()),
-        Some(_) => {
-            let last = m.last_log_index.unwrap_or(0);
-            let applied = node.raft().reader().applied_index();
-            if last.saturating_sub(applied) > READY_MAX_LAG {
-                why.push(format!("applying: {applied} of {last}"));
-            }
-        }
-    }
-    if !s.announced.load(Ordering::Relaxed) {
-        why.push("not announced yet (clearing sessions of a previous run)".into());
-    }
-    if !node.room().accepting() {
-        why.push("draining".into());
-    }
-    why
+    not_ready_reasons(&ReadyInputs {
+        member: m
+            .membership_config
+            .membership()
+            .get_node(&node.config().id)
+            .is_some(),
+        leader_known: m.current_leader.is_some(),
+        last_log: m.last_log_index.unwrap_or(0),
+        applied: node.raft().reader().applied_index(),
+        announced: s.announced.load(Ordering::Relaxed),
+        accepting: node.room().accepting(),
+    })
 }
 
 async fn readyz(State(s): State<Arc<AdminState>>) -> Response {
@@ -431,6 +458,16 @@ pub fn render_metrics(s: &AdminState) -> String {
         "app",
         by_app.iter().map(|(a, n)| (a.as_str(), *n as f64)),
     );
+    let by_app_transport = room.connections_by_app_and_transport();
+    e.multi_labeled(
+        "herald_app_connections",
+        "gauge",
+        "Open client connections carrying at least one session of the app, by transport. A connection shared by several apps counts once under each, so summing over apps can exceed herald_connections; unknown: transport not recorded.",
+        &["app", "transport"],
+        by_app_transport
+            .iter()
+            .map(|((a, t), n)| (vec![a.as_str(), *t], *n as f64)),
+    );
     e.single(
         "herald_connects_total",
         "counter",
@@ -670,6 +707,27 @@ pub fn render_metrics(s: &AdminState) -> String {
             ("session_events", c.event_send_failures as f64),
         ],
     );
+    e.labeled(
+        "herald_callback_group_members",
+        "gauge",
+        "Backend endpoints in the app's consumer group (its callbacks list), for apps this node has called back.",
+        "app",
+        c.apps.iter().map(|g| (g.app.as_str(), g.members as f64)),
+    );
+    e.labeled(
+        "herald_callback_group_unhealthy",
+        "gauge",
+        "Members of the app's group this node has taken out (cooling down or being probed after a failure).",
+        "app",
+        c.apps.iter().map(|g| (g.app.as_str(), g.unhealthy as f64)),
+    );
+    e.labeled(
+        "herald_callback_group_queue_depth",
+        "gauge",
+        "Upstream requests of the app queued or in flight on this node (bounded per app; full means refused).",
+        "app",
+        c.apps.iter().map(|g| (g.app.as_str(), g.queue_depth as f64)),
+    );
     e.single(
         "herald_callback_upstream_ok_total",
         "counter",
@@ -725,4 +783,80 @@ pub fn render_metrics(s: &AdminState) -> String {
         );
     }
     e.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ready() -> ReadyInputs {
+        ReadyInputs {
+            member: true,
+            leader_known: true,
+            last_log: 5_000,
+            applied: 5_000,
+            announced: true,
+            accepting: true,
+        }
+    }
+
+    #[test]
+    fn a_caught_up_announced_member_is_ready() {
+        assert!(not_ready_reasons(&ready()).is_empty());
+        // Behind by exactly the allowed lag still counts as caught up.
+        let i = ReadyInputs {
+            applied: 5_000 - READY_MAX_LAG,
+            ..ready()
+        };
+        assert!(not_ready_reasons(&i).is_empty());
+    }
+
+    #[test]
+    fn a_node_outside_the_membership_is_not_ready() {
+        let i = ReadyInputs {
+            member: false,
+            ..ready()
+        };
+        assert_eq!(not_ready_reasons(&i), vec!["not a member of the cluster"]);
+    }
+
+    #[test]
+    fn a_lagging_node_is_not_ready() {
+        let i = ReadyInputs {
+            applied: 5_000 - READY_MAX_LAG - 1,
+            ..ready()
+        };
+        assert_eq!(not_ready_reasons(&i), vec!["applying: 3999 of 5000"]);
+    }
+
+    #[test]
+    fn a_draining_node_is_not_ready() {
+        let i = ReadyInputs {
+            accepting: false,
+            ..ready()
+        };
+        assert_eq!(not_ready_reasons(&i), vec!["draining"]);
+    }
+
+    #[test]
+    fn every_reason_is_listed() {
+        let i = ReadyInputs {
+            member: false,
+            leader_known: false,
+            last_log: 10_000,
+            applied: 0,
+            announced: false,
+            accepting: false,
+        };
+        // Without a leader the lag is not judged (the log end is not known to be current).
+        assert_eq!(
+            not_ready_reasons(&i),
+            vec![
+                "not a member of the cluster",
+                "no leader known",
+                "not announced yet (clearing sessions of a previous run)",
+                "draining",
+            ]
+        );
+    }
 }

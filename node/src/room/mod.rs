@@ -256,6 +256,7 @@ impl Room {
         self.conns.write().insert(id, c.clone());
         self.stats.connections.fetch_add(1, Ordering::Relaxed);
         self.stats.connects.fetch_add(1, Ordering::Relaxed);
+        self.stats.ops.conn_added(id);
         c
     }
 
@@ -263,6 +264,7 @@ impl Room {
         if self.conns.write().remove(&id).is_some() {
             self.stats.connections.fetch_sub(1, Ordering::Relaxed);
             self.stats.disconnects.fetch_add(1, Ordering::Relaxed);
+            self.stats.ops.conn_removed(id);
         }
     }
 
@@ -352,6 +354,34 @@ impl Room {
                 *out.entry(app.to_string()).or_insert(0) +=
                     users.values().map(|v| v.len() as u64).sum::<u64>();
             }
+        }
+        out
+    }
+
+    /// Open connections carrying at least one session of an app, per (app, transport name): a
+    /// connection shared by several apps counts once under each of them, so the counts of one
+    /// transport may add up to more than its connections. Connections whose transport is not
+    /// known count as `unknown`. Walks the index: for scrapes, not hot paths.
+    pub fn connections_by_app_and_transport(
+        &self,
+    ) -> std::collections::BTreeMap<(String, &'static str), u64> {
+        let mut seen = std::collections::BTreeSet::new();
+        for s in &self.users.shards {
+            for (app, users) in s.read().iter() {
+                for l in users.values().flatten() {
+                    seen.insert((app.to_string(), l.conn.id));
+                }
+            }
+        }
+        let mut out = std::collections::BTreeMap::new();
+        for (app, conn) in seen {
+            let t = self
+                .stats
+                .ops
+                .transport_of(conn)
+                .map(|t| t.name())
+                .unwrap_or("unknown");
+            *out.entry((app, t)).or_insert(0) += 1;
         }
         out
     }

@@ -1,21 +1,259 @@
-//! The mobile case on real node processes: several apps sharing one connection, the adaptive
-//! heartbeat settling under a NAT's idle cutoff, and the app backends' consumer group losing a
-//! member while clients send upstream.
+//! The mobile case on real node processes: several apps sharing one connection (closing, refusing
+//! and replacing one session leaves the others), the adaptive heartbeat settling under a NAT's
+//! idle cutoff, and the app backends' consumer group losing a member while clients send upstream.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use anyhow::bail;
 use futures::StreamExt;
 use herald_client::{Connection, HeartbeatConfig, SessionConfig};
 use herald_node::coordinator::test_backend::TestBackend;
+use herald_proto::client::{self as pc, frame::Kind, ErrorCode, KickReason};
 use herald_proto::v1 as pb;
 
-use crate::harness::{admin_request, App, Cluster};
+use crate::harness::{admin_request, connect, eventually, App, Cluster, NODE_WAIT};
+use crate::ops::{http_get, metric, ops_cluster};
 use crate::proxy::Proxy;
+use crate::raw::{Raw, Who};
 use crate::sdk::{assert_exactly_once, client_addrs, quick_backoff, token, Inbox, CLIENT_WAIT};
 
 fn session(app: &App, user: &str) -> SessionConfig {
     SessionConfig::new(&app.id, user, "phone").token(token(app, user, 3600))
+}
+
+/// `user`'s phone in `app`, with a token of `app` for the user.
+fn who(app: &App, user: &str) -> Who {
+    Who {
+        app: app.id.clone(),
+        user: user.into(),
+        device: "phone".into(),
+        platform: "ios".into(),
+        token: app.token(user, None),
+    }
+}
+
+/// Sends OPEN_SESSION `sid` for `who` and returns the answer for that session: WELCOME or the
+/// ERROR code (frames for other sessions are skipped).
+async fn open_session(raw: &mut Raw, who: &Who, sid: u32) -> Result<pc::Welcome, ErrorCode> {
+    raw.send(Kind::OpenSession(who.open(sid, 0))).await.unwrap();
+    let (answer, _) = raw
+        .until(|k| match k {
+            Kind::Welcome(w) if w.session_id == sid => Some(Ok(*w)),
+            Kind::Error(e) if e.session_id == sid => Some(Err(e.code())),
+            _ => None,
+        })
+        .await
+        .unwrap();
+    answer
+}
+
+/// The next PUSH on `raw`; panics if a frame other than PUSH, PING, PONG or SUBSCRIBED comes first.
+async fn next_push(raw: &mut Raw) -> pc::Push {
+    raw.pushes(1).await.unwrap().remove(0)
+}
+
+/// Waits until the cluster, asked through node `via`, has no session of `user` in `app`.
+async fn wait_offline(c: &Cluster, via: u64, app: &App, user: &str) {
+    eventually(&format!("{user} offline in {}", app.id), NODE_WAIT, || async {
+        let st = connect(c.grpc_addr(via))
+            .await?
+            .status(app.request(pb::StatusRequest {
+                app: app.id.clone(),
+                user: user.into(),
+            }))
+            .await?
+            .into_inner();
+        if st.online || !st.sessions.is_empty() {
+            bail!("{st:?}")
+        }
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn closing_one_session_of_a_shared_connection_leaves_the_other_receiving() {
+    let c = Cluster::start(3).await;
+    let chat = c.create_app("m-close-chat").await;
+    let news = c.create_app("m-close-news").await;
+    let mut raw = Raw::connect(c.client_addr(2)).await.unwrap();
+    raw.hello(&who(&chat, "alice"), 0).await.unwrap();
+    open_session(&mut raw, &who(&news, "alice"), 2).await.unwrap();
+
+    chat.push_acked(c.grpc_addr(1), "alice", "chat-1", "c1").await;
+    let p = next_push(&mut raw).await;
+    assert_eq!((p.session_id, &p.payload[..]), (1, &b"chat-1"[..]));
+    news.push_acked(c.grpc_addr(3), "alice", "news-1", "n1").await;
+    let p = next_push(&mut raw).await;
+    assert_eq!((p.session_id, &p.payload[..]), (2, &b"news-1"[..]));
+
+    // CLOSE_SESSION 1: answered SESSION_CLOSED 1, and the connection stays.
+    raw.send(Kind::CloseSession(pc::CloseSession { session_id: 1 }))
+        .await
+        .unwrap();
+    let (closed, others) = raw
+        .until(|k| match k {
+            Kind::SessionClosed(s) => Some(s.clone()),
+            _ => None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(closed.session_id, 1, "{closed:?}");
+    assert!(
+        others
+            .iter()
+            .all(|k| !matches!(k, Kind::Kicked(_) | Kind::Error(_) | Kind::Bye(_))),
+        "{others:?}"
+    );
+    wait_offline(&c, 1, &chat, "alice").await;
+
+    // The chat app's next message waits in the mailbox; the news session still gets its own.
+    chat.push_acked(c.grpc_addr(1), "alice", "chat-2", "c2").await;
+    news.push_acked(c.grpc_addr(3), "alice", "news-2", "n2").await;
+    let p = next_push(&mut raw).await;
+    assert_eq!((p.session_id, &p.payload[..], p.seq), (2, &b"news-2"[..], 2));
+    raw.ack(2, 2).await.unwrap();
+    raw.ping(7).await.unwrap();
+    assert!(
+        raw.recv_within(Duration::from_millis(500)).await.is_err(),
+        "nothing more arrives for the closed session"
+    );
+    let st = connect(c.grpc_addr(2))
+        .await
+        .unwrap()
+        .status(chat.request(pb::StatusRequest {
+            app: chat.id.clone(),
+            user: "alice".into(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(st.pending, 2, "chat-1 was never acked, chat-2 waits: {st:?}");
+    c.assert_no_panics();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_of_one_app_opens_no_session_of_another_and_the_others_go_on() {
+    let c = Cluster::start(3).await;
+    let chat = c.create_app("m-iso-chat").await;
+    let news = c.create_app("m-iso-news").await;
+    // An app that happens to share chat's signing secret: the signature checks out, so only the
+    // token's app claim can refuse it.
+    let leader = c.wait_leader().await;
+    let twin = c
+        .client(leader)
+        .await
+        .create_app(admin_request(pb::CreateAppRequest {
+            id: "m-iso-twin".into(),
+            secret: chat.secret.clone(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .app
+        .unwrap();
+    c.wait_caught_up(2).await;
+
+    let mut raw = Raw::connect(c.client_addr(2)).await.unwrap();
+    raw.hello(&who(&chat, "alice"), 0).await.unwrap();
+    let chat_token = who(&chat, "alice").token;
+    let forged = |app: &str| Who {
+        app: app.into(),
+        token: chat_token.clone(),
+        ..who(&chat, "alice")
+    };
+    assert_eq!(
+        open_session(&mut raw, &forged(&news.id), 2).await.unwrap_err(),
+        ErrorCode::BadToken,
+        "chat's token is not signed by news' secret"
+    );
+    assert_eq!(
+        open_session(&mut raw, &forged(&twin.id), 3).await.unwrap_err(),
+        ErrorCode::PermissionDenied,
+        "chat's token names app chat"
+    );
+    for (app, api_key) in [(&news.id, &news.api_key), (&twin.id, &twin.api_keys[0])] {
+        let other = App {
+            id: app.clone(),
+            secret: String::new(),
+            api_key: api_key.clone(),
+        };
+        wait_offline(&c, 2, &other, "alice").await;
+    }
+
+    // The chat session was not disturbed, and a refused id is free for a proper open.
+    chat.push_acked(c.grpc_addr(1), "alice", "chat-1", "c1").await;
+    let p = next_push(&mut raw).await;
+    assert_eq!((p.session_id, &p.payload[..]), (1, &b"chat-1"[..]));
+    open_session(&mut raw, &who(&news, "alice"), 2).await.unwrap();
+    news.push_acked(c.grpc_addr(3), "alice", "news-1", "n1").await;
+    let p = next_push(&mut raw).await;
+    assert_eq!((p.session_id, &p.payload[..]), (2, &b"news-1"[..]));
+    c.assert_no_panics();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_newer_login_elsewhere_replaces_only_its_own_session_of_a_shared_connection() {
+    let c = Cluster::start(3).await;
+    let chat = c.create_app("m-fence-chat").await;
+    let news = c.create_app("m-fence-news").await;
+    let mut shared = Raw::connect(c.client_addr(1)).await.unwrap();
+    let old = shared.hello(&who(&chat, "alice"), 0).await.unwrap();
+    open_session(&mut shared, &who(&news, "alice"), 2).await.unwrap();
+
+    // The same (app, user, device) logs in on another node: only chat's session 1 is replaced.
+    let mut elsewhere = Raw::connect(c.client_addr(3)).await.unwrap();
+    let new = elsewhere.hello(&who(&chat, "alice"), 0).await.unwrap();
+    assert!(new.epoch > old.epoch, "{old:?} {new:?}");
+    let (kicked, others) = shared
+        .until(|k| match k {
+            Kind::Kicked(k) => Some(k.clone()),
+            _ => None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        (kicked.session_id, kicked.code()),
+        (1, KickReason::Replaced),
+        "{kicked:?}"
+    );
+    assert!(
+        others.iter().all(|k| !matches!(k, Kind::Bye(_) | Kind::Error(_))),
+        "{others:?}"
+    );
+
+    // News keeps arriving on the shared connection; chat goes to the newer login only.
+    news.push_acked(c.grpc_addr(2), "alice", "news-1", "n1").await;
+    let p = next_push(&mut shared).await;
+    assert_eq!((p.session_id, &p.payload[..]), (2, &b"news-1"[..]));
+    chat.push_acked(c.grpc_addr(2), "alice", "chat-1", "c1").await;
+    let p = next_push(&mut elsewhere).await;
+    assert_eq!((p.session_id, &p.payload[..]), (1, &b"chat-1"[..]));
+    shared.ping(9).await.unwrap();
+    assert!(
+        shared.recv_within(Duration::from_millis(500)).await.is_err(),
+        "the replaced session gets nothing more"
+    );
+    // Chat's registry holds the newer login only, on node 3.
+    let st = connect(c.grpc_addr(1))
+        .await
+        .unwrap()
+        .status(chat.request(pb::StatusRequest {
+            app: chat.id.clone(),
+            user: "alice".into(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(st.sessions.len(), 1, "{st:?}");
+    assert_eq!(
+        (st.sessions[0].node_id, st.sessions[0].epoch),
+        (3, new.epoch),
+        "{st:?}"
+    );
+    c.assert_no_panics();
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -187,7 +425,7 @@ async fn a_dead_backend_group_member_hands_its_users_to_the_others_without_loss_
         TestBackend::start().await.unwrap(),
         TestBackend::start().await.unwrap(),
     ];
-    let c = Cluster::start(3).await;
+    let (c, admin_http, _ws) = ops_cluster(3, &[]).await;
     let app = c.create_app("m-group").await;
     let mut admin = c.client(1).await;
     let mut cfg = admin
@@ -338,4 +576,41 @@ async fn a_dead_backend_group_member_hands_its_users_to_the_others_without_loss_
                 == PER_USER;
         assert!(moved || done, "{user}'s requests moved to another member");
     }
+
+    // /metrics: every node that called the group lists its three members; the dead one is
+    // out on at least one node (it stays out: its probes fail), no node has more than it out,
+    // and nothing is queued once every request was answered.
+    let groups = eventually("the dead member to show as unhealthy", NODE_WAIT, || async {
+        let mut seen = Vec::new();
+        for a in &admin_http {
+            let m = http_get(a, "/metrics", None).await?.body;
+            let g = |f: &str| metric(&m, &format!("{f}{{app=\"m-group\"}}"));
+            seen.push((
+                g("herald_callback_group_members"),
+                g("herald_callback_group_unhealthy"),
+                g("herald_callback_group_queue_depth"),
+            ));
+        }
+        let unhealthy: f64 = seen.iter().filter_map(|s| s.1).sum();
+        if unhealthy >= 1.0 {
+            Ok(seen)
+        } else {
+            bail!("{seen:?}")
+        }
+    })
+    .await;
+    for (members, unhealthy, depth) in &groups {
+        if members.is_some() {
+            assert_eq!(*members, Some(3.0), "{groups:?}");
+            assert!(
+                unhealthy.unwrap() <= 1.0,
+                "only the dead member is out: {groups:?}"
+            );
+            assert_eq!(*depth, Some(0.0), "{groups:?}");
+        }
+    }
+    assert!(
+        groups.iter().all(|g| g.0.is_some()),
+        "every node took upstream: {groups:?}"
+    );
 }

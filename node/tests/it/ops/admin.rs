@@ -1,16 +1,62 @@
 //! The admin HTTP server of real nodes: Prometheus metrics move with traffic, probes answer, the
-//! JSON API needs the admin token and shows the cluster, apps and a user.
+//! JSON API needs the admin token and shows the cluster, apps and a user; a node that is not a
+//! member yet answers `/readyz` with 503.
+
+use std::time::Duration;
 
 use anyhow::bail;
+use herald_proto::client::frame::Kind;
+use herald_proto::v1 as pb;
 
 use super::{http_get, metric, ops_cluster};
-use crate::harness::{eventually, NODE_WAIT};
+use crate::harness::{admin_request, eventually, free_port, App, Cluster, NODE_WAIT};
 use crate::raw::{Raw, Who};
+
+/// Snapshots after this many log entries, so that the test can make a node build one.
+const SNAPSHOT_EVERY: u64 = 40;
+
+/// Node `admin`'s `/metrics` text.
+async fn scrape(admin: &str) -> anyhow::Result<String> {
+    let m = http_get(admin, "/metrics", None).await?;
+    if m.status != 200 {
+        bail!("/metrics answered {}: {}", m.status, m.body);
+    }
+    Ok(m.body)
+}
+
+/// Waits until node `admin`'s metric `series` satisfies `ok`; returns the whole scrape.
+async fn until_metric(admin: &str, series: &str, ok: impl Fn(f64) -> bool) -> String {
+    eventually(&format!("{series} on {admin}"), NODE_WAIT, || async {
+        let text = scrape(admin).await?;
+        match metric(&text, series) {
+            Some(v) if ok(v) => Ok(text),
+            other => bail!("{series} is {other:?}"),
+        }
+    })
+    .await
+}
+
+/// Sets `app`'s per-user mailbox cap.
+async fn set_mailbox_cap(c: &Cluster, app: &App, cap: u32) {
+    let mut g = c.client(1).await;
+    let mut cfg = g
+        .get_app(admin_request(pb::GetAppRequest { id: app.id.clone() }))
+        .await
+        .unwrap()
+        .into_inner()
+        .app
+        .unwrap();
+    cfg.limits.as_mut().unwrap().mailbox_cap = cap;
+    g.update_app(admin_request(pb::UpdateAppRequest { app: Some(cfg) }))
+        .await
+        .unwrap();
+}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_probes_and_the_admin_api() {
-    let (c, admin, _ws) = ops_cluster(3, &[]).await;
+    let (c, admin, _ws) = ops_cluster(3, &["--snapshot-every", &SNAPSHOT_EVERY.to_string()]).await;
     let app = c.create_app("ops").await;
+    let other = c.create_app("ops2").await;
     let token = c.admin_token().to_string();
 
     // Probes: every node becomes ready.
@@ -38,6 +84,21 @@ async fn metrics_probes_and_the_admin_api() {
         token: app.token("alice", None),
     };
     raw.hello(&who, 0).await.unwrap();
+    // A second app's session on the same connection.
+    let who2 = Who {
+        app: other.id.clone(),
+        token: other.token("alice", None),
+        ..who.clone()
+    };
+    raw.send(Kind::OpenSession(who2.open(2, 0))).await.unwrap();
+    let (welcome, _) = raw
+        .until(|k| match k {
+            Kind::Welcome(w) if w.session_id == 2 => Some(*w),
+            _ => None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(welcome.node_id, 1);
     let mut grpc = c.client(2).await;
     grpc.push(app.push_request("alice", "metrics-hello", "k1"))
         .await
@@ -66,6 +127,12 @@ async fn metrics_probes_and_the_admin_api() {
     assert_eq!(v("herald_connections{transport=\"tcp\"}"), 1.0);
     assert_eq!(v("herald_connections{transport=\"ws\"}"), 0.0);
     assert_eq!(v("herald_sessions{app=\"ops\"}"), 1.0);
+    assert_eq!(v("herald_sessions{app=\"ops2\"}"), 1.0);
+    // One TCP connection carrying a session of each app counts once under each app.
+    assert_eq!(v("herald_app_connections{app=\"ops\",transport=\"tcp\"}"), 1.0);
+    assert_eq!(v("herald_app_connections{app=\"ops2\",transport=\"tcp\"}"), 1.0);
+    assert!(!text.contains("transport=\"unknown\""), "{text}");
+    assert!(!text.contains("herald_app_connections{app=\"ops\",transport=\"ws\"}"));
     assert!(v("herald_deliveries_total") >= 1.0);
     assert!(v("herald_acks_total") >= 1.0);
     assert!(v("herald_connects_total") >= 1.0);
@@ -75,8 +142,12 @@ async fn metrics_probes_and_the_admin_api() {
     assert!(v("herald_raft_term") >= 1.0);
     assert!(v("herald_raft_leader_id") >= 1.0);
     assert!(v("herald_raft_apply_index") >= 1.0);
-    assert!(v("herald_raft_commit_index") >= v("herald_raft_apply_index") - 1000.0);
+    assert!(v("herald_raft_last_log_index") >= v("herald_raft_apply_index"));
+    assert!(v("herald_raft_apply_lag") < herald_node::admin::READY_MAX_LAG as f64);
     assert_eq!(v("herald_ready"), 1.0);
+    // No app has callbacks: nothing queued, no groups.
+    assert_eq!(v("herald_callback_queue_depth"), 0.0);
+    assert!(!text.contains("herald_callback_group_members{"), "{text}");
     for family in [
         "herald_raft_apply_lag",
         "herald_raft_snapshots_built_total",
@@ -160,6 +231,157 @@ async fn metrics_probes_and_the_admin_api() {
     assert!(page.content_type.starts_with("text/html"), "{page:?}");
     assert!(page.body.contains("User lookup") && page.body.contains("/api/cluster"));
 
+    // A client leaves: node 1 counts the disconnect and the connection gauges drop.
+    let disconnects = v("herald_disconnects_total");
     drop(raw);
+    let text = eventually("node 1 to count the disconnect", NODE_WAIT, || async {
+        let text = scrape(&admin[0]).await?;
+        if metric(&text, "herald_disconnects_total") > Some(disconnects)
+            && !text.contains("herald_app_connections{app=")
+            && metric(&text, "herald_connections{transport=\"tcp\"}") == Some(0.0)
+        {
+            Ok(text)
+        } else {
+            bail!("{text}")
+        }
+    })
+    .await;
+    assert_eq!(metric(&text, "herald_disconnects_total"), Some(disconnects + 1.0));
+
+    // The per-user cap trims: three messages for an offline user under a cap of two.
+    set_mailbox_cap(&c, &app, 2).await;
+    for i in 0..3 {
+        app.push_acked(c.grpc_addr(2), "bob", &format!("capped-{i}"), &format!("cap{i}"))
+            .await;
+    }
+    let text = until_metric(&admin[0], "herald_messages_trimmed_total{app=\"ops\"}", |t| {
+        t >= 1.0
+    })
+    .await;
+    assert_eq!(
+        metric(&text, "herald_messages_trimmed_total{app=\"ops\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&text, "herald_messages_expired_total{app=\"ops\"}"),
+        Some(0.0)
+    );
+
+    // A message with a short TTL expires (the leader sweeps every 500 ms); every replica counts it.
+    let mut req = app.push_request("carol", "short-lived", "ttl1");
+    req.get_mut().ttl_ms = 300;
+    grpc.push(req).await.unwrap();
+    for a in &admin {
+        until_metric(a, "herald_messages_expired_total{app=\"ops\"}", |e| e == 1.0).await;
+    }
+
+    // Enough log entries make node 1 build a snapshot: the count, the covered index and the
+    // build time move (the time in whole milliseconds, so a quick build may add 0).
+    let before = scrape(&admin[0]).await.unwrap();
+    let b = |s: &str| metric(&before, s).unwrap_or_else(|| panic!("{s} missing from:\n{before}"));
+    for i in 0..SNAPSHOT_EVERY + 5 {
+        app.push_acked(c.grpc_addr(1), &format!("snap-{i}"), "x", &format!("snap{i}"))
+            .await;
+    }
+    let built = b("herald_raft_snapshots_built_total");
+    let text = until_metric(&admin[0], "herald_raft_snapshots_built_total", |n| n > built).await;
+    let v = |s: &str| metric(&text, s).unwrap_or_else(|| panic!("{s} missing from:\n{text}"));
+    assert!(
+        v("herald_raft_snapshot_index") >= b("herald_raft_snapshot_index") + SNAPSHOT_EVERY as f64,
+        "{text}"
+    );
+    assert!(v("herald_raft_snapshot_build_seconds_total") >= b("herald_raft_snapshot_build_seconds_total"));
+    assert!(v("herald_raft_snapshot_build_seconds_total") >= v("herald_raft_snapshot_build_seconds_last"));
+    assert!(v("herald_raft_snapshot_build_seconds_last") < 60.0, "{text}");
+
+    // Quiet again: every node has applied exactly what the leader committed, with no lag.
+    eventually("every node at the leader's commit index", NODE_WAIT, || async {
+        let mut scrapes = Vec::new();
+        for a in &admin {
+            scrapes.push(scrape(a).await?);
+        }
+        let get = |t: &str, s: &str| metric(t, s).ok_or_else(|| anyhow::anyhow!("{s} missing"));
+        let leaders: Vec<&String> = scrapes
+            .iter()
+            .filter(|t| metric(t, "herald_raft_is_leader") == Some(1.0))
+            .collect();
+        let [leader] = leaders[..] else {
+            bail!("{} nodes say they lead", leaders.len())
+        };
+        let commit = get(leader, "herald_raft_commit_index")?;
+        for (i, t) in scrapes.iter().enumerate() {
+            let seen = (
+                get(t, "herald_raft_commit_index")?,
+                get(t, "herald_raft_apply_index")?,
+                get(t, "herald_raft_last_log_index")?,
+                get(t, "herald_raft_apply_lag")?,
+                get(t, "herald_callback_queue_depth")?,
+            );
+            if seen != (commit, commit, commit, 0.0, 0.0) {
+                bail!(
+                    "node {}: (commit, apply, last, lag, queue) {seen:?}, leader commit {commit}",
+                    i + 1
+                );
+            }
+        }
+        Ok(())
+    })
+    .await;
+    c.assert_no_panics();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn readyz_is_503_on_a_node_that_is_not_a_member_yet() {
+    let (mut c, _admin, _ws) = ops_cluster(3, &[]).await;
+    // A fourth node with an admin port, started before anyone adds it to the cluster.
+    let new = c.start_extra_node();
+    c.kill9(new);
+    let admin = format!("127.0.0.1:{}", free_port());
+    c.spec_mut(new)
+        .extra_args
+        .extend(["--admin-addr".into(), admin.clone()]);
+    c.restart(new);
+    let r = eventually("node 4's /readyz to answer", NODE_WAIT, || {
+        http_get(&admin, "/readyz", None)
+    })
+    .await;
+    assert_eq!(r.status, 503, "{r:?}");
+    let body = r.json();
+    assert_eq!(body["ready"], false, "{body}");
+    let reasons: Vec<&str> = body["reasons"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r.as_str())
+        .collect();
+    assert!(reasons.contains(&"not a member of the cluster"), "{body}");
+    // Alive all the same, and the metric agrees with the probe.
+    assert_eq!(http_get(&admin, "/healthz", None).await.unwrap().status, 200);
+    let m = scrape(&admin).await.unwrap();
+    assert_eq!(metric(&m, "herald_ready"), Some(0.0), "{m}");
+    // Still not ready a while later: nothing makes a non-member ready by itself.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(http_get(&admin, "/readyz", None).await.unwrap().status, 503);
+
+    // Added as a learner, it catches up, announces itself and becomes ready.
+    let leader = c.wait_leader().await;
+    c.client(leader)
+        .await
+        .add_node(admin_request(pb::AddNodeRequest {
+            node_id: new,
+            grpc_addr: c.grpc_addr(new).to_string(),
+            learner_only: true,
+        }))
+        .await
+        .unwrap();
+    eventually("node 4 to be ready once added", NODE_WAIT, || async {
+        let r = http_get(&admin, "/readyz", None).await?;
+        if r.status == 200 && r.json()["ready"] == true {
+            Ok(())
+        } else {
+            bail!("{r:?}")
+        }
+    })
+    .await;
     c.assert_no_panics();
 }

@@ -1,7 +1,7 @@
 //! The dashboard and the browser example in a real headless browser (Debian's `chromium`)
 //! against `herald dev`: the dashboard shows three members and a leader and looks a user up; the
-//! example page connects over WebSocket, shows a push and acks it. Screenshots are saved in the
-//! test's temp dir (kept with `HERALD_IT_KEEP=1`).
+//! example page connects over WebSocket, shows a push and acks it. Screenshots are kept in
+//! `<cargo target dir>/herald-it/` (see [`screenshot_path`]); each test prints where.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -167,6 +167,27 @@ async fn hold_server(delay: Duration) -> u16 {
     port
 }
 
+/// Where a screenshot named `name` is kept after the test: `$CARGO_TARGET_DIR/herald-it/` when
+/// that is set, else `herald-it/` in the target dir holding the `herald` binary under test.
+fn screenshot_path(name: &str) -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .or_else(|| {
+            // .../target/<profile>/herald -> .../target
+            Path::new(env!("CARGO_BIN_EXE_herald"))
+                .parent()?
+                .parent()
+                .map(Path::to_path_buf)
+        })
+        .unwrap_or_else(std::env::temp_dir);
+    let dir = target.join("herald-it");
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+    let path = dir.join(name);
+    // A screenshot from an earlier run must not pass the size check for this one.
+    let _ = std::fs::remove_file(&path);
+    path
+}
+
 fn tmp() -> tempfile::TempDir {
     let t = tempfile::Builder::new()
         .prefix("herald-browser-")
@@ -206,8 +227,9 @@ async fn the_dashboard_shows_the_cluster_and_looks_up_a_user() {
     );
     g.push(req).await.unwrap();
 
+    // `app` and `user` make the page fill its lookup form and press its button.
     let url = format!("http://{admin}/?token={token}&app=demo&user=alice");
-    let shot = t.path().join("dashboard.png");
+    let shot = screenshot_path("dashboard.png");
     let dom = eventually("the dashboard to render the cluster", NODE_WAIT, || async {
         let dom = browse(&url, &shot, &t.path().join("profile")).await;
         if dom.contains("data-loaded=\"true\"") && dom.contains("id=\"user-status\"") {
@@ -231,6 +253,11 @@ async fn the_dashboard_shows_the_cluster_and_looks_up_a_user() {
         "a chart per node: {dom}"
     );
     assert!(dom.contains("data-app=\"demo\""), "{dom}");
+    // The lookup went through the form's submit handler, which read the filled-in inputs.
+    assert!(
+        dom.contains("id=\"lookup-form\" data-submitted=\"demo/alice\""),
+        "the lookup form was not submitted: {dom}"
+    );
     assert!(dom.contains("alice in demo is"), "{dom}");
     assert!(
         dom.contains("hello from the dashboard test"),
@@ -290,7 +317,7 @@ async fn the_browser_example_connects_shows_a_push_and_acks_it() {
         "file://{}?ws=ws://{ws}&app=demo&user=alice&device=browser-example&token={token}",
         page.display()
     );
-    let shot = t.path().join("browser-example.png");
+    let shot = screenshot_path("browser-example.png");
     let dom = browse(&url, &shot, &t.path().join("profile")).await;
     assert!(dom.contains("connected as alice on node 2"), "{dom}");
     assert!(dom.contains("hello, browser ✓"), "{dom}");

@@ -101,6 +101,11 @@ async fn a_websocket_client_gets_pushes_and_acks_them() {
         Some(0.0),
         "{m}"
     );
+    assert_eq!(
+        metric(&m, "herald_app_connections{app=\"wsapp\",transport=\"ws\"}"),
+        Some(1.0),
+        "{m}"
+    );
 
     // A text message is not part of the protocol: the connection ends.
     let (mut plain, _) = tokio_tungstenite::connect_async(format!("ws://{}/", ws[0]))
