@@ -5,7 +5,6 @@
 //! buckets, gauges per transport); nothing here takes a lock per delivery. The rate ring is
 //! written by one sampler task every [`SAMPLE_EVERY`] and read by the admin API.
 
-use std::cell::Cell;
 use std::collections::{HashMap, VecDeque};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -118,26 +117,11 @@ pub struct OpsStats {
     transports: Mutex<HashMap<u64, Transport>>,
 }
 
-thread_local! {
-    /// The connection [`OpsStats::conn_added`] saw last on this thread, until
-    /// [`OpsStats::conn_opened`] names its transport.
-    static JUST_ADDED: Cell<Option<u64>> = const { Cell::new(None) };
-}
-
 impl OpsStats {
-    /// Called by `Room::add_conn` with the new connection's id. The listener calls
-    /// [`OpsStats::conn_opened`] right after it, in the same task with no `.await` in between,
-    /// so nothing else runs on this thread in between and the two calls pair up exactly.
-    /// (The listener does not pass the transport to `add_conn`; this pairing stands in for that.)
-    pub fn conn_added(&self, conn: u64) {
-        JUST_ADDED.with(|c| c.set(Some(conn)));
-    }
-
-    pub fn conn_opened(&self, t: Transport) {
+    /// Called by `Room::add_conn` for every new connection.
+    pub fn conn_opened(&self, conn: u64, t: Transport) {
         self.connections[t as usize].fetch_add(1, Ordering::Relaxed);
-        if let Some(conn) = JUST_ADDED.with(Cell::take) {
-            self.transports.lock().insert(conn, t);
-        }
+        self.transports.lock().insert(conn, t);
     }
 
     pub fn conn_closed(&self, t: Transport) {
@@ -149,8 +133,7 @@ impl OpsStats {
         self.transports.lock().remove(&conn);
     }
 
-    /// The transport of open connection `conn`; `None` if it was not paired (see
-    /// [`OpsStats::conn_added`]) or is closed.
+    /// The transport of open connection `conn`; `None` once it is closed.
     pub fn transport_of(&self, conn: u64) -> Option<Transport> {
         self.transports.lock().get(&conn).copied()
     }
@@ -329,23 +312,16 @@ mod tests {
     }
 
     #[test]
-    fn a_connection_is_paired_with_the_transport_opened_after_it_on_the_same_thread() {
+    fn a_connection_keeps_its_transport_until_it_is_removed() {
         let s = OpsStats::default();
-        s.conn_added(7);
-        s.conn_opened(Transport::Ws);
+        s.conn_opened(7, Transport::Ws);
+        s.conn_opened(8, Transport::Tcp);
         assert_eq!(s.transport_of(7), Some(Transport::Ws));
+        assert_eq!(s.transport_of(8), Some(Transport::Tcp));
         assert_eq!(s.connections(Transport::Ws), 1);
-        // A transport opened without a connection added before it pairs with nothing.
-        s.conn_opened(Transport::Tcp);
-        assert_eq!(s.transport_of(8), None);
-        // A connection added on another thread does not pair with this thread's open.
-        let s = std::sync::Arc::new(s);
-        let s2 = s.clone();
-        std::thread::spawn(move || s2.conn_added(9)).join().unwrap();
-        s.conn_opened(Transport::Tls);
-        assert_eq!(s.transport_of(9), None);
         s.conn_removed(7);
         assert_eq!(s.transport_of(7), None);
+        assert_eq!(s.transport_of(9), None);
     }
 
     #[test]

@@ -178,8 +178,7 @@ impl Acceptor {
                 let transport = wrap.transport();
                 match wrap {
                     Wrap::Plain => {
-                        let shared = room.add_conn(peer);
-                        room.stats.ops.conn_opened(transport);
+                        let shared = room.add_conn(peer, transport);
                         conn::serve(room.clone(), shared, stream).await;
                         room.stats.ops.conn_closed(transport);
                     }
@@ -192,8 +191,7 @@ impl Acceptor {
                         let accepted = handshake.await.map(|r| r.map(Box::new));
                         match accepted {
                             Ok(Ok(s)) => {
-                                let shared = room.add_conn(peer);
-                                room.stats.ops.conn_opened(transport);
+                                let shared = room.add_conn(peer, transport);
                                 conn::serve(room.clone(), shared, s).await;
                                 room.stats.ops.conn_closed(transport);
                             }
@@ -209,8 +207,7 @@ impl Acceptor {
                         let accepted = handshake.await.map(|r| r.map(|s| Box::new(ws::WsStream::new(s))));
                         match accepted {
                             Ok(Ok(s)) => {
-                                let shared = room.add_conn(peer);
-                                room.stats.ops.conn_opened(transport);
+                                let shared = room.add_conn(peer, transport);
                                 conn::serve(room.clone(), shared, s).await;
                                 room.stats.ops.conn_closed(transport);
                             }

@@ -243,7 +243,11 @@ impl Room {
     }
 
     /// Registers a new connection.
-    pub fn add_conn(&self, peer: std::net::SocketAddr) -> Arc<ConnShared> {
+    pub fn add_conn(
+        &self,
+        peer: std::net::SocketAddr,
+        transport: crate::admin::metrics::Transport,
+    ) -> Arc<ConnShared> {
         let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let idle = (self.config.heartbeat.as_millis() as u64) * 5 / 2;
         let c = Arc::new(ConnShared::new(
@@ -256,7 +260,7 @@ impl Room {
         self.conns.write().insert(id, c.clone());
         self.stats.connections.fetch_add(1, Ordering::Relaxed);
         self.stats.connects.fetch_add(1, Ordering::Relaxed);
-        self.stats.ops.conn_added(id);
+        self.stats.ops.conn_opened(id, transport);
         c
     }
 
