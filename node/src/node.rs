@@ -241,6 +241,7 @@ pub async fn run(
         .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(herald_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .context("cannot build the reflection service")?;
     let grpc_addr = listeners.grpc.local_addr()?;
@@ -336,6 +337,14 @@ pub async fn run(
 
     shutdown.cancelled().await;
     info!(node_id = config.id, "shutting down");
+    // Load balancers and health checkers stop sending work here first (grpc.health.v1: the
+    // service and the server as a whole answer NOT_SERVING while the node drains).
+    health
+        .set_not_serving::<herald_proto::v1::herald_server::HeraldServer<HeraldApi>>()
+        .await;
+    health
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
     accept_stop.cancel();
     drain(&node, &conn_tasks).await;
     background.cancel();

@@ -14,6 +14,11 @@ pub const HEADER_LEN: usize = 4;
 /// Default maximum frame body size (bytes after the length prefix).
 pub const DEFAULT_MAX_FRAME: usize = 64 * 1024;
 
+/// Bytes a server-sent PUSH or UPSTREAM_REPLY frame may need besides its payload, with every id
+/// and name at its 256-byte maximum (tested below). A payload fits in a frame of `max` bytes when
+/// it is at most `max - PUSH_HEADROOM`.
+pub const PUSH_HEADROOM: usize = 1024;
+
 /// Why a byte stream could not be decoded into frames. Each one closes the connection.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum FrameError {
@@ -97,7 +102,11 @@ pub fn decode_body(body: Bytes) -> Result<Frame, FrameError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::client::{frame::Kind, Ack, Ping, Push, Qos};
+    use crate::client::{
+        frame::Kind, Ack, Bye, CloseSession, Error, Gap, Hello, Kicked, OpenSession, Ping, Pong, Push, Qos,
+        RefreshToken, SessionClosed, Subscribe, Subscribed, TopicCursor, Unsubscribe, Upstream,
+        UpstreamReply, Welcome,
+    };
     use proptest::prelude::*;
 
     fn push(seq: u64, payload: Vec<u8>) -> Frame {
@@ -143,19 +152,238 @@ mod tests {
         assert_eq!(decode(&mut b, 1024), Err(FrameError::Empty));
     }
 
+    fn name() -> impl Strategy<Value = String> {
+        "[a-z0-9:_-]{0,24}"
+    }
+
+    fn blob() -> impl Strategy<Value = Vec<u8>> {
+        proptest::collection::vec(any::<u8>(), 0..300)
+    }
+
+    fn cursor() -> impl Strategy<Value = TopicCursor> {
+        (name(), proptest::option::of(any::<u64>()))
+            .prop_map(|(topic, last_seq)| TopicCursor { topic, last_seq })
+    }
+
+    fn open() -> impl Strategy<Value = OpenSession> {
+        (
+            any::<u32>(),
+            (name(), name(), name(), name(), name()),
+            any::<u64>(),
+            proptest::collection::vec(cursor(), 0..4),
+        )
+            .prop_map(
+                |(session_id, (app, user, device, platform, token), last_acked_seq, topics)| OpenSession {
+                    session_id,
+                    app,
+                    user,
+                    device,
+                    platform,
+                    token,
+                    last_acked_seq,
+                    topics,
+                },
+            )
+    }
+
+    /// Every kind of frame, each with arbitrary field values.
     fn arb_frame() -> impl Strategy<Value = Frame> {
-        prop_oneof![
-            (any::<u64>(), proptest::collection::vec(any::<u8>(), 0..300)).prop_map(|(s, p)| push(s, p)),
-            (any::<u32>(), any::<u64>()).prop_map(|(s, q)| Frame {
-                kind: Some(Kind::Ack(Ack {
-                    session_id: s,
-                    seq: q
-                }))
-            }),
-            (any::<u64>(), any::<u32>()).prop_map(|(id, iv)| Frame {
-                kind: Some(Kind::Ping(Ping { id, interval_ms: iv }))
-            }),
-        ]
+        let code = 0i32..20;
+        let kinds: Vec<BoxedStrategy<Kind>> = vec![
+            (any::<u32>(), open(), name(), any::<u32>())
+                .prop_map(|(version, s, client, heartbeat_ms)| {
+                    Kind::Hello(Hello {
+                        version,
+                        session: Some(s),
+                        client,
+                        heartbeat_ms,
+                    })
+                })
+                .boxed(),
+            (any::<(u32, u64, u64, u32, u32, u32, u32, u32, u64)>())
+                .prop_map(|(a, b, c, d, e, f, g, h, i)| {
+                    Kind::Welcome(Welcome {
+                        session_id: a,
+                        epoch: b,
+                        node_id: c,
+                        heartbeat_ms: d,
+                        heartbeat_min_ms: e,
+                        heartbeat_max_ms: f,
+                        max_frame: g,
+                        version: h,
+                        acked_seq: i,
+                    })
+                })
+                .boxed(),
+            (any::<u64>(), any::<u32>())
+                .prop_map(|(id, interval_ms)| Kind::Ping(Ping { id, interval_ms }))
+                .boxed(),
+            any::<u64>().prop_map(|id| Kind::Pong(Pong { id })).boxed(),
+            (any::<(u32, u64, u64, u64)>(), name(), name(), blob(), 0i32..2)
+                .prop_map(
+                    |((session_id, seq, topic_seq, pushed_at_ms), msg_id, topic, p, qos)| {
+                        Kind::Push(Push {
+                            session_id,
+                            msg_id,
+                            seq,
+                            topic,
+                            topic_seq,
+                            payload: p.into(),
+                            qos,
+                            pushed_at_ms,
+                        })
+                    },
+                )
+                .boxed(),
+            (any::<u32>(), any::<u64>())
+                .prop_map(|(session_id, seq)| Kind::Ack(Ack { session_id, seq }))
+                .boxed(),
+            (any::<u32>(), any::<u64>(), blob())
+                .prop_map(|(session_id, request_id, p)| {
+                    Kind::Upstream(Upstream {
+                        session_id,
+                        request_id,
+                        payload: p.into(),
+                    })
+                })
+                .boxed(),
+            (any::<u32>(), any::<u64>(), blob(), code.clone(), name())
+                .prop_map(|(session_id, request_id, p, error, message)| {
+                    Kind::UpstreamReply(UpstreamReply {
+                        session_id,
+                        request_id,
+                        payload: p.into(),
+                        error,
+                        message,
+                    })
+                })
+                .boxed(),
+            (any::<u32>(), name(), proptest::option::of(any::<u64>()))
+                .prop_map(|(session_id, topic, last_seq)| {
+                    Kind::Subscribe(Subscribe {
+                        session_id,
+                        topic,
+                        last_seq,
+                    })
+                })
+                .boxed(),
+            (any::<u32>(), name())
+                .prop_map(|(session_id, topic)| Kind::Unsubscribe(Unsubscribe { session_id, topic }))
+                .boxed(),
+            (any::<u32>(), name(), any::<u64>(), code.clone(), name())
+                .prop_map(|(session_id, topic, seq, error, message)| {
+                    Kind::Subscribed(Subscribed {
+                        session_id,
+                        topic,
+                        seq,
+                        error,
+                        message,
+                    })
+                })
+                .boxed(),
+            (any::<(u32, u64, u64)>(), name(), 0i32..3)
+                .prop_map(|((session_id, from_seq, to_seq), topic, reason)| {
+                    Kind::Gap(Gap {
+                        session_id,
+                        topic,
+                        from_seq,
+                        to_seq,
+                        reason,
+                    })
+                })
+                .boxed(),
+            (
+                any::<u32>(),
+                name(),
+                proptest::collection::vec(name(), 0..3),
+                0i32..6,
+            )
+                .prop_map(|(session_id, reason, redirect, code)| {
+                    Kind::Kicked(Kicked {
+                        session_id,
+                        reason,
+                        redirect,
+                        code,
+                    })
+                })
+                .boxed(),
+            (name(), proptest::collection::vec(name(), 0..3))
+                .prop_map(|(reason, redirect)| Kind::Bye(Bye { reason, redirect }))
+                .boxed(),
+            (any::<u32>(), code, name())
+                .prop_map(|(session_id, code, message)| {
+                    Kind::Error(Error {
+                        session_id,
+                        code,
+                        message,
+                    })
+                })
+                .boxed(),
+            open().prop_map(Kind::OpenSession).boxed(),
+            any::<u32>()
+                .prop_map(|session_id| Kind::CloseSession(CloseSession { session_id }))
+                .boxed(),
+            (any::<u32>(), name())
+                .prop_map(|(session_id, reason)| Kind::SessionClosed(SessionClosed { session_id, reason }))
+                .boxed(),
+            (any::<u32>(), name())
+                .prop_map(|(session_id, token)| Kind::RefreshToken(RefreshToken { session_id, token }))
+                .boxed(),
+        ];
+        proptest::strategy::Union::new(kinds).prop_map(|k| Frame { kind: Some(k) })
+    }
+
+    #[test]
+    fn the_generator_covers_every_kind_of_frame() {
+        use proptest::strategy::ValueTree;
+        let mut runner = proptest::test_runner::TestRunner::deterministic();
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..2000 {
+            let f = arb_frame().new_tree(&mut runner).unwrap().current();
+            let tag = encode_to_bytes(&f)[HEADER_LEN] >> 3;
+            seen.insert(tag);
+        }
+        assert_eq!(seen, (1u8..=19).collect(), "field numbers 1..=19 of Frame.kind");
+    }
+
+    #[test]
+    fn a_payload_within_the_headroom_fits_in_the_frame() {
+        let long = "x".repeat(256);
+        for max in [
+            256usize + PUSH_HEADROOM,
+            4096,
+            DEFAULT_MAX_FRAME,
+            16 * 1024 * 1024,
+        ] {
+            let payload = vec![0xAB; max - PUSH_HEADROOM];
+            let push = Frame {
+                kind: Some(Kind::Push(Push {
+                    session_id: u32::MAX,
+                    msg_id: long.clone(),
+                    seq: u64::MAX,
+                    topic: long.clone(),
+                    topic_seq: u64::MAX,
+                    payload: payload.clone().into(),
+                    qos: Qos::AtLeastOnce as i32,
+                    pushed_at_ms: u64::MAX,
+                })),
+            };
+            let reply = Frame {
+                kind: Some(Kind::UpstreamReply(UpstreamReply {
+                    session_id: u32::MAX,
+                    request_id: u64::MAX,
+                    payload: payload.into(),
+                    error: 0,
+                    message: String::new(),
+                })),
+            };
+            for f in [push, reply] {
+                let body = encode_to_bytes(&f).len() - HEADER_LEN;
+                assert!(body <= max, "{body} > {max}");
+                let mut b = BytesMut::from(&encode_to_bytes(&f)[..]);
+                assert_eq!(decode(&mut b, max).unwrap(), Some(f));
+            }
+        }
     }
 
     proptest! {

@@ -507,7 +507,7 @@ pub fn render_metrics(s: &AdminState) -> String {
     );
     e.histogram(
         "herald_delivery_latency_seconds",
-        "Push accepted (its log time) to written to the client's socket, mailbox and topic messages (replays after a reconnect included).",
+        "QoS 1 push accepted (its log time) to written to the client's socket (replays after a reconnect included; topic and QoS 0 messages are not timed).",
         &st.ops.delivery_latency,
     );
     e.labeled(

@@ -42,14 +42,17 @@ impl Herald for HeraldApi {
         if req.targets.iter().any(|t| t.user.is_empty()) {
             return Err(ApiError::InvalidArgument("a target has an empty user".into()).into());
         }
-        if req.payload.len() > app.limits.max_payload as usize {
-            return Err(ApiError::InvalidArgument(format!(
-                "payload of {} bytes exceeds the app's limit of {}",
-                req.payload.len(),
-                app.limits.max_payload
-            ))
-            .into());
+        let max = crate::room::MAX_NAME;
+        if req
+            .targets
+            .iter()
+            .any(|t| t.user.len() > max || t.devices.iter().any(|d| d.is_empty() || d.len() > max))
+        {
+            return Err(
+                ApiError::InvalidArgument(format!("users and devices must be 1 to {max} bytes")).into(),
+            );
         }
+        self.check_message(&app, req.payload.len(), &req.msg_id, &req.idempotency_key)?;
         let qos = req.qos();
         let ops = &self.node.room().stats.ops;
         match qos {
@@ -179,8 +182,13 @@ impl Herald for HeraldApi {
 
     async fn status(&self, request: Request<pb::StatusRequest>) -> Reply<pb::StatusReply> {
         let app = auth::app_caller(&self.node, &request)?;
+        let at = self.read_point(&request).await?;
+        let md = request.metadata().clone();
         let r = request.into_inner();
         same_app(&app, &r.app)?;
+        if let ReadAt::Leader(mut leader) = at {
+            return leader.status(forwarded(&md, r)).await;
+        }
         let reader = self.node.raft().reader();
         let sessions = reader.sessions(&app.id, &r.user).map_err(ApiError::from)?;
         let devices = reader.devices(&app.id, &r.user).map_err(ApiError::from)?;
@@ -218,8 +226,13 @@ impl Herald for HeraldApi {
         request: Request<pb::DeliveryStatusRequest>,
     ) -> Reply<pb::DeliveryStatusReply> {
         let app = auth::app_caller(&self.node, &request)?;
+        let at = self.read_point(&request).await?;
+        let md = request.metadata().clone();
         let r = request.into_inner();
         same_app(&app, &r.app)?;
+        if let ReadAt::Leader(mut leader) = at {
+            return leader.delivery_status(forwarded(&md, r)).await;
+        }
         let reader = self.node.raft().reader();
         let locations = reader.msg_locations(&app.id, &r.msg_id).map_err(ApiError::from)?;
         if locations.is_empty() {
@@ -494,7 +507,116 @@ impl Herald for HeraldApi {
     }
 }
 
+/// Metadata on a read another node forwarded here: it is answered here or refused, never
+/// forwarded again.
+const FORWARDED_METADATA: &str = "x-herald-forwarded";
+/// How long a linearizable read waits for the leader to confirm its leadership.
+const READ_BARRIER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Where a linearizable read is answered.
+enum ReadAt {
+    /// Here: this node is the leader, confirmed by a quorum, and has applied everything
+    /// committed before the read began.
+    Here,
+    /// At the leader, through its own API.
+    Leader(herald_proto::v1::herald_client::HeraldClient<tonic::transport::Channel>),
+}
+
+/// The same call for the leader, with the caller's credentials.
+fn forwarded<M>(md: &tonic::metadata::MetadataMap, msg: M) -> Request<M> {
+    let mut r = Request::new(msg);
+    for key in [auth::APP_METADATA, auth::API_KEY_METADATA] {
+        if let Some(v) = md.get(key) {
+            r.metadata_mut().insert(key, v.clone());
+        }
+    }
+    r.metadata_mut().insert(
+        FORWARDED_METADATA,
+        tonic::metadata::MetadataValue::from_static("1"),
+    );
+    r.set_timeout(READ_BARRIER_TIMEOUT * 2);
+    r
+}
+
 impl HeraldApi {
+    /// Status and DeliveryStatus are linearizable: a read never returns state older than a write
+    /// (Register, Kick, Enqueue, Ack) that completed before the read began. The leader answers
+    /// after `ensure_linearizable` (a heartbeat round confirms it is still leader; it waits until
+    /// its state machine applied the commit index seen at the start); a follower forwards the
+    /// call to the leader once. A follower's local state machine may lag, so it is never read
+    /// for these answers.
+    async fn read_point<T>(&self, req: &Request<T>) -> Result<ReadAt, ApiError> {
+        let raft = self.node.raft();
+        match raft.leader() {
+            Some((id, _)) if id == self.node.config().id => {
+                let unavailable = |msg: String| ApiError::Unavailable { msg, leader: None };
+                match tokio::time::timeout(READ_BARRIER_TIMEOUT, raft.raft().ensure_linearizable()).await {
+                    Ok(Ok(_)) => Ok(ReadAt::Here),
+                    Ok(Err(e)) => Err(unavailable(format!(
+                        "cannot serve a linearizable read here: {e}; retry"
+                    ))),
+                    Err(_) => Err(unavailable(
+                        "the leader could not confirm its leadership in time; retry".into(),
+                    )),
+                }
+            }
+            Some((id, addr)) if req.metadata().get(FORWARDED_METADATA).is_none() => {
+                let channel = self
+                    .node
+                    .peers()
+                    .channel(&addr)
+                    .map_err(|s| ApiError::Unavailable {
+                        msg: format!("cannot reach the leader for a linearizable read: {}", s.message()),
+                        leader: Some((id, addr.clone())),
+                    })?;
+                Ok(ReadAt::Leader(
+                    herald_proto::v1::herald_client::HeraldClient::new(channel),
+                ))
+            }
+            leader => Err(ApiError::Unavailable {
+                msg: "no leader to serve a linearizable read; retry".into(),
+                leader,
+            }),
+        }
+    }
+
+    /// What every message must satisfy before it is proposed: the app's payload limit, and a
+    /// size that fits in one client frame of this node (docs/PROTOCOL.md: the server never sends
+    /// a frame over its maximum; a message that could not be delivered is refused here, not
+    /// stored). Ids and keys are bounded like every other name.
+    fn check_message(
+        &self,
+        app: &AppConfig,
+        payload: usize,
+        msg_id: &str,
+        idempotency_key: &str,
+    ) -> Result<(), ApiError> {
+        if payload > app.limits.max_payload as usize {
+            return Err(ApiError::InvalidArgument(format!(
+                "payload of {payload} bytes exceeds the app's limit of {}",
+                app.limits.max_payload
+            )));
+        }
+        let fits = self
+            .node
+            .config()
+            .max_frame
+            .saturating_sub(herald_proto::frame::PUSH_HEADROOM);
+        if payload > fits {
+            return Err(ApiError::InvalidArgument(format!(
+                "payload of {payload} bytes does not fit in a client frame: this node's max frame \
+                 leaves {fits} bytes for the payload"
+            )));
+        }
+        let max = crate::room::MAX_NAME;
+        if msg_id.len() > max || idempotency_key.len() > max {
+            return Err(ApiError::InvalidArgument(format!(
+                "msg id and idempotency key must be at most {max} bytes"
+            )));
+        }
+        Ok(())
+    }
+
     async fn publish(
         &self,
         app: AppConfig,
@@ -503,14 +625,7 @@ impl HeraldApi {
         msg_id: String,
         idempotency_key: String,
     ) -> Reply<pb::PublishReply> {
-        if payload.len() > app.limits.max_payload as usize {
-            return Err(ApiError::InvalidArgument(format!(
-                "payload of {} bytes exceeds the app's limit of {}",
-                payload.len(),
-                app.limits.max_payload
-            ))
-            .into());
-        }
+        self.check_message(&app, payload.len(), &msg_id, &idempotency_key)?;
         self.node
             .room()
             .stats

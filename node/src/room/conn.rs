@@ -35,6 +35,8 @@ const PAGE: usize = 128;
 const TAKE: usize = 512;
 /// A write that makes no progress this long ends the connection.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a drained connection keeps reading acks after its BYE.
+const LINGER: Duration = Duration::from_secs(2);
 
 thread_local! {
     /// Read scratch space shared by every connection on this worker thread.
@@ -109,8 +111,21 @@ where
         loop {
             let work = self.shared.take(TAKE);
             if let Some(close) = work.close {
+                let drain = matches!(close, Close::Bye(..));
+                if drain {
+                    // Drain: what was already queued for this client goes out before the BYE.
+                    for f in &work.frames {
+                        f.write_into(&mut self.out);
+                    }
+                    for sid in work.pokes {
+                        self.pull_mailbox(sid, &mut Vec::new());
+                    }
+                }
                 self.final_frame(&close);
                 let _ = self.write_out().await;
+                if drain {
+                    self.linger().await;
+                }
                 return End::Closed(close);
             }
             for k in work.kicks {
@@ -121,11 +136,19 @@ where
                 f.write_into(&mut self.out);
             }
             let mut more = false;
+            // Log times of the mailbox pushes in this write, observed once the socket took them.
+            let mut pushed = Vec::new();
             for sid in work.pokes {
-                more |= self.pull_mailbox(sid);
+                more |= self.pull_mailbox(sid, &mut pushed);
             }
             if let Err(e) = self.write_out().await {
                 return End::Io(e);
+            }
+            if !pushed.is_empty() {
+                let now = now_ms();
+                for at in pushed {
+                    self.room.stats.ops.delivery_latency.observe_since(at, now);
+                }
             }
             if more {
                 // A full page was read: come back for the rest after the socket took this one.
@@ -153,6 +176,31 @@ where
                     }
                     Err(e) => return End::Io(e),
                 },
+            }
+        }
+    }
+
+    /// After a drain's BYE: keeps reading for a short while so the acks the client sends for what
+    /// it already received are recorded (the node flushes acks before it leaves), until the
+    /// client closes. Other frames are ignored; the sessions are gone from this node's point of
+    /// view once the client hangs up.
+    async fn linger(&mut self) {
+        let deadline = tokio::time::Instant::now() + LINGER;
+        loop {
+            let read = tokio::time::timeout_at(deadline, read_some(&mut self.stream, &mut self.rbuf)).await;
+            match read {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return,
+            }
+            loop {
+                match frame::decode(&mut self.rbuf, self.room.config.max_frame) {
+                    Ok(Some(Frame {
+                        kind: Some(Kind::Ack(a)),
+                    })) => self.on_ack(a.session_id, a.seq),
+                    Ok(Some(_)) => {}
+                    Ok(None) => break,
+                    Err(_) => return,
+                }
             }
         }
     }
@@ -372,6 +420,7 @@ where
         let shared = self.shared.clone();
         let sid = u.session_id;
         let rid = u.request_id;
+        let fits = self.room.config.max_frame.saturating_sub(frame::PUSH_HEADROOM);
         match self
             .room
             .coordinator
@@ -380,6 +429,14 @@ where
             Ok(rx) => {
                 tokio::spawn(async move {
                     let reply = match rx.await {
+                        Ok(Ok(payload)) if payload.len() > fits => {
+                            warn!(size = payload.len(), fits, "backend reply exceeds the max frame");
+                            let msg = format!(
+                                "the backend's reply of {} bytes does not fit in a frame ({fits} bytes)",
+                                payload.len()
+                            );
+                            upstream_error(sid, rid, ErrorCode::UpstreamFailed, &msg).into_reply()
+                        }
                         Ok(Ok(payload)) => pc::UpstreamReply {
                             session_id: sid,
                             request_id: rid,
@@ -436,17 +493,24 @@ where
 
     /// Subscribes a session to a topic, replaying retained messages after the cursor first.
     async fn subscribe(&mut self, sid: u32, t: TopicCursor) {
-        let Some(i) = self.find(sid) else { return };
-        let app = self.sessions[i].app.clone();
         let refuse = |this: &mut Self, code: ErrorCode, msg: &str| {
             this.send(Kind::Subscribed(pc::Subscribed {
                 session_id: sid,
-                topic: t.topic.clone(),
+                // An over-long name is not echoed (the answer must stay a small frame).
+                topic: if t.topic.len() > MAX_NAME {
+                    String::new()
+                } else {
+                    t.topic.clone()
+                },
                 seq: 0,
                 error: code as i32,
                 message: msg.into(),
             }));
         };
+        let Some(i) = self.find(sid) else {
+            return refuse(self, ErrorCode::UnknownSession, "no such session");
+        };
+        let app = self.sessions[i].app.clone();
         if t.topic.is_empty() || t.topic.len() > MAX_NAME {
             return refuse(self, ErrorCode::BadRequest, "topic must be 1 to 256 bytes");
         }
@@ -542,7 +606,7 @@ where
 
     /// Reads the next page of a session's mailbox into the output. True when a full page was read
     /// (more may follow).
-    fn pull_mailbox(&mut self, sid: u32) -> bool {
+    fn pull_mailbox(&mut self, sid: u32, pushed: &mut Vec<u64>) -> bool {
         let Some(i) = self.find(sid) else { return false };
         let (app, user, device) = {
             let s = &self.sessions[i];
@@ -593,6 +657,21 @@ where
                 self.gap(sid, a, b, &meta);
                 hole_iter.next();
             }
+            if m.payload.len() > self.room.config.max_frame.saturating_sub(frame::PUSH_HEADROOM) {
+                // Only when nodes disagree on --max-frame (the push API refuses what does not
+                // fit): the client would drop the connection on it and get it again on every
+                // resume, so it is reported as a gap instead.
+                warn!(app = %app, user = %user, seq = m.seq, size = m.payload.len(), "message exceeds the max frame; sent as a gap");
+                self.room.stats.rejected_frames.fetch_add(1, Ordering::Relaxed);
+                self.send(Kind::Gap(pc::Gap {
+                    session_id: sid,
+                    topic: String::new(),
+                    from_seq: m.seq,
+                    to_seq: m.seq,
+                    reason: GapReason::TooLarge as i32,
+                }));
+                continue;
+            }
             if m.devices.is_empty() || m.devices.iter().any(|d| **d == *device) {
                 self.send(Kind::Push(pc::Push {
                     session_id: sid,
@@ -605,11 +684,7 @@ where
                     pushed_at_ms: m.pushed_ms,
                 }));
                 frames += 1;
-                self.room
-                    .stats
-                    .ops
-                    .delivery_latency
-                    .observe_since(m.pushed_ms, now_ms());
+                pushed.push(m.pushed_ms);
             }
         }
         for (a, b) in hole_iter {

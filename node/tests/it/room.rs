@@ -6,6 +6,7 @@ use std::time::Duration;
 use herald_node::token;
 use herald_proto::client::{self as pc, frame::Kind, ErrorCode, GapReason, KickReason};
 use herald_proto::v1 as pb;
+use tonic_health::pb::health_check_response::ServingStatus::{self, NotServing, Serving};
 
 use crate::harness::{admin_request, eventually, App, Cluster, NODE_WAIT};
 use crate::raw::{error_code, Raw, Who};
@@ -256,6 +257,22 @@ async fn a_resuming_subscriber_catches_up_on_a_topic_then_gets_live_messages() {
         })
         .collect();
     assert_eq!(seqs, vec![3, 4, 5], "messages after the cursor, in order");
+    // A SUBSCRIBE for a session this connection does not have is answered, not ignored.
+    raw.send(Kind::Subscribe(pc::Subscribe {
+        session_id: 9,
+        topic: "room-7".into(),
+        last_seq: None,
+    }))
+    .await
+    .unwrap();
+    let (refused, _) = raw
+        .until(|k| match k {
+            Kind::Subscribed(s) if s.session_id == 9 => Some(s.clone()),
+            _ => None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(refused.error, ErrorCode::UnknownSession as i32, "{refused:?}");
     grpc.publish_topic(publish(6)).await.unwrap();
     let p = raw.pushes(1).await.unwrap();
     assert_eq!(
@@ -369,6 +386,146 @@ async fn a_newer_login_kicks_the_older_session_across_nodes() {
     assert_eq!(k.code(), KickReason::Admin);
 }
 
+fn kicked(k: &Kind) -> Option<pc::Kicked> {
+    if let Kind::Kicked(k) = k {
+        Some(k.clone())
+    } else {
+        None
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn racing_logins_of_one_device_on_two_nodes_leave_exactly_the_newest() {
+    let c = Cluster::start(3).await;
+    let app = c.create_app("race").await;
+    let grpc = c.client(3).await;
+    for round in 0..5 {
+        let user = format!("rita-{round}");
+        let phone = who(&app, &user, "phone");
+        let mut a = Raw::connect(c.client_addr(1)).await.unwrap();
+        let mut b = Raw::connect(c.client_addr(2)).await.unwrap();
+        // Both HELLOs are in flight at once, on different nodes.
+        let (wa, wb) = tokio::join!(a.hello(&phone, 0), b.hello(&phone, 0));
+        let (wa, wb) = (wa.unwrap(), wb.unwrap());
+        assert_ne!(wa.epoch, wb.epoch, "round {round}");
+        let (mut winner, mut loser, epoch) = if wa.epoch > wb.epoch {
+            (a, b, wa.epoch)
+        } else {
+            (b, a, wb.epoch)
+        };
+        // The older registration is fenced: kicked as replaced and closed; the newer one stays.
+        let (k, _) = loser.until(kicked).await.unwrap();
+        assert_eq!(k.code(), KickReason::Replaced, "round {round}");
+        assert!(
+            loser.closed_within(Duration::from_secs(10)).await,
+            "round {round}"
+        );
+        winner.ping(1).await.unwrap();
+        eventually("the registry to hold only the newest session", NODE_WAIT, || {
+            let mut grpc = grpc.clone();
+            let req = app.request(pb::StatusRequest {
+                app: app.id.clone(),
+                user: user.clone(),
+            });
+            async move {
+                let st = grpc.status(req).await?.into_inner();
+                let epochs: Vec<u64> = st.sessions.iter().map(|s| s.epoch).collect();
+                anyhow::ensure!(epochs == vec![epoch], "sessions {epochs:?}, want [{epoch}]");
+                Ok(())
+            }
+        })
+        .await;
+        app.push_acked(c.grpc_addr(3), &user, "to the winner", &format!("race-{round}"))
+            .await;
+        let p = winner.pushes(1).await.unwrap();
+        assert_eq!(payload(&p[0]), "to the winner");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_consumer_is_closed_and_its_stored_messages_wait_for_it() {
+    let mut c = Cluster::new(3);
+    for id in c.ids() {
+        c.spec_mut(id)
+            .extra_args
+            .extend(["--send-queue".into(), "16".into()]);
+    }
+    c.start_all();
+    c.wait_leader().await;
+    let app = c.create_app("slow").await;
+    let mut grpc = c.client(1).await;
+    // A client that subscribes, then never reads again.
+    let sam = who(&app, "sam", "phone");
+    let mut slow = Raw::connect(c.client_addr(1)).await.unwrap();
+    let mut open = sam.open(1, 0);
+    open.topics = vec![pc::TopicCursor {
+        topic: "firehose".into(),
+        last_seq: None,
+    }];
+    slow.send(Kind::Hello(pc::Hello {
+        version: 1,
+        session: Some(open),
+        ..Default::default()
+    }))
+    .await
+    .unwrap();
+    slow.until(|k| matches!(k, Kind::Subscribed(_)).then_some(()))
+        .await
+        .unwrap();
+    let mut good = Raw::connect(c.client_addr(1)).await.unwrap();
+    good.hello(&who(&app, "good", "phone"), 0).await.unwrap();
+    for n in 1..=5 {
+        app.push_acked(c.grpc_addr(1), "sam", &format!("stored-{n}"), &format!("s{n}"))
+            .await;
+    }
+    // 32 KiB topic messages until the node gives up on the client (socket buffers full, then
+    // the 16-frame send queue): the session goes offline while the client has read nothing.
+    let big = bytes::Bytes::from(vec![7u8; 32 * 1024]);
+    let status = |grpc: &mut herald_proto::v1::herald_client::HeraldClient<tonic::transport::Channel>| {
+        let mut grpc = grpc.clone();
+        let req = app.request(pb::StatusRequest {
+            app: app.id.clone(),
+            user: "sam".into(),
+        });
+        async move { grpc.status(req).await.map(|r| r.into_inner()) }
+    };
+    let mut closed = false;
+    for i in 0..1500 {
+        grpc.publish_topic(app.request(pb::PublishRequest {
+            app: app.id.clone(),
+            topic: "firehose".into(),
+            payload: big.clone(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+        if i % 50 == 49 && !status(&mut grpc).await.unwrap().online {
+            closed = true;
+            break;
+        }
+    }
+    if !closed {
+        eventually("the slow consumer to be closed", Duration::from_secs(40), || {
+            let f = status(&mut grpc);
+            async move {
+                anyhow::ensure!(!f.await?.online, "still online");
+                Ok(())
+            }
+        })
+        .await;
+    }
+    // What it was sent before is still readable, then the connection ends.
+    assert!(slow.closed_within(Duration::from_secs(30)).await);
+    // Its QoS 1 messages stayed stored and arrive on the next connection; others were unaffected.
+    assert_eq!(status(&mut grpc).await.unwrap().pending, 5);
+    let mut back = Raw::connect(c.client_addr(2)).await.unwrap();
+    back.hello(&sam, 0).await.unwrap();
+    let got: Vec<String> = back.pushes(5).await.unwrap().iter().map(payload).collect();
+    assert_eq!(got, (1..=5).map(|n| format!("stored-{n}")).collect::<Vec<_>>());
+    app.push_acked(c.grpc_addr(2), "good", "still here", "g1").await;
+    assert_eq!(payload(&good.pushes(1).await.unwrap()[0]), "still here");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_input_gets_its_error_and_other_clients_keep_receiving() {
     let mut c = Cluster::new(3);
@@ -379,6 +536,8 @@ async fn bad_input_gets_its_error_and_other_clients_keep_receiving() {
             "20".into(),
             "--max-frame".into(),
             "4096".into(),
+            "--auth-timeout-ms".into(),
+            "2000".into(),
         ]);
     }
     c.start_all();
@@ -415,6 +574,16 @@ async fn bad_input_gets_its_error_and_other_clients_keep_receiving() {
     r.send_bytes(&[0, 0, 0, 100, 1, 2, 3]).await.unwrap();
     drop(r);
     check_good(&c, &app, &mut good, &mut n).await;
+    // A truncated frame on a connection that stays open: it never completes a HELLO, so the auth
+    // timeout answers it.
+    let mut r = Raw::connect(&addr).await.unwrap();
+    r.send_bytes(&[0, 0, 0, 100, 1, 2, 3]).await.unwrap();
+    assert_eq!(
+        error_code(&r.recv_within(Duration::from_secs(10)).await.unwrap()),
+        Some(ErrorCode::AuthTimeout)
+    );
+    assert!(r.closed_within(Duration::from_secs(5)).await);
+    check_good(&c, &app, &mut good, &mut n).await;
 
     // A first frame that is not HELLO.
     let mut r = Raw::connect(&addr).await.unwrap();
@@ -425,6 +594,7 @@ async fn bad_input_gets_its_error_and_other_clients_keep_receiving() {
     .await
     .unwrap();
     assert_eq!(error_code(&r.recv().await.unwrap()), Some(ErrorCode::BadRequest));
+    assert!(r.closed_within(Duration::from_secs(5)).await);
 
     // A wrong signature, an expired token, a token for another user, an unknown app.
     let cases: Vec<(Who, ErrorCode)> = vec![
@@ -509,13 +679,56 @@ async fn bad_input_gets_its_error_and_other_clients_keep_receiving() {
         grpc.push(bad_key).await.unwrap_err().code(),
         tonic::Code::Unauthenticated
     );
+    // Nor can it read another app's users, look up its messages or kick them.
+    let e = grpc
+        .status(app.request(pb::StatusRequest {
+            app: other.id.clone(),
+            user: "good".into(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "status: {e}");
+    let e = grpc
+        .delivery_status(app.request(pb::DeliveryStatusRequest {
+            app: other.id.clone(),
+            msg_id: "m".into(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "delivery status: {e}");
+    let e = grpc
+        .kick(app.request(pb::KickRequest {
+            app: other.id.clone(),
+            user: "good".into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "kick: {e}");
 
-    // A flood of connections (and HELLOs) from one address: the rate limit answers RATE_LIMITED.
-    let mut limited = 0;
+    // A payload that would not fit in a client frame of this node (4096 bytes) is refused at the
+    // API, never stored to poison the client's replay; one that fits is delivered.
+    let fits = 4096 - herald_proto::frame::PUSH_HEADROOM;
+    let too_big = "x".repeat(fits + 1);
+    let e = grpc
+        .push(app.push_request("good", &too_big, ""))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+    assert!(e.message().contains("frame"), "{e}");
+    let big = "y".repeat(fits);
+    app.push_acked(c.grpc_addr(1), "good", &big, "big").await;
+    let p = good.pushes(1).await.unwrap();
+    assert_eq!(p[0].payload.len(), fits);
+    check_good(&c, &app, &mut good, &mut n).await;
+
+    // A flood of connections (and HELLOs) from one address: the rate limit (20/s, bursts of 20)
+    // answers RATE_LIMITED; no more are let in than the bucket allows.
+    let (mut limited, mut welcomed, mut other_answers) = (0u32, 0u32, Vec::new());
+    let started = std::time::Instant::now();
+    let mut open = Vec::new();
     for _ in 0..60 {
-        let Ok(mut r) = Raw::connect(&addr).await else {
-            continue;
-        };
+        let mut r = Raw::connect(&addr).await.unwrap();
         let _ = r
             .send(Kind::Hello(pc::Hello {
                 version: 1,
@@ -523,13 +736,24 @@ async fn bad_input_gets_its_error_and_other_clients_keep_receiving() {
                 ..Default::default()
             }))
             .await;
-        if let Ok(k) = r.recv_within(Duration::from_secs(10)).await {
-            if error_code(&k) == Some(ErrorCode::RateLimited) {
-                limited += 1;
-            }
+        match r.recv_within(Duration::from_secs(10)).await {
+            Ok(Kind::Welcome(_)) => welcomed += 1,
+            Ok(k) if error_code(&k) == Some(ErrorCode::RateLimited) => limited += 1,
+            other => other_answers.push(format!("{other:?}")),
         }
+        open.push(r);
     }
+    let allowed = 20.0 + 20.0 * started.elapsed().as_secs_f64();
+    assert!(
+        other_answers.is_empty(),
+        "every connection is welcomed or refused: {other_answers:?}"
+    );
     assert!(limited > 0, "the flood hit the per-address accept rate limit");
+    assert!(
+        f64::from(welcomed) <= allowed + 1.0,
+        "{welcomed} connections let in, the bucket allows {allowed:.0}"
+    );
+    drop(open);
     check_good(&c, &app, &mut good, &mut n).await;
 }
 
@@ -543,7 +767,7 @@ async fn check_good(c: &Cluster, app: &App, good: &mut Raw, n: &mut u32) {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn gaps_are_reported_when_the_mailbox_cap_trimmed_messages() {
+async fn gaps_are_reported_when_messages_were_trimmed_or_expired() {
     let c = Cluster::start(3).await;
     let app = c.create_app("gaps").await;
     let mut admin = c.client(1).await;
@@ -585,6 +809,55 @@ async fn gaps_are_reported_when_the_mailbox_cap_trimmed_messages() {
     );
     let p = raw.pushes(5).await.unwrap();
     assert_eq!(p.iter().map(|p| p.seq).collect::<Vec<_>>(), vec![4, 5, 6, 7, 8]);
+
+    // A user who has never connected: pushes are stored; the two with a short TTL expire (by log
+    // time) and are reported as an EXPIRED gap when the user finally connects.
+    let mut grpc = c.client(1).await;
+    for (i, ttl) in [(1, 300), (2, 300), (3, 0)] {
+        let mut req = app.push_request("nina", &format!("n{i}"), &format!("n{i}"));
+        req.get_mut().ttl_ms = ttl;
+        grpc.push(req).await.unwrap();
+    }
+    let pending = |grpc: &mut herald_proto::v1::herald_client::HeraldClient<tonic::transport::Channel>| {
+        let mut grpc = grpc.clone();
+        let req = app.request(pb::StatusRequest {
+            app: app.id.clone(),
+            user: "nina".into(),
+        });
+        async move { grpc.status(req).await.map(|r| r.into_inner().pending) }
+    };
+    let stored = pending(&mut grpc).await.unwrap();
+    assert!(
+        stored >= 1,
+        "a never-connected user's pushes are stored ({stored} pending)"
+    );
+    eventually("the short-TTL pushes to expire", NODE_WAIT, || {
+        let f = pending(&mut grpc);
+        async move {
+            let n = f.await?;
+            anyhow::ensure!(n == 1, "{n} pending");
+            Ok(())
+        }
+    })
+    .await;
+    let mut nina = Raw::connect(c.client_addr(3)).await.unwrap();
+    nina.hello(&who(&app, "nina", "tablet"), 0).await.unwrap();
+    let (gap, _) = nina
+        .until(|k| {
+            if let Kind::Gap(g) = k {
+                Some(g.clone())
+            } else {
+                None
+            }
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        (gap.from_seq, gap.to_seq, gap.reason()),
+        (1, 2, GapReason::Expired)
+    );
+    let p = nina.pushes(1).await.unwrap();
+    assert_eq!((p[0].seq, payload(&p[0]).as_str()), (3, "n3"));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -850,7 +1123,21 @@ async fn sigterm_drains_clients_to_other_nodes_and_loses_nothing() {
     app.push_acked(c.grpc_addr(1), "jack", "before", "k0").await;
     let got = raw.pushes(1).await.unwrap();
     raw.ack(1, got[0].seq).await.unwrap();
+    // Received but not acked yet when the drain starts: the ack sent after the BYE still counts.
+    app.push_acked(c.grpc_addr(1), "jack", "in flight", "k0b").await;
+    let second = raw.pushes(1).await.unwrap();
     raw.ping(1).await.unwrap();
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", c.grpc_addr(3)))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    assert_eq!(health(&channel, "").await, Serving);
+    assert_eq!(health(&channel, "herald.v1.Herald").await, Serving);
+    let services = reflected_services(&channel).await;
+    for s in ["herald.v1.Herald", "grpc.health.v1.Health"] {
+        assert!(services.iter().any(|x| x == s), "{s} not in {services:?}");
+    }
     c.sigterm(3);
     let (bye, _) = raw
         .until(|k| {
@@ -868,16 +1155,38 @@ async fn sigterm_drains_clients_to_other_nodes_and_loses_nothing() {
         !bye.redirect.is_empty() && bye.redirect.iter().all(|a| expected.contains(a)),
         "{bye:?}"
     );
+    raw.ack(1, second[0].seq).await.unwrap();
+    // While it drains, the node tells health checkers to send nothing new.
+    for service in ["", "herald.v1.Herald"] {
+        assert_eq!(health(&channel, service).await, NotServing, "{service:?}");
+    }
     assert!(raw.closed_within(Duration::from_secs(10)).await);
+    let grpc = c.client(1).await;
+    eventually("the ack sent after the BYE to be committed", NODE_WAIT, || {
+        let mut grpc = grpc.clone();
+        let req = app.request(pb::StatusRequest {
+            app: app.id.clone(),
+            user: "jack".into(),
+        });
+        async move {
+            let st = grpc.status(req).await?.into_inner();
+            anyhow::ensure!(
+                st.devices.iter().any(|d| d.device == "phone" && d.acked == 2) && st.pending == 0,
+                "{st:?}"
+            );
+            Ok(())
+        }
+    })
+    .await;
     // Pushes while the client moves are stored; the client resumes on a redirect target.
     app.push_acked(c.grpc_addr(1), "jack", "during", "k1").await;
     let mut moved = Raw::connect(&bye.redirect[0]).await.unwrap();
-    let w = moved.hello(&me, got[0].seq).await.unwrap();
+    let w = moved.hello(&me, second[0].seq).await.unwrap();
     assert_ne!(w.node_id, 3);
     let p = moved.pushes(1).await.unwrap();
     assert_eq!(
         (p[0].seq, payload(&p[0]).as_str()),
-        (2, "during"),
+        (3, "during"),
         "nothing lost, nothing repeated"
     );
     let status = c.wait_exit(3, Duration::from_secs(20)).await;
@@ -942,4 +1251,44 @@ async fn a_node_unreachable_past_the_timeout_is_declared_down() {
     again.hello(&who(&app, "kate", "phone"), 0).await.unwrap();
     let p = again.pushes(1).await.unwrap();
     assert_eq!(payload(&p[0]), "while down");
+}
+
+/// The standard health service's answer for `service` ("" = the server as a whole).
+async fn health(channel: &tonic::transport::Channel, service: &str) -> ServingStatus {
+    let mut h = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let r = h
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .expect("health check answered")
+        .into_inner();
+    ServingStatus::try_from(r.status).expect("a known status")
+}
+
+/// The services the node lists through gRPC server reflection (v1).
+async fn reflected_services(channel: &tonic::transport::Channel) -> Vec<String> {
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    let mut r = ServerReflectionClient::new(channel.clone());
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut answers = r
+        .server_reflection_info(tokio_stream::iter([req]))
+        .await
+        .expect("reflection answered")
+        .into_inner();
+    let first = answers
+        .message()
+        .await
+        .expect("a reflection reply")
+        .expect("one reply");
+    match first.message_response {
+        Some(MessageResponse::ListServicesResponse(l)) => l.service.into_iter().map(|s| s.name).collect(),
+        other => panic!("unexpected reflection reply {other:?}"),
+    }
 }
