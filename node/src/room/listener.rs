@@ -94,7 +94,14 @@ pub struct Acceptor {
     pub permits: Arc<Semaphore>,
     pub limiter: RateLimiter,
     pub tracker: TaskTracker,
+    /// Refusals in progress (each writes one ERROR, after a TLS or WebSocket handshake where
+    /// needed). Bounded, so a flood of refused connections costs at most this many tasks; beyond
+    /// it a refused connection is closed without a word.
+    refusals: Arc<Semaphore>,
 }
+
+/// Refused connections answered at once (see [`Acceptor::refusals`]).
+const MAX_REFUSALS: usize = 64;
 
 impl Acceptor {
     pub fn new(room: Arc<Room>, tracker: TaskTracker) -> Arc<Acceptor> {
@@ -105,6 +112,7 @@ impl Acceptor {
             permits,
             limiter,
             tracker,
+            refusals: Arc::new(Semaphore::new(MAX_REFUSALS)),
         })
     }
 
@@ -230,7 +238,12 @@ impl Acceptor {
                 message: msg.into(),
             })),
         });
+        let Ok(permit) = self.refusals.clone().try_acquire_owned() else {
+            debug!(?code, "too many refusals in progress; closing without an answer");
+            return;
+        };
         self.tracker.spawn(async move {
+            let _permit = permit;
             let _ = tokio::time::timeout(Duration::from_secs(2), async move {
                 match wrap {
                     Wrap::Plain => {
