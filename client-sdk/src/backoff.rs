@@ -85,8 +85,15 @@ impl Backoff {
 
     /// The delay before the next attempt, and counts the failure.
     pub(crate) fn next_delay(&mut self, rng: &mut impl Rng) -> Duration {
-        let cap = self.ceiling();
+        let delay = self.jittered(rng);
         self.attempt = self.attempt.saturating_add(1);
+        delay
+    }
+
+    /// A delay drawn from the current window without counting a failure: for reopening one
+    /// session while the connection itself is fine.
+    pub(crate) fn jittered(&self, rng: &mut impl Rng) -> Duration {
+        let cap = self.ceiling();
         if cap.is_zero() {
             return Duration::ZERO;
         }

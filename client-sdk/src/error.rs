@@ -39,7 +39,9 @@ pub enum ClientError {
     },
     /// The session was ended by the server and is not reconnected: a newer login of the same
     /// device ([`KickReason::Replaced`]), the app's device policy ([`KickReason::Policy`]), the
-    /// app's backend or an operator ([`KickReason::Admin`]).
+    /// app's backend or an operator ([`KickReason::Admin`]). (A `REPLACED` blamed on the SDK's
+    /// own abandoned login attempt is not final: see
+    /// [`DisconnectReason::ReplacedByOwnAttempt`](crate::DisconnectReason::ReplacedByOwnAttempt).)
     #[error("session kicked ({code:?}): {reason}")]
     Kicked {
         /// Why, as the protocol codes it; branch on this.

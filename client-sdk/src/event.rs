@@ -79,6 +79,11 @@ pub enum Event {
     /// ([`Policy`](crate::KickReason::Policy)), the app's backend or an operator
     /// ([`Admin`](crate::KickReason::Admin)). The SDK does not reconnect it; the stream ends.
     ///
+    /// One exception: a `REPLACED` that most likely comes from the SDK's own abandoned login
+    /// attempt of this session is reported as [`Event::Disconnected`] with
+    /// [`DisconnectReason::ReplacedByOwnAttempt`] and the session is opened again (at most once
+    /// per abandoned attempt).
+    ///
     /// Kicks that are not the end of the session are handled by the SDK and show up as
     /// [`Event::Disconnected`] followed by [`Event::Connected`]: `NODE_DOWN` (it moves to another
     /// node) and `TOKEN_EXPIRED` (it asks the token provider and opens the session again).
@@ -161,6 +166,19 @@ pub enum DisconnectReason {
     NotReady,
     /// The server sent something that is not valid protocol.
     Protocol(String),
+    /// The session was kicked with `REPLACED`, but very likely by this SDK's own earlier login of
+    /// the session that it had given up on: a HELLO or OPEN_SESSION left unanswered (handshake
+    /// timeout, link lost before WELCOME or ERROR) or answered with `NOT_READY` (the node could not
+    /// say whether the registration would commit). Such a registration can still commit after the
+    /// SDK opened the session elsewhere, and with a higher epoch, since epochs are allocated at
+    /// commit. The SDK opens the session again after a jittered backoff delay and resumes from
+    /// its cursors.
+    ///
+    /// Bounded: each abandoned attempt excuses at most one `REPLACED`, and only within the
+    /// handshake timeout plus 30 s after the SDK gave up on it; any other `REPLACED` ends the
+    /// session with [`Event::Kicked`]. So a genuinely different login with the same device id
+    /// costs at most one extra round of replacing per abandoned attempt.
+    ReplacedByOwnAttempt,
 }
 
 impl fmt::Display for DisconnectReason {
@@ -175,6 +193,9 @@ impl fmt::Display for DisconnectReason {
             DisconnectReason::TokenExpired => f.write_str("token expired"),
             DisconnectReason::NotReady => f.write_str("node not ready"),
             DisconnectReason::Protocol(e) => write!(f, "protocol violation: {e}"),
+            DisconnectReason::ReplacedByOwnAttempt => {
+                f.write_str("replaced by an abandoned login attempt of this client")
+            }
         }
     }
 }

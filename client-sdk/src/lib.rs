@@ -88,6 +88,15 @@
 //!   the connection to another node and resumes; `TOKEN_EXPIRED` asks the token provider for a
 //!   fresh token and opens the session again (a fixed token ends it with
 //!   [`Event::Closed`]\([`ClientError::Auth`]\)).
+//! - Self-replacement: a login attempt the SDK gave up on (no WELCOME before the handshake
+//!   timeout, the link lost before the answer, or `NOT_READY`, whose registration outcome is
+//!   unknown) may still be registered later, with a higher epoch, and kick the session the SDK
+//!   opened meanwhile with `REPLACED`. The SDK remembers such attempts per session; a `REPLACED`
+//!   arriving within the handshake timeout + 30 s after one is not final: it yields
+//!   [`Event::Disconnected`] with [`DisconnectReason::ReplacedByOwnAttempt`] and the session is
+//!   opened again after a jittered backoff delay, resuming from its cursors. Each abandoned
+//!   attempt excuses one `REPLACED` only, so a genuinely different login with the same device id
+//!   wins after at most one extra round per attempt.
 //! - Subscriptions: the server answers each one, in order, including the topics given at open
 //!   (again after every reconnect). A refused one yields [`Event::SubscribeFailed`] (and an error
 //!   from [`Client::subscribe`]); the session goes on.

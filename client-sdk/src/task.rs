@@ -54,6 +54,14 @@ const SAVE_GRACE: Duration = Duration::from_secs(5);
 const READ_BUF: usize = 8 * 1024;
 /// The app-wide broadcast topic: implicit in every session, resumed like a topic.
 const BROADCAST: &str = "*";
+/// How long after giving up on a login attempt, on top of the handshake timeout, a `REPLACED`
+/// kick is still blamed on that attempt (see [`AbandonedOpens`]). The node stops waiting for a
+/// registration after its write timeout (5 s by default) and answers `NOT_READY`, but the Raft
+/// entry may still commit after an election or once a partition heals; 30 s covers both, and
+/// later than that a `REPLACED` is taken at its word.
+const OWN_LOGIN_GRACE: Duration = Duration::from_secs(30);
+/// Abandoned login attempts remembered per session; the oldest is forgotten first.
+const MAX_ABANDONED: usize = 8;
 
 /// Settings of one connection, fixed when it is built.
 #[derive(Debug, Clone)]
@@ -194,6 +202,52 @@ enum SubState {
     Sent,
 }
 
+/// Login attempts (HELLO or OPEN_SESSION) of one session that the SDK gave up on without a
+/// definite answer, oldest first: no answer before the handshake timeout, the link lost before
+/// WELCOME or ERROR, or ERROR `NOT_READY` (the node could not tell whether the registration would
+/// commit).
+///
+/// Such a registration may still commit after the SDK opened the session elsewhere, and since
+/// epochs are allocated at commit it then carries the higher epoch and kicks the live session
+/// with `REPLACED`, "a newer login" that is the client itself. Each remembered attempt excuses
+/// one `REPLACED` that arrives within the handshake timeout plus [`OWN_LOGIN_GRACE`] after the
+/// SDK gave up on it: the session is opened again instead of ended. The bound matters because
+/// the SDK cannot tell its own late registration from a genuinely different login with the same
+/// device id (KICKED names neither an epoch nor a connection); such a login loses at most one
+/// round per abandoned attempt.
+#[derive(Debug, Default)]
+pub(crate) struct AbandonedOpens {
+    /// When each attempt was given up on, and the node address it was sent to (for logs).
+    list: VecDeque<(Instant, String)>,
+}
+
+impl AbandonedOpens {
+    /// Remembers an attempt given up on at `at` (bounded: the oldest is forgotten first).
+    pub(crate) fn record(&mut self, at: Instant, addr: &str) {
+        if self.list.len() >= MAX_ABANDONED {
+            self.list.pop_front();
+        }
+        self.list.push_back((at, addr.to_owned()));
+    }
+
+    /// Consumes the oldest attempt given up on at most `window` before `now`, forgetting older
+    /// ones; `None` when there is none.
+    pub(crate) fn take(&mut self, now: Instant, window: Duration) -> Option<(Instant, String)> {
+        while let Some((at, addr)) = self.list.pop_front() {
+            if now.saturating_duration_since(at) <= window {
+                return Some((at, addr));
+            }
+        }
+        None
+    }
+
+    /// How many are remembered.
+    #[cfg(test)]
+    pub(crate) fn count(&self) -> usize {
+        self.list.len()
+    }
+}
+
 /// The task's view of one session.
 struct Session {
     /// State shared with the app side.
@@ -234,6 +288,11 @@ struct Session {
     next_request: u64,
     /// Subscribes awaiting confirmation, oldest first.
     subs: VecDeque<PendingSub>,
+    /// Login attempts given up on without a definite answer: they may still replace the session.
+    abandoned: AbandonedOpens,
+    /// Not opened before this: the jittered delay after a `REPLACED` blamed on an abandoned
+    /// attempt, so that clients kicked together (a healed partition) do not return together.
+    reopen_at: Option<Instant>,
 }
 
 impl Session {
@@ -256,7 +315,16 @@ impl Session {
 
     /// Can be put in a handshake now.
     fn can_open(&self) -> bool {
-        self.state == SessState::Idle && !self.token_fetching
+        self.state == SessState::Idle
+            && !self.token_fetching
+            && self.reopen_at.is_none_or(|t| t <= Instant::now())
+    }
+
+    /// The HELLO or OPEN_SESSION in flight gets no definite answer: its registration may still
+    /// commit (see [`AbandonedOpens`]).
+    fn abandon_open(&mut self, addr: &str, why: &str) {
+        tracing::debug!(session = self.shared.id, %addr, why, "login attempt abandoned; it may still register");
+        self.abandoned.record(Instant::now(), addr);
     }
 
     fn fail_all(&mut self, err: &ClientError) {
@@ -370,6 +438,7 @@ impl Session {
 
     /// The HELLO/OPEN_SESSION payload; records which topics it carries.
     fn open_frame(&mut self) -> OpenSession {
+        self.reopen_at = None;
         self.handshake_topics = self.topics.clone();
         let mut topics: Vec<TopicCursor> = self
             .topics
@@ -643,7 +712,10 @@ impl Task {
                 return true;
             }
             if !connectable {
-                self.set_state(ConnectionState::Idle);
+                match self.next_reopen(now) {
+                    Some(t) => self.set_state(ConnectionState::Backoff { retry_in: t - now }),
+                    None => self.set_state(ConnectionState::Idle),
+                }
             }
             let flush = self.first_pending();
             let wake = self.offline_wake();
@@ -674,7 +746,21 @@ impl Task {
                 wake = wake.min(t);
             }
         }
+        if let Some(t) = self.next_reopen(now) {
+            wake = wake.min(t);
+        }
         wake
+    }
+
+    /// The earliest future time a session waits for before it may open again (see
+    /// `Session::reopen_at`).
+    fn next_reopen(&self, now: Instant) -> Option<Instant> {
+        self.sessions
+            .values()
+            .filter(|s| s.state == SessState::Idle)
+            .filter_map(|s| s.reopen_at)
+            .filter(|t| *t > now)
+            .min()
     }
 
     /// Counts a failed attempt and schedules the next one.
@@ -910,6 +996,9 @@ impl Task {
                 wake = wake.min(t);
             }
         }
+        if let Some(t) = self.next_reopen(Instant::now()) {
+            wake = wake.min(t);
+        }
         wake
     }
 
@@ -939,6 +1028,13 @@ impl Task {
             }
             if self.periodic_dispatch_due() {
                 self.spawn_dispatch();
+            }
+            if self
+                .sessions
+                .values()
+                .any(|s| s.reopen_at.is_some() && s.can_open())
+            {
+                self.open_waiting(link);
             }
         }
         self.on_token_timers();
@@ -1147,6 +1243,27 @@ impl Task {
             s.finish(Some(Event::Closed(err.clone())), err);
             return Flow::Continue;
         }
+        if code == KickReason::Replaced {
+            let window = self.cfg.handshake_timeout + OWN_LOGIN_GRACE;
+            let now = Instant::now();
+            if let Some((at, addr)) = s.abandoned.take(now, window) {
+                // Most likely our own registration committing late: open the session again,
+                // after a jittered delay like any reconnect. Consumed: once per attempt.
+                // At least 1 ms: a time in the future is what wakes the loop to reopen it.
+                let delay = self.backoff.jittered(&mut self.rng).max(Duration::from_millis(1));
+                tracing::info!(
+                    session = sid,
+                    reason = %k.reason,
+                    abandoned_on = %addr,
+                    abandoned_ms_ago = now.saturating_duration_since(at).as_millis() as u64,
+                    delay_ms = delay.as_millis() as u64,
+                    "replaced, most likely by an abandoned login attempt of this client; reopening"
+                );
+                s.went_offline(DisconnectReason::ReplacedByOwnAttempt);
+                s.reopen_at = Some(now + delay);
+                return Flow::Continue;
+            }
+        }
         tracing::info!(session = sid, ?code, reason = %k.reason, "session kicked");
         let err = ClientError::Kicked {
             code,
@@ -1336,7 +1453,11 @@ impl Task {
                 }
             }
             ErrorCode::NotReady => {
-                // This node cannot reach the leader: move every session elsewhere.
+                // This node cannot reach the leader: move every session elsewhere. The node may
+                // have proposed the registration already and it may still commit.
+                if s.state == SessState::Opening {
+                    s.abandon_open(&link.addr, "not ready");
+                }
                 s.state = SessState::Idle;
                 return Flow::End(LinkEnd::Lost(DisconnectReason::NotReady));
             }
@@ -1413,6 +1534,8 @@ impl Task {
                     upstreams: HashMap::new(),
                     next_request: 1,
                     subs: VecDeque::new(),
+                    abandoned: AbandonedOpens::default(),
+                    reopen_at: None,
                 };
                 s.schedule_refresh();
                 tracing::debug!(session = sid, app = %s.cfg.app, user = %s.cfg.user, device = %s.cfg.device, "session added");
@@ -1679,6 +1802,9 @@ impl Task {
             LinkEnd::Lost(reason) => {
                 tracing::info!(addr = %link.addr, %reason, uptime_ms = uptime.map(|u| u.as_millis() as u64), "disconnected");
                 for s in self.sessions.values_mut().filter(|s| s.is_active()) {
+                    if s.state == SessState::Opening {
+                        s.abandon_open(&link.addr, "no answer on this link");
+                    }
                     s.went_offline(reason.clone());
                 }
                 if let Some(u) = uptime {

@@ -983,6 +983,244 @@ async fn replaced_session_is_kicked_and_not_reconnected() {
     assert!(matches!(client.subscribe("t").await, Err(ClientError::Closed)));
 }
 
+/// The bug found by the fault suite: a HELLO sent into a partition got no WELCOME in time, the SDK
+/// gave up on it and logged in elsewhere, and the abandoned registration committed later with a
+/// higher epoch and replaced the live session. That REPLACED is the client's own doing: the SDK
+/// reconnects and resumes, once per abandoned attempt.
+#[tokio::test]
+async fn replaced_by_an_abandoned_hello_reconnects_once_and_resumes() {
+    let peer = Peer::bind().await;
+    let (client, mut events) = builder(&[&peer])
+        .connection(|c| c.handshake_timeout(Duration::from_millis(300)))
+        .connect()
+        .await
+        .unwrap();
+    // First attempt: the node takes the HELLO and never answers; the SDK gives up on it.
+    let mut stuck = peer.accept().await;
+    let sid = stuck.hello().await.session.unwrap().session_id;
+    let sent = Instant::now();
+    let rest = stuck.until_closed().await;
+    assert!(rest.is_empty(), "{rest:?}");
+    assert!(
+        sent.elapsed() >= Duration::from_millis(250),
+        "gave up only at the handshake timeout"
+    );
+    // Second attempt: welcomed; a message is handled and acked.
+    let mut conn = peer.accept().await;
+    assert_eq!(conn.hello().await.session.unwrap().session_id, sid);
+    conn.send(welcome(sid, 10_000, 0)).await;
+    expect_connected(&mut events).await;
+    conn.send(push(sid, "m1", 1)).await;
+    assert_eq!(next_message(&mut events).await.msg_id, "m1");
+    conn.acked(sid, 1).await;
+
+    // The abandoned registration commits now and replaces the live session.
+    conn.send(kicked(
+        sid,
+        KickReason::Replaced,
+        "replaced by a newer login on node 1",
+    ))
+    .await;
+    assert_eq!(
+        expect_disconnected(&mut events).await,
+        DisconnectReason::ReplacedByOwnAttempt
+    );
+    // Alone on the connection (the server would close it): the SDK leaves and comes back.
+    let rest = conn.until_closed().await;
+    assert!(rest.iter().any(|k| matches!(k, Kind::Bye(_))), "{rest:?}");
+    let mut conn = peer.accept().await;
+    let h = conn.hello().await.session.unwrap();
+    assert_eq!(
+        (h.session_id, h.last_acked_seq),
+        (sid, 1),
+        "resumes from its cursor"
+    );
+    conn.send(welcome(sid, 10_000, 1)).await;
+    expect_connected(&mut events).await;
+    conn.send(push(sid, "m1", 1)).await; // a replay: not shown again
+    conn.send(push(sid, "m2", 2)).await;
+    assert_eq!(next_message(&mut events).await.msg_id, "m2");
+    conn.acked(sid, 2).await;
+
+    // The attempt was used up and none was abandoned since: this REPLACED is final.
+    conn.send(kicked(
+        sid,
+        KickReason::Replaced,
+        "replaced by a newer login on node 3",
+    ))
+    .await;
+    match next(&mut events).await {
+        Event::Kicked { code, reason, .. } => {
+            assert_eq!(code, KickReason::Replaced);
+            assert_eq!(reason, "replaced by a newer login on node 3");
+        }
+        other => panic!("expected Kicked, got {other:?}"),
+    }
+    expect_end(&mut events).await;
+    peer.no_connection_within(Duration::from_millis(300)).await;
+    assert!(matches!(client.subscribe("t").await, Err(ClientError::Closed)));
+}
+
+/// What the node actually answers when it cannot get the registration committed in time:
+/// NOT_READY, "write outcome unknown". The registration may still commit, so the attempt counts
+/// as abandoned just like an unanswered one.
+#[tokio::test]
+async fn replaced_after_a_not_ready_login_reconnects() {
+    let (a, b) = (Peer::bind().await, Peer::bind().await);
+    let (_client, mut events) = builder(&[&a, &b]).connect().await.unwrap();
+    let (first, mut conn) = accept_any(&[&a, &b]).await;
+    let sid = conn.hello().await.session.unwrap().session_id;
+    conn.send(Kind::Error(WireError {
+        session_id: sid,
+        code: ErrorCode::NotReady as i32,
+        message: "cannot register the session: write outcome unknown: timed out waiting for commit".into(),
+    }))
+    .await;
+    let other = if first == 0 { &b } else { &a };
+    let mut conn = other.accept().await;
+    conn.hello().await;
+    conn.send(welcome(sid, 10_000, 0)).await;
+    expect_connected(&mut events).await;
+    conn.send(kicked(
+        sid,
+        KickReason::Replaced,
+        "replaced by a newer login on node 1",
+    ))
+    .await;
+    assert_eq!(
+        expect_disconnected(&mut events).await,
+        DisconnectReason::ReplacedByOwnAttempt
+    );
+    let (_, mut conn) = accept_any(&[&a, &b]).await;
+    assert_eq!(conn.hello().await.session.unwrap().session_id, sid);
+    conn.send(welcome(sid, 10_000, 0)).await;
+    expect_connected(&mut events).await;
+}
+
+/// An OPEN_SESSION lost with its link counts too; the replaced session is opened again on the same
+/// connection after its delay, and the other session does not notice. A session that abandoned
+/// nothing still takes REPLACED as final.
+#[tokio::test]
+async fn an_abandoned_open_session_excuses_one_replaced_and_reopens_on_the_same_connection() {
+    let peer = Peer::bind().await;
+    let conn_handle = Connection::builder()
+        .nodes([peer.addr.clone()])
+        .backoff(fast_backoff())
+        .build()
+        .unwrap();
+    let (chat, mut chat_ev) = conn_handle
+        .open(SessionConfig::new("chat", "alice", "p1").token("tc"))
+        .await
+        .unwrap();
+    let mut conn = peer.accept().await;
+    assert_eq!(conn.hello().await.session.unwrap().session_id, chat.session_id());
+    let (news, mut news_ev) = conn_handle
+        .open(SessionConfig::new("news", "alice", "p1").token("tn"))
+        .await
+        .unwrap();
+    conn.send(welcome(chat.session_id(), 10_000, 0)).await;
+    expect_connected(&mut chat_ev).await;
+    // The news OPEN_SESSION goes out and the link dies before its answer.
+    let o = conn
+        .recv_until(|k| {
+            if let Kind::OpenSession(o) = k {
+                Some(o)
+            } else {
+                None
+            }
+        })
+        .await;
+    assert_eq!(o.session_id, news.session_id());
+    drop(conn);
+    expect_disconnected(&mut chat_ev).await;
+    let mut conn = peer.accept().await;
+    assert_eq!(conn.hello().await.session.unwrap().session_id, chat.session_id());
+    conn.send(welcome(chat.session_id(), 10_000, 0)).await;
+    let o = conn
+        .recv_until(|k| {
+            if let Kind::OpenSession(o) = k {
+                Some(o)
+            } else {
+                None
+            }
+        })
+        .await;
+    assert_eq!(o.session_id, news.session_id());
+    conn.send(welcome(news.session_id(), 10_000, 0)).await;
+    expect_connected(&mut chat_ev).await;
+    expect_connected(&mut news_ev).await;
+
+    conn.send(kicked(
+        news.session_id(),
+        KickReason::Replaced,
+        "replaced by a newer login on node 1",
+    ))
+    .await;
+    assert_eq!(
+        expect_disconnected(&mut news_ev).await,
+        DisconnectReason::ReplacedByOwnAttempt
+    );
+    let o = conn
+        .recv_until(|k| {
+            if let Kind::OpenSession(o) = k {
+                Some(o)
+            } else {
+                None
+            }
+        })
+        .await;
+    assert_eq!(o.session_id, news.session_id());
+    conn.send(welcome(news.session_id(), 10_000, 0)).await;
+    expect_connected(&mut news_ev).await;
+    conn.send(push(chat.session_id(), "c1", 1)).await;
+    assert_eq!(next_message(&mut chat_ev).await.msg_id, "c1");
+    conn.send(push(news.session_id(), "n1", 1)).await;
+    assert_eq!(next_message(&mut news_ev).await.msg_id, "n1");
+
+    conn.send(kicked(
+        chat.session_id(),
+        KickReason::Replaced,
+        "replaced by a newer login on node 2",
+    ))
+    .await;
+    match next(&mut chat_ev).await {
+        Event::Kicked { code, .. } => assert_eq!(code, KickReason::Replaced),
+        other => panic!("expected Kicked, got {other:?}"),
+    }
+    expect_end(&mut chat_ev).await;
+    conn.send(push(news.session_id(), "n2", 2)).await;
+    assert_eq!(next_message(&mut news_ev).await.msg_id, "n2");
+    conn_handle.close().await;
+}
+
+#[tokio::test]
+async fn abandoned_attempts_are_used_oldest_first_once_each_within_the_window_and_bounded() {
+    use crate::task::AbandonedOpens;
+    let t0 = Instant::now();
+    let s = Duration::from_secs;
+    let window = s(40);
+    let mut a = AbandonedOpens::default();
+    assert!(a.take(t0, window).is_none());
+    a.record(t0, "n1");
+    a.record(t0 + s(5), "n3");
+    assert_eq!(a.take(t0 + s(10), window).map(|x| x.1).as_deref(), Some("n1"));
+    assert_eq!(a.take(t0 + s(10), window).map(|x| x.1).as_deref(), Some("n3"));
+    assert!(a.take(t0 + s(10), window).is_none(), "each excuses one kick");
+    // Too old: forgotten, not used.
+    a.record(t0, "old");
+    a.record(t0 + s(30), "new");
+    assert_eq!(a.take(t0 + s(45), window).map(|x| x.1).as_deref(), Some("new"));
+    assert_eq!(a.count(), 0);
+    a.record(t0, "old");
+    assert!(a.take(t0 + s(41), window).is_none());
+    // Bounded: the oldest are forgotten first.
+    for i in 0..20 {
+        a.record(t0, &format!("n{i}"));
+    }
+    assert_eq!(a.count(), 8);
+    assert_eq!(a.take(t0, window).map(|x| x.1).as_deref(), Some("n12"));
+}
+
 #[tokio::test]
 async fn node_down_kick_moves_the_connection() {
     let (a, b) = (Peer::bind().await, Peer::bind().await);
