@@ -347,6 +347,7 @@ fn disconnect_kind(r: &DisconnectReason) -> &'static str {
         DisconnectReason::NotReady => "not_ready",
         DisconnectReason::TokenExpired => "token_expired",
         DisconnectReason::Protocol(_) => "protocol",
+        DisconnectReason::ReplacedByOwnAttempt => "replaced_by_own_attempt",
         _ => "other",
     }
 }
