@@ -960,8 +960,13 @@ async fn upstream_reaches_the_backend_and_session_events_are_sent_from_the_log()
     // on: pushes reach the client at once.
     let started = std::time::Instant::now();
     for i in 0..3 {
-        app.push_acked(c.grpc_addr(1), "hank", &format!("while dead {i}"), &format!("dead-{i}"))
-            .await;
+        app.push_acked(
+            c.grpc_addr(1),
+            "hank",
+            &format!("while dead {i}"),
+            &format!("dead-{i}"),
+        )
+        .await;
     }
     let got: Vec<String> = raw.pushes(3).await.unwrap().iter().map(payload).collect();
     assert_eq!(got, ["while dead 0", "while dead 1", "while dead 2"]);
