@@ -322,16 +322,7 @@ async fn a_newer_login_kicks_the_older_session_across_nodes() {
     let mut second = Raw::connect(c.client_addr(2)).await.unwrap();
     let w2 = second.hello(&phone, 0).await.unwrap();
     assert!(w2.epoch > w1.epoch);
-    let (k, _) = first
-        .until(|k| {
-            if let Kind::Kicked(k) = k {
-                Some(k.clone())
-            } else {
-                None
-            }
-        })
-        .await
-        .unwrap();
+    let (k, _) = first.until(kicked).await.unwrap();
     assert_eq!(k.code(), KickReason::Replaced);
     assert!(
         first.closed_within(Duration::from_secs(10)).await,
@@ -344,16 +335,7 @@ async fn a_newer_login_kicks_the_older_session_across_nodes() {
     };
     let mut third = Raw::connect(c.client_addr(3)).await.unwrap();
     third.hello(&tablet, 0).await.unwrap();
-    let (k, _) = second
-        .until(|k| {
-            if let Kind::Kicked(k) = k {
-                Some(k.clone())
-            } else {
-                None
-            }
-        })
-        .await
-        .unwrap();
+    let (k, _) = second.until(kicked).await.unwrap();
     assert_eq!(k.code(), KickReason::Policy);
     // The newest session still receives.
     app.push_acked(c.grpc_addr(1), "erin", "for the tablet", "k1")
@@ -373,22 +355,21 @@ async fn a_newer_login_kicks_the_older_session_across_nodes() {
         .unwrap()
         .into_inner();
     assert_eq!(r.kicked, 1);
-    let (k, _) = third
-        .until(|k| {
-            if let Kind::Kicked(k) = k {
-                Some(k.clone())
-            } else {
-                None
-            }
-        })
-        .await
-        .unwrap();
+    let (k, _) = third.until(kicked).await.unwrap();
     assert_eq!(k.code(), KickReason::Admin);
 }
 
 fn kicked(k: &Kind) -> Option<pc::Kicked> {
     if let Kind::Kicked(k) = k {
         Some(k.clone())
+    } else {
+        None
+    }
+}
+
+fn gap(k: &Kind) -> Option<pc::Gap> {
+    if let Kind::Gap(g) = k {
+        Some(g.clone())
     } else {
         None
     }
@@ -793,20 +774,8 @@ async fn gaps_are_reported_when_messages_were_trimmed_or_expired() {
     }
     let mut raw = Raw::connect(c.client_addr(2)).await.unwrap();
     raw.hello(&me, 0).await.unwrap();
-    let (gap, _) = raw
-        .until(|k| {
-            if let Kind::Gap(g) = k {
-                Some(g.clone())
-            } else {
-                None
-            }
-        })
-        .await
-        .unwrap();
-    assert_eq!(
-        (gap.from_seq, gap.to_seq, gap.reason()),
-        (1, 3, GapReason::Trimmed)
-    );
+    let (g, _) = raw.until(gap).await.unwrap();
+    assert_eq!((g.from_seq, g.to_seq, g.reason()), (1, 3, GapReason::Trimmed));
     let p = raw.pushes(5).await.unwrap();
     assert_eq!(p.iter().map(|p| p.seq).collect::<Vec<_>>(), vec![4, 5, 6, 7, 8]);
 
@@ -842,20 +811,8 @@ async fn gaps_are_reported_when_messages_were_trimmed_or_expired() {
     .await;
     let mut nina = Raw::connect(c.client_addr(3)).await.unwrap();
     nina.hello(&who(&app, "nina", "tablet"), 0).await.unwrap();
-    let (gap, _) = nina
-        .until(|k| {
-            if let Kind::Gap(g) = k {
-                Some(g.clone())
-            } else {
-                None
-            }
-        })
-        .await
-        .unwrap();
-    assert_eq!(
-        (gap.from_seq, gap.to_seq, gap.reason()),
-        (1, 2, GapReason::Expired)
-    );
+    let (g, _) = nina.until(gap).await.unwrap();
+    assert_eq!((g.from_seq, g.to_seq, g.reason()), (1, 2, GapReason::Expired));
     let p = nina.pushes(1).await.unwrap();
     assert_eq!((p[0].seq, payload(&p[0]).as_str()), (3, "n3"));
 }
@@ -1254,16 +1211,7 @@ async fn a_node_unreachable_past_the_timeout_is_declared_down() {
     app.push_acked(c.grpc_addr(leader), "kate", "while down", "k1")
         .await;
     c.resume(victim);
-    let (k, _) = raw
-        .until(|k| {
-            if let Kind::Kicked(k) = k {
-                Some(k.clone())
-            } else {
-                None
-            }
-        })
-        .await
-        .unwrap();
+    let (k, _) = raw.until(kicked).await.unwrap();
     assert_eq!(k.code(), KickReason::NodeDown);
     let other = c.ids().into_iter().find(|id| *id != victim).unwrap();
     let mut again = Raw::connect(c.client_addr(other)).await.unwrap();
