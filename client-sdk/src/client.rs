@@ -118,6 +118,25 @@ impl Client {
         &self.inner.shared.key
     }
 
+    /// How many login attempts (HELLO or OPEN_SESSION) of this session were given up on
+    /// without a definite answer: timed out, the link lost before an answer, or `NOT_READY`.
+    /// Each may still have registered on the node it was sent to; the node unregisters such a
+    /// registration once it commits (docs/PROTOCOL.md §9). For diagnostics and fault testing.
+    ///
+    /// ```no_run
+    /// # async fn f(client: herald_client::Client) {
+    /// if client.abandoned_logins() > 0 {
+    ///     eprintln!("some logins of this session got no definite answer");
+    /// }
+    /// # }
+    /// ```
+    pub fn abandoned_logins(&self) -> u64 {
+        self.inner
+            .shared
+            .abandoned_logins
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// The connection carrying the session.
     pub fn connection(&self) -> &Connection {
         &self.inner.conn

@@ -4,7 +4,7 @@
 //! The lock is a plain mutex held for a few field updates and never across an await.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::Notify;
@@ -50,6 +50,8 @@ pub(crate) struct SessionShared {
     pub(crate) save_wake: Notify,
     /// Set once the session is over; acks after it are ignored.
     pub(crate) closed: AtomicBool,
+    /// Login attempts given up on without a definite answer (each may still register).
+    pub(crate) abandoned_logins: AtomicU64,
     /// The cursor saver task, awaited by whoever closes the session (its last save).
     saver: Mutex<Option<JoinHandle<()>>>,
 }
@@ -83,6 +85,7 @@ impl SessionShared {
             conn_wake,
             save_wake: Notify::new(),
             closed: AtomicBool::new(false),
+            abandoned_logins: AtomicU64::new(0),
             saver: Mutex::new(None),
         }
     }

@@ -325,6 +325,9 @@ impl Session {
     fn abandon_open(&mut self, addr: &str, why: &str) {
         tracing::debug!(session = self.shared.id, %addr, why, "login attempt abandoned; it may still register");
         self.abandoned.record(Instant::now(), addr);
+        self.shared
+            .abandoned_logins
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn fail_all(&mut self, err: &ClientError) {

@@ -125,6 +125,10 @@ pub struct Val {
     pub epoch: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub count: Option<u64>,
+    /// Connect / reconnect ok: login attempts the SDK gave up on since the previous one (each
+    /// may still have registered).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abandoned: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sessions: Option<Vec<SessionObs>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

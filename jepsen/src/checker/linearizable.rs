@@ -6,7 +6,7 @@
 //! | operation | from the history | effect |
 //! |---|---|---|
 //! | `Register(d, e)` | `connect` / `reconnect` ok with epoch e | d's session becomes e; epochs are log indexes, so registrations take effect in epoch order |
-//! | `Register(d, ?)` | a registration attempt whose outcome is unknown (`info`, or any attempt before a reconnect succeeded) | d's session becomes an unknown epoch above every known one (a phantom) |
+//! | `Register(d, ?)` | a registration attempt whose outcome is unknown (`info`, any attempt before a reconnect succeeded, or a connect whose SDK gave up on an attempt before WELCOME) | d's session becomes an unknown epoch above every known one (a phantom) |
 //! | `Unregister(d, e)` | the client lost or closed the connection of epoch e (indeterminate: the node unregisters it later, if at all) | ends d's session if it is still e |
 //! | `Unregister(d, ?)` | paired with each phantom | ends d's session if it is a phantom |
 //! | `Kick(d or all)` → n | gRPC Kick | ends the sessions; n must be how many |
@@ -228,7 +228,10 @@ pub fn user_entries(history: &[Op], nodes: &[u64]) -> BTreeMap<String, Vec<RegEn
         match (inv.f, p.outcome()) {
             (F::Connect | F::Reconnect, kind) => {
                 let Some(device) = device else { continue };
-                let phantom = inv.f == F::Reconnect || kind != Type::Ok;
+                // A login the SDK gave up on (timeout, NOT_READY, link lost) may still commit,
+                // after the WELCOME of a later attempt: its node unregisters it once it commits.
+                let abandoned = p.done.and_then(|d| d.value.abandoned).unwrap_or(0) > 0;
+                let phantom = inv.f == F::Reconnect || kind != Type::Ok || abandoned;
                 if kind == Type::Ok {
                     let d = p.done.expect("ok has a completion");
                     add(
@@ -321,6 +324,29 @@ pub fn user_entries(history: &[Op], nodes: &[u64]) -> BTreeMap<String, Vec<RegEn
     out
 }
 
+/// The history indexes of the Status reads whose removal alone makes `entries` linearizable.
+fn stale_reads(entries: &[RegEntry], budget: u64) -> Vec<u64> {
+    let mut out = Vec::new();
+    for (i, e) in entries.iter().enumerate() {
+        if !matches!(e.input, RegIn::Status) {
+            continue;
+        }
+        let without: Vec<RegEntry> = entries
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .map(|(_, e)| e.clone())
+            .collect();
+        if matches!(
+            wgl::check(Registry::default(), &without, budget),
+            Outcome::Linearizable
+        ) {
+            out.push(e.id);
+        }
+    }
+    out
+}
+
 pub fn check(history: &[Op], ctx: &Context) -> CheckResult {
     let mut r = CheckResult::new("linearizable");
     let users = user_entries(history, &ctx.nodes);
@@ -341,13 +367,22 @@ pub fn check(history: &[Op], ctx: &Context) -> CheckResult {
                 match wgl::check(Registry::default(), &writes, ctx.wgl_budget) {
                     Outcome::Linearizable => {
                         stale += 1;
+                        // Name the reads: each Status whose removal alone makes the history
+                        // linearizable (the search may get stuck on a later write instead).
+                        let culprits = stale_reads(entries, ctx.wgl_budget);
+                        let lines = if culprits.is_empty() {
+                            vec![stuck]
+                        } else {
+                            culprits.clone()
+                        };
                         r.violation(
                             "stale-status-read",
                             format!(
-                                "user {user}: a Status read (history index {stuck}) fits no linearization; \
-                                 without Status reads the history is linearizable (last ops placed: {tail:?})"
+                                "user {user}: Status read(s) at history index {culprits:?} fit no \
+                                 linearization; without Status reads the history is linearizable \
+                                 (the search got stuck at index {stuck}; last ops placed: {tail:?})"
                             ),
-                            vec![stuck],
+                            lines,
                         );
                     }
                     Outcome::Unknown => {
@@ -482,6 +517,47 @@ mod tests {
         status(&mut h, 20, vec![]);
         let r = check(&h.ops, &Context::default());
         assert_eq!(r.count_kind("stale-status-read"), 1, "{r:#?}");
+    }
+
+    /// The first long run's finding: a device connects (its SDK gave up on an earlier attempt),
+    /// closes; a Status shows no session; a later Kick ends one: the abandoned attempt's
+    /// registration committed in between. Allowed only when the connect says an attempt was
+    /// abandoned; the report names the Status read, not the op the search got stuck on.
+    #[test]
+    fn a_late_registration_of_an_abandoned_attempt_is_allowed_only_when_recorded() {
+        for abandoned in [None, Some(1)] {
+            let mut h = H::new();
+            h.at(0, 30, Type::Invoke, F::Connect, uv("a"));
+            let i = h.at(
+                1,
+                30,
+                Type::Ok,
+                F::Connect,
+                Val {
+                    epoch: Some(5),
+                    abandoned,
+                    ..uv("a")
+                },
+            );
+            h.ops[i as usize].node = Some(1);
+            let close = Val {
+                epoch: Some(5),
+                ..uv("a")
+            };
+            h.at(10, 30, Type::Invoke, F::Close, close.clone());
+            h.at(11, 30, Type::Ok, F::Close, close);
+            status(&mut h, 20, vec![]);
+            let read = h.ops.len() as u64 - 2;
+            kick(&mut h, 40, "a", 1);
+            let r = check(&h.ops, &Context::default());
+            if abandoned.is_some() {
+                assert_eq!(r.valid, Validity::Valid, "{r:#?}");
+            } else {
+                assert_eq!(r.count_kind("stale-status-read"), 1, "{r:#?}");
+                let named: Vec<u64> = r.violations.iter().flat_map(|v| v.ops.clone()).collect();
+                assert!(named.contains(&read), "{named:?} should name {read}: {r:#?}");
+            }
+        }
     }
 
     #[test]

@@ -403,6 +403,7 @@ impl Device {
         let ended = Arc::new(AtomicBool::new(false));
         let task = tokio::spawn(record_events(
             ctx.clone(),
+            client.clone(),
             events,
             pid,
             base,
@@ -453,6 +454,7 @@ impl Device {
 #[allow(clippy::too_many_arguments)]
 async fn record_events(
     ctx: Ctx,
+    client: Client,
     mut events: Events,
     pid: u64,
     base: Val,
@@ -466,6 +468,7 @@ async fn record_events(
     let user = base.user.clone().unwrap_or_default();
     let scope = base.scope.unwrap_or(pid);
     let mut closed_seen = false;
+    let mut abandoned_before = 0u64;
     while let Some(ev) = events.next().await {
         let at_node = Some(node.load(Ordering::Relaxed)).filter(|n| *n > 0);
         match ev {
@@ -478,12 +481,16 @@ async fn record_events(
                     ctx.rec.invoke(pid, F::Reconnect, None, base.clone());
                     F::Reconnect
                 });
+                let abandoned = client.abandoned_logins();
+                let since = abandoned.saturating_sub(abandoned_before);
+                abandoned_before = abandoned;
                 ctx.rec.ok(
                     pid,
                     f,
                     Some(node_id),
                     Val {
                         epoch: Some(e),
+                        abandoned: Some(since).filter(|n| *n > 0),
                         ..base.clone()
                     },
                 );

@@ -480,6 +480,12 @@ pub fn render_metrics(s: &AdminState) -> String {
         "Client connections ended.",
         l(&st.disconnects),
     );
+    e.single(
+        "herald_orphan_registrations_total",
+        "counter",
+        "Registrations of this node that committed after their HELLO was answered (timeout, lagging apply) and that the node unregistered.",
+        l(&room.registrations.reaped),
+    );
     e.labeled(
         "herald_pushes_total",
         "counter",

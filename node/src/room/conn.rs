@@ -904,6 +904,8 @@ async fn register(
         conn: shared.id,
         session: o.session_id,
     });
+    // Until dropped, this attempt's registration is not an orphan even once applied.
+    let attempt = super::registrations::Registrations::begin(&room, shared.id, o.session_id);
     let (result, index) = room.raft.write_one(op).await.map_err(|e| match e {
         WriteError::Invalid(m) => (ErrorCode::BadRequest, m),
         other => (
@@ -938,6 +940,7 @@ async fn register(
             epoch: registered.epoch,
         },
     );
+    attempt.taken(registered.epoch);
     // A login that raced ours and won may have been applied before we were indexed: check.
     match room.reader.session(&o.app, &o.user, &o.device) {
         Ok(Some(s)) if s.epoch != registered.epoch => shared.kick(Kick {

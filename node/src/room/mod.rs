@@ -12,6 +12,7 @@ pub mod conn;
 pub mod listener;
 pub mod observer;
 pub mod outbox;
+pub mod registrations;
 pub mod tls;
 pub mod ws;
 
@@ -188,6 +189,8 @@ pub struct Room {
     pub stats: RoomStats,
     pub acks: AckBatcher,
     pub coordinator: Coordinator,
+    /// This node's registrations from proposal until a connection takes them (orphans reaped).
+    pub registrations: registrations::Registrations,
     started: Instant,
     next_conn: AtomicU64,
     accepting: AtomicBool,
@@ -211,6 +214,7 @@ impl Room {
             stats: RoomStats::default(),
             acks,
             coordinator,
+            registrations: Default::default(),
             started: Instant::now(),
             next_conn: AtomicU64::new(1),
             accepting: AtomicBool::new(true),
@@ -486,6 +490,7 @@ impl Room {
     /// Closes idle connections, unauthenticated ones past the auth timeout, and asks every
     /// connection to check its sessions' token expiry. Runs every second.
     pub fn sweep(&self) {
+        self.reap_orphans();
         let now = self.now();
         let now_s = herald_raft::raft_node::now_ms() / 1000;
         let auth = self.config.auth_timeout.as_millis() as u64;

@@ -33,6 +33,9 @@ impl ApplyObserver for NodeObserver {
                     room.fan_out(&app, &topic, &message);
                 }
                 ApplyEvent::Registered { session, kicked } => {
+                    if session.node == me {
+                        room.registrations.applied(&session);
+                    }
                     for k in kicked.iter().filter(|k| k.node == me) {
                         // BUG INJECTION (test-only cargo feature `bug-stale-registry`, for the
                         // jepsen suite): the older session of a device that logged in again is

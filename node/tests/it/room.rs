@@ -423,6 +423,85 @@ async fn racing_logins_of_one_device_on_two_nodes_leave_exactly_the_newest() {
     }
 }
 
+/// A HELLO whose registration commits only after the node answered it (NOT_READY: the write
+/// timed out without a quorum) leaves a session no connection took. The node must find it and
+/// unregister it; otherwise Status reports the device online until the node goes down.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_registration_that_commits_after_its_hello_failed_is_unregistered() {
+    let mut c = Cluster::new(3);
+    for id in c.ids() {
+        // Long elections so pausing both followers keeps the leader; a short write timeout so
+        // the HELLO is answered while its entry waits for a quorum.
+        c.spec_mut(id).extra_args.extend([
+            "--election-timeout-ms".into(),
+            "10000".into(),
+            "--write-timeout-ms".into(),
+            "1500".into(),
+        ]);
+    }
+    c.start_all();
+    let leader = c.wait_leader().await;
+    let app = c.create_app("orphans").await;
+    let followers: Vec<u64> = c.ids().into_iter().filter(|&i| i != leader).collect();
+    let olga = who(&app, "olga", "phone");
+    let mut raw = Raw::connect(c.client_addr(leader)).await.unwrap();
+    for &f in &followers {
+        c.pause(f);
+    }
+    raw.send(Kind::Hello(pc::Hello {
+        version: 1,
+        session: Some(olga.open(1, 0)),
+        ..Default::default()
+    }))
+    .await
+    .unwrap();
+    let (refused, _) = raw.until(|k| error_code(k).map(|_| k.clone())).await.unwrap();
+    assert_eq!(error_code(&refused), Some(ErrorCode::NotReady), "{refused:?}");
+    drop(raw);
+    for &f in &followers {
+        c.resume(f);
+    }
+    // The entry commits now, for a connection that is gone; the node reaps it.
+    let logged = "a registration no connection took";
+    eventually("the leader to find the orphaned registration", NODE_WAIT, || {
+        let n = c.log_count(leader, logged);
+        async move {
+            anyhow::ensure!(n == 1, "{n} log lines {logged:?}");
+            Ok(())
+        }
+    })
+    .await;
+    let mut grpc = c.client(leader).await;
+    eventually("the orphaned session to leave the registry", NODE_WAIT, || {
+        let mut grpc = grpc.clone();
+        let req = app.request(pb::StatusRequest {
+            app: app.id.clone(),
+            user: "olga".into(),
+        });
+        async move {
+            let st = grpc.status(req).await?.into_inner();
+            anyhow::ensure!(st.sessions.is_empty(), "sessions {:?}", st.sessions);
+            Ok(())
+        }
+    })
+    .await;
+    // A real login afterwards is untouched by the reaper.
+    let mut back = Raw::connect(c.client_addr(leader)).await.unwrap();
+    back.hello(&olga, 0).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let st = grpc
+        .status(app.request(pb::StatusRequest {
+            app: app.id.clone(),
+            user: "olga".into(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(st.sessions.len(), 1, "{:?}", st.sessions);
+    back.ping(1).await.unwrap();
+    assert_eq!(c.log_count(leader, logged), 1);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_slow_consumer_is_closed_and_its_stored_messages_wait_for_it() {
     let mut c = Cluster::new(3);
