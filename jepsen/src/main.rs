@@ -30,6 +30,9 @@ enum Cmd {
         dir: PathBuf,
         #[arg(long, default_value_t = 3)]
         nodes: u64,
+        /// Search budget (states explored) of the linearizability checker per user.
+        #[arg(long, default_value_t = checker::DEFAULT_WGL_BUDGET)]
+        wgl_budget: u64,
     },
     /// Remove namespaces and interfaces left by crashed runs.
     Cleanup,
@@ -89,6 +92,10 @@ struct RunArgs {
     /// Minimum share of ok writes on the majority side during faults.
     #[arg(long, default_value_t = 0.5)]
     availability_min: f64,
+    /// Search budget (states explored) of the linearizability checker per user; a user whose
+    /// search runs out is reported unknown, not valid.
+    #[arg(long, default_value_t = checker::DEFAULT_WGL_BUDGET)]
+    wgl_budget: u64,
     /// Healthy time between faults, ms (min-max).
     #[arg(long, default_value = "4000-8000")]
     quiet_ms: String,
@@ -163,6 +170,7 @@ fn opts(a: &RunArgs, out: PathBuf, bin: PathBuf, command: String) -> anyhow::Res
         },
         drain_s: a.drain,
         availability_min: a.availability_min,
+        wgl_budget: a.wgl_budget,
         node_opts: NodeOpts::default(),
         command,
     })
@@ -342,10 +350,15 @@ async fn main_inner() -> anyhow::Result<ExitCode> {
             }
             return Ok(ExitCode::SUCCESS);
         }
-        Some(Cmd::Check { dir, nodes }) => {
+        Some(Cmd::Check {
+            dir,
+            nodes,
+            wgl_budget,
+        }) => {
             let h = history::load(&dir.join("history.jsonl"))?;
             let ctx = checker::Context {
                 nodes: (1..=nodes).collect(),
+                wgl_budget,
                 ..checker::Context::default()
             };
             let r = checker::check_all(&h, &ctx);

@@ -36,6 +36,8 @@ pub struct RunOpts {
     /// Longest wait for the drain after heal.
     pub drain_s: u64,
     pub availability_min: f64,
+    /// Search budget (states) of the linearizability checker per user.
+    pub wgl_budget: u64,
     pub node_opts: NodeOpts,
     /// The command line, for the report.
     pub command: String,
@@ -226,6 +228,7 @@ async fn run_inner(
     let ctx = checker::Context {
         nodes: cluster.ids.clone(),
         availability_min: opts.availability_min,
+        wgl_budget: opts.wgl_budget,
         ..checker::Context::default()
     };
     let results = checker::check_all(&history, &ctx);

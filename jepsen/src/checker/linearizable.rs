@@ -44,7 +44,7 @@ pub struct Registry {
     pub max_epoch: u64,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum RegIn {
     Register {
         device: String,
@@ -352,11 +352,15 @@ pub fn check(history: &[Op], ctx: &Context) -> CheckResult {
     let users = user_entries(history, &ctx.nodes);
     let (mut ok, mut stale, mut bad, mut unknown) = (0u64, 0u64, 0u64, 0u64);
     let mut ops = 0usize;
+    let mut unknown_users: Vec<String> = Vec::new();
     for (user, entries) in &users {
         ops += entries.len();
         match wgl::check(Registry::default(), entries, ctx.wgl_budget) {
             Outcome::Linearizable => ok += 1,
-            Outcome::Unknown => unknown += 1,
+            Outcome::Unknown => {
+                unknown += 1;
+                unknown_users.push(format!("{user} ({} ops)", entries.len()));
+            }
             Outcome::Illegal { stuck, prefix } => {
                 let writes: Vec<RegEntry> = entries
                     .iter()
@@ -387,7 +391,7 @@ pub fn check(history: &[Op], ctx: &Context) -> CheckResult {
                     }
                     Outcome::Unknown => {
                         unknown += 1;
-                        r.unknown(format!("user {user}: search budget exhausted"));
+                        unknown_users.push(format!("{user} ({} ops, writes only)", writes.len()));
                     }
                     Outcome::Illegal { stuck: s2, .. } => {
                         bad += 1;
@@ -405,7 +409,10 @@ pub fn check(history: &[Op], ctx: &Context) -> CheckResult {
         }
     }
     if unknown > 0 {
-        r.unknown(format!("{unknown} user histories exceeded the search budget"));
+        r.unknown(format!(
+            "{unknown} user histories exceeded the search budget of {} states each (--wgl-budget)",
+            ctx.wgl_budget
+        ));
     }
     r.stats = serde_json::json!({
         "users": users.len(),
@@ -414,6 +421,8 @@ pub fn check(history: &[Op], ctx: &Context) -> CheckResult {
         "stale_status_reads": stale,
         "not_linearizable": bad,
         "unknown": unknown,
+        "unknown_users": unknown_users,
+        "wgl_budget": ctx.wgl_budget,
     });
     r
 }

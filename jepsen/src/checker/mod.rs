@@ -104,6 +104,9 @@ impl CheckResult {
     }
 }
 
+/// Default search budget of the linearizability checker per user (states explored).
+pub const DEFAULT_WGL_BUDGET: u64 = 2_000_000;
+
 /// What the checkers need to know besides the history.
 #[derive(Debug, Clone)]
 pub struct Context {
@@ -126,7 +129,7 @@ impl Default for Context {
             availability_min: 0.5,
             grace_us: 6_000_000,
             availability_min_ops: 20,
-            wgl_budget: 2_000_000,
+            wgl_budget: DEFAULT_WGL_BUDGET,
         }
     }
 }
