@@ -365,6 +365,7 @@ impl Events {
     pub async fn recv(&mut self) -> Option<Event> {
         let ev = self.rx.recv().await?;
         self.shared.handed_out(&ev);
+        self.shared.save_late();
         Some(ev)
     }
 }
@@ -376,6 +377,7 @@ impl Stream for Events {
         match self.rx.poll_recv(cx) {
             Poll::Ready(Some(ev)) => {
                 self.shared.handed_out(&ev);
+                self.shared.save_late();
                 Poll::Ready(Some(ev))
             }
             other => other,

@@ -318,7 +318,7 @@ impl Connection {
                 session.persist_interval,
                 tx.downgrade(),
             ));
-            shared.set_saver(h);
+            shared.set_saver(h, store.clone());
         }
         let client = Client::new(self.clone(), shared.clone(), &session, own_connection);
         let events = Events::new(rx, shared.clone(), self.inner.cmd.clone());

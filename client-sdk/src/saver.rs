@@ -25,25 +25,25 @@ pub(crate) async fn run(
     loop {
         shared.save_wake.notified().await;
         let closing = shared.is_closed();
-        if let Some(cursors) = shared.snapshot_for_save() {
-            let (store, key) = (store.clone(), shared.key.clone());
-            let saved = tokio::task::spawn_blocking(move || store.save(&key, &cursors)).await;
-            let err = match saved {
-                Ok(Ok(())) => None,
-                Ok(Err(e)) => Some(e.to_string()),
-                Err(e) => Some(format!("save task failed: {e}")),
-            };
-            match err {
-                None => failing = false,
-                Some(e) => {
-                    tracing::warn!(session = shared.id, error = %e, "saving cursors failed");
-                    // Try again with the next change (or at close).
-                    shared.lock().dirty = true;
-                    if !failing {
-                        failing = true;
-                        if let Some(tx) = events.upgrade() {
-                            let _ = tx.try_send(Event::Error(ClientError::Store(e)));
-                        }
+        let (s, st) = (shared.clone(), store.clone());
+        let saved = tokio::task::spawn_blocking(move || s.save_blocking(&*st)).await;
+        let outcome: Option<Result<(), String>> = match saved {
+            Ok(r) => r.map(|r| r.map_err(|e| e.to_string())),
+            Err(e) => {
+                // The save task itself failed: try again with the next change (or at close).
+                shared.lock().dirty = true;
+                Some(Err(format!("save task failed: {e}")))
+            }
+        };
+        match outcome {
+            None => {}
+            Some(Ok(())) => failing = false,
+            Some(Err(e)) => {
+                tracing::warn!(session = shared.id, error = %e, "saving cursors failed");
+                if !failing {
+                    failing = true;
+                    if let Some(tx) = events.upgrade() {
+                        let _ = tx.try_send(Event::Error(ClientError::Store(e)));
                     }
                 }
             }

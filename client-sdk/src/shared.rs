@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 use crate::config::AckMode;
 use crate::dedupe::RecentIds;
 use crate::event::{Event, Message};
-use crate::store::{Cursors, SessionKey};
+use crate::store::{CursorStore, Cursors, SessionKey, StoreError};
 
 /// What the app has handled.
 #[derive(Debug)]
@@ -29,6 +29,15 @@ pub(crate) struct Progress {
     pub(crate) done_ids: RecentIds,
     /// Changed since the last save.
     pub(crate) dirty: bool,
+}
+
+/// The session's cursor store, once its saver runs.
+struct StoreSlot(Mutex<Option<Arc<dyn CursorStore>>>);
+
+impl std::fmt::Debug for StoreSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StoreSlot")
+    }
 }
 
 /// One session's shared state.
@@ -54,6 +63,10 @@ pub(crate) struct SessionShared {
     pub(crate) abandoned_logins: AtomicU64,
     /// The cursor saver task, awaited by whoever closes the session (its last save).
     saver: Mutex<Option<JoinHandle<()>>>,
+    /// The session's cursor store, for saves after the saver has ended (see [`Self::save_late`]).
+    store: StoreSlot,
+    /// Held across snapshot and save, so saves reach the store in the order of their snapshots.
+    save_lock: Mutex<()>,
 }
 
 impl SessionShared {
@@ -87,6 +100,8 @@ impl SessionShared {
             closed: AtomicBool::new(false),
             abandoned_logins: AtomicU64::new(0),
             saver: Mutex::new(None),
+            store: StoreSlot(Mutex::new(None)),
+            save_lock: Mutex::new(()),
         }
     }
 
@@ -243,8 +258,44 @@ impl SessionShared {
         self.save_wake.notify_one();
     }
 
-    pub(crate) fn set_saver(&self, h: JoinHandle<()>) {
+    pub(crate) fn set_saver(&self, h: JoinHandle<()>, store: Arc<dyn CursorStore>) {
         *self.saver.lock().unwrap_or_else(|e| e.into_inner()) = Some(h);
+        *self.store.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(store);
+    }
+
+    /// Saves the cursors if they changed since the last save (blocking: call it on the blocking
+    /// pool). `None` when there was nothing to save; a failed save leaves them dirty.
+    pub(crate) fn save_blocking(&self, store: &dyn CursorStore) -> Option<Result<(), StoreError>> {
+        let _order = self.save_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let cursors = self.snapshot_for_save()?;
+        let saved = store.save(&self.key, &cursors);
+        if saved.is_err() {
+            self.lock().dirty = true;
+        }
+        Some(saved)
+    }
+
+    /// After the session is over, the app still takes the events queued before it ended, and in
+    /// auto-ack mode that moves the cursors; the saver has made its last save by then, so each
+    /// such change is saved here (on the blocking pool, in order). Without it, the next run on
+    /// the same store would show those messages again.
+    pub(crate) fn save_late(self: &Arc<Self>) {
+        if !self.is_closed() || !self.lock().dirty {
+            return;
+        }
+        let Some(store) = self.store.0.lock().unwrap_or_else(|e| e.into_inner()).clone() else {
+            return;
+        };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!(session = self.id, "no runtime to save cursors after close");
+            return;
+        };
+        let shared = self.clone();
+        rt.spawn_blocking(move || {
+            if let Some(Err(e)) = shared.save_blocking(&*store) {
+                tracing::warn!(session = shared.id, error = %e, "saving cursors after close failed");
+            }
+        });
     }
 
     pub(crate) fn take_saver(&self) -> Option<JoinHandle<()>> {

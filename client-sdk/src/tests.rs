@@ -983,6 +983,48 @@ async fn replaced_session_is_kicked_and_not_reconnected() {
     assert!(matches!(client.subscribe("t").await, Err(ClientError::Closed)));
 }
 
+/// Found by the fault suite (a broadcast shown twice): messages queued before the session ended
+/// are still handed to the app, and in auto-ack mode they move the cursors; the saver had made its
+/// last save at the end, so the next run on the same store showed them again.
+#[tokio::test]
+async fn messages_taken_after_the_session_ended_are_saved() {
+    let store = MemoryStore::new();
+    let peer = Peer::bind().await;
+    let key = SessionKey {
+        app: "demo".into(),
+        user: "alice".into(),
+        device: "phone-1".into(),
+    };
+    let (_client, mut events) = builder(&[&peer])
+        .topics(["news"])
+        .store(store.clone())
+        .connect()
+        .await
+        .unwrap();
+    let mut conn = peer.accept().await;
+    let sid = conn.hello().await.session.unwrap().session_id;
+    conn.send(welcome(sid, 10_000, 0)).await;
+    expect_connected(&mut events).await;
+    // The app is busy: the push and the kick queue up, the session ends, the saver stops.
+    conn.send(topic_push(sid, "n4", "news", 4)).await;
+    conn.send(kicked(sid, KickReason::Replaced, "replaced by a newer login"))
+        .await;
+    let _ = conn.until_closed().await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Now it takes them.
+    assert_eq!(next_message(&mut events).await.msg_id, "n4");
+    assert!(matches!(next(&mut events).await, Event::Kicked { .. }));
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let saved = store.load(&key).unwrap().unwrap_or_default();
+        if saved.topics.get("news") == Some(&4) && saved.recent_ids == vec!["n4"] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "cursors not saved: {saved:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// The bug found by the fault suite: a HELLO sent into a partition got no WELCOME in time, the SDK
 /// gave up on it and logged in elsewhere, and the abandoned registration committed later with a
 /// higher epoch and replaced the live session. That REPLACED is the client's own doing: the SDK
