@@ -39,7 +39,7 @@ pub use reader::StateReader;
 use self::apply::{Applier, Clocks};
 use self::keys::{Cf, META_CLOCKS, META_LAST_APPLIED, META_MEMBERSHIP};
 use self::snapshot::{io_err, remove_dir_logged, TMP_PREFIX};
-use self::txn::{encode, Txn};
+use self::txn::{encode, ReadCache, Txn};
 use crate::error::StoreError;
 use crate::types::typ::{LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership};
 use crate::types::*;
@@ -118,6 +118,8 @@ pub struct StateMachine {
     /// Replaced generations some reader or builder still holds; deleted once we hold the last
     /// reference (deleting files under an open DB would break its reads).
     retired: Vec<(Arc<DB>, PathBuf)>,
+    /// Committed values of the hot column families, for the applier's point reads.
+    cache: ReadCache,
 }
 
 /// Block cache shared by a state-machine DB's column families.
@@ -298,6 +300,7 @@ impl StateMachine {
             membership,
             clocks,
             retired: Vec::new(),
+            cache: ReadCache::default(),
         };
         // Apply writes are not fsynced: after a power loss the DB may be behind the newest
         // snapshot, and the log may already be purged up to that snapshot. Catch up from it.
@@ -337,7 +340,7 @@ impl StateMachine {
     /// Applies entries in one batch; returns per-entry responses and events.
     fn apply_batch(&mut self, entries: Vec<Entry>) -> Result<(Vec<Response>, EntryEvents), StorageError> {
         let db = self.shared.db();
-        let mut applier = Applier::new(Txn::new(&db), self.clocks.clone());
+        let mut applier = Applier::new(Txn::with_cache(&db, &self.cache), self.clocks.clone());
         let mut last_applied = self.last_applied;
         let mut membership = self.membership.clone();
         let mut responses = Vec::with_capacity(entries.len());
@@ -360,6 +363,7 @@ impl StateMachine {
         applier.finish().map_err(sm_write_err)?;
         let clocks = applier.clocks.clone();
         let mut txn = applier.txn;
+        let cached = txn.cached_writes();
         let meta = (|| {
             txn.put_raw(Cf::Meta, META_LAST_APPLIED.to_vec(), encode(&last_applied)?);
             txn.put_raw(Cf::Meta, META_MEMBERSHIP.to_vec(), encode(&membership)?);
@@ -368,8 +372,11 @@ impl StateMachine {
         })();
         let batch = meta.map_err(sm_write_err)?;
         // Not synced: the Raft log is the durable record (see module docs).
-        db.write_opt(batch, &WriteOptions::default())
-            .map_err(|e| sm_write_err(txn::rocks_err(&db, e)))?;
+        if let Err(e) = db.write_opt(batch, &WriteOptions::default()) {
+            self.cache.clear();
+            return Err(sm_write_err(txn::rocks_err(&db, e)));
+        }
+        self.cache.absorb(cached);
         self.last_applied = last_applied;
         self.membership = membership;
         self.clocks = clocks;
@@ -430,6 +437,7 @@ impl StateMachine {
 
         write_current(&self.dir, new_gen)?;
         let old = std::mem::replace(&mut *self.shared.db.write(), Arc::new(db));
+        self.cache.clear();
         let old_dir = gen_dir(&self.dir, self.gen);
         self.gen = new_gen;
         self.last_applied = last_applied;

@@ -5,9 +5,10 @@
 //! during apply goes through [`Txn`]: the overlay first, then the DB. Readers use a `Txn` with an
 //! empty overlay as a typed read helper.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
 
+use parking_lot::Mutex;
 use rocksdb::{Direction, IteratorMode, ReadOptions, WriteBatch, DB};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -18,8 +19,74 @@ use crate::error::StoreError;
 /// One key/value pair as stored.
 pub(crate) type Kv = (Vec<u8>, Vec<u8>);
 
+/// Committed values of the few small column families the apply loop reads on nearly every op
+/// (app configs, mailbox metas, counters), kept by the state machine across apply calls so those
+/// point reads skip RocksDB (a memtable search of a key with many versions, then the SST files).
+///
+/// Only the applier uses it, and it holds exactly what the live DB holds: a value enters on a
+/// read from the DB or, after an apply call's batch is written, from that batch
+/// ([`ReadCache::absorb`]); anything else that changes the DB (a failed write, a range delete, a
+/// snapshot install) clears it. Bounded: it is emptied when it reaches [`ReadCache::CAP`] keys.
+#[derive(Default)]
+pub(crate) struct ReadCache {
+    map: Mutex<HashMap<(Cf, Vec<u8>), Option<Vec<u8>>>>,
+}
+
+impl ReadCache {
+    /// Most keys held (about 100 bytes each).
+    pub(crate) const CAP: usize = 32_768;
+
+    fn holds(cf: Cf) -> bool {
+        matches!(cf, Cf::Apps | Cf::MailMeta | Cf::Counters)
+    }
+
+    fn get(&self, cf: Cf, key: &[u8]) -> Option<Option<Vec<u8>>> {
+        // A `(Cf, Vec<u8>)` key needs an owned Vec to look up; the keys here are short.
+        self.map.lock().get(&(cf, key.to_vec())).cloned()
+    }
+
+    fn fill(&self, cf: Cf, key: Vec<u8>, value: Option<Vec<u8>>) {
+        let mut map = self.map.lock();
+        if map.len() >= Self::CAP && !map.contains_key(&(cf, key.clone())) {
+            map.clear();
+        }
+        map.insert((cf, key), value);
+    }
+
+    pub(crate) fn clear(&self) {
+        self.map.lock().clear();
+    }
+
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.map.lock().len()
+    }
+
+    /// Takes in what a written batch changed (the [`Txn::cached_writes`] of the batch).
+    pub(crate) fn absorb(&self, writes: CachedWrites) {
+        match writes {
+            CachedWrites::Clear => self.clear(),
+            CachedWrites::Points(points) => {
+                for (cf, k, v) in points {
+                    self.fill(cf, k, v);
+                }
+            }
+        }
+    }
+}
+
+/// What a batch did to the column families a [`ReadCache`] holds.
+pub(crate) enum CachedWrites {
+    /// Point writes (`None`: deleted).
+    Points(Vec<(Cf, Vec<u8>, Option<Vec<u8>>)>),
+    /// A range delete touched them: the cache must start over.
+    Clear,
+}
+
 pub(crate) struct Txn<'a> {
     db: &'a DB,
+    /// Committed values of hot column families (the applier's Txn only).
+    cache: Option<&'a ReadCache>,
     /// Point writes made by this batch, per column family; `None` is a delete. Newest wins.
     writes: BTreeMap<Cf, BTreeMap<Vec<u8>, Option<Vec<u8>>>>,
     /// Range deletes `[lo, hi)` made by this batch (DeleteApp). A point write recorded after a range
@@ -64,9 +131,34 @@ impl<'a> Txn<'a> {
     pub(crate) fn new(db: &'a DB) -> Self {
         Txn {
             db,
+            cache: None,
             writes: BTreeMap::new(),
             ranges: Vec::new(),
         }
+    }
+
+    /// A Txn whose point reads of the column families `cache` holds go through it. `cache` must
+    /// hold what `db` holds (see [`ReadCache`]).
+    pub(crate) fn with_cache(db: &'a DB, cache: &'a ReadCache) -> Self {
+        Txn {
+            cache: Some(cache),
+            ..Txn::new(db)
+        }
+    }
+
+    /// The writes of this batch to column families a [`ReadCache`] holds, for
+    /// [`ReadCache::absorb`] once the batch is written.
+    pub(crate) fn cached_writes(&self) -> CachedWrites {
+        if self.ranges.iter().any(|(cf, _, _)| ReadCache::holds(*cf)) {
+            return CachedWrites::Clear;
+        }
+        let mut points = Vec::new();
+        for (cf, writes) in &self.writes {
+            if ReadCache::holds(*cf) {
+                points.extend(writes.iter().map(|(k, v)| (*cf, k.clone(), v.clone())));
+            }
+        }
+        CachedWrites::Points(points)
     }
 
     fn range_deleted(&self, cf: Cf, key: &[u8]) -> bool {
@@ -82,12 +174,20 @@ impl<'a> Txn<'a> {
         if self.range_deleted(cf, key) {
             return Ok(None);
         }
+        let cache = self.cache.filter(|_| ReadCache::holds(cf));
+        if let Some(hit) = cache.and_then(|c| c.get(cf, key)) {
+            return Ok(hit);
+        }
         let handle = cf_handle(self.db, cf)?;
         let value = self
             .db
             .get_pinned_cf(handle, key)
-            .map_err(|e| rocks_err(self.db, e))?;
-        Ok(value.map(|v| v.to_vec()))
+            .map_err(|e| rocks_err(self.db, e))?
+            .map(|v| v.to_vec());
+        if let Some(c) = cache {
+            c.fill(cf, key.to_vec(), value.clone());
+        }
+        Ok(value)
     }
 
     pub(crate) fn get<T: DeserializeOwned>(&self, cf: Cf, key: &[u8]) -> Result<Option<T>, StoreError> {
@@ -232,6 +332,65 @@ mod tests {
 
     fn keys_of(kvs: &[Kv]) -> Vec<Vec<u8>> {
         kvs.iter().map(|(k, _)| k.clone()).collect()
+    }
+
+    #[test]
+    fn read_cache_holds_what_the_db_holds() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = open(dir.path());
+        let cache = ReadCache::default();
+        let k = b"app\0user".to_vec();
+        // A miss is read from the DB and remembered (absent too); other column families are not.
+        assert_eq!(
+            Txn::with_cache(&db, &cache)
+                .get_raw(Cf::MailMeta, &k)
+                .expect("get"),
+            None
+        );
+        assert_eq!(
+            Txn::with_cache(&db, &cache).get_raw(Cf::Mail, &k).expect("get"),
+            None
+        );
+        assert_eq!(cache.len(), 1);
+        // A written batch's point writes replace what the cache holds.
+        let mut txn = Txn::with_cache(&db, &cache);
+        txn.put_raw(Cf::MailMeta, k.clone(), vec![7]);
+        let cached = txn.cached_writes();
+        db.write(txn.into_batch().expect("batch")).expect("write");
+        cache.absorb(cached);
+        assert_eq!(
+            Txn::with_cache(&db, &cache)
+                .get_raw(Cf::MailMeta, &k)
+                .expect("get"),
+            Some(vec![7])
+        );
+        // The cache answers without the DB: a write behind its back shows it is really used.
+        db.put_cf(cf_handle(&db, Cf::MailMeta).expect("cf"), &k, [8])
+            .expect("put");
+        assert_eq!(
+            Txn::with_cache(&db, &cache)
+                .get_raw(Cf::MailMeta, &k)
+                .expect("get"),
+            Some(vec![7])
+        );
+        // A range delete over a cached column family empties it.
+        let mut txn = Txn::with_cache(&db, &cache);
+        txn.delete_prefix(Cf::MailMeta, b"app".to_vec());
+        let cached = txn.cached_writes();
+        db.write(txn.into_batch().expect("batch")).expect("write");
+        cache.absorb(cached);
+        assert_eq!(cache.len(), 0);
+        assert_eq!(
+            Txn::with_cache(&db, &cache)
+                .get_raw(Cf::MailMeta, &k)
+                .expect("get"),
+            None
+        );
+        // Bounded.
+        for i in 0..ReadCache::CAP + 10 {
+            cache.fill(Cf::Counters, (i as u64).to_be_bytes().to_vec(), None);
+        }
+        assert!(cache.len() <= ReadCache::CAP);
     }
 
     #[test]
