@@ -29,8 +29,10 @@ pub(crate) type Kv = (Vec<u8>, Vec<u8>);
 /// snapshot install) clears it. Bounded: it is emptied when it reaches [`ReadCache::CAP`] keys.
 #[derive(Default)]
 pub(crate) struct ReadCache {
-    map: Mutex<HashMap<(Cf, Vec<u8>), Option<Vec<u8>>>>,
+    map: Mutex<HashMap<CacheKey, Option<Vec<u8>>>>,
 }
+
+type CacheKey = (Cf, Vec<u8>);
 
 impl ReadCache {
     /// Most keys held (about 100 bytes each).
