@@ -208,6 +208,28 @@ fn refused(sid: u32, topic: &str, code: ErrorCode, message: &str) -> Kind {
     })
 }
 
+/// The session key the tests' builder uses.
+fn alice_phone() -> SessionKey {
+    SessionKey {
+        app: "demo".into(),
+        user: "alice".into(),
+        device: "phone-1".into(),
+    }
+}
+
+/// Waits until the cursors saved for `key` satisfy `ok` (saves are write-behind).
+async fn wait_saved(store: &impl CursorStore, key: &SessionKey, ok: impl Fn(&Cursors) -> bool) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let saved = store.load(key).unwrap().unwrap_or_default();
+        if ok(&saved) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "cursors not saved: {saved:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn kicked(sid: u32, code: KickReason, reason: &str) -> Kind {
     Kind::Kicked(Kicked {
         session_id: sid,
@@ -990,11 +1012,7 @@ async fn replaced_session_is_kicked_and_not_reconnected() {
 async fn messages_taken_after_the_session_ended_are_saved() {
     let store = MemoryStore::new();
     let peer = Peer::bind().await;
-    let key = SessionKey {
-        app: "demo".into(),
-        user: "alice".into(),
-        device: "phone-1".into(),
-    };
+    let key = alice_phone();
     let (_client, mut events) = builder(&[&peer])
         .topics(["news"])
         .store(store.clone())
@@ -1014,15 +1032,10 @@ async fn messages_taken_after_the_session_ended_are_saved() {
     // Now it takes them.
     assert_eq!(next_message(&mut events).await.msg_id, "n4");
     assert!(matches!(next(&mut events).await, Event::Kicked { .. }));
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let saved = store.load(&key).unwrap().unwrap_or_default();
-        if saved.topics.get("news") == Some(&4) && saved.recent_ids == vec!["n4"] {
-            break;
-        }
-        assert!(Instant::now() < deadline, "cursors not saved: {saved:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_saved(&store, &key, |c| {
+        c.topics.get("news") == Some(&4) && c.recent_ids == vec!["n4"]
+    })
+    .await;
 }
 
 /// The bug found by the fault suite: a HELLO sent into a partition got no WELCOME in time, the SDK
@@ -1766,11 +1779,7 @@ async fn a_restart_resumes_from_the_store_and_hides_what_was_shown() {
     let dir = tempfile::tempdir().unwrap();
     let store = FileStore::new(dir.path()).unwrap();
     let peer = Peer::bind().await;
-    let key = SessionKey {
-        app: "demo".into(),
-        user: "alice".into(),
-        device: "phone-1".into(),
-    };
+    let key = alice_phone();
     {
         let (_client, mut events) = builder(&[&peer])
             .topics(["news"])
@@ -1791,15 +1800,7 @@ async fn a_restart_resumes_from_the_store_and_hides_what_was_shown() {
         }
         // Write-behind: the file catches up shortly after the messages were handed out, while
         // the app is still running (a crash from here on does not re-show them).
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let saved = store.load(&key).unwrap().unwrap_or_default();
-            if saved.last_acked_seq == 2 && saved.recent_ids.len() == 4 {
-                break;
-            }
-            assert!(Instant::now() < deadline, "cursors not saved: {saved:?}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_saved(&store, &key, |c| c.last_acked_seq == 2 && c.recent_ids.len() == 4).await;
         // The app is killed: the server never got the acks.
         drop(events);
         drop(conn);
@@ -1873,11 +1874,7 @@ async fn manual_mode_shows_again_after_a_restart_what_was_not_acked() {
 async fn a_corrupt_cursor_file_is_reported_and_the_session_starts_fresh() {
     let dir = tempfile::tempdir().unwrap();
     let store = FileStore::new(dir.path()).unwrap();
-    let key = SessionKey {
-        app: "demo".into(),
-        user: "alice".into(),
-        device: "phone-1".into(),
-    };
+    let key = alice_phone();
     std::fs::write(store.path_for(&key), b"garbage").unwrap();
     let peer = Peer::bind().await;
     let (_client, mut events) = builder(&[&peer]).store(store).connect().await.unwrap();
