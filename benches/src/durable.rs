@@ -82,6 +82,7 @@ pub async fn run(args: DurableArgs, out: &Out) -> Result<DurableResult> {
                     &app.app,
                     &key,
                     p,
+                    raft::Api::Unary,
                     args.payload,
                     dur,
                     &format!("herald, {p} publishers"),

@@ -33,11 +33,26 @@ pub struct RaftArgs {
     /// Small and fast (CI): 1 s per step.
     #[arg(long)]
     pub quick: bool,
+    /// How writers push, comma separated: `unary` (one Push call per push) and/or `stream` (one
+    /// PushStream per writer, one push in flight on it); each writer count runs with each.
+    #[arg(long, default_value = "unary,stream", value_delimiter = ',')]
+    pub api: Vec<Api>,
+}
+
+/// How a writer sends its pushes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Api {
+    /// One unary `Push` call per push.
+    Unary,
+    /// One `PushStream` per writer.
+    Stream,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Step {
     pub writers: usize,
+    pub api: Api,
     pub seconds: f64,
     pub committed: u64,
     pub errors: u64,
@@ -60,27 +75,31 @@ pub async fn run(args: RaftArgs, out: &Out) -> Result<Vec<Step>> {
         );
         let mut steps = Vec::new();
         for &w in &args.writers {
-            let step = measure(
-                &addr,
-                &app.app,
-                &key,
-                w,
-                args.payload,
-                Duration::from_secs(seconds),
-                &format!("raft, {w} writers"),
-                &cluster.pids(),
-            )
-            .await?;
-            eprintln!(
-                "writers {:>4}: {:>9.0} commits/s  p50 {} ms  p99 {} ms  p99.9 {} ms  ({} errors)",
-                w,
-                step.commits_per_sec,
-                stats::ms(step.latency.p50_us),
-                stats::ms(step.latency.p99_us),
-                stats::ms(step.latency.p999_us),
-                step.errors
-            );
-            steps.push(step);
+            for &api in &args.api {
+                let step = measure(
+                    &addr,
+                    &app.app,
+                    &key,
+                    w,
+                    api,
+                    args.payload,
+                    Duration::from_secs(seconds),
+                    &format!("raft, {w} writers, {api:?}"),
+                    &cluster.pids(),
+                )
+                .await?;
+                eprintln!(
+                    "writers {:>4} {:>6}: {:>9.0} commits/s  p50 {} ms  p99 {} ms  p99.9 {} ms  ({} errors)",
+                    w,
+                    format!("{api:?}").to_lowercase(),
+                    step.commits_per_sec,
+                    stats::ms(step.latency.p50_us),
+                    stats::ms(step.latency.p99_us),
+                    stats::ms(step.latency.p999_us),
+                    step.errors
+                );
+                steps.push(step);
+            }
         }
         Ok::<_, anyhow::Error>(steps)
     }
@@ -97,7 +116,12 @@ pub async fn run(args: RaftArgs, out: &Out) -> Result<Vec<Step>> {
             x_log: true,
             series: steps
                 .iter()
-                .map(|s| cdf_series(&format!("{} writers", s.writers), &s.latency.cdf))
+                .map(|s| {
+                    cdf_series(
+                        &format!("{} writers, {:?}", s.writers, s.api).to_lowercase(),
+                        &s.latency.cdf,
+                    )
+                })
                 .collect(),
         }
         .svg(),
@@ -113,6 +137,7 @@ pub async fn measure(
     app: &str,
     key: &str,
     writers: usize,
+    api: Api,
     payload: usize,
     dur: Duration,
     label: &str,
@@ -149,27 +174,49 @@ pub async fn measure(
             let mut local = stats::new_histogram();
             let mut ok = 0u64;
             let mut errors = 0u64;
+            let mut stream: Option<PushStream> = None;
             while Instant::now() < end {
-                let req = app_request(
-                    pb::PushRequest {
-                        app: app.clone(),
-                        targets: vec![pb::Target {
-                            user: format!("u{w}"),
-                            devices: vec![],
-                        }],
-                        payload: body.clone(),
-                        qos: pb::Qos::AtLeastOnce as i32,
-                        ..Default::default()
-                    },
-                    &app,
-                    &key,
-                );
+                let msg = pb::PushRequest {
+                    app: app.clone(),
+                    targets: vec![pb::Target {
+                        user: format!("u{w}"),
+                        devices: vec![],
+                    }],
+                    payload: body.clone(),
+                    qos: pb::Qos::AtLeastOnce as i32,
+                    ..Default::default()
+                };
                 let t0 = Instant::now();
-                let r = client.push(req).await;
+                let r = match api {
+                    Api::Unary => client
+                        .push(app_request(msg, &app, &key))
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.to_string()),
+                    Api::Stream => {
+                        let s = match stream.as_mut() {
+                            Some(s) => s,
+                            None => match PushStream::open(&mut client, &app, &key).await {
+                                Ok(s) => stream.insert(s),
+                                Err(e) => {
+                                    errors += 1;
+                                    tokio::time::sleep(Duration::from_millis(50)).await;
+                                    tracing::debug!(error = %e, "push stream open failed");
+                                    continue;
+                                }
+                            },
+                        };
+                        let r = s.push(msg).await;
+                        if r.is_err() {
+                            stream = None;
+                        }
+                        r
+                    }
+                };
                 let us = t0.elapsed().as_micros() as u64;
                 if t0 >= measure_from && Instant::now() <= end {
                     match r {
-                        Ok(_) => {
+                        Ok(()) => {
                             ok += 1;
                             stats::record(&mut local, us);
                         }
@@ -194,6 +241,7 @@ pub async fn measure(
     let secs = dur.as_secs_f64();
     Ok(Step {
         writers,
+        api,
         seconds: secs,
         committed,
         errors,
@@ -213,4 +261,40 @@ pub fn cpu_window(pids: Vec<u32>, from: Instant, to: Instant) -> tokio::task::Jo
         let c1 = crate::sys::cpu_seconds_all(&pids).unwrap_or(0.0);
         (c1 - c0) / to.duration_since(from).as_secs_f64()
     })
+}
+
+/// A writer's PushStream: one push in flight at a time.
+struct PushStream {
+    tx: tokio::sync::mpsc::Sender<pb::PushRequest>,
+    rx: tonic::Streaming<pb::PushStreamReply>,
+}
+
+impl PushStream {
+    async fn open(
+        client: &mut pb::herald_client::HeraldClient<tonic::transport::Channel>,
+        app: &str,
+        key: &str,
+    ) -> Result<PushStream> {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let outbound = tokio_stream::wrappers::ReceiverStream::new(rx);
+        let replies = client.push_stream(app_request(outbound, app, key)).await?;
+        Ok(PushStream {
+            tx,
+            rx: replies.into_inner(),
+        })
+    }
+
+    /// Sends one push and waits for its answer; Err(why) if it failed or the stream broke.
+    async fn push(&mut self, msg: pb::PushRequest) -> std::result::Result<(), String> {
+        self.tx
+            .send(msg)
+            .await
+            .map_err(|_| "push stream closed".to_string())?;
+        match self.rx.message().await {
+            Ok(Some(r)) if r.code == 0 => Ok(()),
+            Ok(Some(r)) => Err(format!("push failed: code {}: {}", r.code, r.message)),
+            Ok(None) => Err("push stream ended".into()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
 }

@@ -133,6 +133,7 @@ async fn measure(args: &TailArgs, c: &LocalCluster) -> Result<TailResult> {
                 &app.app,
                 &key,
                 args.probe_writers,
+                raft::Api::Unary,
                 args.payload,
                 Duration::from_secs(args.probe_seconds),
                 "probe: max push rate",

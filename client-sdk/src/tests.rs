@@ -1985,6 +1985,10 @@ mod fake_dispatch {
         async fn push(&self, _: Request<PushRequest>) -> R<PushReply> {
             no()
         }
+        type PushStreamStream = futures::stream::Empty<Result<PushStreamReply, Status>>;
+        async fn push_stream(&self, _: Request<tonic::Streaming<PushRequest>>) -> R<Self::PushStreamStream> {
+            no()
+        }
         async fn broadcast(&self, _: Request<BroadcastRequest>) -> R<PublishReply> {
             no()
         }

@@ -14,6 +14,12 @@ pub const API_KEY_METADATA: &str = "x-herald-api-key";
 
 /// Authenticates an app call: the app must exist and the key must be one of its API keys.
 pub fn app_caller<T>(node: &Node, req: &Request<T>) -> Result<AppConfig, ApiError> {
+    let (app_id, key) = app_credentials(req)?;
+    app_by_key(node, &app_id, &key)
+}
+
+/// The app id and API key a call's metadata names (not checked yet).
+pub fn app_credentials<T>(req: &Request<T>) -> Result<(String, String), ApiError> {
     let md = req.metadata();
     let app_id = md
         .get(APP_METADATA)
@@ -23,6 +29,11 @@ pub fn app_caller<T>(node: &Node, req: &Request<T>) -> Result<AppConfig, ApiErro
         .get(API_KEY_METADATA)
         .and_then(|v| v.to_str().ok())
         .ok_or_else(|| ApiError::Unauthenticated(format!("missing {API_KEY_METADATA} metadata")))?;
+    Ok((app_id.to_string(), key.to_string()))
+}
+
+/// The app, if it exists and `key` is one of its API keys.
+pub fn app_by_key(node: &Node, app_id: &str, key: &str) -> Result<AppConfig, ApiError> {
     let app = node
         .raft()
         .reader()

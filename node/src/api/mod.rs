@@ -15,6 +15,10 @@ use crate::node::Node;
 use error::ApiError;
 
 type Reply<T> = Result<Response<T>, Status>;
+type ReplyStream<T> = std::pin::Pin<Box<dyn futures::Stream<Item = Result<T, Status>> + Send>>;
+
+/// Pushes of one PushStream running at once (and answers buffered for a slow reader).
+const PUSH_STREAM_WINDOW: usize = 256;
 
 /// The gRPC service; cheap to clone (shares the node).
 #[derive(Clone)]
@@ -26,15 +30,9 @@ impl HeraldApi {
     pub fn new(node: Node) -> Self {
         HeraldApi { node }
     }
-}
 
-#[tonic::async_trait]
-impl Herald for HeraldApi {
-    #[instrument(skip_all, fields(app))]
-    async fn push(&self, request: Request<pb::PushRequest>) -> Reply<pb::PushReply> {
-        let app = auth::app_caller(&self.node, &request)?;
-        let req = request.into_inner();
-        tracing::Span::current().record("app", app.id.as_str());
+    /// One push by an authenticated app (Push, and each push of a PushStream).
+    async fn push_one(&self, app: AppConfig, req: pb::PushRequest) -> Result<pb::PushReply, Status> {
         same_app(&app, &req.app)?;
         if req.targets.is_empty() {
             return Err(ApiError::InvalidArgument("push needs at least one target".into()).into());
@@ -68,14 +66,14 @@ impl Herald for HeraldApi {
             let (delivered, dropped) = self
                 .push_online(&app.id, &msg_id, &req.targets, req.payload)
                 .await;
-            return Ok(Response::new(pb::PushReply {
+            return Ok(pb::PushReply {
                 msg_id,
                 seqs: vec![],
                 duplicate: false,
                 delivered,
                 dropped,
                 log_index: 0,
-            }));
+            });
         }
         let op = Op::Enqueue(Enqueue {
             app: app.id.clone(),
@@ -102,15 +100,15 @@ impl Herald for HeraldApi {
             };
             let raft = self.node.raft().clone();
             tokio::spawn(async move { raft.write_one(op).await });
-            return Ok(Response::new(pb::PushReply {
+            return Ok(pb::PushReply {
                 msg_id,
                 ..Default::default()
-            }));
+            });
         }
         #[allow(unreachable_code)]
         let (result, log_index) = self.node.raft().write_one(op).await.map_err(ApiError::from)?;
         match result {
-            OpResult::Enqueued(e) => Ok(Response::new(pb::PushReply {
+            OpResult::Enqueued(e) => Ok(pb::PushReply {
                 msg_id: e.msg_id,
                 seqs: e
                     .seqs
@@ -121,10 +119,94 @@ impl Herald for HeraldApi {
                 delivered: 0,
                 dropped: 0,
                 log_index,
-            })),
+            }),
             OpResult::Rejected(r) => Err(ApiError::from(r).into()),
             other => Err(ApiError::Internal(format!("unexpected result {other:?}")).into()),
         }
+    }
+
+    /// Runs one PushStream: reads pushes, runs up to [`PUSH_STREAM_WINDOW`] at once, answers in
+    /// request order. Ends when the client ends its side (after the last answer), when the client
+    /// goes away (pushes already proposed still commit: their outcome is unknown to it), or at
+    /// node shutdown (no new pushes; those running are answered).
+    async fn serve_push_stream(
+        self,
+        mut inbound: tonic::Streaming<pb::PushRequest>,
+        app_id: String,
+        key: String,
+        tx: tokio::sync::mpsc::Sender<Result<pb::PushStreamReply, Status>>,
+    ) {
+        use futures::stream::{FuturesOrdered, StreamExt};
+        let mut running = FuturesOrdered::new();
+        let mut reading = true;
+        let stop = self.node.cancel_token().clone();
+        loop {
+            tokio::select! {
+                msg = inbound.message(), if reading && running.len() < PUSH_STREAM_WINDOW => match msg {
+                    Ok(Some(req)) => {
+                        let api = self.clone();
+                        let (app_id, key) = (app_id.clone(), key.clone());
+                        running.push_back(async move {
+                            let app = auth::app_by_key(&api.node, &app_id, &key)?;
+                            api.push_one(app, req).await
+                        });
+                    }
+                    Ok(None) => reading = false,
+                    Err(status) => {
+                        tracing::info!(app = %app_id, error = %status, "push stream broken by the client");
+                        reading = false;
+                    }
+                },
+                Some(done) = running.next(), if !running.is_empty() => {
+                    let reply = match done {
+                        Ok(r) => pb::PushStreamReply { reply: Some(r), code: 0, message: String::new() },
+                        Err(s) => pb::PushStreamReply {
+                            reply: None,
+                            code: s.code() as i32,
+                            message: s.message().to_string(),
+                        },
+                    };
+                    if tx.send(Ok(reply)).await.is_err() {
+                        tracing::debug!(app = %app_id, "push stream client gone");
+                        return;
+                    }
+                }
+                _ = stop.cancelled(), if reading => reading = false,
+            }
+            if !reading && running.is_empty() {
+                return;
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Herald for HeraldApi {
+    #[instrument(skip_all, fields(app))]
+    async fn push(&self, request: Request<pb::PushRequest>) -> Reply<pb::PushReply> {
+        let app = auth::app_caller(&self.node, &request)?;
+        tracing::Span::current().record("app", app.id.as_str());
+        Ok(Response::new(self.push_one(app, request.into_inner()).await?))
+    }
+
+    type PushStreamStream = ReplyStream<pb::PushStreamReply>;
+
+    #[instrument(skip_all, fields(app))]
+    async fn push_stream(
+        &self,
+        request: Request<tonic::Streaming<pb::PushRequest>>,
+    ) -> Reply<Self::PushStreamStream> {
+        let (app_id, key) = auth::app_credentials(&request)?;
+        auth::app_by_key(&self.node, &app_id, &key)?;
+        tracing::Span::current().record("app", app_id.as_str());
+        let (tx, rx) = tokio::sync::mpsc::channel(PUSH_STREAM_WINDOW);
+        tokio::spawn(
+            self.clone()
+                .serve_push_stream(request.into_inner(), app_id, key, tx),
+        );
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     #[instrument(skip_all, fields(app))]

@@ -60,6 +60,64 @@ async fn qos1_pushed_through_node_1_reaches_a_client_on_node_3() {
     assert_eq!(p[0].qos(), pc::Qos::AtLeastOnce);
 }
 
+/// PushStream through a follower: answers in request order, a bad push gets its error in its
+/// answer and the stream goes on, every good push is stored and delivered in order; a wrong key
+/// is refused when the stream opens.
+#[tokio::test(flavor = "multi_thread")]
+async fn push_stream_answers_in_order_and_a_bad_push_does_not_end_it() {
+    let c = Cluster::start(3).await;
+    let app = c.create_app("stream").await;
+    // The cluster is ready once one push went through.
+    app.push_acked(c.grpc_addr(2), "alice", "m0", "k0").await;
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let mut replies = c
+        .client(2)
+        .await
+        .push_stream(app.request(tokio_stream::wrappers::ReceiverStream::new(rx)))
+        .await
+        .expect("stream opens")
+        .into_inner();
+    for i in 1..=5 {
+        let mut m = app.push_request("alice", &format!("m{i}"), "").into_inner();
+        if i == 3 {
+            m.targets.clear();
+        }
+        tx.send(m).await.unwrap();
+    }
+    drop(tx);
+    let mut got = Vec::new();
+    while let Some(r) = replies.message().await.expect("stream ok") {
+        got.push(r);
+    }
+    assert_eq!(got.len(), 5, "{got:?}");
+    assert_eq!(got[2].code, tonic::Code::InvalidArgument as i32, "{:?}", got[2]);
+    assert!(got[2].reply.is_none());
+    let seqs: Vec<u64> = [0, 1, 3, 4]
+        .iter()
+        .map(|&i| {
+            assert_eq!(got[i].code, 0, "{:?}", got[i]);
+            got[i].reply.as_ref().expect("reply").seqs[0].seq
+        })
+        .collect();
+    assert_eq!(seqs, vec![2, 3, 4, 5]);
+    let mut raw = Raw::connect(c.client_addr(1)).await.unwrap();
+    raw.hello(&who(&app, "alice", "phone"), 0).await.unwrap();
+    let p = raw.pushes(5).await.unwrap();
+    let payloads: Vec<String> = p.iter().map(payload).collect();
+    assert_eq!(payloads, vec!["m0", "m1", "m2", "m4", "m5"]);
+
+    let mut wrong = app.clone();
+    wrong.api_key = "not-the-key".into();
+    let (_tx, rx) = tokio::sync::mpsc::channel::<pb::PushRequest>(1);
+    let refused = c
+        .client(1)
+        .await
+        .push_stream(wrong.request(tokio_stream::wrappers::ReceiverStream::new(rx)))
+        .await
+        .expect_err("a wrong key is refused");
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn an_offline_user_gets_every_push_in_order_and_acked_ones_are_not_sent_again() {
     let c = Cluster::start(3).await;
