@@ -192,6 +192,19 @@ impl RaftNode {
         let raft = typ::Raft::new(config.node_id, Arc::new(raft_config), network, log_store, sm)
             .await
             .map_err(|e| StartError::Raft(e.to_string()))?;
+        // openraft's metrics hold placeholders (term 0, no log) until the core task it spawned
+        // publishes its first report; a probe answered meanwhile would say this node lost its
+        // state (the fault suite saw one right after a restart). A clone of the metrics receiver
+        // has not seen any report, so this returns at once if one was published already.
+        if tokio::time::timeout(Duration::from_secs(10), raft.metrics().changed())
+            .await
+            .is_err()
+        {
+            warn!(
+                node_id = config.node_id,
+                "raft published no metrics within 10s of start"
+            );
+        }
 
         let (tx, rx) = mpsc::channel(config.max_batch_ops * 4);
         let (load, _) = watch::channel(0);

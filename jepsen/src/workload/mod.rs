@@ -224,17 +224,40 @@ pub async fn push(ctx: &Ctx, process: u64, n: u64, node: u64, user: &str) {
         idempotency_key: msg_id.clone(),
         msg_id: msg_id.clone(),
     };
+    // Every other push goes through a PushStream (opened for it), so the streaming path sees
+    // the same faults as the unary one.
+    let streamed = n % 2 == 0;
     let call = async {
         let mut c = ctx
             .cluster
             .herald(node, false)
             .map_err(|e| Status::unknown(e.to_string()))?;
-        c.push(ctx.app.request(req, CALL_TIMEOUT)).await
+        if !streamed {
+            return c
+                .push(ctx.app.request(req, CALL_TIMEOUT))
+                .await
+                .map(|r| r.into_inner());
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let _ = tx.send(req).await;
+        drop(tx);
+        let outbound = tokio_stream::wrappers::ReceiverStream::new(rx);
+        let mut replies = c
+            .push_stream(ctx.app.request(outbound, CALL_TIMEOUT))
+            .await?
+            .into_inner();
+        match replies.message().await? {
+            Some(r) if r.code == 0 => r
+                .reply
+                .ok_or_else(|| Status::internal("push stream answer without a reply")),
+            Some(r) => Err(Status::new(tonic::Code::from(r.code), r.message)),
+            // The stream ended before the answer: the push's outcome is unknown.
+            None => Err(Status::unavailable("push stream ended before the answer")),
+        }
     };
     let r = tokio::time::timeout(CALL_TIMEOUT + Duration::from_secs(2), call).await;
     match r {
         Ok(Ok(reply)) => {
-            let reply = reply.into_inner();
             let seq = reply.seqs.iter().find(|s| s.user == user).map(|s| s.seq);
             ctx.rec.ok(
                 process,
