@@ -949,12 +949,22 @@ async fn register(
             code: KickReason::Replaced,
             reason: "replaced by a newer login".into(),
         }),
-        Ok(None) => shared.kick(Kick {
-            session_id: o.session_id,
-            epoch: registered.epoch,
-            code: KickReason::Admin,
-            reason: "session ended".into(),
-        }),
+        // Ended between its apply and our indexing: by a Kick or an Unregister, or because this
+        // node was declared down — then the client must move to another node (a NODE_DOWN kick
+        // with redirects), not give up (the fault suite saw a device stop for good here).
+        Ok(None) => {
+            let (code, reason) = if room.ended_by_node_down(registered.epoch).await {
+                (KickReason::NodeDown, "node declared down")
+            } else {
+                (KickReason::Admin, "session ended")
+            };
+            shared.kick(Kick {
+                session_id: o.session_id,
+                epoch: registered.epoch,
+                code,
+                reason: reason.into(),
+            })
+        }
         _ => {}
     }
     // The client's cursor counts as an ack of everything up to it.

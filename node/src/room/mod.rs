@@ -191,6 +191,11 @@ pub struct Room {
     pub coordinator: Coordinator,
     /// This node's registrations from proposal until a connection takes them (orphans reaped).
     pub registrations: registrations::Registrations,
+    /// The last log index whose events the observer has handled.
+    observed_index: AtomicU64,
+    /// The highest `upto_epoch` of a NodeDown of this node the observer has handled: every
+    /// registration of this node at or below it was ended by that NodeDown.
+    declared_down_upto: AtomicU64,
     started: Instant,
     next_conn: AtomicU64,
     accepting: AtomicBool,
@@ -215,6 +220,8 @@ impl Room {
             acks,
             coordinator,
             registrations: Default::default(),
+            observed_index: AtomicU64::new(0),
+            declared_down_upto: AtomicU64::new(0),
             started: Instant::now(),
             next_conn: AtomicU64::new(1),
             accepting: AtomicBool::new(true),
@@ -223,6 +230,27 @@ impl Room {
             topics: Index::new(),
             redirects: RwLock::new(Vec::new()),
         })
+    }
+
+    /// Called by the observer after it handled the events of `index`.
+    pub(crate) fn observed(&self, index: u64) {
+        self.observed_index.fetch_max(index, Ordering::AcqRel);
+    }
+
+    /// Called by the observer for a NodeDown of this node.
+    pub(crate) fn declared_down(&self, upto_epoch: u64) {
+        self.declared_down_upto.fetch_max(upto_epoch, Ordering::AcqRel);
+    }
+
+    /// Whether a NodeDown of this node ended the registration with `epoch`, as far as the
+    /// observer has seen; waits (up to 2 s) until it has handled everything applied now.
+    pub(crate) async fn ended_by_node_down(&self, epoch: u64) -> bool {
+        let target = self.reader.applied_index();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while self.observed_index.load(Ordering::Acquire) < target && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        self.declared_down_upto.load(Ordering::Acquire) >= epoch
     }
 
     /// Coarse clock: ms since the room started.

@@ -23,68 +23,74 @@ impl NodeObserver {
 }
 
 impl ApplyObserver for NodeObserver {
-    fn applied(&self, _log_index: u64, events: Vec<ApplyEvent>) {
+    fn applied(&self, log_index: u64, events: Vec<ApplyEvent>) {
         let Some(room) = self.room.get() else { return };
-        let me = room.config.node_id;
-        for e in events {
-            match e {
-                ApplyEvent::Enqueued { app, user, message } => room.poke_user(&app, &user, &message.devices),
-                ApplyEvent::Published { app, topic, message } => {
-                    room.fan_out(&app, &topic, &message);
-                }
-                ApplyEvent::Registered { session, kicked } => {
-                    if session.node == me {
-                        room.registrations.applied(&session);
-                    }
-                    for k in kicked.iter().filter(|k| k.node == me) {
-                        // BUG INJECTION (test-only cargo feature `bug-stale-registry`, for the
-                        // jepsen suite): the older session of a device that logged in again is
-                        // not ended, so it keeps receiving from a stale registry entry.
-                        #[cfg(feature = "bug-stale-registry")]
-                        if k.device == session.device {
-                            continue;
-                        }
-                        let code = if k.device == session.device {
-                            KickReason::Replaced
-                        } else {
-                            KickReason::Policy
-                        };
-                        let reason = if code == KickReason::Replaced {
-                            format!("replaced by a newer login on node {}", session.node)
-                        } else {
-                            "over the app's session limit; a newer login won".to_string()
-                        };
-                        room.kick_local(k.conn, k.session, k.epoch, code, &reason);
-                    }
-                }
-                ApplyEvent::Kicked { sessions, reason } => {
-                    for s in sessions.iter().filter(|s| s.node == me) {
-                        room.kick_local(s.conn, s.session, s.epoch, KickReason::Admin, &reason);
-                    }
-                }
-                ApplyEvent::NodeDown { node, upto_epoch } if node == me => {
-                    let local = room.all_sessions();
-                    let mut n = 0;
-                    for s in local.iter().filter(|s| s.epoch <= upto_epoch) {
-                        room.kick_local(
-                            s.conn.id,
-                            s.session_id,
-                            s.epoch,
-                            KickReason::NodeDown,
-                            "node declared down",
-                        );
-                        n += 1;
-                    }
-                    if n > 0 {
-                        info!(sessions = n, "this node was declared down; its sessions end");
-                    }
-                }
-                ApplyEvent::EventsPending => room.coordinator.events_pending(),
-                ApplyEvent::NodeDown { .. }
-                | ApplyEvent::Unregistered { .. }
-                | ApplyEvent::AppChanged { .. }
-                | ApplyEvent::NodeChanged { .. } => {}
+        handle(room, events);
+        room.observed(log_index);
+    }
+}
+
+fn handle(room: &Arc<Room>, events: Vec<ApplyEvent>) {
+    let me = room.config.node_id;
+    for e in events {
+        match e {
+            ApplyEvent::Enqueued { app, user, message } => room.poke_user(&app, &user, &message.devices),
+            ApplyEvent::Published { app, topic, message } => {
+                room.fan_out(&app, &topic, &message);
             }
+            ApplyEvent::Registered { session, kicked } => {
+                if session.node == me {
+                    room.registrations.applied(&session);
+                }
+                for k in kicked.iter().filter(|k| k.node == me) {
+                    // BUG INJECTION (test-only cargo feature `bug-stale-registry`, for the
+                    // jepsen suite): the older session of a device that logged in again is
+                    // not ended, so it keeps receiving from a stale registry entry.
+                    #[cfg(feature = "bug-stale-registry")]
+                    if k.device == session.device {
+                        continue;
+                    }
+                    let code = if k.device == session.device {
+                        KickReason::Replaced
+                    } else {
+                        KickReason::Policy
+                    };
+                    let reason = if code == KickReason::Replaced {
+                        format!("replaced by a newer login on node {}", session.node)
+                    } else {
+                        "over the app's session limit; a newer login won".to_string()
+                    };
+                    room.kick_local(k.conn, k.session, k.epoch, code, &reason);
+                }
+            }
+            ApplyEvent::Kicked { sessions, reason } => {
+                for s in sessions.iter().filter(|s| s.node == me) {
+                    room.kick_local(s.conn, s.session, s.epoch, KickReason::Admin, &reason);
+                }
+            }
+            ApplyEvent::NodeDown { node, upto_epoch } if node == me => {
+                room.declared_down(upto_epoch);
+                let local = room.all_sessions();
+                let mut n = 0;
+                for s in local.iter().filter(|s| s.epoch <= upto_epoch) {
+                    room.kick_local(
+                        s.conn.id,
+                        s.session_id,
+                        s.epoch,
+                        KickReason::NodeDown,
+                        "node declared down",
+                    );
+                    n += 1;
+                }
+                if n > 0 {
+                    info!(sessions = n, "this node was declared down; its sessions end");
+                }
+            }
+            ApplyEvent::EventsPending => room.coordinator.events_pending(),
+            ApplyEvent::NodeDown { .. }
+            | ApplyEvent::Unregistered { .. }
+            | ApplyEvent::AppChanged { .. }
+            | ApplyEvent::NodeChanged { .. } => {}
         }
     }
 }
