@@ -348,8 +348,14 @@ impl<'a> Applier<'a> {
 
         // Device policy, newest wins: the new session has the highest epoch, so it is never the
         // oldest while a limit is at least 1.
+        // The scan over the user's sessions is only needed when a limit is set (a connect storm
+        // on an app without limits then costs no iterator per registration).
         let policy = app.policy;
-        let mut live = self.sessions_of_user(&r.app, &r.user)?;
+        let mut live = if policy.max_per_platform > 0 || policy.max_per_user > 0 {
+            self.sessions_of_user(&r.app, &r.user)?
+        } else {
+            Vec::new()
+        };
         live.sort_by_key(|s| s.epoch);
         if policy.max_per_platform > 0 {
             let same: Vec<Session> = live

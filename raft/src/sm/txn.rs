@@ -29,39 +29,54 @@ pub(crate) type Kv = (Vec<u8>, Vec<u8>);
 /// snapshot install) clears it. Bounded: it is emptied when it reaches [`ReadCache::CAP`] keys.
 #[derive(Default)]
 pub(crate) struct ReadCache {
-    map: Mutex<HashMap<CacheKey, Option<Vec<u8>>>>,
+    /// One map per held column family (see [`ReadCache::slot`]), so a lookup borrows the key.
+    maps: Mutex<[CacheMap; 3]>,
 }
 
-type CacheKey = (Cf, Vec<u8>);
+type CacheMap = HashMap<Vec<u8>, Option<Vec<u8>>>;
 
 impl ReadCache {
     /// Most keys held (about 100 bytes each).
     pub(crate) const CAP: usize = 32_768;
 
+    /// Which map holds `cf`; `None` for the column families the cache does not hold.
+    fn slot(cf: Cf) -> Option<usize> {
+        match cf {
+            Cf::Apps => Some(0),
+            Cf::MailMeta => Some(1),
+            Cf::Counters => Some(2),
+            _ => None,
+        }
+    }
+
     fn holds(cf: Cf) -> bool {
-        matches!(cf, Cf::Apps | Cf::MailMeta | Cf::Counters)
+        Self::slot(cf).is_some()
     }
 
     fn get(&self, cf: Cf, key: &[u8]) -> Option<Option<Vec<u8>>> {
-        // A `(Cf, Vec<u8>)` key needs an owned Vec to look up; the keys here are short.
-        self.map.lock().get(&(cf, key.to_vec())).cloned()
+        let slot = Self::slot(cf)?;
+        self.maps.lock()[slot].get(key).cloned()
     }
 
     fn fill(&self, cf: Cf, key: Vec<u8>, value: Option<Vec<u8>>) {
-        let mut map = self.map.lock();
-        if map.len() >= Self::CAP && !map.contains_key(&(cf, key.clone())) {
-            map.clear();
+        let Some(slot) = Self::slot(cf) else {
+            return;
+        };
+        let mut maps = self.maps.lock();
+        let held: usize = maps.iter().map(HashMap::len).sum();
+        if held >= Self::CAP && !maps[slot].contains_key(&key) {
+            maps.iter_mut().for_each(HashMap::clear);
         }
-        map.insert((cf, key), value);
+        maps[slot].insert(key, value);
     }
 
     pub(crate) fn clear(&self) {
-        self.map.lock().clear();
+        self.maps.lock().iter_mut().for_each(HashMap::clear);
     }
 
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
-        self.map.lock().len()
+        self.maps.lock().iter().map(HashMap::len).sum()
     }
 
     /// Takes in what a written batch changed (the [`Txn::cached_writes`] of the batch).
