@@ -317,6 +317,12 @@ impl LocalCluster {
             }
             n.child = None;
         }
+        // HERALD_BENCH_KEEP=1 keeps the nodes' data dirs and logs (with HERALD_BENCH_NODE_LOG for
+        // the log filter) for a look after the run.
+        if std::env::var_os("HERALD_BENCH_KEEP").is_some() {
+            self.dir.disable_cleanup(true);
+            eprintln!("node data and logs kept in {}", self.dir.path().display());
+        }
     }
 }
 

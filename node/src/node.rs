@@ -323,11 +323,7 @@ pub async fn run(
                 tokio::spawn(acceptor.clone().run(l, None, accept_stop.clone()));
             }
             if let (Some(l), Some(cfg)) = (listeners.tls, tls) {
-                tokio::spawn(acceptor.clone().run(
-                    l,
-                    Some(tokio_rustls::TlsAcceptor::from(cfg)),
-                    accept_stop.clone(),
-                ));
+                tokio::spawn(acceptor.clone().run(l, Some(cfg), accept_stop.clone()));
             }
             if let Some(l) = listeners.ws {
                 tokio::spawn(acceptor.clone().run_wrapped(l, Wrap::Ws, accept_stop.clone()));

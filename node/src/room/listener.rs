@@ -12,11 +12,11 @@ use parking_lot::Mutex;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
-use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use super::tls_stream::LeanTls;
 use super::{conn, ws, Room};
 use crate::admin::metrics::Transport;
 
@@ -25,8 +25,8 @@ use crate::admin::metrics::Transport;
 pub enum Wrap {
     /// Frames right away.
     Plain,
-    /// A TLS handshake first.
-    Tls(TlsAcceptor),
+    /// A TLS handshake first (rustls's unbuffered API: an idle connection holds no buffer).
+    Tls(Arc<rustls::ServerConfig>),
     /// A WebSocket handshake first (HTTP upgrade on any path); frames travel in binary messages.
     Ws,
 }
@@ -120,7 +120,7 @@ impl Acceptor {
     pub async fn run(
         self: Arc<Self>,
         listener: TcpListener,
-        tls: Option<TlsAcceptor>,
+        tls: Option<Arc<rustls::ServerConfig>>,
         shutdown: CancellationToken,
     ) {
         let wrap = match tls {
@@ -190,12 +190,14 @@ impl Acceptor {
                         conn::serve(room.clone(), shared, stream).await;
                         room.stats.ops.conn_closed(transport);
                     }
-                    Wrap::Tls(acceptor) => {
+                    Wrap::Tls(config) => {
                         // The task is as large as its largest state, for its whole life. The
                         // handshakes and the streams they yield are boxed in statements of their
                         // own, so neither sits inline in every connection's task.
-                        let handshake =
-                            Box::pin(tokio::time::timeout(handshake_timeout, acceptor.accept(stream)));
+                        let handshake = Box::pin(tokio::time::timeout(
+                            handshake_timeout,
+                            LeanTls::accept(stream, config),
+                        ));
                         let accepted = handshake.await.map(|r| r.map(Box::new));
                         match accepted {
                             Ok(Ok(s)) => {
@@ -251,8 +253,8 @@ impl Acceptor {
                         let _ = s.write_all(&frame).await;
                         let _ = s.shutdown().await;
                     }
-                    Wrap::Tls(a) => {
-                        if let Ok(mut s) = a.accept(stream).await {
+                    Wrap::Tls(config) => {
+                        if let Ok(mut s) = LeanTls::accept(stream, config).await {
                             let _ = s.write_all(&frame).await;
                             let _ = s.shutdown().await;
                         }

@@ -14,6 +14,7 @@ pub mod observer;
 pub mod outbox;
 pub mod registrations;
 pub mod tls;
+mod tls_stream;
 pub mod ws;
 
 use std::collections::HashMap;
