@@ -51,6 +51,8 @@ pub struct Node {
     pub grpc: String,
     pub client: String,
     pub tls: Option<String>,
+    /// Admin HTTP address (metrics), when started with [`ClusterOpts::admin`].
+    pub admin: Option<String>,
     child: Option<Child>,
     args: Vec<String>,
     log: PathBuf,
@@ -75,6 +77,8 @@ pub struct ClusterOpts {
     pub extra: Vec<String>,
     /// PEM cert and key: nodes also listen for TLS clients (base+200+i).
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// Nodes serve the admin HTTP endpoint (metrics) on base+250+i.
+    pub admin: bool,
 }
 
 impl ClusterOpts {
@@ -84,6 +88,7 @@ impl ClusterOpts {
             base_port,
             extra: Vec::new(),
             tls: None,
+            admin: false,
         }
     }
 }
@@ -144,6 +149,12 @@ impl LocalCluster {
                 ]);
                 tls = Some(a);
             }
+            let mut admin = None;
+            if o.admin {
+                let a = format!("127.0.0.1:{}", base + 250 + i);
+                args.extend(["--admin-addr".into(), a.clone()]);
+                admin = Some(a);
+            }
             args.extend(BENCH_FLAGS.iter().map(|s| s.to_string()));
             args.extend(o.extra.iter().cloned());
             let log = dir.path().join(format!("node-{i}.log"));
@@ -152,6 +163,7 @@ impl LocalCluster {
                 grpc,
                 client,
                 tls,
+                admin,
                 child: None,
                 args,
                 log,
@@ -324,6 +336,26 @@ impl LocalCluster {
             eprintln!("node data and logs kept in {}", self.dir.path().display());
         }
     }
+}
+
+/// Bytes in a node's RocksDB memtables (state and log DBs), from its `/metrics`.
+pub async fn memtable_bytes(admin: &str) -> Result<u64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(admin).await?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n")
+        .await?;
+    let mut body = String::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut body)).await??;
+    let total: f64 = body
+        .lines()
+        .filter(|l| l.starts_with("herald_rocksdb_memtable_bytes{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    anyhow::ensure!(
+        body.contains("herald_rocksdb_memtable_bytes{"),
+        "{admin}/metrics has no herald_rocksdb_memtable_bytes"
+    );
+    Ok(total as u64)
 }
 
 pub async fn connect(addr: &str) -> Result<HeraldClient<Channel>> {

@@ -57,6 +57,9 @@ pub struct Point {
     /// Connections the server holds (its sockets minus those it had with no client).
     pub held: usize,
     pub rss_bytes: u64,
+    /// Herald: bytes in the node's RocksDB memtables at this point (replicated state not yet
+    /// flushed; bounded by the write buffer sizes, so it stops growing at scale).
+    pub memtable_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -67,6 +70,8 @@ pub struct SystemResult {
     /// Bytes of RSS per connection (slope of the least-squares line through the points).
     pub bytes_per_conn: f64,
     pub r2: f64,
+    /// Herald: the slope of RSS minus the RocksDB memtables.
+    pub bytes_per_conn_without_memtables: Option<f64>,
     pub failed_connects: u64,
     pub note: String,
 }
@@ -91,11 +96,12 @@ pub async fn start(
     system: &str,
     base_port: u16,
     dir: &std::path::Path,
-) -> Result<(Server, u32, ConnSpec, String)> {
+) -> Result<(Server, u32, ConnSpec, String, Option<String>)> {
     match system {
         "herald" | "herald-tls" => {
             let tls = system == "herald-tls";
             let mut o = ClusterOpts::new(base_port);
+            o.admin = true;
             let mut ca = None;
             if tls {
                 let (ca_pem, cert, key) = crate::cluster::make_pki(dir)?;
@@ -122,7 +128,8 @@ pub async fn start(
                 "node 1 of 3 (Raft registration on commit); {} client",
                 if tls { "TLS 1.3" } else { "plain TCP" }
             );
-            Ok((Server::Herald(Box::new(c)), pid, spec, note))
+            let admin = node.admin.clone();
+            Ok((Server::Herald(Box::new(c)), pid, spec, note, admin))
         }
         "mosquitto" => {
             let p = peers::mosquitto(base_port + 50, dir).await?;
@@ -134,6 +141,7 @@ pub async fn start(
                 pid,
                 spec,
                 "password auth, one QoS 0 subscription".into(),
+                None,
             ))
         }
         "nats" => {
@@ -146,6 +154,7 @@ pub async fn start(
                 pid,
                 spec,
                 "user/password auth, one subscription".into(),
+                None,
             ))
         }
         other => bail!("unknown system {other:?} (herald, herald-tls, mosquitto, nats)"),
@@ -179,6 +188,7 @@ async fn median_rss(pid: u32) -> Result<u64> {
 #[allow(clippy::too_many_arguments)]
 pub async fn ramp(
     pid: u32,
+    admin: Option<&str>,
     specs: &[ConnSpec],
     steps: &[usize],
     per_gen: usize,
@@ -212,14 +222,22 @@ pub async fn ramp(
         let held = wait_held(pid, base_sockets, want, Duration::from_secs(30)).await?;
         tokio::time::sleep(Duration::from_secs_f64(settle)).await;
         let rss = median_rss(pid).await?;
+        let memtable_bytes = match admin {
+            Some(a) => Some(crate::cluster::memtable_bytes(a).await?),
+            None => None,
+        };
         eprintln!(
-            "{label:>14}: {held:>6} held (asked {want:>6})  RSS {:>8.1} MiB",
-            rss as f64 / 1048576.0
+            "{label:>14}: {held:>6} held (asked {want:>6})  RSS {:>8.1} MiB{}",
+            rss as f64 / 1048576.0,
+            memtable_bytes
+                .map(|m| format!("  (RocksDB memtables {:.1} MiB)", m as f64 / 1048576.0))
+                .unwrap_or_default()
         );
         points.push(Point {
             target: want,
             held,
             rss_bytes: rss,
+            memtable_bytes,
         });
     }
     gens.close_all().await;
@@ -239,9 +257,10 @@ pub async fn run(args: IdleArgs, out: &Out) -> Result<Vec<SystemResult>> {
         }
         let sub = dir.path().join(system);
         std::fs::create_dir_all(&sub)?;
-        let (server, pid, spec, note) = start(system, args.base_port + k as u16 * 300, &sub).await?;
+        let (server, pid, spec, note, admin) = start(system, args.base_port + k as u16 * 300, &sub).await?;
         let r = ramp(
             pid,
+            admin.as_deref(),
             std::slice::from_ref(&spec),
             &args.steps,
             args.per_gen,
@@ -257,13 +276,24 @@ pub async fn run(args: IdleArgs, out: &Out) -> Result<Vec<SystemResult>> {
             .map(|p| (p.held as f64, p.rss_bytes as f64))
             .collect();
         let (slope, _, r2) = stats::linear_fit(&fit);
-        eprintln!("{system:>14}: {slope:.0} bytes per connection (R² {r2:.4})");
+        let without: Option<Vec<(f64, f64)>> = points
+            .iter()
+            .map(|p| Some((p.held as f64, p.rss_bytes as f64 - p.memtable_bytes? as f64)))
+            .collect();
+        let without = without.map(|f| stats::linear_fit(&f).0);
+        eprintln!(
+            "{system:>14}: {slope:.0} bytes per connection (R² {r2:.4}){}",
+            without
+                .map(|w| format!("; {w:.0} without the RocksDB memtables"))
+                .unwrap_or_default()
+        );
         results.push(SystemResult {
             system: system.clone(),
             baseline_rss_bytes: baseline,
             points,
             bytes_per_conn: slope,
             r2,
+            bytes_per_conn_without_memtables: without,
             failed_connects: failed,
             note,
         });
@@ -317,16 +347,19 @@ fn print_table(results: &[SystemResult]) {
         .fold(f64::NAN, f64::min);
     println!("\nidle memory per connection (RSS slope)");
     println!(
-        "{:<12} {:>12} {:>8} {:>22}",
-        "system", "bytes/conn", "R²", "vs best peer (peer/x)"
+        "{:<12} {:>12} {:>8} {:>22} {:>26}",
+        "system", "bytes/conn", "R²", "vs best peer (peer/x)", "without RocksDB memtables"
     );
     for r in results {
         println!(
-            "{:<12} {:>12.0} {:>8.4} {:>22}",
+            "{:<12} {:>12.0} {:>8.4} {:>22} {:>26}",
             r.system,
             r.bytes_per_conn,
             r.r2,
-            crate::report::ratio(best_peer, r.bytes_per_conn)
+            crate::report::ratio(best_peer, r.bytes_per_conn),
+            r.bytes_per_conn_without_memtables
+                .map(|w| format!("{w:.0}"))
+                .unwrap_or_else(|| "-".into())
         );
     }
 }
@@ -389,6 +422,7 @@ pub async fn run_sessions(args: SessionsArgs, out: &Out) -> Result<Vec<SessionsR
         };
         let r = ramp(
             pid,
+            None,
             &specs,
             &args.steps,
             args.per_gen,

@@ -186,6 +186,22 @@ impl LogStore {
     }
 }
 
+impl LogStore {
+    /// Bytes in the log DB's memtables (entries not yet flushed to SST files).
+    pub(crate) fn memtable_bytes(&self) -> u64 {
+        let db = self.inner.db();
+        [CF_LOGS, CF_META]
+            .iter()
+            .filter_map(|name| db.cf_handle(name))
+            .filter_map(|h| {
+                db.property_int_value_cf(h, crate::sm::MEMTABLE_BYTES)
+                    .ok()
+                    .flatten()
+            })
+            .sum()
+    }
+}
+
 impl Inner {
     fn db(&self) -> &DB {
         &self.db

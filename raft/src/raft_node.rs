@@ -152,6 +152,8 @@ struct Inner {
     config: RaftConfig,
     raft: typ::Raft,
     reader: StateReader,
+    /// A handle on the log store openraft owns, for its memory figures.
+    log: LogStore,
     clients: PeerClients,
     /// Bounded: callers wait (back-pressure) rather than queue without limit.
     proposals: mpsc::Sender<Proposal>,
@@ -189,6 +191,7 @@ impl RaftNode {
         }
         .validate()
         .map_err(|e| StartError::Config(e.to_string()))?;
+        let log = log_store.clone();
         let raft = typ::Raft::new(config.node_id, Arc::new(raft_config), network, log_store, sm)
             .await
             .map_err(|e| StartError::Raft(e.to_string()))?;
@@ -212,6 +215,7 @@ impl RaftNode {
             config,
             raft,
             reader,
+            log,
             clients,
             proposals: tx,
             load,
@@ -242,6 +246,14 @@ impl RaftNode {
     /// Read handle on the local state machine.
     pub fn reader(&self) -> &StateReader {
         &self.inner.reader
+    }
+
+    /// Bytes in RocksDB memtables: (state machine DB, log DB).
+    pub fn memtable_bytes(&self) -> (u64, u64) {
+        (
+            self.inner.reader.memtable_bytes(),
+            self.inner.log.memtable_bytes(),
+        )
     }
 
     pub fn metrics(&self) -> watch::Receiver<typ::RaftMetrics> {

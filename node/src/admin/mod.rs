@@ -439,6 +439,14 @@ pub fn render_metrics(s: &AdminState) -> String {
         "1 when /readyz answers ready (member, caught up, accepting).",
         if readiness(s).is_empty() { 1.0 } else { 0.0 },
     );
+    let (state_mem, log_mem) = node.raft().memtable_bytes();
+    e.labeled(
+        "herald_rocksdb_memtable_bytes",
+        "gauge",
+        "Bytes in RocksDB memtables (written, not yet flushed to SST files) by database.",
+        "db",
+        [("state", state_mem as f64), ("log", log_mem as f64)].into_iter(),
+    );
 
     // Connections and client traffic.
     e.labeled(

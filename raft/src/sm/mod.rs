@@ -35,6 +35,7 @@ use rocksdb::{ColumnFamilyDescriptor, DBCompressionType, Options, WriteOptions, 
 use tokio::sync::watch;
 
 pub use reader::StateReader;
+pub(crate) use reader::MEMTABLE_BYTES;
 
 use self::apply::{Applier, Clocks};
 use self::keys::{Cf, META_CLOCKS, META_LAST_APPLIED, META_MEMBERSHIP};

@@ -14,6 +14,9 @@ use crate::error::StoreError;
 use crate::types::typ::StoredMembership;
 use crate::types::*;
 
+/// RocksDB property: bytes of a column family's active and immutable memtables.
+pub(crate) const MEMTABLE_BYTES: &str = "rocksdb.cur-size-all-mem-tables";
+
 /// Read handle for the node: cheap to clone, never blocks the apply loop for long.
 ///
 /// Each call reads the live DB of that moment (the handle is cloned under a short read lock, never
@@ -63,6 +66,17 @@ impl StateReader {
     /// Snapshots built and installed by this replica since it started.
     pub fn snapshot_stats(&self) -> super::SnapshotStats {
         self.shared.snapshot_stats()
+    }
+
+    /// Bytes in the state DB's memtables over all column families: applied state not yet
+    /// flushed to SST files (bounded by the column families' write buffer sizes).
+    pub fn memtable_bytes(&self) -> u64 {
+        let db = self.db();
+        Cf::ALL
+            .iter()
+            .filter_map(|cf| cf_handle(&db, *cf).ok())
+            .filter_map(|h| db.property_int_value_cf(h, MEMTABLE_BYTES).ok().flatten())
+            .sum()
     }
 
     /// Log time after the last applied entry.
