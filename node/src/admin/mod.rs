@@ -445,7 +445,7 @@ pub fn render_metrics(s: &AdminState) -> String {
         "gauge",
         "Bytes in RocksDB memtables (written, not yet flushed to SST files) by database.",
         "db",
-        [("state", state_mem as f64), ("log", log_mem as f64)].into_iter(),
+        [("state", state_mem as f64), ("log", log_mem as f64)],
     );
 
     // Connections and client traffic.
