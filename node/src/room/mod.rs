@@ -121,11 +121,9 @@ impl<T: Clone> Index<T> {
 
     fn insert(&self, app: &str, key: &str, v: T) {
         let mut s = self.shard(key).write();
-        s.entry(app.into())
-            .or_default()
-            .entry(key.into())
-            .or_default()
-            .push(v);
+        let entries = s.entry(app.into()).or_default().entry(key.into()).or_default();
+        // Most users have one or two sessions on a node: no idle slots for them.
+        conn::push_small(entries, v);
     }
 
     fn remove(&self, app: &str, key: &str, pred: impl Fn(&T) -> bool) {

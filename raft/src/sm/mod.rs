@@ -151,10 +151,18 @@ fn open_db(path: &Path, create: bool) -> Result<DB, StoreError> {
         cf_opts.set_block_based_table_factory(&table);
         // A few keys rewritten on every apply (mailbox metas, counters, cursors, last applied)
         // pile up one memtable version per write: a small memtable keeps the skiplist that every
-        // apply searches shallow, and its flush collapses the versions to one.
+        // apply searches shallow, and its flush collapses the versions to one. The registry's
+        // column families get the same for connection churn: each connect and disconnect puts
+        // and deletes the session and its node-index key.
         if matches!(
             cf,
-            Cf::MailMeta | Cf::Counters | Cf::Meta | Cf::TopicMeta | Cf::Devices
+            Cf::MailMeta
+                | Cf::Counters
+                | Cf::Meta
+                | Cf::TopicMeta
+                | Cf::Devices
+                | Cf::Sessions
+                | Cf::NodeSessions
         ) {
             cf_opts.set_write_buffer_size(HOT_CF_WRITE_BUFFER_BYTES);
         }
