@@ -109,36 +109,46 @@ where
 {
     async fn run(&mut self) -> End {
         loop {
-            let work = self.shared.take(TAKE);
-            if let Some(close) = work.close {
+            // Taken apart, and each part used up before the next await: what is held across an
+            // await sits in every idle connection's task.
+            let super::outbox::Work {
+                frames,
+                pokes,
+                kicks,
+                close,
+            } = self.shared.take(TAKE);
+            if let Some(close) = close {
                 let drain = matches!(close, Close::Bye(..));
                 if drain {
                     // Drain: what was already queued for this client goes out before the BYE.
-                    for f in &work.frames {
+                    for f in &frames {
                         f.write_into(&mut self.out);
                     }
-                    for sid in work.pokes {
+                    for sid in pokes {
                         self.pull_mailbox(sid, &mut Vec::new());
                     }
                 }
+                drop(frames);
                 self.final_frame(&close);
                 let _ = self.write_out().await;
                 if drain {
-                    self.linger().await;
+                    // Boxed: its timer exists only while a drained connection lingers.
+                    Box::pin(self.linger()).await;
                 }
                 return End::Closed(close);
             }
-            for k in work.kicks {
+            for k in kicks {
                 self.kick(k);
             }
             self.expire_tokens();
-            for f in &work.frames {
+            for f in &frames {
                 f.write_into(&mut self.out);
             }
+            drop(frames);
             let mut more = false;
             // Log times of the mailbox pushes in this write, observed once the socket took them.
             let mut pushed = Vec::new();
-            for sid in work.pokes {
+            for sid in pokes {
                 more |= self.pull_mailbox(sid, &mut pushed);
             }
             if let Err(e) = self.write_out().await {
@@ -159,23 +169,27 @@ where
             if self.hello_done && self.sessions.is_empty() {
                 return End::NoSessions;
             }
-            tokio::select! {
+            // The wait ends before the input is handled, so the two never share the task's
+            // storage (the waiting futures would otherwise stay alive through the handling).
+            let input = tokio::select! {
                 biased;
-                _ = self.shared.notified() => {}
-                r = read_some(&mut self.stream, &mut self.rbuf) => match r {
-                    Ok(0) => return End::ClientClosed,
-                    Ok(_) => {
-                        self.shared.touch(self.room.now());
-                        // Boxed: frame handling (sessions opening, subscribing) awaits deep
-                        // futures; inline, they would sit in every idle connection's task
-                        // (≈ 2 KB each), boxed they exist only while a frame is handled.
-                        if let Some(end) = Box::pin(self.handle_input()).await {
-                            let _ = self.write_out().await;
-                            return end;
-                        }
+                _ = self.shared.notified() => None,
+                r = read_some(&mut self.stream, &mut self.rbuf) => Some(r),
+            };
+            match input {
+                None => {}
+                Some(Ok(0)) => return End::ClientClosed,
+                Some(Ok(_)) => {
+                    self.shared.touch(self.room.now());
+                    // Boxed: frame handling (sessions opening, subscribing) awaits deep
+                    // futures; inline, they would sit in every idle connection's task
+                    // (≈ 2 KB each), boxed they exist only while a frame is handled.
+                    if let Some(end) = Box::pin(self.handle_input()).await {
+                        let _ = self.write_out().await;
+                        return end;
                     }
-                    Err(e) => return End::Io(e),
-                },
+                }
+                Some(Err(e)) => return End::Io(e),
             }
         }
     }
@@ -847,11 +861,35 @@ where
             return Ok(());
         }
         let out = std::mem::take(&mut self.out);
+        // Fast path, no timer: most writes fit in the socket's send buffer at once.
+        let mut written = 0;
+        let stream = &mut self.stream;
+        let fast = poll_fn(|cx| {
+            while written < out.len() {
+                match Pin::new(&mut *stream).poll_write(cx, &out[written..]) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into())),
+                    Poll::Ready(Ok(n)) => written += n,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => return Poll::Ready(Ok(false)),
+                }
+            }
+            match Pin::new(&mut *stream).poll_flush(cx) {
+                Poll::Ready(r) => Poll::Ready(r.map(|()| true)),
+                Poll::Pending => Poll::Ready(Ok(false)),
+            }
+        })
+        .await?;
+        if fast {
+            return Ok(());
+        }
+        // The client reads slower than we write: wait, bounded by the write timeout. Boxed: the
+        // timer exists only while a write waits, not in every idle connection's task.
+        let rest = &out[written..];
         let w = async {
-            self.stream.write_all(&out).await?;
+            self.stream.write_all(rest).await?;
             self.stream.flush().await
         };
-        match tokio::time::timeout(WRITE_TIMEOUT, w).await {
+        match Box::pin(tokio::time::timeout(WRITE_TIMEOUT, w)).await {
             Ok(r) => r,
             Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "write stalled")),
         }

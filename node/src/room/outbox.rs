@@ -74,7 +74,8 @@ struct State {
     /// Sessions whose mailbox got new messages since the connection last looked.
     pokes: Vec<u32>,
     kicks: Vec<Kick>,
-    close: Option<Close>,
+    /// Boxed: set once at most, and `None` for nearly all of a connection's life.
+    close: Option<Box<Close>>,
 }
 
 /// Work taken by the connection task in one go.
@@ -134,7 +135,10 @@ impl ConnShared {
             return false;
         }
         if st.queue.len() >= self.limit {
-            st.close = Some(Close::Error(ErrorCode::SlowConsumer, "send queue full".into()));
+            st.close = Some(Box::new(Close::Error(
+                ErrorCode::SlowConsumer,
+                "send queue full".into(),
+            )));
             drop(st);
             self.notify.notify_one();
             return false;
@@ -167,7 +171,7 @@ impl ConnShared {
     pub fn close(&self, why: Close) {
         let mut st = self.state.lock();
         if st.close.is_none() {
-            st.close = Some(why);
+            st.close = Some(Box::new(why));
         }
         drop(st);
         self.notify.notify_one();
@@ -188,7 +192,7 @@ impl ConnShared {
             frames,
             pokes: std::mem::take(&mut st.pokes),
             kicks: std::mem::take(&mut st.kicks),
-            close: st.close.clone(),
+            close: st.close.as_deref().cloned(),
         };
         drop(st);
         if more {
