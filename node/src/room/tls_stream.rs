@@ -16,7 +16,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
-use rustls::server::UnbufferedServerConnection;
+use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
 use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, InsufficientSizeError};
 use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -150,47 +150,22 @@ impl LeanTls {
                     return Err(tls_err(e));
                 }
             };
-            let next = match state {
-                ConnectionState::ReadTraffic(mut r) => {
-                    while let Some(record) = r.next_record() {
-                        let record = record.map_err(tls_err)?;
-                        discard += record.discard;
-                        if self.plain_pos == self.plain.len() {
-                            self.plain.clear();
-                            self.plain_pos = 0;
-                        }
-                        self.plain.extend_from_slice(record.payload);
-                    }
+            let next = match absorb(
+                state,
+                &mut self.plain,
+                &mut self.plain_pos,
+                &mut self.outgoing,
+                &mut self.eof,
+            )? {
+                Absorbed::Done(more) => {
+                    discard += more;
                     None
                 }
-                ConnectionState::ReadEarlyData(mut r) => {
-                    // Early data is not enabled in our config; take it as data if a future config does.
-                    while let Some(record) = r.next_record() {
-                        let record = record.map_err(tls_err)?;
-                        discard += record.discard;
-                        self.plain.extend_from_slice(record.payload);
-                    }
-                    None
+                Absorbed::Other(ConnectionState::Closed) => Some(Next::Closed),
+                Absorbed::Other(ConnectionState::BlockedHandshake | ConnectionState::WriteTraffic(_)) => {
+                    Some(Next::Read)
                 }
-                ConnectionState::EncodeTlsData(mut e) => {
-                    append_with(&mut self.outgoing, |b| e.encode(b), encode_too_small).map_err(other)?;
-                    None
-                }
-                // The bytes are in `outgoing` in order; they are sent before we wait for input.
-                ConnectionState::TransmitTlsData(t) => {
-                    t.done();
-                    None
-                }
-                ConnectionState::PeerClosed => {
-                    self.eof = true;
-                    None
-                }
-                ConnectionState::Closed => {
-                    self.eof = true;
-                    Some(Next::Closed)
-                }
-                ConnectionState::BlockedHandshake | ConnectionState::WriteTraffic(_) => Some(Next::Read),
-                _ => return Err(other("unexpected connection state")),
+                Absorbed::Other(_) => return Err(other("unexpected connection state")),
             };
             self.drop_incoming(discard);
             if let Some(next) = next {
@@ -264,8 +239,18 @@ impl LeanTls {
             let status = self.conn.process_tls_records(&mut self.incoming[..]);
             let mut discard = status.discard;
             let state = status.state.map_err(tls_err)?;
-            let done = match state {
-                ConnectionState::WriteTraffic(mut w) => {
+            let done = match absorb(
+                state,
+                &mut self.plain,
+                &mut self.plain_pos,
+                &mut self.outgoing,
+                &mut self.eof,
+            )? {
+                Absorbed::Done(more) => {
+                    discard += more;
+                    false
+                }
+                Absorbed::Other(ConnectionState::WriteTraffic(mut w)) => {
                     match data {
                         Some(d) => append_with(&mut self.outgoing, |b| w.encrypt(d, b), encrypt_too_small),
                         None => {
@@ -275,34 +260,14 @@ impl LeanTls {
                     .map_err(other)?;
                     true
                 }
-                ConnectionState::EncodeTlsData(mut e) => {
-                    append_with(&mut self.outgoing, |b| e.encode(b), encode_too_small).map_err(other)?;
-                    false
-                }
-                ConnectionState::TransmitTlsData(t) => {
-                    t.done();
-                    false
-                }
-                ConnectionState::ReadTraffic(mut r) => {
-                    while let Some(record) = r.next_record() {
-                        let record = record.map_err(tls_err)?;
-                        discard += record.discard;
-                        self.plain.extend_from_slice(record.payload);
-                    }
-                    false
-                }
-                ConnectionState::PeerClosed => {
-                    self.eof = true;
-                    false
-                }
-                ConnectionState::Closed => {
+                Absorbed::Other(ConnectionState::Closed) => {
                     self.drop_incoming(discard);
                     return match data {
                         Some(_) => Err(io::ErrorKind::BrokenPipe.into()),
                         None => Ok(()),
                     };
                 }
-                _ => {
+                Absorbed::Other(_) => {
                     self.drop_incoming(discard);
                     return Err(other("cannot write: the handshake is not done"));
                 }
@@ -313,6 +278,57 @@ impl LeanTls {
             }
         }
     }
+}
+
+/// What [`absorb`] did with a connection state.
+enum Absorbed<'c, 'i> {
+    /// Handled; this many more input bytes are consumed.
+    Done(usize),
+    /// Left to the caller (write, wait for input, closed).
+    Other(ConnectionState<'c, 'i, ServerConnectionData>),
+}
+
+/// The handling every caller of `process_tls_records` shares: decrypted records go to `plain`,
+/// records rustls wants sent go to `outgoing` (in order; sent before the connection waits for
+/// input), the peer's close_notify sets `eof`.
+fn absorb<'c, 'i>(
+    state: ConnectionState<'c, 'i, ServerConnectionData>,
+    plain: &mut Vec<u8>,
+    plain_pos: &mut usize,
+    outgoing: &mut Vec<u8>,
+    eof: &mut bool,
+) -> io::Result<Absorbed<'c, 'i>> {
+    let mut discard = 0;
+    let mut take = |record: Result<rustls::unbuffered::AppDataRecord<'_>, rustls::Error>| {
+        let record = record.map_err(tls_err)?;
+        discard += record.discard;
+        if *plain_pos == plain.len() {
+            plain.clear();
+            *plain_pos = 0;
+        }
+        plain.extend_from_slice(record.payload);
+        Ok::<(), io::Error>(())
+    };
+    match state {
+        ConnectionState::ReadTraffic(mut r) => {
+            while let Some(record) = r.next_record() {
+                take(record)?;
+            }
+        }
+        // Early data is not enabled in our config; taken as data if a future config does.
+        ConnectionState::ReadEarlyData(mut r) => {
+            while let Some(record) = r.next_record() {
+                take(record)?;
+            }
+        }
+        ConnectionState::EncodeTlsData(mut e) => {
+            append_with(outgoing, |b| e.encode(b), encode_too_small).map_err(other)?;
+        }
+        ConnectionState::TransmitTlsData(t) => t.done(),
+        ConnectionState::PeerClosed => *eof = true,
+        state => return Ok(Absorbed::Other(state)),
+    }
+    Ok(Absorbed::Done(discard))
 }
 
 impl AsyncRead for LeanTls {
