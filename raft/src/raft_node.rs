@@ -154,6 +154,8 @@ struct Inner {
     reader: StateReader,
     /// A handle on the log store openraft owns, for its memory figures.
     log: LogStore,
+    /// When the raft service last took an AppendEntries from a leader.
+    last_append: Arc<parking_lot::Mutex<Option<Instant>>>,
     clients: PeerClients,
     /// Bounded: callers wait (back-pressure) rather than queue without limit.
     proposals: mpsc::Sender<Proposal>,
@@ -209,6 +211,8 @@ impl RaftNode {
             );
         }
 
+        // Holds a membership from an earlier run: this is a restart, not a fresh node.
+        let initialized = raft.is_initialized().await.unwrap_or(false);
         let (tx, rx) = mpsc::channel(config.max_batch_ops * 4);
         let (load, _) = watch::channel(0);
         let inner = Arc::new(Inner {
@@ -216,6 +220,7 @@ impl RaftNode {
             raft,
             reader,
             log,
+            last_append: Arc::new(parking_lot::Mutex::new(None)),
             clients,
             proposals: tx,
             load,
@@ -223,6 +228,9 @@ impl RaftNode {
             tasks: TaskTracker::new(),
         });
         let node = RaftNode { inner };
+        if initialized {
+            node.hold_elections_after_restart();
+        }
         let n = node.clone();
         node.inner.tasks.spawn(async move { n.run_proposer(rx).await });
         let n = node.clone();
@@ -271,7 +279,47 @@ impl RaftNode {
     ) -> herald_proto::raft::raft_service_server::RaftServiceServer<
         impl herald_proto::raft::raft_service_server::RaftService,
     > {
-        crate::network::raft_server(self.id(), self.inner.raft.clone(), Arc::new(Hooks(self.clone())))
+        crate::network::RaftGrpc::new(self.id(), self.inner.raft.clone(), Arc::new(Hooks(self.clone())))
+            .campaign_after(Duration::from_millis(self.inner.config.election_timeout_min_ms))
+            .with_last_append(self.inner.last_append.clone())
+            .into_server()
+    }
+
+    /// A node restarted on its data dir stands for election only once it heard from a leader,
+    /// or after twice the maximum election timeout plus the network's reconnect backoff if no
+    /// leader reaches it (the whole cluster restarted). Without this, a restarted node whose
+    /// leader had not reached it yet (its replication to the dead node was backing off) stood with
+    /// a stale log 0.7–1 s after start: it made the sitting leader step down, and openraft
+    /// remembered the greater log it saw, adding 2 × the maximum election timeout to that node's
+    /// later elections (the slow leader failovers in BENCHMARKS.md). Safety is unaffected: a node
+    /// that does not stand still votes.
+    fn hold_elections_after_restart(&self) {
+        let raft = self.inner.raft.clone();
+        raft.runtime_config().elect(false);
+        let last_append = self.inner.last_append.clone();
+        let cancel = self.inner.cancel.clone();
+        let hold = Duration::from_millis(2 * self.inner.config.election_timeout_max_ms)
+            + self.inner.config.network.backoff_max;
+        let me = self.id();
+        self.inner.tasks.spawn(async move {
+            let deadline = tokio::time::Instant::now() + hold;
+            loop {
+                let heard = last_append.lock().is_some();
+                if heard || tokio::time::Instant::now() >= deadline {
+                    raft.runtime_config().elect(true);
+                    info!(
+                        node_id = me,
+                        heard_from_leader = heard,
+                        "elections enabled after restart"
+                    );
+                    return;
+                }
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                }
+            }
+        });
     }
 
     /// The current leader and its gRPC address, if known.

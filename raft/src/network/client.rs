@@ -55,7 +55,8 @@ impl NetworkOptions {
     /// - `request_buffer` 64 queued requests per peer;
     /// - `max_message_bytes` 64 MiB;
     /// - `snapshot_chunk_bytes` 1 MiB; `snapshot_timeout` 10 min (several GB on a 1 Gbit/s link);
-    /// - unreachable backoff 50 ms doubling to 2 s, with jitter.
+    /// - unreachable backoff 50 ms doubling to 500 ms, with jitter (a restarted peer hears from
+    ///   the leader within about that, before it may stand for election; see `RaftNode::start`).
     pub fn standard() -> Self {
         NetworkOptions {
             connect_timeout: Duration::from_secs(1),
@@ -66,7 +67,7 @@ impl NetworkOptions {
             snapshot_chunk_bytes: 1024 * 1024,
             snapshot_timeout: Duration::from_secs(600),
             backoff_min: Duration::from_millis(50),
-            backoff_max: Duration::from_secs(2),
+            backoff_max: Duration::from_millis(500),
         }
     }
 

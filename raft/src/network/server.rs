@@ -2,7 +2,9 @@
 
 use std::future::Future;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use herald_proto::raft::raft_service_server::{RaftService, RaftServiceServer};
@@ -12,6 +14,7 @@ use herald_proto::raft::{
     SnapshotChunk,
 };
 use openraft::error::RaftError;
+use parking_lot::Mutex;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, instrument, warn};
 
@@ -29,7 +32,7 @@ pub const SNAPSHOT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// What the raft service needs from openraft. Implemented by [`typ::Raft`]; a seam so the
 /// transport can be tested against a stand-in.
-pub trait RaftApi: Send + Sync + 'static {
+pub trait RaftApi: Clone + Send + Sync + 'static {
     fn append_entries(
         &self,
         rpc: typ::AppendEntriesRequest,
@@ -47,6 +50,14 @@ pub trait RaftApi: Send + Sync + 'static {
         vote: typ::Vote,
         snapshot: typ::Snapshot,
     ) -> impl Future<Output = Result<typ::SnapshotResponse, typ::Fatal>> + Send;
+    /// Stands for election now (see [`RaftGrpc::campaign_after`]); a stand-in may ignore it.
+    fn elect(&self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
+    /// This node leads now.
+    fn leads(&self) -> bool {
+        false
+    }
 }
 
 impl RaftApi for typ::Raft {
@@ -74,6 +85,13 @@ impl RaftApi for typ::Raft {
     ) -> impl Future<Output = Result<typ::SnapshotResponse, typ::Fatal>> + Send {
         typ::Raft::install_full_snapshot(self, vote, snapshot)
     }
+    async fn elect(&self) {
+        // Err only when the core stopped (shutdown); nothing to do then.
+        let _ = self.trigger().elect().await;
+    }
+    fn leads(&self) -> bool {
+        self.metrics().borrow().state == openraft::ServerState::Leader
+    }
 }
 
 /// The raft service of node `node_id`, ready to mount on a tonic server.
@@ -90,6 +108,12 @@ pub struct RaftGrpc<R = typ::Raft> {
     hooks: Hooks,
     /// How long a snapshot stream may stall between chunks before it is discarded.
     snapshot_idle_timeout: Duration,
+    /// See [`RaftGrpc::campaign_after`]; zero = off.
+    campaign_after: Duration,
+    /// When this node last took an AppendEntries (a leader's heartbeat or entries).
+    last_append: Arc<Mutex<Option<Instant>>>,
+    /// A campaign started by a refused vote is under way.
+    campaigning: Arc<AtomicBool>,
 }
 
 impl<R: RaftApi> RaftGrpc<R> {
@@ -99,7 +123,66 @@ impl<R: RaftApi> RaftGrpc<R> {
             raft,
             hooks,
             snapshot_idle_timeout: SNAPSHOT_IDLE_TIMEOUT,
+            campaign_after: Duration::ZERO,
+            last_append: Arc::new(Mutex::new(None)),
+            campaigning: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// Turns on the follower's answer to a candidate whose log is behind this node's: when the
+    /// vote is refused for that reason and no AppendEntries came for `silence` (the leader is
+    /// gone, not merely slow), this node stands for election at once instead of after its own
+    /// timer — which the refused request has just reset to a full leader lease plus election
+    /// timeout (openraft 0.9 has no pre-vote). It tries twice, 30 ms apart: the first try can
+    /// land in the behind candidate's own term, which that candidate refuses (it voted for
+    /// itself); the second is a term above it. Elections are always safe in Raft; this only
+    /// changes who stands first. It stops as soon as this node leads or a leader's
+    /// AppendEntries arrives. Measured in BENCHMARKS.md (failover).
+    pub fn campaign_after(mut self, silence: Duration) -> Self {
+        self.campaign_after = silence;
+        self
+    }
+
+    /// Shares the time of the last AppendEntries taken with the node (it gates elections after
+    /// a restart on it).
+    pub fn with_last_append(mut self, last_append: Arc<Mutex<Option<Instant>>>) -> Self {
+        self.last_append = last_append;
+        self
+    }
+
+    fn leader_silent_for(&self, d: Duration) -> bool {
+        match *self.last_append.lock() {
+            Some(t) => t.elapsed() >= d,
+            None => true,
+        }
+    }
+
+    fn campaign(&self, candidate: NodeId) {
+        if self.campaigning.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        info!(
+            node_id = self.node_id,
+            candidate,
+            "refused a candidate whose log is behind ours while the leader is silent; standing for election"
+        );
+        let (raft, last_append, campaigning) = (
+            self.raft.clone(),
+            self.last_append.clone(),
+            self.campaigning.clone(),
+        );
+        let started = Instant::now();
+        tokio::spawn(async move {
+            for _ in 0..2 {
+                let heard = matches!(*last_append.lock(), Some(t) if t > started);
+                if raft.leads() || heard {
+                    break;
+                }
+                raft.elect().await;
+                tokio::time::sleep(Duration::from_millis(30)).await;
+            }
+            campaigning.store(false, Ordering::Release);
+        });
     }
 
     /// Overrides [`SNAPSHOT_IDLE_TIMEOUT`].
@@ -229,6 +312,9 @@ impl<R: RaftApi> RaftService for RaftGrpc<R> {
         let rpc: typ::AppendEntriesRequest =
             codec::decode("append entries request", &req.payload).map_err(invalid)?;
         let res = self.raft.append_entries(rpc).await;
+        if matches!(&res, Ok(r) if r.is_success()) {
+            *self.last_append.lock() = Some(Instant::now());
+        }
         reply_payload("append entries reply", &res).map(Response::new)
     }
 
@@ -237,7 +323,19 @@ impl<R: RaftApi> RaftService for RaftGrpc<R> {
         let req = request.into_inner();
         self.check_target(req.from, req.target)?;
         let rpc: typ::VoteRequest = codec::decode("vote request", &req.payload).map_err(invalid)?;
+        let candidate_log = rpc.last_log_id;
         let res = self.raft.vote(rpc).await;
+        if let Ok(r) = &res {
+            let behind = !r.vote_granted && r.last_log_id > candidate_log;
+            // A leader takes no AppendEntries, so it would always look silent: leave it out.
+            if behind
+                && !self.campaign_after.is_zero()
+                && !self.raft.leads()
+                && self.leader_silent_for(self.campaign_after)
+            {
+                self.campaign(req.from);
+            }
+        }
         reply_payload("vote reply", &res).map(Response::new)
     }
 

@@ -46,6 +46,9 @@ struct FakeInner {
     rpcs: AtomicU64,
     begun: Mutex<Vec<PathBuf>>,
     installed: Mutex<Vec<(typ::Vote, typ::SnapshotMeta, PathBuf)>>,
+    /// When set, votes are refused and this is the last log id the refusal reports.
+    refuse_with_log: Mutex<Option<typ::LogId>>,
+    elections: AtomicU64,
 }
 
 impl FakeRaft {
@@ -56,7 +59,12 @@ impl FakeRaft {
             rpcs: AtomicU64::new(0),
             begun: Mutex::new(Vec::new()),
             installed: Mutex::new(Vec::new()),
+            refuse_with_log: Mutex::new(None),
+            elections: AtomicU64::new(0),
         }))
+    }
+    fn elections(&self) -> u64 {
+        self.0.elections.load(Ordering::SeqCst)
     }
     fn rpcs(&self) -> u64 {
         self.0.rpcs.load(Ordering::SeqCst)
@@ -79,11 +87,15 @@ impl RaftApi for FakeRaft {
     }
     async fn vote(&self, rpc: typ::VoteRequest) -> Result<typ::VoteResponse, typ::RaftError> {
         self.0.rpcs.fetch_add(1, Ordering::SeqCst);
+        let refuse = *self.0.refuse_with_log.lock();
         Ok(VoteResponse {
             vote: rpc.vote,
-            vote_granted: true,
-            last_log_id: None,
+            vote_granted: refuse.is_none(),
+            last_log_id: refuse,
         })
+    }
+    async fn elect(&self) {
+        self.0.elections.fetch_add(1, Ordering::SeqCst);
     }
     async fn begin_receiving_snapshot(&self) -> Result<Box<SnapshotDir>, typ::RaftError> {
         let n = self.0.next_dir.fetch_add(1, Ordering::SeqCst);
@@ -1231,5 +1243,66 @@ async fn openraft_cluster_replicates_and_installs_snapshots_over_the_transport()
         n.raft.shutdown().await?;
         n.server.abort();
     }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// a follower ahead of a candidate stands for election when the leader is silent
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_follower_ahead_of_a_refused_candidate_stands_only_when_the_leader_is_silent() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let raft = FakeRaft::new(dir.path());
+    *raft.0.refuse_with_log.lock() = Some(LogId::new(CommittedLeaderId::new(2, 1), 10));
+    let svc = RaftGrpc::new(2, raft.clone(), FakeHooks::new(2) as Hooks)
+        .campaign_after(Duration::from_millis(300))
+        .into_server();
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let task = tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming(TcpListenerStream::new(listener))
+            .await;
+    });
+    let mut conn = connection(1, 2, addr).await;
+    let behind = LogId::new(CommittedLeaderId::new(2, 1), 9);
+    let vote = |term| openraft::raft::VoteRequest::new(Vote::new(term, 3), Some(behind));
+    let opt = || RPCOption::new(Duration::from_secs(1));
+
+    // A leader's heartbeat just arrived: a refused candidate changes nothing.
+    let heartbeat = openraft::raft::AppendEntriesRequest {
+        vote: Vote::new_committed(2, 1),
+        prev_log_id: None,
+        leader_commit: None,
+        entries: vec![],
+    };
+    conn.append_entries(heartbeat, opt()).await?;
+    let r = conn.vote(vote(3), opt()).await?;
+    assert!(!r.vote_granted);
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(
+        raft.elections(),
+        0,
+        "stood for election while the leader was heard"
+    );
+
+    // The leader has been silent past the threshold: the follower stands, twice.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    conn.vote(vote(4), opt()).await?;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while raft.elections() < 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(raft.elections(), 2);
+
+    // A candidate whose log is not behind ours is simply answered.
+    *raft.0.refuse_with_log.lock() = None;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    conn.vote(vote(5), opt()).await?;
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(raft.elections(), 2);
+    task.abort();
     Ok(())
 }
