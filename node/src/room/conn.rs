@@ -7,7 +7,7 @@
 //! are boxed so they do not inflate the idle task.
 
 use std::cell::RefCell;
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -22,10 +22,12 @@ use herald_proto::frame::{self, FrameError};
 use herald_raft::raft_node::now_ms;
 use herald_raft::{AppConfig, MailboxMeta, Op, OpResult, Register, WriteError};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::sync::OwnedSemaphorePermit;
 use tracing::{debug, info, warn};
 
 use super::outbox::{Close, ConnShared, Kick};
 use super::{LocalSession, Room, BROADCAST, MAX_NAME, MAX_SESSIONS_PER_CONN, MAX_TOPICS_PER_SESSION};
+use crate::admin::metrics::Transport;
 use crate::coordinator::UpstreamFailure;
 use crate::token;
 
@@ -79,13 +81,28 @@ struct Conn<S> {
     out: Vec<u8>,
     sessions: Vec<Session>,
     hello_done: bool,
+    transport: Transport,
+    /// The listener's connection slot, given back when the connection ends.
+    _slot: Option<OwnedSemaphorePermit>,
 }
 
-/// Serves one connection until it ends. `stream` is plain TCP or TLS.
-pub async fn serve<S>(room: Arc<Room>, shared: Arc<ConnShared>, stream: S)
+/// Registers an accepted connection with the room now and returns the future that serves it
+/// until it ends (`stream` is plain TCP, TLS or WebSocket): the connection's task.
+///
+/// Not an `async fn`: an async fn's arguments stay in its future for its whole life (the peer
+/// address, the stream before it moved into the connection, ...); here the future holds only
+/// the connection.
+pub fn serve<S>(
+    room: Arc<Room>,
+    peer: std::net::SocketAddr,
+    transport: Transport,
+    stream: S,
+    slot: Option<OwnedSemaphorePermit>,
+) -> impl Future<Output = ()> + Send
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
+    let shared = room.add_conn(peer, transport);
     let mut c = Conn {
         room,
         shared,
@@ -94,49 +111,52 @@ where
         out: Vec::new(),
         sessions: Vec::new(),
         hello_done: false,
+        transport,
+        _slot: slot,
     };
-    let end = c.run().await;
-    match &end {
-        End::Io(e) => debug!(conn = c.shared.id, peer = %c.shared.peer, error = %e, "connection i/o ended"),
-        other => debug!(conn = c.shared.id, peer = %c.shared.peer, end = ?other, "connection ended"),
-    }
-    c.cleanup();
+    // The block's captured `c` is used in place; an `async fn` taking the connection by value
+    // would copy it into a second slot of the same future.
+    async move { c.serve().await }
 }
 
 impl<S> Conn<S>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
+    async fn serve(&mut self) {
+        match self.run().await {
+            End::Io(e) => {
+                debug!(conn = self.shared.id, peer = %self.shared.peer, error = %e, "connection i/o ended")
+            }
+            other => {
+                debug!(conn = self.shared.id, peer = %self.shared.peer, end = ?other, "connection ended")
+            }
+        }
+        self.cleanup();
+        self.room.stats.ops.conn_closed(self.transport);
+    }
+
     async fn run(&mut self) -> End {
         loop {
             // Taken apart, and each part used up before the next await: what is held across an
-            // await sits in every idle connection's task.
-            let super::outbox::Work {
-                frames,
-                pokes,
-                kicks,
-                close,
-            } = self.shared.take(TAKE);
-            if let Some(close) = close {
-                let drain = matches!(close, Close::Bye(..));
-                if drain {
-                    // Drain: what was already queued for this client goes out before the BYE.
-                    for f in &frames {
-                        f.write_into(&mut self.out);
-                    }
-                    for sid in pokes {
-                        self.pull_mailbox(sid, &mut Vec::new());
-                    }
+            // await sits in every idle connection's task (the block ends the `close` slot's life
+            // here: an `Option<Close>` kept to the end of the loop body would be 56 bytes in
+            // every idle task).
+            let (frames, pokes, kicks) = {
+                let super::outbox::Work {
+                    frames,
+                    pokes,
+                    kicks,
+                    close,
+                } = self.shared.take(TAKE);
+                if let Some(close) = close {
+                    drop(kicks);
+                    // Boxed: the closing steps and what they hold exist only while a
+                    // connection closes.
+                    return Box::pin(self.close_with(frames, pokes, close)).await;
                 }
-                drop(frames);
-                self.final_frame(&close);
-                let _ = self.write_out().await;
-                if drain {
-                    // Boxed: its timer exists only while a drained connection lingers.
-                    Box::pin(self.linger()).await;
-                }
-                return End::Closed(close);
-            }
+                (frames, pokes, kicks)
+            };
             for k in kicks {
                 self.kick(k);
             }
@@ -171,27 +191,63 @@ where
             }
             // The wait ends before the input is handled, so the two never share the task's
             // storage (the waiting futures would otherwise stay alive through the handling).
-            let input = tokio::select! {
-                biased;
-                _ = self.shared.notified() => None,
-                r = read_some(&mut self.stream, &mut self.rbuf) => Some(r),
-            };
-            match input {
-                None => {}
-                Some(Ok(0)) => return End::ClientClosed,
-                Some(Ok(_)) => {
-                    self.shared.touch(self.room.now());
-                    // Boxed: frame handling (sessions opening, subscribing) awaits deep
-                    // futures; inline, they would sit in every idle connection's task
-                    // (≈ 2 KB each), boxed they exist only while a frame is handled.
-                    if let Some(end) = Box::pin(self.handle_input()).await {
-                        let _ = self.write_out().await;
-                        return end;
-                    }
+            // One small future (three references): the doorbell first, then the socket.
+            let (shared, stream, rbuf) = (&self.shared, &mut self.stream, &mut self.rbuf);
+            let input = poll_fn(|cx| {
+                if shared.poll_rung(cx).is_ready() {
+                    return Poll::Ready(None);
                 }
+                poll_read_into(cx, stream, rbuf).map(Some)
+            })
+            .await;
+            match input {
+                None => continue,
+                Some(Ok(0)) => return End::ClientClosed,
                 Some(Err(e)) => return End::Io(e),
+                Some(Ok(_)) => {}
+            }
+            self.shared.touch(self.room.now());
+            // Boxed: frame handling (sessions opening, subscribing) awaits deep futures;
+            // inline, they would sit in every idle connection's task (≈ 2 KB each), boxed they
+            // exist only while a frame is handled.
+            if let Some(end) = Box::pin(self.handle_input_or_end()).await {
+                return end;
             }
         }
+    }
+
+    /// Handles the input; if it ends the connection, writes what it answered first.
+    async fn handle_input_or_end(&mut self) -> Option<End> {
+        let end = self.handle_input().await?;
+        let _ = self.write_out().await;
+        Some(end)
+    }
+
+    /// The outbox asked this connection to close: a drain first writes what was queued (and the
+    /// mailbox pages its pokes ask for), then the final frame goes out.
+    async fn close_with(
+        &mut self,
+        frames: Vec<super::outbox::Outbound>,
+        pokes: Vec<u32>,
+        close: Close,
+    ) -> End {
+        let drain = matches!(close, Close::Bye(..));
+        if drain {
+            // Drain: what was already queued for this client goes out before the BYE.
+            for f in &frames {
+                f.write_into(&mut self.out);
+            }
+            for sid in pokes {
+                self.pull_mailbox(sid, &mut Vec::new());
+            }
+        }
+        drop(frames);
+        self.final_frame(&close);
+        let _ = self.write_out().await;
+        if drain {
+            self.linger().await;
+        }
+        End::Closed(close)
     }
 
     /// After a drain's BYE: keeps reading for a short while so the acks the client sends for what
@@ -1050,22 +1106,28 @@ pub(crate) fn push_small<T>(v: &mut Vec<T>, x: T) {
 /// Reads what the socket has into `acc` through the thread's scratch buffer: nothing is held
 /// across the wait for readability.
 async fn read_some<S: AsyncRead + Unpin>(stream: &mut S, acc: &mut BytesMut) -> std::io::Result<usize> {
-    poll_fn(|cx| {
-        SCRATCH.with(|scratch| {
-            let mut scratch = scratch.borrow_mut();
-            let mut rb = ReadBuf::new(&mut scratch[..]);
-            match Pin::new(&mut *stream).poll_read(cx, &mut rb) {
-                Poll::Ready(Ok(())) => {
-                    let n = rb.filled().len();
-                    acc.extend_from_slice(rb.filled());
-                    Poll::Ready(Ok(n))
-                }
-                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-                Poll::Pending => Poll::Pending,
+    poll_fn(|cx| poll_read_into(cx, stream, acc)).await
+}
+
+/// One read attempt into `acc` through the thread's scratch buffer.
+fn poll_read_into<S: AsyncRead + Unpin>(
+    cx: &mut std::task::Context<'_>,
+    stream: &mut S,
+    acc: &mut BytesMut,
+) -> Poll<std::io::Result<usize>> {
+    SCRATCH.with(|scratch| {
+        let mut scratch = scratch.borrow_mut();
+        let mut rb = ReadBuf::new(&mut scratch[..]);
+        match Pin::new(&mut *stream).poll_read(cx, &mut rb) {
+            Poll::Ready(Ok(())) => {
+                let n = rb.filled().len();
+                acc.extend_from_slice(rb.filled());
+                Poll::Ready(Ok(n))
             }
-        })
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Pending,
+        }
     })
-    .await
 }
 
 /// An UPSTREAM_REPLY carrying an error.

@@ -2,15 +2,18 @@
 //! a request to close. The connection task owns the socket; everyone else only touches this.
 //!
 //! Memory matters here (one per connection): the queue does not allocate until used, the wake-up
-//! is one `Notify`, and timers are not per connection (the room's sweeper reads `last_rx`).
+//! is a doorbell (a flag and the one waiting task's waker: there is only ever one waiter, so no
+//! waiter list, and the wait itself is a pointer in the connection's task), and timers are not per
+//! connection (the room's sweeper reads `last_rx`).
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use futures::task::AtomicWaker;
 use herald_proto::client::{ErrorCode, KickReason};
 use parking_lot::Mutex;
-use tokio::sync::Notify;
 
 /// One frame waiting to be written.
 #[derive(Debug, Clone)]
@@ -73,9 +76,25 @@ struct State {
     queue: VecDeque<Outbound>,
     /// Sessions whose mailbox got new messages since the connection last looked.
     pokes: Vec<u32>,
+    /// Kicks and the close reason, boxed: `None` for nearly all of a connection's life.
+    rare: Option<Box<Rare>>,
+}
+
+#[derive(Default)]
+struct Rare {
     kicks: Vec<Kick>,
-    /// Boxed: set once at most, and `None` for nearly all of a connection's life.
-    close: Option<Box<Close>>,
+    /// Set once at most (the first reason wins).
+    close: Option<Close>,
+}
+
+impl State {
+    fn closing(&self) -> bool {
+        self.rare.as_ref().is_some_and(|r| r.close.is_some())
+    }
+
+    fn rare(&mut self) -> &mut Rare {
+        self.rare.get_or_insert_with(Box::default)
+    }
 }
 
 /// Work taken by the connection task in one go.
@@ -94,21 +113,25 @@ pub struct ConnShared {
     /// Peer address, for logs.
     pub peer: std::net::SocketAddr,
     state: Mutex<State>,
-    notify: Notify,
+    /// The doorbell: set by whoever gives the connection something, cleared by the connection
+    /// when it looks; `waker` is the connection task's, registered before it sleeps.
+    rung: AtomicBool,
+    waker: AtomicWaker,
     /// Coarse clock (ms since the room started) of the last frame received; the sweeper closes
     /// connections that stay silent past `idle_limit_ms`.
     last_rx: AtomicU64,
-    /// The idle limit for this connection (2.5 × the client's announced heartbeat).
-    idle_limit_ms: AtomicU64,
+    /// The idle limit for this connection in ms (2.5 × the client's announced heartbeat).
+    idle_limit_ms: AtomicU32,
     /// Set once the first session is open; before that the auth timeout applies.
     authed: AtomicBool,
-    /// Earliest token expiry of the connection's sessions (unix seconds, 0 = none); the sweeper
-    /// wakes the connection when it passes.
-    token_deadline: AtomicU64,
+    /// Earliest token expiry of the connection's sessions (unix seconds, 0 = none; u32 lasts
+    /// until 2106, later expiries count as never); the sweeper wakes the connection when it
+    /// passes.
+    token_deadline: AtomicU32,
     /// When the connection was accepted (same clock as `last_rx`).
     pub opened_at: u64,
     /// Frames allowed in the queue before the client counts as a slow consumer.
-    limit: usize,
+    limit: u32,
 }
 
 impl ConnShared {
@@ -117,13 +140,14 @@ impl ConnShared {
             id,
             peer,
             state: Mutex::new(State::default()),
-            notify: Notify::new(),
+            rung: AtomicBool::new(false),
+            waker: AtomicWaker::new(),
             last_rx: AtomicU64::new(now),
-            idle_limit_ms: AtomicU64::new(idle_limit_ms),
+            idle_limit_ms: AtomicU32::new(saturate(idle_limit_ms)),
             authed: AtomicBool::new(false),
-            token_deadline: AtomicU64::new(0),
+            token_deadline: AtomicU32::new(0),
             opened_at: now,
-            limit,
+            limit: saturate(limit as u64),
         }
     }
 
@@ -131,23 +155,20 @@ impl ConnShared {
     /// stored messages wait for the next connection) and returns false.
     pub fn push(&self, frame: Outbound) -> bool {
         let mut st = self.state.lock();
-        if st.close.is_some() {
+        if st.closing() {
             return false;
         }
-        if st.queue.len() >= self.limit {
-            st.close = Some(Box::new(Close::Error(
-                ErrorCode::SlowConsumer,
-                "send queue full".into(),
-            )));
+        if st.queue.len() >= self.limit as usize {
+            st.rare().close = Some(Close::Error(ErrorCode::SlowConsumer, "send queue full".into()));
             drop(st);
-            self.notify.notify_one();
+            self.ring();
             return false;
         }
         let was_empty = st.queue.is_empty();
         st.queue.push_back(frame);
         drop(st);
         if was_empty {
-            self.notify.notify_one();
+            self.ring();
         }
         true
     }
@@ -159,27 +180,30 @@ impl ConnShared {
             st.pokes.push(session_id);
         }
         drop(st);
-        self.notify.notify_one();
+        self.ring();
     }
 
     pub fn kick(&self, kick: Kick) {
-        self.state.lock().kicks.push(kick);
-        self.notify.notify_one();
+        self.state.lock().rare().kicks.push(kick);
+        self.ring();
     }
 
     /// Asks the connection to close (the first reason wins).
     pub fn close(&self, why: Close) {
         let mut st = self.state.lock();
-        if st.close.is_none() {
-            st.close = Some(Box::new(why));
+        let rare = st.rare();
+        if rare.close.is_none() {
+            rare.close = Some(why);
         }
         drop(st);
-        self.notify.notify_one();
+        self.ring();
     }
 
     /// Takes everything pending. Frames are limited to `max` per call so one connection's burst
     /// does not monopolize its task's write buffer.
     pub fn take(&self, max: usize) -> Work {
+        // What was rung for until now is taken below; a ring from here on is for later work.
+        self.rung.store(false, Ordering::Release);
         let mut st = self.state.lock();
         let n = st.queue.len().min(max);
         let frames: Vec<Outbound> = st.queue.drain(..n).collect();
@@ -188,21 +212,46 @@ impl ConnShared {
             st.queue = VecDeque::new();
         }
         let more = !st.queue.is_empty();
+        let (kicks, close) = match st.rare.as_mut() {
+            // The close reason stays: pushes after it are refused.
+            Some(r) => (std::mem::take(&mut r.kicks), r.close.clone()),
+            None => (Vec::new(), None),
+        };
+        if st.rare.as_ref().is_some_and(|r| r.close.is_none()) {
+            st.rare = None;
+        }
         let w = Work {
             frames,
             pokes: std::mem::take(&mut st.pokes),
-            kicks: std::mem::take(&mut st.kicks),
-            close: st.close.as_deref().cloned(),
+            kicks,
+            close,
         };
         drop(st);
         if more {
-            self.notify.notify_one();
+            self.ring();
         }
         w
     }
 
-    pub async fn notified(&self) {
-        self.notify.notified().await
+    /// Wakes the connection task; if it is busy, its next `poll_rung` is ready at once (like a
+    /// stored permit).
+    fn ring(&self) {
+        self.rung.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    /// Ready (and cleared) once the doorbell rang since the last ready poll. Only the
+    /// connection's own task polls this.
+    pub fn poll_rung(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.rung.swap(false, Ordering::AcqRel) {
+            return Poll::Ready(());
+        }
+        self.waker.register(cx.waker());
+        // A ring between the check above and the registration would otherwise be missed.
+        if self.rung.swap(false, Ordering::AcqRel) {
+            return Poll::Ready(());
+        }
+        Poll::Pending
     }
 
     pub fn touch(&self, now: u64) {
@@ -214,11 +263,11 @@ impl ConnShared {
     }
 
     pub fn set_idle_limit(&self, ms: u64) {
-        self.idle_limit_ms.store(ms, Ordering::Relaxed);
+        self.idle_limit_ms.store(saturate(ms), Ordering::Relaxed);
     }
 
     pub fn idle_limit(&self) -> u64 {
-        self.idle_limit_ms.load(Ordering::Relaxed)
+        self.idle_limit_ms.load(Ordering::Relaxed) as u64
     }
 
     pub fn set_authed(&self) {
@@ -230,21 +279,29 @@ impl ConnShared {
     }
 
     pub fn set_token_deadline(&self, unix_s: u64) {
-        self.token_deadline.store(unix_s, Ordering::Relaxed);
+        self.token_deadline.store(saturate(unix_s), Ordering::Relaxed);
     }
 
     pub fn token_deadline(&self) -> u64 {
-        self.token_deadline.load(Ordering::Relaxed)
+        match self.token_deadline.load(Ordering::Relaxed) {
+            u32::MAX => u64::MAX,
+            s => s as u64,
+        }
     }
 
     /// Wakes the connection task without giving it anything (it re-checks its timers).
     pub fn wake(&self) {
-        self.notify.notify_one();
+        self.ring();
     }
 
     pub fn queued(&self) -> usize {
         self.state.lock().queue.len()
     }
+}
+
+/// A u64 stored in 32 bits; values past `u32::MAX` become `u32::MAX` ("never").
+fn saturate(v: u64) -> u32 {
+    u32::try_from(v).unwrap_or(u32::MAX)
 }
 
 #[cfg(test)]
@@ -274,6 +331,64 @@ mod tests {
         c.poke(4);
         assert_eq!(c.take(10).pokes, vec![3, 4]);
         assert!(c.take(10).pokes.is_empty());
+    }
+
+    #[test]
+    fn kicks_are_taken_once_and_the_close_reason_stays() {
+        let c = conn(8);
+        c.kick(Kick {
+            session_id: 1,
+            epoch: 2,
+            code: KickReason::TokenExpired,
+            reason: "x".into(),
+        });
+        let w = c.take(10);
+        assert_eq!(w.kicks.len(), 1);
+        assert!(w.close.is_none());
+        assert!(
+            c.state.lock().rare.is_none(),
+            "the kick's box is freed once taken"
+        );
+        c.close(Close::Bye("drain".into(), vec![]));
+        c.close(Close::Error(ErrorCode::BadRequest, "later".into()));
+        assert!(
+            !c.push(Outbound::Frame(Bytes::from_static(b"a"))),
+            "no pushes after close"
+        );
+        for _ in 0..2 {
+            assert!(
+                matches!(c.take(10).close, Some(Close::Bye(..))),
+                "first reason, every time"
+            );
+        }
+    }
+
+    #[test]
+    fn the_doorbell_keeps_a_ring_until_polled_or_taken() {
+        let c = conn(8);
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        assert!(c.poll_rung(&mut cx).is_pending());
+        c.poke(1);
+        assert!(c.poll_rung(&mut cx).is_ready());
+        assert!(c.poll_rung(&mut cx).is_pending(), "one ring, one wake-up");
+        c.poke(2);
+        let _ = c.take(10);
+        assert!(
+            c.poll_rung(&mut cx).is_pending(),
+            "take consumed what the ring was for"
+        );
+    }
+
+    #[test]
+    fn limits_past_32_bits_saturate() {
+        let c = conn(8);
+        c.set_token_deadline(u64::from(u32::MAX) + 5);
+        assert_eq!(c.token_deadline(), u64::MAX);
+        c.set_token_deadline(1_800_000_000);
+        assert_eq!(c.token_deadline(), 1_800_000_000);
+        c.set_idle_limit(45_000);
+        assert_eq!(c.idle_limit(), 45_000);
     }
 
     #[test]
