@@ -212,13 +212,14 @@ impl ConnShared {
             st.queue = VecDeque::new();
         }
         let more = !st.queue.is_empty();
-        let (kicks, close) = match st.rare.as_mut() {
-            // The close reason stays: pushes after it are refused.
-            Some(r) => (std::mem::take(&mut r.kicks), r.close.clone()),
-            None => (Vec::new(), None),
-        };
-        if st.rare.as_ref().is_some_and(|r| r.close.is_none()) {
-            st.rare = None;
+        let (mut kicks, mut close) = (Vec::new(), None);
+        if let Some(r) = st.rare.as_mut() {
+            kicks = std::mem::take(&mut r.kicks);
+            close = r.close.clone();
+            if close.is_none() {
+                // Only kicks: give the box back. A close reason stays (later pushes are refused).
+                st.rare = None;
+            }
         }
         let w = Work {
             frames,
