@@ -2205,9 +2205,17 @@ async fn tls_refuses_a_certificate_from_another_ca() {
     let conn = Connection::builder()
         .nodes([peer.addr.clone()])
         .tls(TlsConfig::from_ca_pem(other_ca.as_bytes()).unwrap())
-        .backoff(fast_backoff())
+        // A long pause after the failed attempt: with a fast one the Backoff state can come and go
+        // (the watch keeps only the latest value) before this test looks, and the next attempt
+        // then waits in a handshake that this peer never accepts.
+        .backoff(BackoffConfig {
+            initial: Duration::from_secs(60),
+            max: Duration::from_secs(60),
+            reset_after: Duration::from_secs(60),
+        })
         .build()
         .unwrap();
+    let mut rx = conn.watch_state();
     let (_c, _e) = conn
         .open(SessionConfig::new("a", "u", "d").token("t"))
         .await
@@ -2217,13 +2225,19 @@ async fn tls_refuses_a_certificate_from_another_ca() {
         acceptor.accept(tcp).await.is_err(),
         "the client must abort the handshake"
     );
-    let mut rx = conn.watch_state();
-    timeout(
-        WAIT,
-        rx.wait_for(|s| matches!(s, ConnectionState::Backoff { .. })),
-    )
+    // The refused attempt ends in Backoff; should the jittered pause be near zero, the state may
+    // already have moved on, and then the next attempt's connection shows the same thing.
+    timeout(WAIT, async {
+        tokio::select! {
+            r = rx.wait_for(|s| matches!(s, ConnectionState::Backoff { .. })) => {
+                r.unwrap();
+            }
+            r = peer.listener.accept() => {
+                r.unwrap();
+            }
+        }
+    })
     .await
-    .unwrap()
     .unwrap();
     conn.close().await;
 }
