@@ -20,12 +20,17 @@
 //!   already in a snapshot: both harmless, openraft redoes either.
 //! - `save_committed`: a plain write; losing it only means re-applying fewer entries at start.
 //!
+//! Reads of the newest entries (replication to each follower and the state machine's apply read
+//! every entry back soon after it is appended) are served from [`Recent`], an in-memory copy of
+//! the log's tail kept by the same calls that change the log, so they skip RocksDB and decoding.
+//!
 //! Read or decode errors become openraft `StorageError`s; errors while opening are [`StoreError`].
 
+use std::collections::VecDeque;
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 use std::path::{Path, PathBuf};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex};
 
 use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::{AnyError, LogState, OptionalSend, RaftLogReader, StorageIOError};
@@ -45,6 +50,88 @@ const KEY_PURGED: &[u8] = b"purged";
 const KEY_COMMITTED: &[u8] = b"committed";
 /// An exclusive upper bound above every 8-byte index key.
 const KEY_END: [u8; 9] = [0xff; 9];
+/// Bounds of [`Recent`]: entries, and their encoded bytes. Small on purpose: only entries that are
+/// about to be replicated or applied need to be there (at 256 writers an entry holds ~128 pushes,
+/// ~40 KB), and an idle node should not hold much.
+const RECENT_MAX_ENTRIES: usize = 256;
+const RECENT_MAX_BYTES: usize = 1 << 20;
+
+/// The log's newest entries, in memory. Invariant: it holds entries with contiguous indexes, and
+/// each equals the DB's entry at its index, so a range that lies inside it reads the same as from
+/// RocksDB. Every append, truncate and purge updates it under its lock together with the DB write
+/// (normally it then ends at the log's last entry); when a write fails it keeps at most a subset
+/// of what the DB holds, and reads outside it go to the DB.
+#[derive(Default)]
+struct Recent {
+    /// (entry, its encoded size), oldest first.
+    entries: VecDeque<(Entry, usize)>,
+    bytes: usize,
+}
+
+impl Recent {
+    fn first_index(&self) -> Option<u64> {
+        self.entries.front().map(|(e, _)| e.log_id.index)
+    }
+
+    fn last_index(&self) -> Option<u64> {
+        self.entries.back().map(|(e, _)| e.log_id.index)
+    }
+
+    /// Drops entries with index >= `index`.
+    fn truncate_from(&mut self, index: u64) {
+        while self.last_index().is_some_and(|last| last >= index) {
+            if let Some((_, size)) = self.entries.pop_back() {
+                self.bytes -= size;
+            }
+        }
+    }
+
+    /// Drops entries with index <= `index`.
+    fn purge_upto(&mut self, index: u64) {
+        while self.first_index().is_some_and(|first| first <= index) {
+            self.pop_oldest();
+        }
+    }
+
+    fn pop_oldest(&mut self) {
+        if let Some((_, size)) = self.entries.pop_front() {
+            self.bytes -= size;
+        }
+    }
+
+    /// Records an appended entry (the new last entry of the log).
+    fn push(&mut self, entry: Entry, size: usize) {
+        let index = entry.log_id.index;
+        // An append at or below the tail replaces what follows (the DB write did the same); one
+        // past a gap starts over, so the kept entries stay contiguous.
+        self.truncate_from(index);
+        if self.last_index().is_some_and(|last| last + 1 != index) {
+            self.entries.clear();
+            self.bytes = 0;
+        }
+        self.entries.push_back((entry, size));
+        self.bytes += size;
+        while self.entries.len() > RECENT_MAX_ENTRIES
+            || (self.bytes > RECENT_MAX_BYTES && self.entries.len() > 1)
+        {
+            self.pop_oldest();
+        }
+    }
+
+    /// The entries with `start <= index < end` when all of them are here; `None` otherwise.
+    fn get(&self, start: u64, end: u64) -> Option<Vec<Entry>> {
+        let (first, last) = (self.first_index()?, self.last_index()?);
+        if start < first || end > last + 1 {
+            return None;
+        }
+        if start >= end {
+            return Some(Vec::new());
+        }
+        let from = (start - first) as usize;
+        let to = (end - first) as usize;
+        Some(self.entries.range(from..to).map(|(e, _)| e.clone()).collect())
+    }
+}
 
 /// Raft log and vote store. Clones share one DB and one syncer thread.
 #[derive(Clone)]
@@ -64,6 +151,9 @@ struct Inner {
     /// Joined on drop, so the DB is closed (its lock released) when the last clone is gone and
     /// the dir can be opened again at once.
     thread: Option<std::thread::JoinHandle<()>>,
+    /// The newest entries (see [`Recent`]); held while the DB is changed, so readers see the DB
+    /// and the copy agree.
+    recent: Mutex<Recent>,
 }
 
 impl Drop for Inner {
@@ -153,6 +243,7 @@ impl LogStore {
             path: dir.to_path_buf(),
             syncer: None,
             thread: None,
+            recent: Mutex::new(Recent::default()),
         };
         // Check what we will serve from decodes, so corruption stops the node at start.
         {
@@ -205,6 +296,12 @@ impl LogStore {
 impl Inner {
     fn db(&self) -> &DB {
         &self.db
+    }
+
+    fn recent(&self) -> std::sync::MutexGuard<'_, Recent> {
+        // A panic while holding it cannot leave it inconsistent with the DB in a way that matters
+        // more than the panic itself; keep serving.
+        self.recent.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn cf(&self, name: &str) -> Result<&rocksdb::ColumnFamily, StorageError> {
@@ -264,6 +361,16 @@ impl RaftLogReader<TypeConfig> for LogStore {
             },
             Bound::Unbounded => 0,
         };
+        let end = match range.end_bound() {
+            Bound::Included(i) => i.checked_add(1),
+            Bound::Excluded(i) => Some(*i),
+            Bound::Unbounded => None,
+        };
+        if let Some(end) = end {
+            if let Some(hit) = self.inner.recent().get(start, end) {
+                return Ok(hit);
+            }
+        }
         let cf = self.inner.cf(CF_LOGS)?;
         let from = index_key(start);
         let mut out = Vec::new();
@@ -330,13 +437,25 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let cf = self.inner.cf(CF_LOGS)?;
         let mut batch = WriteBatch::default();
+        let mut appended = Vec::new();
         for entry in entries {
             let bytes = bincode::serialize(&entry).map_err(|e| {
                 StorageError::from(StorageIOError::write_log_entry(entry.log_id, AnyError::new(&e)))
             })?;
-            batch.put_cf(cf, index_key(entry.log_id.index), bytes);
+            batch.put_cf(cf, index_key(entry.log_id.index), &bytes);
+            appended.push((entry, bytes.len()));
         }
-        self.inner.write(batch)?;
+        {
+            let mut recent = self.inner.recent();
+            if let Err(e) = self.inner.write(batch) {
+                // What the DB holds is unknown now: read it from there.
+                *recent = Recent::default();
+                return Err(e);
+            }
+            for (entry, size) in appended {
+                recent.push(entry, size);
+            }
+        }
         let queued = match &self.inner.syncer {
             Some(syncer) => syncer.send(callback).map_err(|mpsc::SendError(cb)| cb),
             None => Err(callback),
@@ -351,6 +470,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let cf = self.inner.cf(CF_LOGS)?;
         let mut batch = WriteBatch::default();
         batch.delete_range_cf(cf, index_key(log_id.index).as_slice(), KEY_END.as_slice());
+        let mut recent = self.inner.recent();
+        recent.truncate_from(log_id.index);
         self.inner.write(batch)
     }
 
@@ -365,6 +486,85 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         batch.delete_range_cf(logs, index_key(0).to_vec(), end);
         let purged = bincode::serialize(&log_id).map_err(write_err)?;
         batch.put_cf(meta, KEY_PURGED, purged);
+        let mut recent = self.inner.recent();
+        recent.purge_upto(log_id.index);
         self.inner.write(batch)
+    }
+}
+
+#[cfg(test)]
+mod recent_tests {
+    use openraft::{CommittedLeaderId, EntryPayload};
+
+    use super::*;
+
+    fn entry(index: u64, term: u64) -> Entry {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(term, 1), index),
+            payload: EntryPayload::Blank,
+        }
+    }
+
+    fn ids(v: Option<Vec<Entry>>) -> Option<Vec<(u64, u64)>> {
+        v.map(|v| {
+            v.iter()
+                .map(|e| (e.log_id.index, e.log_id.leader_id.term))
+                .collect()
+        })
+    }
+
+    #[test]
+    fn serves_only_ranges_it_holds_in_full() {
+        let mut r = Recent::default();
+        assert_eq!(ids(r.get(0, 1)), None);
+        for i in 5..10 {
+            r.push(entry(i, 1), 10);
+        }
+        assert_eq!(ids(r.get(5, 10)).map(|v| v.len()), Some(5));
+        assert_eq!(ids(r.get(7, 9)), Some(vec![(7, 1), (8, 1)]));
+        assert_eq!(ids(r.get(4, 6)), None, "starts before the first held");
+        assert_eq!(ids(r.get(8, 11)), None, "ends past the last held");
+        assert_eq!(ids(r.get(7, 7)), Some(vec![]));
+    }
+
+    #[test]
+    fn follows_truncate_purge_overwrite_and_gaps() {
+        let mut r = Recent::default();
+        for i in 1..=6 {
+            r.push(entry(i, 1), 10);
+        }
+        // A follower's conflicting suffix: overwritten from 4 by a new term.
+        r.push(entry(4, 2), 10);
+        assert_eq!(ids(r.get(1, 5)), Some(vec![(1, 1), (2, 1), (3, 1), (4, 2)]));
+        assert_eq!(ids(r.get(4, 6)), None, "5 and 6 of the old term are gone");
+        r.truncate_from(3);
+        assert_eq!(r.last_index(), Some(2));
+        assert_eq!(r.bytes, 20);
+        r.purge_upto(1);
+        assert_eq!(r.first_index(), Some(2));
+        // An append past a gap (after an installed snapshot) starts over.
+        r.push(entry(100, 3), 10);
+        assert_eq!(r.first_index(), Some(100));
+        assert_eq!(r.entries.len(), 1);
+        assert_eq!(r.bytes, 10);
+    }
+
+    #[test]
+    fn stays_within_its_bounds() {
+        let mut r = Recent::default();
+        for i in 0..(RECENT_MAX_ENTRIES as u64 + 50) {
+            r.push(entry(i, 1), 8);
+        }
+        assert_eq!(r.entries.len(), RECENT_MAX_ENTRIES);
+        assert_eq!(r.last_index(), Some(RECENT_MAX_ENTRIES as u64 + 49));
+        let big = RECENT_MAX_BYTES / 3;
+        for i in 0..5u64 {
+            r.push(entry(RECENT_MAX_ENTRIES as u64 + 50 + i, 1), big);
+        }
+        assert!(r.bytes <= RECENT_MAX_BYTES, "{} bytes held", r.bytes);
+        assert_eq!(r.bytes, r.entries.iter().map(|(_, s)| s).sum::<usize>());
+        // One entry larger than the bound is still kept (the newest is always there).
+        r.push(entry(RECENT_MAX_ENTRIES as u64 + 55, 1), RECENT_MAX_BYTES * 2);
+        assert_eq!(r.entries.len(), 1);
     }
 }

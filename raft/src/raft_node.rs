@@ -492,7 +492,7 @@ impl RaftNode {
 
     /// Proposes one entry on this node, which must be the leader.
     async fn commit_local(&self, ops: Vec<Op>) -> Result<Committed, WriteError> {
-        let req = Request { ts_ms: now_ms(), ops };
+        let req = Request::new(now_ms(), ops);
         match self.inner.raft.client_write(req).await {
             Ok(resp) => Ok(Committed {
                 results: resp.data.results,

@@ -6,6 +6,7 @@
 //! append new enum variants and new trailing struct fields only behind a new variant; never reorder.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -69,7 +70,37 @@ pub struct Request {
     /// `max(previous log time, ts_ms)`, so it never goes back even across leader changes; TTLs are
     /// judged by log time only, never by a replica's clock.
     pub ts_ms: u64,
-    pub ops: Vec<Op>,
+    /// Shared, so that cloning an entry (the log store's cache of recent entries hands out
+    /// clones) does not copy its ops. Stored and sent exactly as a plain list.
+    #[serde(with = "shared_ops")]
+    pub ops: Arc<Vec<Op>>,
+}
+
+impl Request {
+    pub fn new(ts_ms: u64, ops: Vec<Op>) -> Self {
+        Request {
+            ts_ms,
+            ops: Arc::new(ops),
+        }
+    }
+}
+
+/// `Arc<Vec<Op>>` on the wire and on disk as the `Vec<Op>` it holds (bincode encodes both the
+/// same way; this keeps serde's `rc` feature out of the build).
+mod shared_ops {
+    use std::sync::Arc;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::Op;
+
+    pub(super) fn serialize<S: Serializer>(ops: &Arc<Vec<Op>>, s: S) -> Result<S::Ok, S::Error> {
+        ops.as_slice().serialize(s)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Arc<Vec<Op>>, D::Error> {
+        Vec::<Op>::deserialize(d).map(Arc::new)
+    }
 }
 
 /// What applying one entry produced: one result per op, in order.

@@ -130,7 +130,7 @@ impl<'a> Applier<'a> {
     pub(crate) fn apply_request(&mut self, req: &Request) -> Result<Response, StoreError> {
         self.clocks.log_time_ms = self.clocks.log_time_ms.max(req.ts_ms);
         let mut results = Vec::with_capacity(req.ops.len());
-        for op in &req.ops {
+        for op in req.ops.iter() {
             results.push(self.apply_op(op)?);
         }
         Ok(Response { results })

@@ -860,7 +860,7 @@ impl Run {
 fn entry(index: u64, ts_ms: u64, ops: Vec<Op>) -> Entry {
     Entry {
         log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
-        payload: EntryPayload::Normal(Request { ts_ms, ops }),
+        payload: EntryPayload::Normal(Request::new(ts_ms, ops)),
     }
 }
 

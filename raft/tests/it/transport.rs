@@ -1181,10 +1181,7 @@ async fn openraft_cluster_replicates_and_installs_snapshots_over_the_transport()
 
     let mut last = 0;
     for i in 0..5u32 {
-        let req = herald_raft::Request {
-            ts_ms: 1,
-            ops: vec![Op::Expire { max: i }, Op::NodeDown { node: 9 }],
-        };
+        let req = herald_raft::Request::new(1, vec![Op::Expire { max: i }, Op::NodeDown { node: 9 }]);
         let resp = leader.raft.client_write(req).await?;
         assert_eq!(resp.data.results.len(), 2);
         last = resp.log_id.index;
