@@ -71,6 +71,7 @@ fn herald_system(api: raft::Api) -> &'static str {
     match api {
         raft::Api::Unary => "herald",
         raft::Api::Stream => "herald-stream",
+        raft::Api::Shared => "herald-shared",
     }
 }
 

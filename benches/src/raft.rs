@@ -33,8 +33,11 @@ pub struct RaftArgs {
     /// Small and fast (CI): 1 s per step.
     #[arg(long)]
     pub quick: bool,
-    /// How writers push, comma separated: `unary` (one Push call per push) and/or `stream` (one
-    /// PushStream per writer, one push in flight on it); each writer count runs with each.
+    /// How writers push, comma separated: `unary` (one Push call per push), `stream` (one
+    /// PushStream per writer, one push in flight on it) and/or `shared` (the writers share one
+    /// PushStream per connection, as a backend's push client would pipeline them; each writer
+    /// still has one push in flight and waits for its own answer); each writer count runs with
+    /// each.
     #[arg(long, default_value = "unary,stream", value_delimiter = ',')]
     pub api: Vec<Api>,
 }
@@ -47,6 +50,9 @@ pub enum Api {
     Unary,
     /// One `PushStream` per writer.
     Stream,
+    /// One `PushStream` per connection (up to 4), shared by the writers: pushes pipelined, answers
+    /// matched to writers in order.
+    Shared,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -148,6 +154,14 @@ pub async fn measure(
     for _ in 0..channels {
         clients.push(connect(addr).await?);
     }
+    let shared: Vec<SharedStream> = if api == Api::Shared {
+        clients
+            .iter()
+            .map(|c| SharedStream::start(c.clone(), app, key))
+            .collect()
+    } else {
+        Vec::new()
+    };
     let hist = Arc::new(Mutex::new(stats::new_histogram()));
     let warmup = dur / 5;
     let start = Instant::now();
@@ -167,6 +181,7 @@ pub async fn measure(
     let mut tasks = Vec::new();
     for w in 0..writers {
         let mut client = clients[w % channels].clone();
+        let shared = shared.get(w % channels).cloned();
         let hist = hist.clone();
         let (app, key) = (app.to_string(), key.to_string());
         let body = bytes::Bytes::from(vec![b'p'; payload]);
@@ -212,6 +227,10 @@ pub async fn measure(
                         }
                         r
                     }
+                    Api::Shared => match shared.as_ref() {
+                        Some(s) => s.push(msg).await,
+                        None => Err("no shared stream".into()),
+                    },
                 };
                 let us = t0.elapsed().as_micros() as u64;
                 if t0 >= measure_from && Instant::now() <= end {
@@ -295,6 +314,98 @@ impl PushStream {
             Ok(Some(r)) => Err(format!("push failed: code {}: {}", r.code, r.message)),
             Ok(None) => Err("push stream ended".into()),
             Err(e) => Err(e.to_string()),
+        }
+    }
+}
+
+/// A PushStream shared by several writers: a task owns the stream, sends what the writers hand it
+/// and answers each writer from the replies, which the node sends in request order. A broken
+/// stream fails every push waiting on it and is opened again for the next.
+#[derive(Clone)]
+struct SharedStream {
+    tx: tokio::sync::mpsc::Sender<(pb::PushRequest, Answer)>,
+}
+
+type Answer = tokio::sync::oneshot::Sender<std::result::Result<(), String>>;
+
+impl SharedStream {
+    /// The owning task runs until no handle is left.
+    fn start(
+        client: pb::herald_client::HeraldClient<tonic::transport::Channel>,
+        app: &str,
+        key: &str,
+    ) -> SharedStream {
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        tokio::spawn(Self::own(client, app.to_string(), key.to_string(), rx));
+        SharedStream { tx }
+    }
+
+    async fn push(&self, msg: pb::PushRequest) -> std::result::Result<(), String> {
+        let (answer, wait) = tokio::sync::oneshot::channel();
+        self.tx
+            .send((msg, answer))
+            .await
+            .map_err(|_| "shared stream gone".to_string())?;
+        wait.await
+            .unwrap_or_else(|_| Err("shared stream dropped the push".into()))
+    }
+
+    async fn own(
+        mut client: pb::herald_client::HeraldClient<tonic::transport::Channel>,
+        app: String,
+        key: String,
+        mut rx: tokio::sync::mpsc::Receiver<(pb::PushRequest, Answer)>,
+    ) {
+        use std::collections::VecDeque;
+        'open: loop {
+            let (out, out_rx) = tokio::sync::mpsc::channel(1024);
+            let outbound = tokio_stream::wrappers::ReceiverStream::new(out_rx);
+            let mut replies = match client.push_stream(app_request(outbound, &app, &key)).await {
+                Ok(r) => r.into_inner(),
+                Err(e) => {
+                    // Fail one waiting push so its writer counts the error, then retry.
+                    match rx.recv().await {
+                        Some((_, answer)) => {
+                            let _ = answer.send(Err(format!("push stream open failed: {e}")));
+                        }
+                        None => return,
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue 'open;
+                }
+            };
+            let mut waiting: VecDeque<Answer> = VecDeque::new();
+            loop {
+                tokio::select! {
+                    next = rx.recv() => match next {
+                        Some((msg, answer)) => {
+                            if out.send(msg).await.is_err() {
+                                let _ = answer.send(Err("push stream closed".into()));
+                                break;
+                            }
+                            waiting.push_back(answer);
+                        }
+                        None => return,
+                    },
+                    reply = replies.message(), if !waiting.is_empty() => {
+                        let (r, broken) = match reply {
+                            Ok(Some(r)) if r.code == 0 => (Ok(()), false),
+                            Ok(Some(r)) => (Err(format!("push failed: code {}: {}", r.code, r.message)), false),
+                            Ok(None) => (Err("push stream ended".into()), true),
+                            Err(e) => (Err(e.to_string()), true),
+                        };
+                        if let Some(answer) = waiting.pop_front() {
+                            let _ = answer.send(r);
+                        }
+                        if broken {
+                            break;
+                        }
+                    }
+                }
+            }
+            for answer in waiting.drain(..) {
+                let _ = answer.send(Err("push stream broke".into()));
+            }
         }
     }
 }
