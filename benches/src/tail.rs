@@ -61,6 +61,33 @@ pub struct TailResult {
     /// Scheduled send → the pusher got the committed reply.
     pub ack_latency: Latency,
     pub receivers_held: u64,
+    /// The slowest pushes by committed reply: (ms after the measured phase began that the push
+    /// was scheduled, latency in µs), in send order. Shows whether the tail is spread out or
+    /// comes in stalls, and when.
+    pub slowest_acks: Vec<(u64, u64)>,
+}
+
+/// How many of the slowest committed replies [`TailResult::slowest_acks`] keeps.
+const SLOWEST_KEPT: usize = 40;
+
+/// Keeps the `SLOWEST_KEPT` largest (latency, sent at) pairs.
+#[derive(Default)]
+struct Slowest(std::collections::BinaryHeap<std::cmp::Reverse<(u64, u64)>>);
+
+impl Slowest {
+    fn record(&mut self, latency_us: u64, sent_ms: u64) {
+        self.0.push(std::cmp::Reverse((latency_us, sent_ms)));
+        if self.0.len() > SLOWEST_KEPT {
+            self.0.pop();
+        }
+    }
+
+    /// (sent at, latency) in send order.
+    fn into_sorted(self) -> Vec<(u64, u64)> {
+        let mut v: Vec<(u64, u64)> = self.0.into_iter().map(|r| (r.0 .1, r.0 .0)).collect();
+        v.sort_unstable();
+        v
+    }
 }
 
 pub async fn run(args: TailArgs, out: &Out) -> Result<TailResult> {
@@ -91,6 +118,15 @@ pub async fn run(args: TailArgs, out: &Out) -> Result<TailResult> {
         stats::ms(r.ack_latency.p99_us),
         stats::ms(r.ack_latency.p999_us),
         stats::ms(r.ack_latency.max_us)
+    );
+    let slow: Vec<String> = r
+        .slowest_acks
+        .iter()
+        .map(|(at, us)| format!("{:.1}s:{}ms", *at as f64 / 1000.0, us / 1000))
+        .collect();
+    println!(
+        "slowest committed replies (sent at : latency): {}",
+        slow.join(" ")
     );
     out.json("tail", crate::idle::versions().await, &r)?;
     out.svg(
@@ -155,6 +191,7 @@ async fn measure(args: &TailArgs, c: &LocalCluster) -> Result<TailResult> {
     let pushed = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     let ack_hist = Arc::new(std::sync::Mutex::new(stats::new_histogram()));
+    let slowest = Arc::new(std::sync::Mutex::new(Slowest::default()));
     let slots = Arc::new(Semaphore::new(8192));
     let interval = Duration::from_secs_f64(1.0 / rate);
     let start = Instant::now();
@@ -179,12 +216,14 @@ async fn measure(args: &TailArgs, c: &LocalCluster) -> Result<TailResult> {
         let mut client = clients[i as usize % clients.len()].clone();
         let user = format!("u{}", i as usize % args.receivers);
         let body = wire::payload(args.payload, sched_ns, i);
-        let (app_id, key, pushed, errors, ack_hist) = (
+        let sent_ms = due.duration_since(start).as_millis() as u64;
+        let (app_id, key, pushed, errors, ack_hist, slowest) = (
             app.app.clone(),
             key.clone(),
             pushed.clone(),
             errors.clone(),
             ack_hist.clone(),
+            slowest.clone(),
         );
         tokio::spawn(async move {
             let req = app_request(
@@ -206,6 +245,7 @@ async fn measure(args: &TailArgs, c: &LocalCluster) -> Result<TailResult> {
                     pushed.fetch_add(1, Ordering::Relaxed);
                     let us = sys::unix_nanos().saturating_sub(sched_ns) / 1000;
                     stats::record(&mut ack_hist.lock().expect("not poisoned"), us);
+                    slowest.lock().expect("not poisoned").record(us, sent_ms);
                 }
                 Err(_) => {
                     errors.fetch_add(1, Ordering::Relaxed);
@@ -222,6 +262,7 @@ async fn measure(args: &TailArgs, c: &LocalCluster) -> Result<TailResult> {
     let (after, hist) = gens.stats(false).await?;
     gens.close_all().await;
     let ack = stats::summarize(&ack_hist.lock().expect("not poisoned"));
+    let slowest_acks = std::mem::take(&mut *slowest.lock().expect("not poisoned")).into_sorted();
     Ok(TailResult {
         max_rate,
         rate,
@@ -232,5 +273,26 @@ async fn measure(args: &TailArgs, c: &LocalCluster) -> Result<TailResult> {
         deliver_latency: stats::summarize(&hist),
         ack_latency: ack,
         receivers_held: after.held,
+        slowest_acks,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slowest_keeps_the_largest_latencies_in_send_order() {
+        let mut s = Slowest::default();
+        for i in 0..1000u64 {
+            // Latency i % 97, so the largest are 96, 95, ... at several send times.
+            s.record(i % 97, i);
+        }
+        let kept = s.into_sorted();
+        assert_eq!(kept.len(), SLOWEST_KEPT);
+        assert!(kept.windows(2).all(|w| w[0].0 < w[1].0), "send order: {kept:?}");
+        let min_kept = kept.iter().map(|(_, l)| *l).min().unwrap();
+        // 1000 samples hold each latency 10 or 11 times: the 40 largest are 96..=93 at least.
+        assert!(min_kept >= 92, "{kept:?}");
+    }
 }
