@@ -161,6 +161,13 @@ struct TokenCmd {
     client: ClientOpts,
 }
 
+/// jemalloc instead of glibc's malloc for the node's Rust allocations (RocksDB's C++ keeps glibc's).
+/// Measured side by side (BENCHMARKS.md "jemalloc"): more committed pushes per second at 256
+/// writers, where glibc's malloc/free/consolidate were ~17% of the machine, and idle memory per
+/// connection level with glibc (mimalloc, tried earlier, raised it).
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
