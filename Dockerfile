@@ -3,7 +3,7 @@
 #   docker run --rm herald --help
 # A 3-node cluster on one Docker host: see README.md ("Deployment").
 FROM rust:1-bookworm AS build
-RUN apt-get update && apt-get install -y --no-install-recommends libclang-dev g++ && rm -rf /var/lib/apt/lists/*
+RUN apt-get update && apt-get install -y --no-install-recommends libclang-dev g++ make && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
 RUN cargo build --release --locked -p herald-node --bin herald
