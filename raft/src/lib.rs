@@ -14,6 +14,7 @@ pub mod error;
 pub mod log_store;
 pub mod network;
 pub mod raft_node;
+pub mod runtime;
 pub mod sm;
 pub mod types;
 

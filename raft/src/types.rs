@@ -23,7 +23,7 @@ openraft::declare_raft_types!(
         Node = openraft::BasicNode,
         Entry = openraft::Entry<TypeConfig>,
         SnapshotData = SnapshotDir,
-        AsyncRuntime = openraft::TokioRuntime,
+        AsyncRuntime = crate::runtime::HeraldRuntime,
 );
 
 /// Commonly used openraft types, instantiated for Herald.

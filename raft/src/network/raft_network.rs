@@ -5,6 +5,8 @@
 //!   waits [`backoff`](RaftNetwork::backoff) before trying that peer again;
 //! - the RPC did not answer within its time → [`Timeout`](openraft::error::Timeout) (openraft treats
 //!   it as it treats [`NetworkError`]: retry on the next heartbeat);
+//!   The time is openraft's, but never less than [`RPC_TIMEOUT_FLOOR`] (openraft 0.9 gives an
+//!   AppendEntries the heartbeat interval; see [`crate::runtime`] for why that is too short);
 //! - any other transport failure or an unreadable reply → [`NetworkError`];
 //! - the peer's openraft answered with an error → [`RemoteError`].
 
@@ -27,6 +29,7 @@ use tracing::{debug, warn};
 use super::client::{is_connect_error, is_deadline, is_node_id_mismatch, InvalidAddr, Lane, PeerClients};
 use super::codec::{self, CodecError};
 use super::snapshot::{self, SendError};
+use crate::runtime::RPC_TIMEOUT_FLOOR;
 use crate::types::{typ, NodeId, TypeConfig};
 
 type RpcResult<T> = Result<T, RPCError<NodeId, BasicNode, RaftError<NodeId>>>;
@@ -239,7 +242,7 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
                 return Err(RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(hint)));
             }
         }
-        self.call(RPCTypes::AppendEntries, payload, option.hard_ttl())
+        self.call(RPCTypes::AppendEntries, payload, rpc_timeout(&option))
             .await
     }
 
@@ -247,7 +250,7 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         self.call(
             RPCTypes::Vote,
             codec::encode("vote request", &rpc),
-            option.hard_ttl(),
+            rpc_timeout(&option),
         )
         .await
     }
@@ -346,6 +349,11 @@ pub(crate) fn backoff_delays(
             base
         })
     })
+}
+
+/// How long one AppendEntries or Vote call may take: openraft's time, at least the floor.
+fn rpc_timeout(option: &RPCOption) -> Duration {
+    option.hard_ttl().max(RPC_TIMEOUT_FLOOR)
 }
 
 #[cfg(test)]
