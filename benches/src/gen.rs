@@ -738,7 +738,12 @@ async fn churn(spec: ConnSpec, from: usize, workers: usize, seconds: f64) -> Res
                     Ok(mut s) => {
                         stats::record(&mut hist.borrow_mut(), t0.elapsed().as_micros() as u64);
                         connects.set(connects.get() + 1);
-                        let bye = frame(Kind::Bye(pc::Bye::default()));
+                        // A clean goodbye in each protocol (NATS has none: the client closes).
+                        let bye = match spec.proto {
+                            Proto::Herald | Proto::HeraldTls => frame(Kind::Bye(pc::Bye::default())),
+                            Proto::Mqtt => bytes::Bytes::from_static(&[0xE0, 0x00]),
+                            Proto::Nats => bytes::Bytes::new(),
+                        };
                         let _ = s.write_all(&bye).await;
                         let _ = s.shutdown().await;
                     }
