@@ -55,10 +55,7 @@ pub async fn run(args: ChurnArgs, out: &Out) -> Result<Vec<ChurnResult>> {
     let dir = tempfile::Builder::new().prefix("herald-bench-churn-").tempdir()?;
     let mut results = Vec::new();
     for (k, system) in args.systems.iter().enumerate() {
-        if (system == "mosquitto" && missing.contains(&"mosquitto"))
-            || (system == "nats" && missing.contains(&"nats-server"))
-        {
-            eprintln!("{system} is not installed: skipped");
+        if peers::not_installed(system, &missing) {
             continue;
         }
         let port = args.base_port + k as u16 * 300;

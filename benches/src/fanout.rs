@@ -95,10 +95,7 @@ pub async fn run(args: FanoutArgs, out: &Out) -> Result<Vec<FanoutResult>> {
         .tempdir()?;
     let mut results = Vec::new();
     for (k, system) in args.systems.iter().enumerate() {
-        if (system == "mosquitto" && missing.contains(&"mosquitto"))
-            || (system == "nats" && missing.contains(&"nats-server"))
-        {
-            eprintln!("{system} is not installed: skipped");
+        if peers::not_installed(system, &missing) {
             continue;
         }
         let sub = dir.path().join(system);

@@ -249,10 +249,7 @@ pub async fn run(args: IdleArgs, out: &Out) -> Result<Vec<SystemResult>> {
     let dir = tempfile::Builder::new().prefix("herald-bench-idle-").tempdir()?;
     let mut results = Vec::new();
     for (k, system) in args.systems.iter().enumerate() {
-        if (system == "mosquitto" && missing.contains(&"mosquitto"))
-            || (system == "nats" && missing.contains(&"nats-server"))
-        {
-            eprintln!("{system} is not installed: skipped");
+        if peers::not_installed(system, &missing) {
             continue;
         }
         let sub = dir.path().join(system);

@@ -101,6 +101,21 @@ pub async fn ensure_installed() -> Vec<&'static str> {
         .collect()
 }
 
+/// Whether `system` (a benchmark's name for it: mosquitto, nats) is a peer that `missing` (from
+/// [`ensure_installed`]) lacks; says so, since the benchmark then skips it.
+pub fn not_installed(system: &str, missing: &[&str]) -> bool {
+    let package = match system {
+        "mosquitto" => "mosquitto",
+        "nats" => "nats-server",
+        _ => return false,
+    };
+    let gone = missing.contains(&package);
+    if gone {
+        eprintln!("{system} is not installed: skipped");
+    }
+    gone
+}
+
 async fn wait_port(addr: &str, child: &mut Child, limit: Duration) -> Result<()> {
     let deadline = Instant::now() + limit;
     loop {
