@@ -65,6 +65,56 @@ pub(crate) struct Shared {
     snapshots_installed: AtomicU64,
     snapshot_build_ms_total: AtomicU64,
     snapshot_build_ms_last: AtomicU64,
+    /// Apps as the live DB holds them, for [`StateReader::app`] (read on every push and every
+    /// client connect). Emptied after every batch that writes the apps column family and when a
+    /// snapshot is installed.
+    pub(crate) apps: AppCache,
+}
+
+/// Decoded app configs by id (`None`: no such app), with a generation so a reader that read the
+/// DB before a change cannot put the old value back after the change emptied the cache.
+#[derive(Default)]
+pub(crate) struct AppCache {
+    inner: parking_lot::Mutex<AppCacheInner>,
+}
+
+#[derive(Default)]
+struct AppCacheInner {
+    generation: u64,
+    apps: std::collections::HashMap<String, Option<AppConfig>>,
+}
+
+impl AppCache {
+    /// Most apps held; past it the cache starts over (a node serves few apps).
+    const CAP: usize = 4096;
+
+    /// The cached value, or the generation to hand to [`AppCache::fill`] after reading the DB.
+    pub(crate) fn get(&self, id: &str) -> Result<Option<AppConfig>, u64> {
+        let inner = self.inner.lock();
+        match inner.apps.get(id) {
+            Some(hit) => Ok(hit.clone()),
+            None => Err(inner.generation),
+        }
+    }
+
+    /// Caches what was read from the DB, unless the apps changed since `generation`.
+    pub(crate) fn fill(&self, generation: u64, id: &str, app: Option<AppConfig>) {
+        let mut inner = self.inner.lock();
+        if inner.generation != generation {
+            return;
+        }
+        if inner.apps.len() >= Self::CAP {
+            inner.apps.clear();
+        }
+        inner.apps.insert(id.to_string(), app);
+    }
+
+    /// Called after the DB holds a change to the apps (or was replaced).
+    pub(crate) fn invalidate(&self) {
+        let mut inner = self.inner.lock();
+        inner.generation += 1;
+        inner.apps.clear();
+    }
 }
 
 /// What this replica did with snapshots since it started (for metrics).
@@ -298,6 +348,7 @@ impl StateMachine {
             snapshots_installed: AtomicU64::new(0),
             snapshot_build_ms_total: AtomicU64::new(0),
             snapshot_build_ms_last: AtomicU64::new(0),
+            apps: AppCache::default(),
         });
         tracing::info!(path = %dir.display(), gen, applied = index, "state machine opened");
         let mut sm = StateMachine {
@@ -373,6 +424,7 @@ impl StateMachine {
         let clocks = applier.clocks.clone();
         let mut txn = applier.txn;
         let cached = txn.cached_writes();
+        let apps_changed = txn.touches(Cf::Apps);
         let meta = (|| {
             txn.put_raw(Cf::Meta, META_LAST_APPLIED.to_vec(), encode(&last_applied)?);
             txn.put_raw(Cf::Meta, META_MEMBERSHIP.to_vec(), encode(&membership)?);
@@ -383,7 +435,11 @@ impl StateMachine {
         // Not synced: the Raft log is the durable record (see module docs).
         if let Err(e) = db.write_opt(batch, &WriteOptions::default()) {
             self.cache.clear();
+            self.shared.apps.invalidate();
             return Err(sm_write_err(txn::rocks_err(&db, e)));
+        }
+        if apps_changed {
+            self.shared.apps.invalidate();
         }
         self.cache.absorb(cached);
         self.last_applied = last_applied;
@@ -447,6 +503,7 @@ impl StateMachine {
         write_current(&self.dir, new_gen)?;
         let old = std::mem::replace(&mut *self.shared.db.write(), Arc::new(db));
         self.cache.clear();
+        self.shared.apps.invalidate();
         let old_dir = gen_dir(&self.dir, self.gen);
         self.gen = new_gen;
         self.last_applied = last_applied;
@@ -572,3 +629,49 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
 type Entry = crate::types::typ::Entry;
 /// Events of each applied entry, by log index, in log order.
 type EntryEvents = Vec<(u64, Vec<ApplyEvent>)>;
+
+#[cfg(test)]
+mod app_cache_tests {
+    use super::*;
+
+    fn app(id: &str, key: &str) -> AppConfig {
+        AppConfig {
+            id: id.into(),
+            name: id.into(),
+            secrets: Vec::new(),
+            api_keys: vec![key.into()],
+            limits: AppLimits::STANDARD,
+            policy: DevicePolicy {
+                max_per_platform: 0,
+                max_per_user: 0,
+            },
+            callbacks: Vec::new(),
+            created_ms: 0,
+        }
+    }
+
+    #[test]
+    fn a_read_from_before_a_change_is_not_cached_after_it() {
+        let cache = AppCache::default();
+        // A reader misses, reads the DB (old key)...
+        let generation = cache.get("a").unwrap_err();
+        let old = Some(app("a", "old"));
+        // ...meanwhile a batch changes the app and empties the cache...
+        cache.invalidate();
+        // ...and the reader's late fill must not bring the old value back.
+        cache.fill(generation, "a", old);
+        let generation = cache.get("a").expect_err("the stale read was cached");
+        cache.fill(generation, "a", Some(app("a", "new")));
+        assert_eq!(cache.get("a").unwrap(), Some(app("a", "new")));
+    }
+
+    #[test]
+    fn absent_apps_are_cached_and_invalidate_empties() {
+        let cache = AppCache::default();
+        let generation = cache.get("nope").unwrap_err();
+        cache.fill(generation, "nope", None);
+        assert_eq!(cache.get("nope"), Ok(None));
+        cache.invalidate();
+        assert!(cache.get("nope").is_err());
+    }
+}

@@ -84,9 +84,16 @@ impl StateReader {
         self.shared.log_time.load(Ordering::Acquire)
     }
 
+    /// The app's config (from the [`AppCache`](super::AppCache) when it holds it).
     pub fn app(&self, id: &str) -> Result<Option<AppConfig>, StoreError> {
+        let generation = match self.shared.apps.get(id) {
+            Ok(hit) => return Ok(hit),
+            Err(generation) => generation,
+        };
         let db = self.db();
-        Txn::new(&db).get(Cf::Apps, &keys::app(id))
+        let app: Option<AppConfig> = Txn::new(&db).get(Cf::Apps, &keys::app(id))?;
+        self.shared.apps.fill(generation, id, app.clone());
+        Ok(app)
     }
 
     pub fn apps(&self) -> Result<Vec<AppConfig>, StoreError> {

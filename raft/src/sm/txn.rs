@@ -178,6 +178,11 @@ impl<'a> Txn<'a> {
         CachedWrites::Points(points)
     }
 
+    /// Whether this batch writes anything to `cf` (a point write, a delete or a range delete).
+    pub(crate) fn touches(&self, cf: Cf) -> bool {
+        self.writes.contains_key(&cf) || self.ranges.iter().any(|(c, _, _)| *c == cf)
+    }
+
     fn range_deleted(&self, cf: Cf, key: &[u8]) -> bool {
         self.ranges
             .iter()
