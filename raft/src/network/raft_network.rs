@@ -4,9 +4,9 @@
 //! - no connection could be made, or the peer says it is another node → [`Unreachable`]: openraft
 //!   waits [`backoff`](RaftNetwork::backoff) before trying that peer again;
 //! - the RPC did not answer within its time → [`Timeout`](openraft::error::Timeout) (openraft treats
-//!   it as it treats [`NetworkError`]: retry on the next heartbeat);
-//!   The time is openraft's, but never less than [`RPC_TIMEOUT_FLOOR`] (openraft 0.9 gives an
-//!   AppendEntries the heartbeat interval; see [`crate::runtime`] for why that is too short);
+//!   it as it treats [`NetworkError`]: retry on the next heartbeat). The time is openraft's but
+//!   never less than [`RPC_TIMEOUT_FLOOR`]: openraft 0.9 gives an AppendEntries the heartbeat
+//!   interval, too short under load (see [`crate::runtime`]);
 //! - any other transport failure or an unreadable reply → [`NetworkError`];
 //! - the peer's openraft answered with an error → [`RemoteError`].
 
