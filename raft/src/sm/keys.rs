@@ -213,6 +213,28 @@ pub(crate) fn parse_node_session(key: &[u8]) -> Option<(u64, String, String, Str
 pub(crate) fn mail(app: &str, user: &str, seq: u64) -> Vec<u8> {
     KeyBuf::new().str(app).str(user).u64(seq).done()
 }
+
+/// The mailbox part `(app, user)` of a Mail key: the key without its 8-byte seq. The Mail column
+/// family's prefix extractor: its memtable keeps one skiplist per mailbox, so a push appends to
+/// its mailbox's list instead of searching one list of every mailbox's messages. Total on every
+/// key (a key shorter than a seq is its own prefix), as the hash-skiplist memtable requires.
+pub(crate) fn mailbox_of(key: &[u8]) -> &[u8] {
+    key.len().checked_sub(8).map_or(key, |n| &key[..n])
+}
+
+/// Whether `lo` is a whole Mail key and every key in `[lo, hi)` belongs to its mailbox, so an
+/// iterator over the range may stay in that mailbox's memtable bucket (prefix mode).
+pub(crate) fn within_one_mailbox(lo: &[u8], hi: &[u8]) -> bool {
+    let mut r = KeyReader::new(lo);
+    let whole_key = r.str().is_some() && r.str().is_some() && r.u64().is_some() && r.is_empty();
+    if !whole_key {
+        return false;
+    }
+    match prefix_end(mailbox_of(lo)) {
+        Some(end) => hi <= end.as_slice(),
+        None => false,
+    }
+}
 pub(crate) fn topic(app: &str, topic: &str) -> Vec<u8> {
     KeyBuf::new().str(app).str(topic).done()
 }
@@ -330,6 +352,21 @@ mod tests {
         assert!(!(outside >= lo && outside < hi));
         assert!(device("a", "b", "x").starts_with(&p));
         assert!(!device("a", "bc", "x").starts_with(&p));
+    }
+
+    #[test]
+    fn mailbox_prefix_is_the_user_key() {
+        assert_eq!(mailbox_of(&mail("app", "u1", 42)), user("app", "u1").as_slice());
+        assert_eq!(mailbox_of(b"short"), b"short");
+        let (_, end) = prefix_range(user("app", "u1"));
+        // A scan from a whole key to the mailbox's end stays in it...
+        assert!(within_one_mailbox(&mail("app", "u1", 1), &end));
+        assert!(within_one_mailbox(&mail("app", "u1", 1), &mail("app", "u1", 9)));
+        // ...one that runs into the next mailbox, or starts from a bare mailbox prefix (which
+        // `mailbox_of` would cut wrongly), does not.
+        assert!(!within_one_mailbox(&mail("app", "u1", 1), &mail("app", "u2", 0)));
+        assert!(!within_one_mailbox(&user("app", "u1"), &end));
+        assert!(!within_one_mailbox(&[0, 1], &end));
     }
 
     #[test]

@@ -4,7 +4,7 @@ use std::hash::Hasher;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use rocksdb::{IteratorMode, DB};
+use rocksdb::{IteratorMode, ReadOptions, DB};
 
 use super::apply::IdemRecord;
 use super::keys::{self, Cf, KeyReader, META_LAST_APPLIED, META_MEMBERSHIP};
@@ -287,7 +287,10 @@ impl StateReader {
         let mut h = Fnv(0xcbf2_9ce4_8422_2325);
         for cf in Cf::ALL {
             h.write(cf.name().as_bytes());
-            for item in snap.iterator_cf(cf_handle(&db, cf)?, IteratorMode::Start) {
+            // Total order: the Mail column family's memtable is bucketed by mailbox.
+            let mut opts = ReadOptions::default();
+            opts.set_total_order_seek(true);
+            for item in snap.iterator_cf_opt(cf_handle(&db, cf)?, opts, IteratorMode::Start) {
                 let (k, v) = item.map_err(|e| rocks_err(&db, e))?;
                 if cf == Cf::Meta && &*k == META_LAST_APPLIED {
                     continue;

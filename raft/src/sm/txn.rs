@@ -264,6 +264,15 @@ impl<'a> Txn<'a> {
         let handle = cf_handle(self.db, cf)?;
         let mut opts = ReadOptions::default();
         opts.set_iterate_upper_bound(hi.to_vec());
+        if cf == Cf::Mail {
+            // Mail has a prefix extractor (its mailbox) and a memtable bucketed by it: a scan in
+            // one mailbox reads that bucket; anything wider must ask for total order.
+            if super::keys::within_one_mailbox(lo, hi) {
+                opts.set_prefix_same_as_start(true);
+            } else {
+                opts.set_total_order_seek(true);
+            }
+        }
         let mut it = self
             .db
             .iterator_cf_opt(handle, opts, IteratorMode::From(lo, Direction::Forward));
