@@ -155,6 +155,12 @@ impl<'a> KeyReader<'a> {
         self.0 = &self.0[4 + len..];
         Some(s)
     }
+    /// Steps over a string component without decoding it.
+    pub(crate) fn skip_str(&mut self) -> Option<()> {
+        let len = u32::from_be_bytes(self.0.get(..4)?.try_into().ok()?) as usize;
+        self.0 = self.0.get(4 + len..)?;
+        Some(())
+    }
     pub(crate) fn u64(&mut self) -> Option<u64> {
         let v = u64::from_be_bytes(self.0.get(..8)?.try_into().ok()?);
         self.0 = &self.0[8..];
@@ -226,7 +232,7 @@ pub(crate) fn mailbox_of(key: &[u8]) -> &[u8] {
 /// iterator over the range may stay in that mailbox's memtable bucket (prefix mode).
 pub(crate) fn within_one_mailbox(lo: &[u8], hi: &[u8]) -> bool {
     let mut r = KeyReader::new(lo);
-    let whole_key = r.str().is_some() && r.str().is_some() && r.u64().is_some() && r.is_empty();
+    let whole_key = r.skip_str().is_some() && r.skip_str().is_some() && r.u64().is_some() && r.is_empty();
     if !whole_key {
         return false;
     }

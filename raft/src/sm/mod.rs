@@ -235,7 +235,8 @@ fn open_db(path: &Path, create: bool) -> Result<DB, StoreError> {
                 None,
             ));
             // A flush must first sort the whole hash-skiplist memtable into one list (RocksDB
-            // does that in the flush thread): at 64 MiB that was 160-200 ms of CPU, on all three
+            // does that in the flush thread): at 64 MiB the sort took 170-530 ms and the flush
+            // 160-200 ms of CPU, on all three
             // replicas at the same log position, and the tail benchmark's slowest pushes (175 and
             // 350 ms) fell on it. 16 MiB keeps each sort short.
             cf_opts.set_write_buffer_size(MAIL_WRITE_BUFFER_BYTES);
