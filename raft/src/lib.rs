@@ -21,5 +21,5 @@ pub mod types;
 pub use error::{StoreError, WriteError};
 pub use log_store::LogStore;
 pub use raft_node::{RaftConfig, RaftNode};
-pub use sm::{SnapshotStats, StateMachine, StateReader};
+pub use sm::{SnapshotStats, StateMachine, StateReader, Tuning};
 pub use types::*;

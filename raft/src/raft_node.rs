@@ -177,7 +177,11 @@ impl RaftNode {
             )));
         }
         let log_store = LogStore::open(&config.data_dir.join("raft-log"))?;
-        let sm = StateMachine::open(&config.data_dir.join("sm"), observer)?;
+        let sm = StateMachine::open_tuned(
+            &config.data_dir.join("sm"),
+            observer,
+            crate::sm::Tuning::for_node(config.node_id),
+        )?;
         let reader = sm.reader();
         let clients = PeerClients::new(config.node_id, config.network.clone());
         let network = Network::new(clients.clone());

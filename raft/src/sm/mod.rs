@@ -171,6 +171,37 @@ pub struct StateMachine {
     retired: Vec<(Arc<DB>, PathBuf)>,
     /// Committed values of the hot column families, for the applier's point reads.
     cache: ReadCache,
+    /// Options of this node's DBs, kept for the generations opened on snapshot install.
+    tuning: Tuning,
+}
+
+/// Per-node options of the state machine's DBs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tuning {
+    /// Memtable size of the Mail column family.
+    pub mail_memtable_bytes: usize,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning {
+            mail_memtable_bytes: MAIL_WRITE_BUFFER_BYTES,
+        }
+    }
+}
+
+impl Tuning {
+    /// The options for node `id`. Replicas apply the same entries, so equal memtables fill at
+    /// the same log position and all nodes flush (and sort, see `open_db`) at the same moment:
+    /// the tail benchmark's slowest pushes sat on those moments. The Mail memtable is therefore
+    /// 12-20 MiB by node id (16 MiB on average), so neighbouring ids flush at different times.
+    pub fn for_node(id: u64) -> Self {
+        const STEP: usize = 2 << 20;
+        let offset = usize::try_from(id % 5).unwrap_or(0) * STEP;
+        Tuning {
+            mail_memtable_bytes: MAIL_WRITE_BUFFER_BYTES - 2 * STEP + offset,
+        }
+    }
 }
 
 /// Block cache shared by a state-machine DB's column families.
@@ -183,7 +214,7 @@ const MAIL_WRITE_BUFFER_BYTES: usize = 16 << 20;
 const MAIL_MEMTABLE_BUCKETS: usize = 1 << 16;
 
 /// Options of every state-machine DB (live generations); all column families are created.
-fn open_db(path: &Path, create: bool) -> Result<DB, StoreError> {
+fn open_db(path: &Path, create: bool, tuning: Tuning) -> Result<DB, StoreError> {
     let mut opts = Options::default();
     opts.create_if_missing(create);
     opts.create_missing_column_families(true);
@@ -238,8 +269,9 @@ fn open_db(path: &Path, create: bool) -> Result<DB, StoreError> {
             // does that in the flush thread): at 64 MiB the sort took 170-530 ms and the flush
             // 160-200 ms of CPU, on all three
             // replicas at the same log position, and the tail benchmark's slowest pushes (175 and
-            // 350 ms) fell on it. 16 MiB keeps each sort short.
-            cf_opts.set_write_buffer_size(MAIL_WRITE_BUFFER_BYTES);
+            // 350 ms) fell on it. 16 MiB on average keeps each sort short; `Tuning::for_node`
+            // makes it differ between nodes so the replicas do not sort at the same moment.
+            cf_opts.set_write_buffer_size(tuning.mail_memtable_bytes);
             cf_opts.set_memtable_factory(rocksdb::MemtableFactory::HashSkipList {
                 bucket_count: MAIL_MEMTABLE_BUCKETS,
                 height: 4,
@@ -332,8 +364,17 @@ fn snap_read_err(e: StoreError) -> StorageError {
 }
 
 impl StateMachine {
-    /// Opens or creates the state machine under `dir`.
+    /// Opens or creates the state machine under `dir` with the default [`Tuning`].
     pub fn open(dir: &Path, observer: Arc<dyn ApplyObserver>) -> Result<Self, StoreError> {
+        Self::open_tuned(dir, observer, Tuning::default())
+    }
+
+    /// Opens or creates the state machine under `dir`.
+    pub fn open_tuned(
+        dir: &Path,
+        observer: Arc<dyn ApplyObserver>,
+        tuning: Tuning,
+    ) -> Result<Self, StoreError> {
         fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
         let snapshots = dir.join(SNAPSHOTS_DIR);
         let incoming = dir.join(INCOMING_DIR);
@@ -354,12 +395,12 @@ impl StateMachine {
                     });
                 }
                 remove_other_gens(dir, Some(gen))?;
-                (gen, open_db(&path, false)?)
+                (gen, open_db(&path, false, tuning)?)
             }
             None => {
                 // A gen dir without CURRENT is a crash during first creation: nothing committed.
                 remove_other_gens(dir, None)?;
-                let db = open_db(&gen_dir(dir, 1), true)?;
+                let db = open_db(&gen_dir(dir, 1), true, tuning)?;
                 snapshot::fsync_dir(dir)?;
                 write_current(dir, 1)?;
                 tracing::info!(path = %dir.display(), "state machine created");
@@ -380,7 +421,13 @@ impl StateMachine {
             snapshot_build_ms_last: AtomicU64::new(0),
             apps: AppCache::default(),
         });
-        tracing::info!(path = %dir.display(), gen, applied = index, "state machine opened");
+        tracing::info!(
+            path = %dir.display(),
+            gen,
+            applied = index,
+            mail_memtable_bytes = tuning.mail_memtable_bytes,
+            "state machine opened"
+        );
         let mut sm = StateMachine {
             dir: dir.to_path_buf(),
             shared,
@@ -391,6 +438,7 @@ impl StateMachine {
             clocks,
             retired: Vec::new(),
             cache: ReadCache::default(),
+            tuning,
         };
         // Apply writes are not fsynced: after a power loss the DB may be behind the newest
         // snapshot, and the log may already be purged up to that snapshot. Catch up from it.
@@ -494,7 +542,7 @@ impl StateMachine {
             snapshot::clone_checkpoint(src, &new_dir)?;
             // The new gen dir's own entry must be durable before CURRENT can name it.
             snapshot::fsync_dir(&self.dir)?;
-            let db = open_db(&new_dir, false)?;
+            let db = open_db(&new_dir, false, self.tuning)?;
             let state = load_state(&db)?;
             if state.0 != meta.last_log_id {
                 return Err(StoreError::Snapshot(format!(
@@ -659,6 +707,26 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
 type Entry = crate::types::typ::Entry;
 /// Events of each applied entry, by log index, in log order.
 type EntryEvents = Vec<(u64, Vec<ApplyEvent>)>;
+
+#[cfg(test)]
+mod tuning_tests {
+    use super::*;
+
+    #[test]
+    fn neighbouring_nodes_get_different_mail_memtables() {
+        let sizes: Vec<usize> = (1..=5)
+            .map(|id| Tuning::for_node(id).mail_memtable_bytes)
+            .collect();
+        for (i, a) in sizes.iter().enumerate() {
+            assert!((12 << 20..=20 << 20).contains(a), "node {}: {a} bytes", i + 1);
+            for b in &sizes[i + 1..] {
+                assert_ne!(a, b, "two of nodes 1-5 share a memtable size: {sizes:?}");
+            }
+        }
+        let mean = sizes.iter().sum::<usize>() / sizes.len();
+        assert_eq!(mean, MAIL_WRITE_BUFFER_BYTES);
+    }
+}
 
 #[cfg(test)]
 mod app_cache_tests {
