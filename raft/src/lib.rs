@@ -16,10 +16,12 @@ pub mod network;
 pub mod raft_node;
 pub mod runtime;
 pub mod sm;
+pub mod tuning;
 pub mod types;
 
 pub use error::{StoreError, WriteError};
 pub use log_store::LogStore;
 pub use raft_node::{RaftConfig, RaftNode};
-pub use sm::{SnapshotStats, StateMachine, StateReader, Tuning};
+pub use sm::{SnapshotStats, StateMachine, StateReader};
+pub use tuning::Tuning;
 pub use types::*;

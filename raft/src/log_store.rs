@@ -40,6 +40,7 @@ use rocksdb::{
 use serde::de::DeserializeOwned;
 
 use crate::error::StoreError;
+use crate::tuning::Tuning;
 use crate::types::typ::{Entry, LogId, StorageError, Vote};
 use crate::types::TypeConfig;
 
@@ -220,6 +221,11 @@ impl LogStore {
     /// Opens or creates the log store at `dir`. Fails (never panics) on an unreadable dir, a dir
     /// that is not a RocksDB, or stored values that do not decode.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        Self::open_tuned(dir, Tuning::default())
+    }
+
+    /// [`LogStore::open`] with this node's memtable size (see [`crate::tuning`]).
+    pub fn open_tuned(dir: &Path, tuning: Tuning) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| StoreError::Io {
             path: dir.display().to_string(),
             source: e,
@@ -234,6 +240,9 @@ impl LogStore {
         let cfs = [CF_LOGS, CF_META].map(|name| {
             let mut cf_opts = Options::default();
             cf_opts.set_compression_type(DBCompressionType::Lz4);
+            if name == CF_LOGS {
+                cf_opts.set_write_buffer_size(tuning.log_memtable_bytes);
+            }
             ColumnFamilyDescriptor::new(name, cf_opts)
         });
         let db = DB::open_cf_descriptors(&opts, dir, cfs).map_err(|e| open_err(dir, e))?;

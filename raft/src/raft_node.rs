@@ -28,6 +28,7 @@ use crate::error::{StoreError, WriteError};
 use crate::log_store::LogStore;
 use crate::network::{Network, NetworkOptions, PeerClients, RaftServiceHooks};
 use crate::sm::{StateMachine, StateReader};
+use crate::tuning::Tuning;
 use crate::types::{typ, ApplyObserver, NodeId, Op, OpResult, Request};
 
 /// What a member needs to run. Built by the node's config layer (validated there).
@@ -176,12 +177,9 @@ impl RaftNode {
                 config.peers.keys().collect::<Vec<_>>()
             )));
         }
-        let log_store = LogStore::open(&config.data_dir.join("raft-log"))?;
-        let sm = StateMachine::open_tuned(
-            &config.data_dir.join("sm"),
-            observer,
-            crate::sm::Tuning::for_node(config.node_id),
-        )?;
+        let tuning = Tuning::for_node(config.node_id);
+        let log_store = LogStore::open_tuned(&config.data_dir.join("raft-log"), tuning)?;
+        let sm = StateMachine::open_tuned(&config.data_dir.join("sm"), observer, tuning)?;
         let reader = sm.reader();
         let clients = PeerClients::new(config.node_id, config.network.clone());
         let network = Network::new(clients.clone());

@@ -42,6 +42,7 @@ use self::keys::{Cf, META_CLOCKS, META_LAST_APPLIED, META_MEMBERSHIP};
 use self::snapshot::{io_err, remove_dir_logged, TMP_PREFIX};
 use self::txn::{encode, ReadCache, Txn};
 use crate::error::StoreError;
+use crate::tuning::Tuning;
 use crate::types::typ::{LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership};
 use crate::types::*;
 
@@ -175,41 +176,10 @@ pub struct StateMachine {
     tuning: Tuning,
 }
 
-/// Per-node options of the state machine's DBs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Tuning {
-    /// Memtable size of the Mail column family.
-    pub mail_memtable_bytes: usize,
-}
-
-impl Default for Tuning {
-    fn default() -> Self {
-        Tuning {
-            mail_memtable_bytes: MAIL_WRITE_BUFFER_BYTES,
-        }
-    }
-}
-
-impl Tuning {
-    /// The options for node `id`. Replicas apply the same entries, so equal memtables fill at
-    /// the same log position and all nodes flush (and sort, see `open_db`) at the same moment:
-    /// the tail benchmark's slowest pushes sat on those moments. The Mail memtable is therefore
-    /// 12-20 MiB by node id (16 MiB on average), so neighbouring ids flush at different times.
-    pub fn for_node(id: u64) -> Self {
-        const STEP: usize = 2 << 20;
-        let offset = usize::try_from(id % 5).unwrap_or(0) * STEP;
-        Tuning {
-            mail_memtable_bytes: MAIL_WRITE_BUFFER_BYTES - 2 * STEP + offset,
-        }
-    }
-}
-
 /// Block cache shared by a state-machine DB's column families.
 const SM_BLOCK_CACHE_BYTES: usize = 64 << 20;
 /// Memtable size of the column families whose few keys are rewritten on every apply.
 const HOT_CF_WRITE_BUFFER_BYTES: usize = 2 << 20;
-/// Memtable size of the Mail column family (see `open_db`: its flush sorts the whole memtable).
-const MAIL_WRITE_BUFFER_BYTES: usize = 16 << 20;
 /// Hash buckets of the Mail memtable (8 bytes each): mailboxes sharing a bucket share its list.
 const MAIL_MEMTABLE_BUCKETS: usize = 1 << 16;
 
@@ -707,26 +677,6 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
 type Entry = crate::types::typ::Entry;
 /// Events of each applied entry, by log index, in log order.
 type EntryEvents = Vec<(u64, Vec<ApplyEvent>)>;
-
-#[cfg(test)]
-mod tuning_tests {
-    use super::*;
-
-    #[test]
-    fn neighbouring_nodes_get_different_mail_memtables() {
-        let sizes: Vec<usize> = (1..=5)
-            .map(|id| Tuning::for_node(id).mail_memtable_bytes)
-            .collect();
-        for (i, a) in sizes.iter().enumerate() {
-            assert!((12 << 20..=20 << 20).contains(a), "node {}: {a} bytes", i + 1);
-            for b in &sizes[i + 1..] {
-                assert_ne!(a, b, "two of nodes 1-5 share a memtable size: {sizes:?}");
-            }
-        }
-        let mean = sizes.iter().sum::<usize>() / sizes.len();
-        assert_eq!(mean, MAIL_WRITE_BUFFER_BYTES);
-    }
-}
 
 #[cfg(test)]
 mod app_cache_tests {
