@@ -35,7 +35,7 @@ impl Tuning {
     /// The sizes for node `id`: the mean plus (id mod 5 - 2) eighths of it, so any five
     /// consecutive ids differ (nodes 1 / 2 / 3 get 7/8, 8/8 and 9/8 of the mean).
     pub fn for_node(id: u64) -> Self {
-        let step = usize::try_from(id % 5).unwrap_or(0);
+        let step = (id % 5) as usize; // < 5
         let spread = |mean: usize| mean - mean / 4 + step * (mean / 8);
         Tuning {
             mail_memtable_bytes: spread(MAIL_MEMTABLE_BYTES),

@@ -237,10 +237,9 @@ fn open_db(path: &Path, create: bool, tuning: Tuning) -> Result<DB, StoreError> 
             ));
             // A flush must first sort the whole hash-skiplist memtable into one list (RocksDB
             // does that in the flush thread): at 64 MiB the sort took 170-530 ms and the flush
-            // 160-200 ms of CPU, on all three
-            // replicas at the same log position, and the tail benchmark's slowest pushes (175 and
-            // 350 ms) fell on it. 16 MiB on average keeps each sort short; `Tuning::for_node`
-            // makes it differ between nodes so the replicas do not sort at the same moment.
+            // 160-200 ms of CPU, and the tail benchmark's slowest pushes (175 and 350 ms) fell on
+            // it. 16 MiB on average keeps each sort short; the size differs by node so the
+            // replicas do not sort at the same moment (see `crate::tuning`).
             cf_opts.set_write_buffer_size(tuning.mail_memtable_bytes);
             cf_opts.set_memtable_factory(rocksdb::MemtableFactory::HashSkipList {
                 bucket_count: MAIL_MEMTABLE_BUCKETS,
