@@ -59,6 +59,18 @@ pub struct Row {
     pub latency: Latency,
     /// Cores the server processes kept busy during the measured window (all 3 members).
     pub server_cores: f64,
+    /// Server CPU per acked message (all 3 members), in microseconds: the efficiency figure that
+    /// stays comparable when the machine's speed drifts between runs.
+    pub server_us_per_ack: f64,
+}
+
+/// Microseconds of server CPU per acked message; 0 when nothing was acked.
+fn us_per_ack(server_cores: f64, acked_per_sec: f64) -> f64 {
+    if acked_per_sec > 0.0 {
+        server_cores / acked_per_sec * 1e6
+    } else {
+        0.0
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -123,6 +135,7 @@ pub async fn run(args: DurableArgs, out: &Out) -> Result<DurableResult> {
                         acked_per_sec: s.commits_per_sec,
                         latency: s.latency,
                         server_cores: s.server_cores,
+                        server_us_per_ack: us_per_ack(s.server_cores, s.commits_per_sec),
                     });
                 }
             }
@@ -220,8 +233,8 @@ pub async fn run(args: DurableArgs, out: &Out) -> Result<DurableResult> {
 fn print_table(r: &DurableResult) {
     println!("\ndurable, replicated, acknowledged (3 replicas, 200-byte payloads)");
     println!(
-        "{:<26} {:>5} {:>11} {:>8} {:>8} {:>8} {:>7} {:>12}",
-        "system", "pubs", "acked/s", "p50 ms", "p99 ms", "p99.9", "cores", "best herald/this"
+        "{:<26} {:>5} {:>11} {:>8} {:>8} {:>8} {:>7} {:>10} {:>12}",
+        "system", "pubs", "acked/s", "p50 ms", "p99 ms", "p99.9", "cores", "cpu µs/ack", "best herald/this"
     );
     for row in &r.rows {
         let herald = r
@@ -231,7 +244,7 @@ fn print_table(r: &DurableResult) {
             .map(|h| h.acked_per_sec)
             .fold(0.0, f64::max);
         println!(
-            "{:<26} {:>5} {:>11.0} {:>8} {:>8} {:>8} {:>7.2} {:>12}",
+            "{:<26} {:>5} {:>11.0} {:>8} {:>8} {:>8} {:>7.2} {:>10.1} {:>12}",
             row.system,
             row.publishers,
             row.acked_per_sec,
@@ -239,6 +252,7 @@ fn print_table(r: &DurableResult) {
             stats::ms(row.latency.p99_us),
             stats::ms(row.latency.p999_us),
             row.server_cores,
+            row.server_us_per_ack,
             ratio(herald, row.acked_per_sec)
         );
     }
@@ -341,6 +355,7 @@ async fn jetstream(
             acked_per_sec: acked as f64 / secs,
             latency: stats::summarize(&hist),
             server_cores: cores,
+            server_us_per_ack: us_per_ack(cores, acked as f64 / secs),
         };
         eprintln!(
             "{name} {p:>4} publishers: {:>9.0} acked/s  p50 {} p99 {} p99.9 {} ms",
@@ -460,4 +475,15 @@ async fn js_measure(
     ticker.abort();
     pb.finish_and_clear();
     Ok((acked, errors, hist, cpu.await.unwrap_or(0.0)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_per_ack_is_cores_over_the_rate_and_zero_without_acks() {
+        assert!((us_per_ack(1.5, 30_000.0) - 50.0).abs() < 1e-9);
+        assert_eq!(us_per_ack(1.5, 0.0), 0.0);
+    }
 }
