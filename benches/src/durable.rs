@@ -61,7 +61,7 @@ pub struct Row {
     pub server_cores: f64,
     /// Server CPU per acked message (all 3 members), in microseconds: the efficiency figure that
     /// stays comparable when the machine's speed drifts between runs.
-    pub server_us_per_ack: f64,
+    pub server_cpu_us_per_ack: f64,
 }
 
 /// Microseconds of server CPU per acked message; 0 when nothing was acked.
@@ -135,7 +135,7 @@ pub async fn run(args: DurableArgs, out: &Out) -> Result<DurableResult> {
                         acked_per_sec: s.commits_per_sec,
                         latency: s.latency,
                         server_cores: s.server_cores,
-                        server_us_per_ack: us_per_ack(s.server_cores, s.commits_per_sec),
+                        server_cpu_us_per_ack: us_per_ack(s.server_cores, s.commits_per_sec),
                     });
                 }
             }
@@ -252,7 +252,7 @@ fn print_table(r: &DurableResult) {
             stats::ms(row.latency.p99_us),
             stats::ms(row.latency.p999_us),
             row.server_cores,
-            row.server_us_per_ack,
+            row.server_cpu_us_per_ack,
             ratio(herald, row.acked_per_sec)
         );
     }
@@ -355,7 +355,7 @@ async fn jetstream(
             acked_per_sec: acked as f64 / secs,
             latency: stats::summarize(&hist),
             server_cores: cores,
-            server_us_per_ack: us_per_ack(cores, acked as f64 / secs),
+            server_cpu_us_per_ack: us_per_ack(cores, acked as f64 / secs),
         };
         eprintln!(
             "{name} {p:>4} publishers: {:>9.0} acked/s  p50 {} p99 {} p99.9 {} ms",
