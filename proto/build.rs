@@ -22,6 +22,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out.join("herald_descriptor.bin"),
         prost::Message::encode_to_vec(&fds),
     )?;
+    // The public API's files only: what the public port's reflection may advertise.
+    let mut public = fds.clone();
+    public.file.retain(|f| f.name() == "herald/v1/herald.proto");
+    assert_eq!(
+        public.file.len(),
+        1,
+        "herald/v1/herald.proto missing from the descriptor set"
+    );
+    std::fs::write(
+        out.join("herald_public_descriptor.bin"),
+        prost::Message::encode_to_vec(&public),
+    )?;
     tonic_prost_build::configure()
         .bytes(".")
         .build_client(true)

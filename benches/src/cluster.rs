@@ -46,6 +46,28 @@ pub const BENCH_FLAGS: &[&str] = &[
     "1000",
 ];
 
+/// The cluster's CA and node certificates, made with `herald certs` (mutual TLS between nodes).
+async fn make_certs(bin: &std::path::Path, dir: &std::path::Path, nodes: u64) -> Result<()> {
+    let d = dir.display().to_string();
+    let mut calls = vec![vec!["ca".to_string(), "--dir".into(), d.clone()]];
+    for i in 1..=nodes {
+        calls.push(vec![
+            "node".into(),
+            "--dir".into(),
+            d.clone(),
+            "--id".into(),
+            i.to_string(),
+        ]);
+    }
+    for args in calls {
+        let out = Command::new(bin).arg("certs").args(&args).output().await?;
+        if !out.status.success() {
+            bail!("herald certs {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+    Ok(())
+}
+
 pub struct Node {
     pub id: u64,
     pub grpc: String,
@@ -79,6 +101,9 @@ pub struct ClusterOpts {
     pub tls: Option<(PathBuf, PathBuf)>,
     /// Nodes serve the admin HTTP endpoint (metrics) on base+250+i.
     pub admin: bool,
+    /// Plaintext cluster plane (`--insecure-cluster`) instead of mutual TLS, to measure what
+    /// TLS between nodes costs. The cluster plane listens on base+50+i either way.
+    pub insecure_cluster: bool,
 }
 
 impl ClusterOpts {
@@ -89,6 +114,7 @@ impl ClusterOpts {
             extra: Vec::new(),
             tls: None,
             admin: false,
+            insecure_cluster: false,
         }
     }
 }
@@ -115,8 +141,12 @@ impl LocalCluster {
         let admin_token = "bench-admin-token-0123456789".to_string();
         let base = o.base_port as u64;
         let peers: Vec<String> = (1..=o.nodes)
-            .map(|i| format!("{i}=127.0.0.1:{}", base + i))
+            .map(|i| format!("{i}=127.0.0.1:{}", base + 50 + i))
             .collect();
+        let certs = dir.path().join("certs");
+        if !o.insecure_cluster {
+            make_certs(&bin, &certs, o.nodes).await?;
+        }
         let mut nodes = Vec::new();
         for i in 1..=o.nodes {
             let grpc = format!("127.0.0.1:{}", base + i);
@@ -135,7 +165,21 @@ impl LocalCluster {
                 peers.join(","),
                 "--admin-token".into(),
                 admin_token.clone(),
+                "--cluster-addr".into(),
+                format!("127.0.0.1:{}", base + 50 + i),
             ];
+            if o.insecure_cluster {
+                args.push("--insecure-cluster".into());
+            } else {
+                args.extend([
+                    "--cluster-ca".into(),
+                    certs.join("ca.pem").display().to_string(),
+                    "--cluster-cert".into(),
+                    certs.join(format!("node-{i}.pem")).display().to_string(),
+                    "--cluster-key".into(),
+                    certs.join(format!("node-{i}.key")).display().to_string(),
+                ]);
+            }
             let mut tls = None;
             if let Some((cert, key)) = &o.tls {
                 let a = format!("127.0.0.1:{}", base + 200 + i);

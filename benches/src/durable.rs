@@ -45,6 +45,19 @@ pub struct DurableArgs {
     /// per publisher, one push in flight on it, like a JetStream publisher waiting for its ack).
     #[arg(long, default_value = "unary,stream", value_delimiter = ',')]
     pub api: Vec<raft::Api>,
+    /// Herald's cluster plane: `on` (mutual TLS, the default a deployment gets) and/or `off`
+    /// (`--insecure-cluster`); with both, each is a cluster of its own in the same run, so the
+    /// cost of TLS between nodes reads off side by side.
+    #[arg(long, default_value = "on", value_delimiter = ',')]
+    pub cluster_tls: Vec<ClusterTls>,
+}
+
+/// Whether the nodes talk mutual TLS to each other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClusterTls {
+    On,
+    Off,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -97,8 +110,18 @@ pub const JS_ALWAYS: &str = "sync_interval: always (fsync before the ack)";
 pub async fn run(args: DurableArgs, out: &Out) -> Result<DurableResult> {
     let dur = Duration::from_secs(args.seconds);
     let mut rows = Vec::new();
-    if args.systems.iter().any(|s| s == "herald") {
-        let mut c = LocalCluster::start(3, args.base_port, &[]).await?;
+    for &tls in args
+        .cluster_tls
+        .iter()
+        .filter(|_| args.systems.iter().any(|s| s == "herald"))
+    {
+        let mut o = crate::cluster::ClusterOpts::new(args.base_port);
+        o.insecure_cluster = tls == ClusterTls::Off;
+        let mut c = LocalCluster::start_with(o).await?;
+        let suffix = match tls {
+            ClusterTls::On => "",
+            ClusterTls::Off => " (plain cluster)",
+        };
         let r = async {
             let (app, key) = c.create_app("bench").await?;
             let leader = c.wait_leader(Duration::from_secs(30)).await?;
@@ -119,7 +142,7 @@ pub async fn run(args: DurableArgs, out: &Out) -> Result<DurableResult> {
                     )
                     .await?;
                     eprintln!(
-                        "{:<14} {p:>4} publishers: {:>9.0} acked/s  p50 {} p99 {} p99.9 {} ms",
+                        "{:<14}{suffix} {p:>4} publishers: {:>9.0} acked/s  p50 {} p99 {} p99.9 {} ms",
                         herald_system(api),
                         s.commits_per_sec,
                         stats::ms(s.latency.p50_us),
@@ -127,7 +150,7 @@ pub async fn run(args: DurableArgs, out: &Out) -> Result<DurableResult> {
                         stats::ms(s.latency.p999_us)
                     );
                     rows.push(Row {
-                        system: herald_system(api).into(),
+                        system: format!("{}{suffix}", herald_system(api)),
                         durability: HERALD_DURABILITY.into(),
                         publishers: p,
                         acked: s.committed,

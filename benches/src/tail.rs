@@ -46,6 +46,10 @@ pub struct TailArgs {
     pub payload: usize,
     #[arg(long, default_value_t = 22400)]
     pub base_port: u16,
+    /// Plaintext cluster plane (`--insecure-cluster`) instead of mutual TLS, to read off what TLS
+    /// between nodes costs the tail (run it beside a default run).
+    #[arg(long)]
+    pub insecure_cluster: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -91,7 +95,9 @@ impl Slowest {
 }
 
 pub async fn run(args: TailArgs, out: &Out) -> Result<TailResult> {
-    let mut c = LocalCluster::start_with(ClusterOpts::new(args.base_port)).await?;
+    let mut o = ClusterOpts::new(args.base_port);
+    o.insecure_cluster = args.insecure_cluster;
+    let mut c = LocalCluster::start_with(o).await?;
     let r = measure(&args, &c).await;
     if r.is_err() {
         eprintln!("node logs: {}", c.dir.path().display());

@@ -1,8 +1,10 @@
 //! Real `herald node` processes, one per network namespace, and the gRPC calls the harness makes
 //! to them.
 //!
-//! Node `id` listens for gRPC (API + Raft) on `ip:7401`, advertises `ip:7402` (its proxy, see
-//! `proxy.rs`), and serves clients on `ip:7411`. Its data dir and log live under the run's
+//! Node `id` serves its public gRPC API on `ip:7401` (fronted by a proxy on `ip:7402`, see
+//! `proxy.rs`), its cluster plane (Raft, forwarding, peer delivery; mutual TLS) on `ip:7501`
+//! advertised as `ip:7502` (its proxy), and clients on `ip:7411`. The cluster CA and node
+//! certificates are made with `herald certs` under the run's dir (`nodes/certs/`). Its data dir and log live under the run's
 //! output dir (`nodes/node-<id>/`, `nodes/node-<id>.log`). Nodes run with `--exit-with-stdin`
 //! and the harness holds their stdin, so they exit when the harness dies, however it dies.
 
@@ -30,6 +32,8 @@ use crate::proxy::{Faults, Proxy};
 
 pub const GRPC_PORT: u16 = 7401;
 pub const PROXY_PORT: u16 = 7402;
+pub const CLUSTER_PORT: u16 = 7501;
+pub const CLUSTER_PROXY_PORT: u16 = 7502;
 pub const CLIENT_PORT: u16 = 7411;
 /// The admin token every node is started with.
 pub const ADMIN_TOKEN: &str = "herald-jepsen-admin-token-0123456789";
@@ -92,8 +96,14 @@ pub struct Cluster {
     pub net: Mutex<Net>,
     pub opts: NodeOpts,
     slots: Mutex<BTreeMap<u64, Slot>>,
-    proxies: Mutex<BTreeMap<u64, Proxy>>,
+    /// Per node: the proxy in front of its gRPC API and the one in front of its cluster plane.
+    proxies: Mutex<BTreeMap<u64, Vec<Proxy>>>,
+    /// The harness's own cluster-plane identity for probes (node 1's certificate: the harness
+    /// acts as an operator who holds the cluster's keys).
+    probe_tls: ClientIdentity,
     channels: Mutex<BTreeMap<(u64, bool), Channel>>,
+    /// Channels to the nodes' cluster planes (probes), by node id.
+    cluster_channels: Mutex<BTreeMap<u64, Channel>>,
 }
 
 impl Cluster {
@@ -101,13 +111,23 @@ impl Cluster {
     pub fn new(bin: PathBuf, exe: &Path, dir: PathBuf, n: u64, opts: NodeOpts) -> anyhow::Result<Cluster> {
         let ids: Vec<u64> = (1..=n).collect();
         std::fs::create_dir_all(&dir)?;
+        let certs = dir.join("certs");
+        make_certs(&bin, &certs, &ids)?;
+        let probe_tls = ClientIdentity::load(&certs, 1)?;
         let net = Net::create(&ids)?;
         let mut proxies = BTreeMap::new();
         for n in net.nodes.values() {
-            let listen = SocketAddr::new(n.ip.into(), PROXY_PORT);
-            let to = SocketAddr::new(n.ip.into(), GRPC_PORT);
-            let p = Proxy::start(exe, &n.ns, listen, to, &dir.join(format!("proxy-{}.log", n.id)))?;
-            proxies.insert(n.id, p);
+            let mut both = Vec::new();
+            for (listen, to, name) in [
+                (PROXY_PORT, GRPC_PORT, "proxy"),
+                (CLUSTER_PROXY_PORT, CLUSTER_PORT, "cluster-proxy"),
+            ] {
+                let listen = SocketAddr::new(n.ip.into(), listen);
+                let to = SocketAddr::new(n.ip.into(), to);
+                let log = dir.join(format!("{name}-{}.log", n.id));
+                both.push(Proxy::start(exe, &n.ns, listen, to, &log)?);
+            }
+            proxies.insert(n.id, both);
         }
         let slots = ids.iter().map(|id| (*id, Slot::default())).collect();
         Ok(Cluster {
@@ -118,7 +138,9 @@ impl Cluster {
             opts,
             slots: Mutex::new(slots),
             proxies: Mutex::new(proxies),
+            probe_tls,
             channels: Mutex::new(BTreeMap::new()),
+            cluster_channels: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -144,11 +166,26 @@ impl Cluster {
         self.ids.iter().map(|id| self.client_addr(*id)).collect()
     }
 
+    /// The address peers use for the cluster plane (through the node's proxy).
+    pub fn cluster_public(&self, id: u64) -> String {
+        format!("{}:{CLUSTER_PROXY_PORT}", self.ip(id))
+    }
+
+    /// The node's own cluster listener (no proxy): for the harness's probes.
+    pub fn cluster_direct(&self, id: u64) -> String {
+        format!("{}:{CLUSTER_PORT}", self.ip(id))
+    }
+
+    /// The cluster CA and node certificates.
+    pub fn certs_dir(&self) -> PathBuf {
+        self.dir.join("certs")
+    }
+
     /// `--peers` for the nodes.
     pub fn peers(&self) -> String {
         self.ids
             .iter()
-            .map(|id| format!("{id}={}", self.grpc_public(*id)))
+            .map(|id| format!("{id}={}", self.cluster_public(*id)))
             .collect::<Vec<_>>()
             .join(",")
     }
@@ -191,6 +228,24 @@ impl Cluster {
             &format!("{ip}:{GRPC_PORT}"),
             "--advertise-grpc-addr",
             &format!("{ip}:{PROXY_PORT}"),
+            "--cluster-addr",
+            &format!("{ip}:{CLUSTER_PORT}"),
+            "--advertise-cluster-addr",
+            &format!("{ip}:{CLUSTER_PROXY_PORT}"),
+            "--cluster-ca",
+            &self.certs_dir().join("ca.pem").display().to_string(),
+            "--cluster-cert",
+            &self
+                .certs_dir()
+                .join(format!("node-{id}.pem"))
+                .display()
+                .to_string(),
+            "--cluster-key",
+            &self
+                .certs_dir()
+                .join(format!("node-{id}.key"))
+                .display()
+                .to_string(),
             "--client-addr",
             &format!("{ip}:{CLIENT_PORT}"),
             "--peers",
@@ -356,7 +411,7 @@ impl Cluster {
 
     /// Sets the delay/loss faults of every node's proxy.
     pub fn set_proxy_faults(&self, f: Faults) -> anyhow::Result<()> {
-        for p in self.proxies.lock().values_mut() {
+        for p in self.proxies.lock().values_mut().flatten() {
             p.set(f)?;
         }
         Ok(())
@@ -376,7 +431,7 @@ impl Cluster {
                 }
             }
         }
-        for p in self.proxies.lock().values_mut() {
+        for p in self.proxies.lock().values_mut().flatten() {
             p.stop();
         }
         self.net.lock().teardown();
@@ -407,9 +462,24 @@ impl Cluster {
         Ok(HeraldClient::new(self.channel(id, direct)?))
     }
 
+    /// A channel to node `id`'s cluster plane, directly (mutual TLS with the harness's identity).
+    fn cluster_channel(&self, id: u64) -> anyhow::Result<Channel> {
+        let mut chans = self.cluster_channels.lock();
+        if let Some(c) = chans.get(&id) {
+            return Ok(c.clone());
+        }
+        let c = Channel::from_shared(format!("https://{}", self.cluster_direct(id)))?
+            .tls_config(self.probe_tls.config(id))?
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true)
+            .connect_lazy();
+        chans.insert(id, c.clone());
+        Ok(c)
+    }
+
     /// Node `id`'s Raft probe, directly, within `limit`.
     pub async fn probe(&self, id: u64, want_hash: bool, limit: Duration) -> anyhow::Result<ProbeReply> {
-        let mut c = RaftServiceClient::new(self.channel(id, true)?);
+        let mut c = RaftServiceClient::new(self.cluster_channel(id)?);
         let mut req = Request::new(ProbeRequest {
             from: 0,
             target: id,
@@ -496,8 +566,9 @@ impl Cluster {
         let mut c = self.herald(leader, true)?;
         let mut req = admin(pb::AddNodeRequest {
             node_id: id,
-            grpc_addr: self.grpc_public(id),
+            cluster_addr: self.cluster_public(id),
             learner_only: false,
+            ..Default::default()
         });
         req.set_timeout(Duration::from_secs(70));
         Ok(c.add_node(req).await?.into_inner())
@@ -602,5 +673,59 @@ impl AppCreds {
 
     pub fn token(&self, user: &str) -> String {
         crate::token::mint(&self.id, user, &self.secret, 24 * 3600)
+    }
+}
+
+/// The cluster's CA and one certificate per node, made by the `herald certs` command under test.
+fn make_certs(bin: &Path, dir: &Path, ids: &[u64]) -> anyhow::Result<()> {
+    let run = |args: &[&str]| -> anyhow::Result<()> {
+        let out = Command::new(bin)
+            .arg("certs")
+            .args(args)
+            .output()
+            .context("cannot run herald certs")?;
+        if !out.status.success() {
+            bail!(
+                "herald certs {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    };
+    let d = dir.display().to_string();
+    if !dir.join("ca.pem").exists() {
+        run(&["ca", "--dir", &d])?;
+    }
+    for id in ids {
+        if !dir.join(format!("node-{id}.pem")).exists() {
+            run(&["node", "--dir", &d, "--id", &id.to_string()])?;
+        }
+    }
+    Ok(())
+}
+
+/// A client identity on the cluster plane: the CA to trust and a node certificate to present.
+struct ClientIdentity {
+    ca: Vec<u8>,
+    cert: Vec<u8>,
+    key: Vec<u8>,
+}
+
+impl ClientIdentity {
+    fn load(dir: &Path, id: u64) -> anyhow::Result<ClientIdentity> {
+        let read = |n: String| std::fs::read(dir.join(&n)).with_context(|| format!("cannot read {n}"));
+        Ok(ClientIdentity {
+            ca: read("ca.pem".into())?,
+            cert: read(format!("node-{id}.pem"))?,
+            key: read(format!("node-{id}.key"))?,
+        })
+    }
+
+    /// TLS to node `target`, which must prove it is `herald-node-<target>`.
+    fn config(&self, target: u64) -> tonic::transport::ClientTlsConfig {
+        tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(&self.ca))
+            .identity(tonic::transport::Identity::from_pem(&self.cert, &self.key))
+            .domain_name(format!("herald-node-{target}"))
     }
 }

@@ -23,6 +23,15 @@ pub mod env {
     pub const TLS_CERT: &str = "HERALD_TLS_CERT";
     pub const TLS_KEY: &str = "HERALD_TLS_KEY";
     pub const PEERS: &str = "HERALD_PEERS";
+    pub const CLUSTER_ADDR: &str = "HERALD_CLUSTER_ADDR";
+    pub const ADVERTISE_CLUSTER_ADDR: &str = "HERALD_ADVERTISE_CLUSTER_ADDR";
+    pub const CLUSTER_CA: &str = "HERALD_CLUSTER_CA";
+    pub const CLUSTER_CERT: &str = "HERALD_CLUSTER_CERT";
+    pub const CLUSTER_KEY: &str = "HERALD_CLUSTER_KEY";
+    pub const INSECURE_CLUSTER: &str = "HERALD_INSECURE_CLUSTER";
+    pub const GRPC_TLS: &str = "HERALD_GRPC_TLS";
+    pub const GRPC_TLS_CERT: &str = "HERALD_GRPC_TLS_CERT";
+    pub const GRPC_TLS_KEY: &str = "HERALD_GRPC_TLS_KEY";
     pub const ADMIN_TOKEN: &str = "HERALD_ADMIN_TOKEN";
     pub const RAFT_HEARTBEAT_MS: &str = "HERALD_RAFT_HEARTBEAT_MS";
     pub const ELECTION_TIMEOUT_MS: &str = "HERALD_ELECTION_TIMEOUT_MS";
@@ -57,12 +66,40 @@ pub struct NodeOptions {
     /// Directory for the Raft log, the state machine and snapshots (created if missing).
     #[arg(long, env = env::DATA_DIR)]
     pub data_dir: Option<PathBuf>,
-    /// Listen address of the gRPC API and the Raft transport (host:port).
+    /// Listen address of the public gRPC API: apps' backends, admins, the CLI (host:port).
     #[arg(long, env = env::GRPC_ADDR)]
     pub grpc_addr: Option<String>,
-    /// Address peers and tools use to reach this node's gRPC (default: --grpc-addr).
+    /// Address backends and tools use to reach this node's gRPC API (default: --grpc-addr).
     #[arg(long, env = env::ADVERTISE_GRPC_ADDR)]
     pub advertise_grpc_addr: Option<String>,
+    /// Serve the gRPC API over TLS with --tls-cert/--tls-key (or --grpc-tls-cert/--grpc-tls-key) [default: false].
+    #[arg(long, env = env::GRPC_TLS, num_args = 0..=1, default_missing_value = "true")]
+    pub grpc_tls: Option<bool>,
+    /// Certificate chain (PEM) of the gRPC API's TLS, if not --tls-cert; implies --grpc-tls.
+    #[arg(long, env = env::GRPC_TLS_CERT)]
+    pub grpc_tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of the gRPC API's TLS, if not --tls-key.
+    #[arg(long, env = env::GRPC_TLS_KEY)]
+    pub grpc_tls_key: Option<PathBuf>,
+    /// Listen address of the cluster plane: Raft, forwarding and peer delivery between nodes, with
+    /// mutual TLS (host:port). Only other nodes need to reach it.
+    #[arg(long, env = env::CLUSTER_ADDR)]
+    pub cluster_addr: Option<String>,
+    /// Address other nodes reach this node's cluster plane at; --peers names it (default: --cluster-addr).
+    #[arg(long, env = env::ADVERTISE_CLUSTER_ADDR)]
+    pub advertise_cluster_addr: Option<String>,
+    /// The cluster's CA certificate(s), PEM; several during a CA rotation (`herald certs`).
+    #[arg(long, env = env::CLUSTER_CA)]
+    pub cluster_ca: Option<PathBuf>,
+    /// This node's cluster certificate, PEM, naming `herald-node-<id>` (`herald certs node`).
+    #[arg(long, env = env::CLUSTER_CERT)]
+    pub cluster_cert: Option<PathBuf>,
+    /// This node's cluster private key, PEM.
+    #[arg(long, env = env::CLUSTER_KEY)]
+    pub cluster_key: Option<PathBuf>,
+    /// Plaintext, unauthenticated cluster traffic instead of mutual TLS (logs a warning every minute); without it the --cluster-ca/cert/key files are required.
+    #[arg(long, env = env::INSECURE_CLUSTER, num_args = 0..=1, default_missing_value = "true")]
+    pub insecure_cluster: Option<bool>,
     /// Listen address of the plain-TCP client protocol (empty: disabled).
     #[arg(long, env = env::CLIENT_ADDR)]
     pub client_addr: Option<String>,
@@ -81,7 +118,7 @@ pub struct NodeOptions {
     /// PEM private key for the TLS client listener.
     #[arg(long, env = env::TLS_KEY)]
     pub tls_key: Option<PathBuf>,
-    /// Initial cluster members as id=host:port (gRPC addresses), comma separated, this node included.
+    /// Initial cluster members as id=host:port (their --cluster-addr addresses), comma separated, this node included.
     #[arg(long, env = env::PEERS)]
     pub peers: Option<String>,
     /// Bearer token required for admin calls (apps, membership). Unset: admin calls are open.
@@ -167,6 +204,15 @@ impl NodeOptions {
             data_dir,
             grpc_addr,
             advertise_grpc_addr,
+            grpc_tls,
+            grpc_tls_cert,
+            grpc_tls_key,
+            cluster_addr,
+            advertise_cluster_addr,
+            cluster_ca,
+            cluster_cert,
+            cluster_key,
+            insecure_cluster,
             client_addr,
             advertise_client_addr,
             tls_addr,
@@ -206,6 +252,14 @@ impl NodeOptions {
     }
 }
 
+/// The cluster plane's certificate files (checked to exist; parsed when the node starts).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterTlsFiles {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
 /// A configuration problem, worded for the person starting the node.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
@@ -224,6 +278,14 @@ pub struct NodeConfig {
     pub data_dir: PathBuf,
     pub grpc_listen: SocketAddr,
     pub grpc_advertise: String,
+    /// TLS for the gRPC API: certificate chain and key, or `None` for plaintext.
+    pub grpc_tls: Option<(PathBuf, PathBuf)>,
+    pub cluster_listen: SocketAddr,
+    /// What `--peers` and membership name this node by.
+    pub cluster_advertise: String,
+    /// Mutual TLS of the cluster plane (CA bundle, certificate, key), or `None` with
+    /// `--insecure-cluster`.
+    pub cluster_tls: Option<ClusterTlsFiles>,
     pub client_listen: Option<SocketAddr>,
     pub client_advertise: String,
     pub tls_listen: Option<SocketAddr>,
@@ -298,6 +360,27 @@ impl NodeOptions {
                 }
             }
         }
+        let cluster_raw = self
+            .cluster_addr
+            .ok_or_else(|| missing("cluster-addr", env::CLUSTER_ADDR))?;
+        let cluster_listen = parse_addr("cluster-addr", &cluster_raw)?;
+        let cluster_advertise = advertise("cluster", cluster_listen, self.advertise_cluster_addr)?;
+        if cluster_listen == grpc_listen {
+            return Err(ConfigError(format!(
+                "--cluster-addr and --grpc-addr are both {grpc_listen}: the cluster plane needs its own port"
+            )));
+        }
+        let cluster_tls = cluster_tls(
+            self.insecure_cluster.unwrap_or(false),
+            self.cluster_ca,
+            self.cluster_cert,
+            self.cluster_key,
+        )?;
+        let grpc_tls = grpc_tls(
+            self.grpc_tls.unwrap_or(self.grpc_tls_cert.is_some()),
+            self.grpc_tls_cert.or(self.tls_cert.clone()),
+            self.grpc_tls_key.or(self.tls_key.clone()),
+        )?;
         let peers_raw = self.peers.ok_or_else(|| missing("peers", env::PEERS))?;
         let peers = parse_peers(&peers_raw)?;
         match peers.get(&id) {
@@ -307,9 +390,9 @@ impl NodeOptions {
                     peers.keys().map(|k| k.to_string()).collect::<Vec<_>>().join(",")
                 )))
             }
-            Some(a) if *a != grpc_advertise => {
+            Some(a) if *a != cluster_advertise => {
                 return Err(ConfigError(format!(
-                    "--peers says node {id} is at {a}, but this node advertises gRPC at {grpc_advertise}"
+                    "--peers says node {id} is at {a}, but this node's cluster plane is at {cluster_advertise} (--peers lists --cluster-addr addresses)"
                 )))
             }
             Some(_) => {}
@@ -385,6 +468,10 @@ impl NodeOptions {
             data_dir,
             grpc_listen,
             grpc_advertise,
+            grpc_tls,
+            cluster_listen,
+            cluster_advertise,
+            cluster_tls,
             client_listen,
             client_advertise,
             tls_listen,
@@ -420,6 +507,71 @@ impl NodeOptions {
             archive_url,
             archive_batch,
         })
+    }
+}
+
+/// Mutual TLS files for the cluster plane, or `None` when `--insecure-cluster` is set; each file
+/// must exist. Both at once, or neither, is an error.
+fn cluster_tls(
+    insecure: bool,
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+) -> Result<Option<ClusterTlsFiles>, ConfigError> {
+    let given = [&ca, &cert, &key].iter().any(|p| p.is_some());
+    if insecure {
+        if given {
+            return Err(ConfigError(
+                "--insecure-cluster and --cluster-ca/--cluster-cert/--cluster-key exclude each other".into(),
+            ));
+        }
+        return Ok(None);
+    }
+    let (Some(ca), Some(cert), Some(key)) = (ca, cert, key) else {
+        return Err(ConfigError(
+            "the cluster plane needs --cluster-ca, --cluster-cert and --cluster-key (make them with `herald certs`), \
+             or --insecure-cluster for plaintext, unauthenticated node-to-node traffic"
+                .into(),
+        ));
+    };
+    for (name, p) in [
+        ("cluster-ca", &ca),
+        ("cluster-cert", &cert),
+        ("cluster-key", &key),
+    ] {
+        if !p.is_file() {
+            return Err(ConfigError(format!("--{name} {}: no such file", p.display())));
+        }
+    }
+    Ok(Some(ClusterTlsFiles { ca, cert, key }))
+}
+
+/// The gRPC API's certificate and key when it serves TLS: with `--grpc-tls`, or when a
+/// `--grpc-tls-cert` of its own is given.
+fn grpc_tls(
+    on: bool,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+) -> Result<Option<(PathBuf, PathBuf)>, ConfigError> {
+    if !on {
+        return Ok(None);
+    }
+    match (cert, key) {
+        (Some(c), Some(k)) => {
+            for p in [&c, &k] {
+                if !p.is_file() {
+                    return Err(ConfigError(format!(
+                        "gRPC API TLS: {}: no such file",
+                        p.display()
+                    )));
+                }
+            }
+            Ok(Some((c, k)))
+        }
+        _ => Err(ConfigError(
+            "--grpc-tls needs a certificate and key: --grpc-tls-cert/--grpc-tls-key or --tls-cert/--tls-key"
+                .into(),
+        )),
     }
 }
 
@@ -572,7 +724,9 @@ mod tests {
             id: Some(1),
             data_dir: Some(PathBuf::from("/tmp/herald-config-test")),
             grpc_addr: Some("127.0.0.1:7001".into()),
-            peers: Some("1=127.0.0.1:7001,2=127.0.0.1:7002,3=127.0.0.1:7003".into()),
+            cluster_addr: Some("127.0.0.1:7101".into()),
+            insecure_cluster: Some(true),
+            peers: Some("1=127.0.0.1:7101,2=127.0.0.1:7102,3=127.0.0.1:7103".into()),
             ..Default::default()
         }
     }
@@ -622,7 +776,7 @@ mod tests {
             peers: Some("1=127.0.0.1:7009".into()),
             ..base()
         })
-        .contains("advertises gRPC"));
+        .contains("cluster plane is at 127.0.0.1:7101"));
         assert!(err(NodeOptions {
             grpc_addr: Some("0.0.0.0:7001".into()),
             ..base()
@@ -712,7 +866,25 @@ mod tests {
                 .to_string(),
             ),
             "archive_batch" => Some(c.archive_batch.to_string()),
-            "id" | "data_dir" | "grpc_addr" | "peers" => None,
+            "id" | "data_dir" | "grpc_addr" | "peers" | "cluster_addr" => None,
+            "insecure_cluster" => {
+                assert!(c.cluster_tls.is_none(), "base() asks for plaintext");
+                None
+            }
+            "advertise_cluster_addr" => {
+                assert_eq!(
+                    c.cluster_advertise,
+                    c.cluster_listen.to_string(),
+                    "defaults to --cluster-addr"
+                );
+                None
+            }
+            "cluster_ca" | "cluster_cert" | "cluster_key" => None,
+            "grpc_tls" => Some((c.grpc_tls.is_some()).to_string()),
+            "grpc_tls_cert" | "grpc_tls_key" => {
+                assert!(c.grpc_tls.is_none());
+                None
+            }
             "advertise_grpc_addr" => {
                 assert_eq!(
                     c.grpc_advertise,
@@ -773,7 +945,7 @@ mod tests {
             );
             checked += usize::from(documented.is_some());
         }
-        assert_eq!(checked, 16, "options with a default");
+        assert_eq!(checked, 17, "options with a default");
         // The two defaults that follow another option, as their help says.
         let low = NodeOptions {
             client_heartbeat_ms: Some(1_000),
@@ -813,6 +985,72 @@ mod tests {
                 .unwrap();
         assert_eq!(file.archive_batch, Some(7));
         assert_eq!(file.ws_addr.as_deref(), Some("127.0.0.1:2"));
+    }
+
+    #[test]
+    fn the_cluster_plane_needs_certificates_or_an_explicit_insecure_flag() {
+        let plain = NodeOptions {
+            insecure_cluster: None,
+            ..base()
+        };
+        let e = err(plain.clone());
+        assert!(
+            e.contains("--cluster-ca") && e.contains("--insecure-cluster"),
+            "{e}"
+        );
+        assert!(err(NodeOptions {
+            cluster_addr: None,
+            ..base()
+        })
+        .contains("missing --cluster-addr"));
+        assert!(err(NodeOptions {
+            cluster_addr: Some("127.0.0.1:7001".into()),
+            peers: Some("1=127.0.0.1:7001".into()),
+            ..base()
+        })
+        .contains("needs its own port"));
+        let dir = tempfile::tempdir().unwrap();
+        let f = |n: &str| {
+            let p = dir.path().join(n);
+            std::fs::write(&p, "x").unwrap();
+            Some(p)
+        };
+        let with_files = NodeOptions {
+            cluster_ca: f("ca.pem"),
+            cluster_cert: f("node.pem"),
+            cluster_key: f("node.key"),
+            ..plain
+        };
+        let c = with_files.clone().resolve().unwrap();
+        assert_eq!(c.cluster_tls.unwrap().ca, dir.path().join("ca.pem"));
+        assert!(err(NodeOptions {
+            insecure_cluster: Some(true),
+            ..with_files.clone()
+        })
+        .contains("exclude each other"));
+        assert!(err(NodeOptions {
+            cluster_key: Some(dir.path().join("missing.key")),
+            ..with_files
+        })
+        .contains("--cluster-key"));
+        // The gRPC API's TLS falls back to the client TLS files.
+        let c = NodeOptions {
+            grpc_tls: Some(true),
+            tls_cert: f("tls.pem"),
+            tls_key: f("tls.key"),
+            ..base()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(
+            c.grpc_tls,
+            Some((dir.path().join("tls.pem"), dir.path().join("tls.key")))
+        );
+        assert!(err(NodeOptions {
+            grpc_tls: Some(true),
+            ..base()
+        })
+        .contains("--grpc-tls needs"));
     }
 
     #[test]

@@ -19,7 +19,8 @@ pub struct DevArgs {
     #[arg(long, default_value = "./herald-dev")]
     pub data_dir: PathBuf,
     /// Node i listens for gRPC on base+i, plain TCP clients on base+10+i, TLS clients on base+20+i,
-    /// admin HTTP (metrics, dashboard) on base+30+i and WebSocket clients on base+40+i.
+    /// admin HTTP (metrics, dashboard) on base+30+i, WebSocket clients on base+40+i and its
+    /// cluster plane (mutual TLS, other nodes only) on base+50+i.
     #[arg(long, default_value_t = 7400)]
     pub base_port: u16,
     /// The demo app's id.
@@ -56,16 +57,24 @@ pub fn ws_addr(base: u16, i: u64) -> String {
     format!("127.0.0.1:{}", base as u64 + 40 + i)
 }
 
+pub fn cluster_addr(base: u16, i: u64) -> String {
+    format!("127.0.0.1:{}", base as u64 + 50 + i)
+}
+
 pub async fn run(args: DevArgs) -> Result<(), CliError> {
     std::fs::create_dir_all(&args.data_dir)
         .map_err(|e| CliError::other(format!("cannot create {}: {e}", args.data_dir.display())))?;
     let admin_token = admin_token(&args.data_dir)?;
     let pki = crate::room::tls::dev_pki(&args.data_dir.join("tls"))
         .map_err(|e| CliError::other(format!("cannot create the dev TLS certificate: {e:#}")))?;
+    // The cluster plane's CA and one certificate per node, made once (mutual TLS between nodes).
+    let certs = args.data_dir.join("certs");
+    crate::certs::ensure_cluster(&certs, 1..=NODES)
+        .map_err(|e| CliError::other(format!("cannot create the cluster certificates: {e:#}")))?;
     let exe = std::env::current_exe()
         .map_err(|e| CliError::other(format!("cannot find the herald binary: {e}")))?;
     let peers = (1..=NODES)
-        .map(|i| format!("{i}={}", grpc_addr(args.base_port, i)))
+        .map(|i| format!("{i}={}", cluster_addr(args.base_port, i)))
         .collect::<Vec<_>>()
         .join(",");
 
@@ -81,6 +90,7 @@ pub async fn run(args: DevArgs) -> Result<(), CliError> {
             .open(&log_path)
             .map_err(|e| CliError::other(format!("cannot open {}: {e}", log_path.display())))?;
         let log2 = log.try_clone().map_err(|e| CliError::other(e.to_string()))?;
+        let (node_cert, node_key) = crate::certs::node_paths(&certs, i);
         let mut cmd = Command::new(&exe);
         cmd.arg("node")
             .args(["--id", &i.to_string()])
@@ -91,6 +101,13 @@ pub async fn run(args: DevArgs) -> Result<(), CliError> {
             .args(["--tls-addr", &tls_addr(args.base_port, i)])
             .args(["--admin-addr", &admin_addr(args.base_port, i)])
             .args(["--ws-addr", &ws_addr(args.base_port, i)])
+            .args(["--cluster-addr", &cluster_addr(args.base_port, i)])
+            .arg("--cluster-ca")
+            .arg(crate::certs::ca_paths(&certs).0)
+            .arg("--cluster-cert")
+            .arg(&node_cert)
+            .arg("--cluster-key")
+            .arg(&node_key)
             .arg("--tls-cert")
             .arg(&pki.cert)
             .arg("--tls-key")
@@ -126,6 +143,7 @@ pub async fn run(args: DevArgs) -> Result<(), CliError> {
         app: Some(args.app.clone()),
         api_key: None,
         timeout_ms: 10_000,
+        server_ca: None,
     };
     let app = match wait_ready(&client, &args.app, Duration::from_secs(60)).await {
         Ok(app) => app,
@@ -154,6 +172,8 @@ pub async fn run(args: DevArgs) -> Result<(), CliError> {
         "tls_ca": pki.ca.display().to_string(),
         "admin": (1..=NODES).map(|i| admin_addr(args.base_port, i)).collect::<Vec<_>>(),
         "ws": (1..=NODES).map(|i| ws_addr(args.base_port, i)).collect::<Vec<_>>(),
+        "cluster": (1..=NODES).map(|i| cluster_addr(args.base_port, i)).collect::<Vec<_>>(),
+        "cluster_ca": crate::certs::ca_paths(&certs).0.display().to_string(),
         "dashboard": format!("http://{}/", admin_addr(args.base_port, 1)),
         "admin_token": admin_token,
         "app": args.app,
@@ -214,6 +234,11 @@ fn print_summary(args: &DevArgs, s: &serde_json::Value) {
             .join(" ")
     );
     println!("  admin (HTTP): {}  (/metrics, /healthz, /readyz)", list("admin"));
+    println!(
+        "  cluster:      {}  (node-to-node only, mutual TLS; CA: {})",
+        list("cluster"),
+        get("cluster_ca")
+    );
     println!("  dashboard:    {}  (asks for the admin token)", get("dashboard"));
     println!("  admin token:  {}", get("admin_token"));
     println!("  app:          {}  (api key {})", get("app"), get("api_key"));

@@ -72,6 +72,35 @@ enum Cmd {
     Kick(KickCmd),
     /// Connect as a client (the SDK) and print one JSON line per event.
     Listen(ListenCmd),
+    /// The cluster plane's CA and node certificates (mutual TLS between nodes).
+    Certs {
+        #[command(subcommand)]
+        cmd: CertsCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertsCmd {
+    /// Create a new cluster CA (ca.pem, ca.key) in --dir.
+    Ca {
+        /// Directory for the files (created if missing; existing files are never overwritten).
+        #[arg(long)]
+        dir: PathBuf,
+        /// The CA's common name (give a new CA a new name when rotating).
+        #[arg(long, default_value = "Herald cluster CA")]
+        name: String,
+    },
+    /// Issue node --id's certificate (node-<id>.pem, node-<id>.key) from the CA in --dir.
+    Node {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        id: u64,
+        /// Extra DNS names or IP addresses the certificate names, repeatable (the node id's
+        /// name `herald-node-<id>` is always in it; peers check that one).
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -94,9 +123,9 @@ enum ClusterCmd {
     Add {
         #[arg(long)]
         id: u64,
-        /// The new node's gRPC address.
+        /// The new node's cluster-plane address (its --cluster-addr).
         #[arg(long)]
-        grpc_addr: String,
+        cluster_addr: String,
         /// Keep it a learner.
         #[arg(long)]
         learner: bool,
@@ -203,6 +232,25 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Cmd::Delivery(cmd) => print(messages::delivery(cmd).await?),
         Cmd::Kick(cmd) => print(messages::kick(cmd).await?),
         Cmd::Listen(cmd) => cli::listen::run(cmd).await,
+        Cmd::Certs { cmd } => certs(cmd),
+    }
+}
+
+fn certs(cmd: CertsCmd) -> Result<(), CliError> {
+    let done = match cmd {
+        CertsCmd::Ca { dir, name } => herald_node::certs::create_ca(&dir, &name).map(|p| vec![p]),
+        CertsCmd::Node { dir, id, hosts } => {
+            herald_node::certs::create_node(&dir, id, &hosts).map(|(c, k)| vec![c, k])
+        }
+    };
+    match done {
+        Ok(files) => {
+            for f in files {
+                println!("{}", f.display());
+            }
+            Ok(())
+        }
+        Err(e) => Err(CliError::other(format!("{e:#}"))),
     }
 }
 
@@ -285,15 +333,16 @@ async fn cluster(client: ClientOpts, cmd: ClusterCmd) -> Result<(), CliError> {
         }
         ClusterCmd::Add {
             id,
-            grpc_addr,
+            cluster_addr,
             learner,
         } => {
             let mut c = client.connect().await?;
             let r = c
                 .add_node(client.admin(pb::AddNodeRequest {
                     node_id: id,
-                    grpc_addr,
+                    cluster_addr,
                     learner_only: learner,
+                    ..Default::default()
                 })?)
                 .await?
                 .into_inner();

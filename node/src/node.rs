@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use herald_proto::v1::herald_client::HeraldClient;
+use herald_raft::network::ClusterTls;
 use herald_raft::raft_node::now_ms;
 use herald_raft::{NodeInfo, Op, RaftConfig, RaftNode};
 use tokio::net::TcpListener;
@@ -28,7 +29,10 @@ use crate::room::{Room, RoomConfig};
 
 /// Sockets a node serves on, bound before it starts (so tests can use port 0 and learn the port).
 pub struct Listeners {
+    /// The public gRPC API.
     pub grpc: TcpListener,
+    /// The cluster plane: Raft, forwarding, peer delivery (other nodes only).
+    pub cluster: TcpListener,
     pub client: Option<TcpListener>,
     pub tls: Option<TcpListener>,
     /// WebSocket client listener.
@@ -43,6 +47,9 @@ impl Listeners {
         let grpc = TcpListener::bind(config.grpc_listen)
             .await
             .with_context(|| format!("cannot listen for gRPC on {}", config.grpc_listen))?;
+        let cluster = TcpListener::bind(config.cluster_listen)
+            .await
+            .with_context(|| format!("cannot listen for the cluster plane on {}", config.cluster_listen))?;
         let client = match config.client_listen {
             Some(a) => Some(
                 TcpListener::bind(a)
@@ -77,6 +84,7 @@ impl Listeners {
         };
         Ok(Listeners {
             grpc,
+            cluster,
             client,
             tls,
             ws,
@@ -147,11 +155,10 @@ impl Node {
             }
             .into());
         };
-        let channel = Channel::from_shared(format!("http://{addr}"))
-            .map_err(|e| ApiError::Internal(e.to_string()))?
-            .connect_timeout(Duration::from_secs(2))
-            .connect()
-            .await
+        // Over the cluster plane (mutual TLS), where every node also serves the API for this.
+        let channel = self
+            .raft()
+            .peer_channel(leader)
             .map_err(|e| ApiError::Unavailable {
                 msg: format!("leader node {leader} at {addr} unreachable: {e}"),
                 leader: Some((leader, addr.clone())),
@@ -177,12 +184,24 @@ pub async fn run(
         (Some(c), Some(k)) if listeners.tls.is_some() => Some(crate::room::tls::server_config(c, k)?),
         _ => None,
     };
+    let cluster_tls = match &config.cluster_tls {
+        Some(f) => Some(
+            ClusterTls::load(config.id, &f.ca, &f.cert, &f.key)
+                .context("cannot use the cluster certificates")?,
+        ),
+        None => None,
+    };
+    let grpc_tls = match &config.grpc_tls {
+        Some((cert, key)) => Some(grpc_server_tls(cert, key)?),
+        None => None,
+    };
     let mut raft_config = RaftConfig::standard(
         config.id,
         config.data_dir.clone(),
-        config.grpc_advertise.clone(),
+        config.cluster_advertise.clone(),
         config.peers.clone(),
     );
+    raft_config.tls = cluster_tls.clone();
     raft_config.heartbeat_ms = config.raft_heartbeat.as_millis() as u64;
     raft_config.election_timeout_min_ms = config.election_timeout.as_millis() as u64;
     raft_config.election_timeout_max_ms = 2 * config.election_timeout.as_millis() as u64;
@@ -239,30 +258,73 @@ pub async fn run(
     health
         .set_serving::<herald_proto::v1::herald_server::HeraldServer<HeraldApi>>()
         .await;
+    // The public port's reflection lists the public services only (Herald, Archive, health).
     let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(herald_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(herald_proto::PUBLIC_FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .context("cannot build the reflection service")?;
     let grpc_addr = listeners.grpc.local_addr()?;
+    let cluster_addr = listeners.cluster.local_addr()?;
     let grpc_shutdown = CancellationToken::new();
     // `Server::tcp_nodelay` is ignored for a listener we bind ourselves (tonic applies it only
     // when it binds); without TCP_NODELAY, Nagle + delayed ACK holds small replies ~40 ms.
     let incoming = tonic::transport::server::TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
-    let grpc = tonic::transport::Server::builder()
+    let mut public = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
-        .add_service(raft.grpc_service())
+        .http2_keepalive_timeout(Some(Duration::from_secs(5)));
+    if let Some(tls) = grpc_tls {
+        public = public.tls_config(tls).context("invalid gRPC API TLS config")?;
+    }
+    let grpc = public
+        .layer(crate::api::leader_hint::layer(raft.reader().clone()))
         .add_service(herald_proto::v1::herald_server::HeraldServer::new(
             HeraldApi::new(node.clone()),
         ))
-        .add_service(PeerService::server(room.clone()))
         .add_service(crate::archive::ArchiveApi::server(node.clone(), archive.clone()))
         .add_service(health_service)
         .add_service(reflection)
         .serve_with_incoming_shutdown(incoming, grpc_shutdown.clone().cancelled_owned());
     let grpc_task = tokio::spawn(grpc);
-    info!(node_id = config.id, %grpc_addr, data_dir = %config.data_dir.display(), "node started");
+
+    // The cluster plane: raft RPCs, write forwarding and probes, peer delivery, and the API again
+    // for calls a node forwards to the leader (Status, DeliveryStatus, membership changes).
+    // Every request passes the peer guard first (with TLS: a certificate naming an accepted node).
+    let cluster_incoming =
+        tonic::transport::server::TcpIncoming::from(listeners.cluster).with_nodelay(Some(true));
+    let mut cluster = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(5)));
+    match &cluster_tls {
+        Some(tls) => {
+            cluster = cluster
+                .tls_config(tls.server_config())
+                .context("invalid cluster TLS config")?;
+        }
+        None => {
+            node.inner
+                .tasks
+                .spawn(warn_insecure_cluster(config.id, background.clone()));
+        }
+    }
+    let cluster = cluster
+        .layer(tonic::service::InterceptorLayer::new(raft.peer_guard()))
+        .add_service(raft.grpc_service())
+        .add_service(PeerService::server(room.clone()))
+        .add_service(herald_proto::v1::herald_server::HeraldServer::new(
+            HeraldApi::new(node.clone()),
+        ))
+        .serve_with_incoming_shutdown(cluster_incoming, grpc_shutdown.clone().cancelled_owned());
+    let cluster_task = tokio::spawn(cluster);
+    info!(
+        node_id = config.id,
+        %grpc_addr,
+        %cluster_addr,
+        grpc_tls = config.grpc_tls.is_some(),
+        cluster_tls = cluster_tls.is_some(),
+        data_dir = %config.data_dir.display(),
+        "node started"
+    );
 
     let tasks = &node.inner.tasks;
     tasks.spawn(crate::housekeeping::run(node.clone()));
@@ -356,6 +418,7 @@ pub async fn run(
         raft.shutdown().await;
         grpc_shutdown.cancel();
         let _ = grpc_task.await;
+        let _ = cluster_task.await;
         admin_stop.cancel();
         if let Some(t) = admin_task {
             let _ = t.await;
@@ -366,6 +429,33 @@ pub async fn run(
     }
     info!(node_id = config.id, "node stopped");
     Ok(())
+}
+
+/// Logs, every minute, that the cluster plane runs without TLS (`--insecure-cluster`): anyone who
+/// can reach it can join the Raft group, forge deliveries and read every message.
+async fn warn_insecure_cluster(node_id: u64, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => warn!(
+                node_id,
+                "--insecure-cluster: node-to-node traffic is plaintext and unauthenticated; \
+                 anyone who reaches the cluster port can act as a member"
+            ),
+        }
+    }
+}
+
+/// The gRPC API's TLS config from PEM files.
+fn grpc_server_tls(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> anyhow::Result<tonic::transport::ServerTlsConfig> {
+    let cert_pem = std::fs::read(cert).with_context(|| format!("cannot read {}", cert.display()))?;
+    let key_pem = std::fs::read(key).with_context(|| format!("cannot read {}", key.display()))?;
+    Ok(tonic::transport::ServerTlsConfig::new()
+        .identity(tonic::transport::Identity::from_pem(cert_pem, key_pem)))
 }
 
 /// Moves clients away before the node stops: BYE with a redirect to every connection, wait for

@@ -35,8 +35,10 @@ pub struct PeerMonitor {
     room: Arc<Room>,
     node_down_timeout: Duration,
     states: RwLock<HashMap<NodeId, PeerState>>,
-    channels: RwLock<HashMap<String, Channel>>,
 }
+
+/// Longest a QoS-0 delivery to another node may take.
+const PEER_CALL_TIMEOUT: Duration = Duration::from_secs(3);
 
 impl PeerMonitor {
     pub fn new(raft: RaftNode, room: Arc<Room>, node_down_timeout: Duration) -> Arc<PeerMonitor> {
@@ -45,7 +47,6 @@ impl PeerMonitor {
             room,
             node_down_timeout,
             states: RwLock::new(HashMap::new()),
-            channels: RwLock::new(HashMap::new()),
         })
     }
 
@@ -57,19 +58,10 @@ impl PeerMonitor {
         self.states.read().clone()
     }
 
-    /// A gRPC channel to a peer (lazily connected, cached per address).
-    pub fn channel(&self, addr: &str) -> Result<Channel, Status> {
-        if let Some(c) = self.channels.read().get(addr) {
-            return Ok(c.clone());
-        }
-        let c = Channel::from_shared(format!("http://{addr}"))
-            .map_err(|e| Status::internal(e.to_string()))?
-            .connect_timeout(Duration::from_secs(1))
-            .timeout(Duration::from_secs(3))
-            .tcp_nodelay(true)
-            .connect_lazy();
-        self.channels.write().insert(addr.to_string(), c.clone());
-        Ok(c)
+    /// A gRPC channel to member `node` on the cluster plane (mutual TLS unless
+    /// `--insecure-cluster`); the connection its raft RPCs use.
+    pub fn channel(&self, node: NodeId) -> Result<Channel, Status> {
+        self.raft.peer_channel(node).map_err(Status::unavailable)
     }
 
     /// Probes every member each second; on the leader, declares members down that stayed
@@ -188,17 +180,15 @@ impl PeerMonitor {
 
     /// Sends a QoS-0 message to the sessions `node` holds for the user; returns how many got it.
     pub async fn deliver_remote(&self, node: NodeId, req: DeliverRequest) -> Result<u32, Status> {
-        let addr = self
-            .raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .get_node(&node)
-            .map(|n| n.addr.clone())
-            .ok_or_else(|| Status::unavailable(format!("node {node} is not a member")))?;
-        let mut c = PeerClient::new(self.channel(&addr)?);
-        Ok(c.deliver(req).await?.into_inner().delivered)
+        let mut c = PeerClient::new(self.channel(node)?);
+        let mut req = tonic::Request::new(req);
+        req.set_timeout(PEER_CALL_TIMEOUT);
+        match tokio::time::timeout(PEER_CALL_TIMEOUT, c.deliver(req)).await {
+            Ok(reply) => Ok(reply?.into_inner().delivered),
+            Err(_) => Err(Status::deadline_exceeded(format!(
+                "peer delivery to node {node} timed out"
+            ))),
+        }
     }
 }
 

@@ -38,8 +38,13 @@ pub mod peer {
     tonic::include_proto!("herald.peer.v1");
 }
 
-/// Encoded `FileDescriptorSet` of every Herald proto, for gRPC server reflection.
+/// Encoded `FileDescriptorSet` of every Herald proto (public, client, node-to-node, callback).
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/herald_descriptor.bin"));
+
+/// Encoded `FileDescriptorSet` of the public API only (`herald.v1`: Herald and Archive), for the
+/// public port's gRPC server reflection: the node-to-node services are not advertised there.
+pub const PUBLIC_FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/herald_public_descriptor.bin"));
 
 /// The client protocol version this crate speaks.
 pub const PROTOCOL_VERSION: u32 = 1;

@@ -26,7 +26,9 @@ use tracing::{debug, info, warn};
 
 use crate::error::{StoreError, WriteError};
 use crate::log_store::LogStore;
-use crate::network::{Network, NetworkOptions, PeerClients, RaftServiceHooks};
+use crate::network::{
+    AllowedPeers, ClusterTls, Network, NetworkOptions, PeerClients, PeerGuard, RaftServiceHooks,
+};
 use crate::sm::{StateMachine, StateReader};
 use crate::tuning::Tuning;
 use crate::types::{typ, ApplyObserver, NodeId, Op, OpResult, Request};
@@ -37,9 +39,12 @@ pub struct RaftConfig {
     pub node_id: NodeId,
     /// Holds `raft-log/` and `sm/`.
     pub data_dir: PathBuf,
-    /// The address peers reach this node's gRPC at (host:port).
+    /// The address peers reach this node's cluster gRPC service at (host:port): `--cluster-addr`,
+    /// the address stored in membership. (Not the public API's address.)
     pub grpc_addr: String,
-    /// Initial members (id -> gRPC address), this node included. Used to bootstrap a fresh
+    /// Mutual TLS for the cluster plane, or `None` for plaintext (`--insecure-cluster`).
+    pub tls: Option<ClusterTls>,
+    /// Initial members (id -> cluster address), this node included. Used to bootstrap a fresh
     /// cluster; afterwards membership comes from the log.
     pub peers: BTreeMap<NodeId, String>,
     pub heartbeat_ms: u64,
@@ -71,6 +76,7 @@ impl RaftConfig {
             node_id,
             data_dir,
             grpc_addr,
+            tls: None,
             peers,
             heartbeat_ms: 100,
             election_timeout_min_ms: 400,
@@ -96,6 +102,27 @@ pub enum StartError {
     Config(String),
     #[error("raft failed to start: {0}")]
     Raft(String),
+}
+
+/// The peers a member accepts cluster requests from (see [`RaftNode::peer_guard`]).
+struct Members(RaftNode);
+
+impl AllowedPeers for Members {
+    fn allowed(&self) -> Vec<NodeId> {
+        let m = self.0.inner.raft.metrics();
+        let ids: Vec<NodeId> = m
+            .borrow()
+            .membership_config
+            .membership()
+            .nodes()
+            .map(|(id, _)| *id)
+            .collect();
+        if ids.is_empty() {
+            self.0.inner.config.peers.keys().copied().collect()
+        } else {
+            ids
+        }
+    }
 }
 
 /// Result of a committed batch: one result per op and the entry's log index.
@@ -181,7 +208,7 @@ impl RaftNode {
         let log_store = LogStore::open_tuned(&config.data_dir.join("raft-log"), tuning)?;
         let sm = StateMachine::open_tuned(&config.data_dir.join("sm"), observer, tuning)?;
         let reader = sm.reader();
-        let clients = PeerClients::new(config.node_id, config.network.clone());
+        let clients = PeerClients::new(config.node_id, config.network.clone(), config.tls.clone());
         let network = Network::new(clients.clone());
         let raft_config = openraft::Config {
             cluster_name: "herald".into(),
@@ -215,6 +242,28 @@ impl RaftNode {
 
         // Holds a membership from an earlier run: this is a restart, not a fresh node.
         let initialized = raft.is_initialized().await.unwrap_or(false);
+        // Peers reach this node at the address membership holds for it; a node started on another
+        // address would never hear from them. (A data dir from before the cluster plane holds the
+        // old gRPC address there.)
+        let recorded = raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&config.node_id)
+            .map(|n| n.addr.clone());
+        if let Some(recorded) = recorded.filter(|a| *a != config.grpc_addr) {
+            raft.shutdown().await.ok();
+            return Err(StartError::Config(format!(
+                "this data dir's membership has node {id} at {recorded}, but its cluster address is {now}: \
+                 start it with --cluster-addr (or --advertise-cluster-addr) {recorded}, or move it with \
+                 `herald cluster remove` and `herald cluster add` on a fresh data dir. A data dir from before \
+                 the cluster plane recorded its gRPC address: give that address to --cluster-addr and the API \
+                 a new --grpc-addr",
+                id = config.node_id,
+                now = config.grpc_addr,
+            )));
+        }
         let (tx, rx) = mpsc::channel(config.max_batch_ops * 4);
         let (load, _) = watch::channel(0);
         let inner = Arc::new(Inner {
@@ -324,7 +373,33 @@ impl RaftNode {
         });
     }
 
-    /// The current leader and its gRPC address, if known.
+    /// The interceptor the cluster server runs before every request: with TLS, only the nodes of
+    /// the newest membership this node knows (voters and learners), or of its configured peers
+    /// while it has no membership yet, get through.
+    pub fn peer_guard(&self) -> PeerGuard {
+        match self.inner.config.tls {
+            Some(_) => PeerGuard::new(Arc::new(Members(self.clone()))),
+            None => PeerGuard::insecure(),
+        }
+    }
+
+    /// A channel to member `id` on the cluster plane (the connection its raft RPCs use), for the
+    /// node's own calls: peer delivery and API calls forwarded to the leader.
+    pub fn peer_channel(&self, id: NodeId) -> Result<tonic::transport::Channel, String> {
+        let addr = self
+            .inner
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&id)
+            .map(|n| n.addr.clone())
+            .ok_or_else(|| format!("node {id} is not a member"))?;
+        self.inner.clients.channel(id, &addr).map_err(|e| e.to_string())
+    }
+
+    /// The current leader and its cluster address, if known.
     pub fn leader(&self) -> Option<(NodeId, String)> {
         let m = self.inner.raft.metrics();
         let m = m.borrow();

@@ -251,7 +251,8 @@ async fn api_cluster(State(s): State<Arc<AdminState>>, headers: HeaderMap, Query
             let p = m.probe.clone().unwrap_or_default();
             json!({
                 "node_id": m.node_id,
-                "grpc_addr": m.grpc_addr,
+                "grpc_addr": info.map(|i| i.grpc_addr.clone()).unwrap_or_default(),
+                "cluster_addr": m.grpc_addr,
                 "client_addr": info.map(|i| i.client_addr.clone()).unwrap_or_default(),
                 "tls_addr": info.map(|i| i.tls_addr.clone()).unwrap_or_default(),
                 "ws_addr": info.map(|i| i.ws_addr.clone()).unwrap_or_default(),
@@ -386,13 +387,13 @@ async fn api_rates(State(s): State<Arc<AdminState>>, headers: HeaderMap, Query(q
         .nodes()
         .map(|(id, n)| (*id, n.addr.clone()))
         .collect();
-    let asks = members.into_iter().map(|(id, addr)| {
+    let asks = members.into_iter().map(|(id, _addr)| {
         let node = node.clone();
         async move {
             if id == me {
                 return (id, Some(node.room().stats.ops.samples()));
             }
-            let Ok(ch) = node.peers().channel(&addr) else {
+            let Ok(ch) = node.peers().channel(id) else {
                 return (id, None);
             };
             let mut client = PeerClient::new(ch);

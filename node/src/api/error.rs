@@ -6,6 +6,10 @@ use tonic::{Code, Status};
 
 /// Metadata key naming the leader's gRPC address on UNAVAILABLE replies.
 pub const LEADER_METADATA: &str = "x-herald-leader";
+/// Metadata key naming the leader's node id on UNAVAILABLE replies. The errors below only know
+/// the leader's cluster address; the public server's `leader_hint` layer turns the id into the
+/// leader's public gRPC address (`LEADER_METADATA`), so no reply shows a cluster address.
+pub const LEADER_ID_METADATA: &str = "x-herald-leader-id";
 
 /// Everything an API call can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -107,12 +111,15 @@ impl From<ApiError> for Status {
         };
         let mut status = Status::new(code, e.to_string());
         if let ApiError::Unavailable {
-            leader: Some((_, addr)),
+            leader: Some((id, addr)),
             ..
         } = &e
         {
             if let Ok(v) = addr.parse() {
                 status.metadata_mut().insert(LEADER_METADATA, v);
+            }
+            if let Ok(v) = id.to_string().parse() {
+                status.metadata_mut().insert(LEADER_ID_METADATA, v);
             }
         }
         status
@@ -131,6 +138,7 @@ mod tests {
         .into();
         assert_eq!(s.code(), Code::Unavailable);
         assert_eq!(s.metadata().get(LEADER_METADATA).unwrap(), "127.0.0.1:7002");
+        assert_eq!(s.metadata().get(LEADER_ID_METADATA).unwrap(), "2");
         assert!(s.message().contains("node 2"));
     }
 

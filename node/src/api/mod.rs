@@ -2,6 +2,7 @@
 
 pub mod auth;
 pub mod error;
+pub mod leader_hint;
 
 use std::collections::BTreeSet;
 
@@ -406,14 +407,12 @@ impl Herald for HeraldApi {
             .into_iter()
             .map(|m| {
                 let p = m.probe.unwrap_or_default();
+                let info = nodes.iter().find(|n| n.id == m.node_id);
                 pb::MemberStatus {
                     node_id: m.node_id,
-                    grpc_addr: m.grpc_addr,
-                    client_addr: nodes
-                        .iter()
-                        .find(|n| n.id == m.node_id)
-                        .map(|n| n.client_addr.clone())
-                        .unwrap_or_default(),
+                    grpc_addr: info.map(|n| n.grpc_addr.clone()).unwrap_or_default(),
+                    cluster_addr: m.grpc_addr,
+                    client_addr: info.map(|n| n.client_addr.clone()).unwrap_or_default(),
                     role: if m.voter { "voter" } else { "learner" }.into(),
                     reachable: m.reachable,
                     last_log_index: p.last_log_index,
@@ -452,15 +451,24 @@ impl Herald for HeraldApi {
         if req.node_id == 0 {
             return Err(ApiError::InvalidArgument("node id 0 is reserved".into()).into());
         }
-        if crate::config::parse_peers(&format!("{}={}", req.node_id, req.grpc_addr)).is_err() {
-            return Err(
-                ApiError::InvalidArgument(format!("{:?} is not a host:port address", req.grpc_addr)).into(),
-            );
+        if req.cluster_addr.is_empty() {
+            return Err(ApiError::InvalidArgument(
+                "set cluster_addr: the new node's --cluster-addr (grpc_addr is no longer used to add a node)"
+                    .into(),
+            )
+            .into());
+        }
+        if crate::config::parse_peers(&format!("{}={}", req.node_id, req.cluster_addr)).is_err() {
+            return Err(ApiError::InvalidArgument(format!(
+                "{:?} is not a host:port address",
+                req.cluster_addr
+            ))
+            .into());
         }
         let index = self
             .node
             .raft()
-            .add_node(req.node_id, req.grpc_addr, req.learner_only)
+            .add_node(req.node_id, req.cluster_addr, req.learner_only)
             .await
             .map_err(ApiError::from)?;
         Ok(Response::new(self.membership_reply(index)))
@@ -643,14 +651,10 @@ impl HeraldApi {
                 }
             }
             Some((id, addr)) if req.metadata().get(FORWARDED_METADATA).is_none() => {
-                let channel = self
-                    .node
-                    .peers()
-                    .channel(&addr)
-                    .map_err(|s| ApiError::Unavailable {
-                        msg: format!("cannot reach the leader for a linearizable read: {}", s.message()),
-                        leader: Some((id, addr.clone())),
-                    })?;
+                let channel = self.node.peers().channel(id).map_err(|s| ApiError::Unavailable {
+                    msg: format!("cannot reach the leader for a linearizable read: {}", s.message()),
+                    leader: Some((id, addr.clone())),
+                })?;
                 Ok(ReadAt::Leader(
                     herald_proto::v1::herald_client::HeraldClient::new(channel),
                 ))

@@ -24,6 +24,7 @@ pub mod env {
     pub const ADMIN_TOKEN: &str = "HERALD_ADMIN_TOKEN";
     pub const APP: &str = "HERALD_APP";
     pub const API_KEY: &str = "HERALD_API_KEY";
+    pub const SERVER_CA: &str = "HERALD_SERVER_CA";
 }
 
 /// Where and as whom a command talks to the cluster.
@@ -44,6 +45,10 @@ pub struct ClientOpts {
     /// Per-call timeout in milliseconds.
     #[arg(long, default_value_t = 10_000, global = true)]
     pub timeout_ms: u64,
+    /// CA certificate (PEM) to verify --server's TLS with: the node serves its gRPC API over TLS
+    /// (`--grpc-tls`). Without it the connection is plaintext.
+    #[arg(long, env = env::SERVER_CA, global = true)]
+    pub server_ca: Option<std::path::PathBuf>,
 }
 
 /// A command failure with its exit code.
@@ -98,8 +103,27 @@ impl From<Status> for CliError {
 impl ClientOpts {
     /// Connects to `--server`.
     pub async fn connect(&self) -> Result<HeraldClient<Channel>, CliError> {
-        let channel = Channel::from_shared(format!("http://{}", self.server))
-            .map_err(|e| CliError::usage(format!("--server {:?}: {e}", self.server)))?
+        let scheme = if self.server_ca.is_some() { "https" } else { "http" };
+        let mut endpoint = Channel::from_shared(format!("{scheme}://{}", self.server))
+            .map_err(|e| CliError::usage(format!("--server {:?}: {e}", self.server)))?;
+        if let Some(ca) = &self.server_ca {
+            let pem = std::fs::read(ca)
+                .map_err(|e| CliError::usage(format!("--server-ca {}: {e}", ca.display())))?;
+            let host = self
+                .server
+                .rsplit_once(':')
+                .map(|(h, _)| h)
+                .unwrap_or(&self.server);
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            endpoint = endpoint
+                .tls_config(
+                    tonic::transport::ClientTlsConfig::new()
+                        .ca_certificate(tonic::transport::Certificate::from_pem(pem))
+                        .domain_name(host),
+                )
+                .map_err(|e| CliError::usage(format!("--server-ca: {e}")))?;
+        }
+        let channel = endpoint
             .connect_timeout(Duration::from_secs(3))
             .timeout(Duration::from_millis(self.timeout_ms))
             .connect()
@@ -164,6 +188,7 @@ pub async fn cluster_status(opts: &ClientOpts) -> Result<serde_json::Value, CliE
         "members": r.members.iter().map(|m| serde_json::json!({
             "node_id": m.node_id,
             "grpc_addr": m.grpc_addr,
+            "cluster_addr": m.cluster_addr,
             "client_addr": m.client_addr,
             "role": m.role,
             "reachable": m.reachable,

@@ -7,9 +7,17 @@ use std::time::Duration;
 use crate::harness::{free_port, herald_with, Cluster, Output, EXIT_WAIT};
 
 /// Runs `herald node <args>`; it must exit by itself (a node that starts would run forever).
+/// Plaintext cluster traffic (`--insecure-cluster`) unless the test says otherwise: these tests
+/// are about other options.
 async fn node(args: &[&str]) -> Output {
     let mut all = vec!["node"];
     all.extend_from_slice(args);
+    if !args
+        .iter()
+        .any(|a| *a == "--cluster-ca" || *a == "--insecure-cluster")
+    {
+        all.push("--insecure-cluster");
+    }
     herald_with(&all, &[], Duration::from_secs(30)).await
 }
 
@@ -34,9 +42,21 @@ async fn bad_options_exit_2_with_a_clear_message() {
     let data = tmp.path().join("data");
     let data = data.to_str().unwrap();
     let (a1, a2, a3) = (addr(), addr(), addr());
+    // a1..a3 are the cluster planes (what --peers names); g1 and g4 public gRPC ports.
     let peers = format!("1={a1},2={a2},3={a3}");
+    let (g1, g4) = (addr(), addr());
 
-    let out = node(&["--id", "1", "--grpc-addr", &a1, "--peers", &peers]).await;
+    let out = node(&[
+        "--id",
+        "1",
+        "--grpc-addr",
+        &g1,
+        "--cluster-addr",
+        &a1,
+        "--peers",
+        &peers,
+    ])
+    .await;
     usage_error(&out, "missing --data-dir (or HERALD_DATA_DIR");
 
     let out = node(&[
@@ -46,6 +66,9 @@ async fn bad_options_exit_2_with_a_clear_message() {
         data,
         "--grpc-addr",
         "nonsense",
+        "--cluster-addr",
+        &a1,
+        "--insecure-cluster",
         "--peers",
         &peers,
     ])
@@ -58,6 +81,8 @@ async fn bad_options_exit_2_with_a_clear_message() {
         "--data-dir",
         data,
         "--grpc-addr",
+        &g1,
+        "--cluster-addr",
         &a1,
         "--peers",
         "1=nowhere",
@@ -72,6 +97,8 @@ async fn bad_options_exit_2_with_a_clear_message() {
         "--data-dir",
         data,
         "--grpc-addr",
+        &g4,
+        "--cluster-addr",
         &a4,
         "--peers",
         &peers,
@@ -88,6 +115,8 @@ async fn bad_options_exit_2_with_a_clear_message() {
         "--data-dir",
         file,
         "--grpc-addr",
+        &g1,
+        "--cluster-addr",
         &a1,
         "--peers",
         &peers,
@@ -130,6 +159,7 @@ async fn a_port_in_use_is_a_runtime_error_not_a_panic() {
     let tmp = tempfile::tempdir().unwrap();
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let a1 = taken.local_addr().unwrap().to_string();
+    let c1 = addr();
     let data = tmp.path().join("data");
     let out = node(&[
         "--id",
@@ -138,8 +168,10 @@ async fn a_port_in_use_is_a_runtime_error_not_a_panic() {
         data.to_str().unwrap(),
         "--grpc-addr",
         &a1,
+        "--cluster-addr",
+        &c1,
         "--peers",
-        &format!("1={a1}"),
+        &format!("1={c1}"),
     ])
     .await;
     assert_eq!(out.code, Some(1), "{out:#?}");

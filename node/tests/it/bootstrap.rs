@@ -31,7 +31,7 @@ async fn all_agree(c: &Cluster) -> Agreed {
                     .members
                     .iter()
                     .filter(|m| m.role == "voter")
-                    .map(|m| (m.node_id, m.grpc_addr.clone()))
+                    .map(|m| (m.node_id, m.cluster_addr.clone()))
                     .collect();
                 views.push(Agreed {
                     leader: s.leader_id,
@@ -61,7 +61,7 @@ async fn simultaneous_start_bootstraps_exactly_once_and_restart_rejoins() {
     let expected: BTreeMap<u64, String> = c
         .ids()
         .into_iter()
-        .map(|id| (id, c.grpc_addr(id).to_string()))
+        .map(|id| (id, c.cluster_addr(id).to_string()))
         .collect();
     assert_eq!(
         first.voters, expected,

@@ -280,6 +280,7 @@ async fn apps_token_push_and_status_commands() {
     for m in v["members"].as_array().unwrap() {
         let id = m["node_id"].as_u64().unwrap();
         assert_eq!(m["grpc_addr"], c.grpc_addr(id), "{v}");
+        assert_eq!(m["cluster_addr"], c.cluster_addr(id), "{v}");
         assert_eq!(m["client_addr"], c.client_addr(id), "{v}");
     }
     c.assert_no_panics();
@@ -294,14 +295,17 @@ async fn cluster_add_and_remove_through_a_follower() {
 
     let new = c.start_extra_node();
     assert_eq!(new, 4);
-    let new_addr = c.grpc_addr(new).to_string();
+    let new_addr = c.cluster_addr(new).to_string();
     // The new node waits to be added (it is not the lowest id, so it never bootstraps).
     eventually("node 4 to answer", NODE_WAIT, || c.status(new)).await;
 
-    let r = admin(&via, &["cluster", "add", "--id", "4", "--grpc-addr", &new_addr])
-        .await
-        .ok()
-        .json();
+    let r = admin(
+        &via,
+        &["cluster", "add", "--id", "4", "--cluster-addr", &new_addr],
+    )
+    .await
+    .ok()
+    .json();
     assert_eq!(r["voters"], serde_json::json!([1, 2, 3, 4]), "{r}");
     assert_eq!(r["learners"], serde_json::json!([]), "{r}");
     let v = status_with_voters(&via, 4).await;
@@ -309,7 +313,7 @@ async fn cluster_add_and_remove_through_a_follower() {
         .as_array()
         .unwrap()
         .iter()
-        .any(|m| m["node_id"] == 4 && m["grpc_addr"] == new_addr.as_str()));
+        .any(|m| m["node_id"] == 4 && m["cluster_addr"] == new_addr.as_str()));
     // The new node has the state too.
     c.wait_caught_up(new).await;
 

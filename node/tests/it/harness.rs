@@ -384,8 +384,12 @@ pub async fn herald_with(args: &[&str], env: &[(&str, &str)], limit: Duration) -
 #[derive(Debug, Clone)]
 pub struct NodeSpec {
     pub id: u64,
-    /// gRPC API and Raft transport (host:port).
+    /// The public gRPC API (host:port).
     pub grpc_addr: String,
+    /// The cluster plane: Raft, forwarding, peer delivery (host:port); what `--peers` names.
+    pub cluster_addr: String,
+    /// How the cluster plane is secured.
+    pub cluster_tls: ClusterTlsSpec,
     /// Plain-TCP client listener (host:port).
     pub client_addr: String,
     pub data_dir: PathBuf,
@@ -406,6 +410,8 @@ impl NodeSpec {
             self.data_dir.display().to_string(),
             "--grpc-addr".into(),
             self.grpc_addr.clone(),
+            "--cluster-addr".into(),
+            self.cluster_addr.clone(),
             "--client-addr".into(),
             self.client_addr.clone(),
             "--peers".into(),
@@ -413,9 +419,43 @@ impl NodeSpec {
             "--admin-token".into(),
             ADMIN_TOKEN.into(),
         ];
+        let files = match &self.cluster_tls {
+            ClusterTlsSpec::Dir(dir) => {
+                let (cert, key) = herald_node::certs::node_paths(dir, self.id);
+                Some((herald_node::certs::ca_paths(dir).0, cert, key))
+            }
+            ClusterTlsSpec::Files { ca, cert, key } => Some((ca.clone(), cert.clone(), key.clone())),
+            ClusterTlsSpec::Insecure => None,
+        };
+        match files {
+            Some((ca, cert, key)) => a.extend([
+                "--cluster-ca".into(),
+                ca.display().to_string(),
+                "--cluster-cert".into(),
+                cert.display().to_string(),
+                "--cluster-key".into(),
+                key.display().to_string(),
+            ]),
+            None => a.push("--insecure-cluster".into()),
+        }
         a.extend(self.extra_args.iter().cloned());
         a
     }
+}
+
+/// How a node's cluster plane is secured.
+#[derive(Debug, Clone)]
+pub enum ClusterTlsSpec {
+    /// The CA and the node's certificate from a `herald certs` directory.
+    Dir(PathBuf),
+    /// Explicit files (e.g. a CA bundle during a rotation).
+    Files {
+        ca: PathBuf,
+        cert: PathBuf,
+        key: PathBuf,
+    },
+    /// `--insecure-cluster`.
+    Insecure,
 }
 
 /// A running node process.
@@ -495,9 +535,14 @@ impl Cluster {
 
     fn prepare(&mut self, id: u64) {
         let dir = self.dir().to_path_buf();
+        // Every harness cluster runs the cluster plane with mutual TLS, as production does.
+        let certs = dir.join("certs");
+        herald_node::certs::ensure_cluster(&certs, [id]).expect("cannot create cluster certificates");
         let spec = NodeSpec {
             id,
             grpc_addr: format!("127.0.0.1:{}", free_port()),
+            cluster_addr: format!("127.0.0.1:{}", free_port()),
+            cluster_tls: ClusterTlsSpec::Dir(certs),
             client_addr: format!("127.0.0.1:{}", free_port()),
             data_dir: dir.join(format!("node-{id}")),
             peers: String::new(),
@@ -572,9 +617,19 @@ impl Cluster {
     pub fn peers(&self) -> String {
         self.nodes
             .values()
-            .map(|s| format!("{}={}", s.spec.id, s.spec.grpc_addr))
+            .map(|s| format!("{}={}", s.spec.id, s.spec.cluster_addr))
             .collect::<Vec<_>>()
             .join(",")
+    }
+
+    /// Node `id`'s cluster-plane address.
+    pub fn cluster_addr(&self, id: u64) -> &str {
+        &self.slot(id).spec.cluster_addr
+    }
+
+    /// The cluster CA and node certificates every node uses.
+    pub fn certs_dir(&self) -> PathBuf {
+        self.dir().join("certs")
     }
 
     pub fn grpc_addr(&self, id: u64) -> &str {

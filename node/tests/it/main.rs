@@ -20,6 +20,7 @@ mod dev;
 mod durability;
 mod mobile;
 mod ops;
+mod planes;
 mod proxy;
 mod raw;
 mod room;

@@ -1371,7 +1371,7 @@ async fn health(channel: &tonic::transport::Channel, service: &str) -> ServingSt
 }
 
 /// The services the node lists through gRPC server reflection (v1).
-async fn reflected_services(channel: &tonic::transport::Channel) -> Vec<String> {
+pub(crate) async fn reflected_services(channel: &tonic::transport::Channel) -> Vec<String> {
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;

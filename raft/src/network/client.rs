@@ -15,6 +15,7 @@ use tonic::{Code, Status};
 use tracing::{debug, info, warn};
 
 use super::codec;
+use super::tls::ClusterTls;
 use super::MAX_MESSAGE_BYTES;
 use crate::error::WriteError;
 use crate::types::{NodeId, Op, OpResult};
@@ -119,6 +120,8 @@ pub(crate) enum Lane {
 
 /// One peer address's connections.
 struct Peer {
+    /// The node the channels were made for: with TLS the server must prove it is this node.
+    id: NodeId,
     raft: Channel,
     snapshot: Channel,
     /// Last known reachability, so "peer unreachable" is logged once per outage, not per retry.
@@ -139,6 +142,8 @@ struct PoolInner {
     /// Stamped as `from` on every request so a receiver can log who called.
     self_id: NodeId,
     opts: NetworkOptions,
+    /// Mutual TLS for every connection, or `None` for plaintext (`--insecure-cluster`).
+    tls: Option<ClusterTls>,
     /// Address (`host:port`) → channels. Entries live until [`PeerClients::forget`]; a handful of
     /// peers, so never evicted otherwise.
     peers: Mutex<HashMap<String, Arc<Peer>>>,
@@ -153,11 +158,13 @@ pub struct InvalidAddr {
 }
 
 impl PeerClients {
-    pub fn new(self_id: NodeId, opts: NetworkOptions) -> Self {
+    /// A pool whose connections use `tls` (mutual TLS), or plaintext when it is `None`.
+    pub fn new(self_id: NodeId, opts: NetworkOptions, tls: Option<ClusterTls>) -> Self {
         PeerClients {
             inner: Arc::new(PoolInner {
                 self_id,
                 opts,
+                tls,
                 peers: Mutex::new(HashMap::new()),
             }),
         }
@@ -176,14 +183,15 @@ impl PeerClients {
         self.inner.peers.lock().remove(addr);
     }
 
-    fn peer(&self, addr: &str) -> Result<Arc<Peer>, InvalidAddr> {
+    fn peer(&self, target: NodeId, addr: &str) -> Result<Arc<Peer>, InvalidAddr> {
         let mut peers = self.inner.peers.lock();
-        if let Some(p) = peers.get(addr) {
+        if let Some(p) = peers.get(addr).filter(|p| p.id == target) {
             return Ok(p.clone());
         }
-        let endpoint = self.endpoint(addr)?;
+        let endpoint = self.endpoint(target, addr)?;
         // connect_lazy only spawns the channel's buffer task; nothing is dialled under the lock.
         let peer = Arc::new(Peer {
+            id: target,
             raft: endpoint.connect_lazy(),
             snapshot: endpoint.clone().http2_adaptive_window(true).connect_lazy(),
             down: AtomicBool::new(false),
@@ -192,12 +200,19 @@ impl PeerClients {
         Ok(peer)
     }
 
-    fn endpoint(&self, addr: &str) -> Result<Endpoint, InvalidAddr> {
+    fn endpoint(&self, target: NodeId, addr: &str) -> Result<Endpoint, InvalidAddr> {
         let opts = &self.inner.opts;
-        let endpoint = Endpoint::from_shared(format!("http://{addr}")).map_err(|e| InvalidAddr {
+        let invalid = |e: &dyn std::fmt::Display| InvalidAddr {
             addr: addr.to_string(),
             reason: e.to_string(),
-        })?;
+        };
+        let scheme = if self.inner.tls.is_some() { "https" } else { "http" };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}")).map_err(|e| invalid(&e))?;
+        if let Some(tls) = &self.inner.tls {
+            endpoint = endpoint
+                .tls_config(tls.client_config(target))
+                .map_err(|e| invalid(&e))?;
+        }
         Ok(endpoint
             .connect_timeout(opts.connect_timeout)
             .tcp_nodelay(true)
@@ -207,9 +222,20 @@ impl PeerClients {
             .buffer_size(opts.request_buffer))
     }
 
-    /// A client for `addr` on `lane`, with message limits raised for raft traffic.
-    pub(crate) fn client(&self, addr: &str, lane: Lane) -> Result<RaftServiceClient<Channel>, InvalidAddr> {
-        let peer = self.peer(addr)?;
+    /// The channel the node's own cluster calls to node `target` at `addr` use (peer delivery,
+    /// forwarded API calls): the same connection as its raft RPCs.
+    pub fn channel(&self, target: NodeId, addr: &str) -> Result<Channel, InvalidAddr> {
+        Ok(self.peer(target, addr)?.raft.clone())
+    }
+
+    /// A client for node `target` at `addr` on `lane`, with message limits raised for raft traffic.
+    pub(crate) fn client(
+        &self,
+        target: NodeId,
+        addr: &str,
+        lane: Lane,
+    ) -> Result<RaftServiceClient<Channel>, InvalidAddr> {
+        let peer = self.peer(target, addr)?;
         let channel = match lane {
             Lane::Raft => peer.raft.clone(),
             Lane::Snapshot => peer.snapshot.clone(),
@@ -267,7 +293,7 @@ impl PeerClients {
             return Err(WriteError::Unavailable { leader: None });
         }
         let payload = codec::encode("ops", ops).map_err(|e| WriteError::Invalid(e.to_string()))?;
-        let mut client = self.client(addr, Lane::Raft).map_err(|e| {
+        let mut client = self.client(target, addr, Lane::Raft).map_err(|e| {
             warn!(target_node = target, %addr, error = %e, "cannot forward");
             WriteError::Unavailable { leader: None }
         })?;
@@ -341,7 +367,7 @@ impl PeerClients {
         req.from = self.self_id();
         req.target = target;
         let mut client = self
-            .client(addr, Lane::Raft)
+            .client(target, addr, Lane::Raft)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let mut req = tonic::Request::new(req);
         req.set_timeout(timeout);

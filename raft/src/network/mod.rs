@@ -27,10 +27,12 @@ pub mod codec;
 mod raft_network;
 mod server;
 pub mod snapshot;
+pub mod tls;
 
 pub use client::{is_connect_error, is_node_id_mismatch, InvalidAddr, NetworkOptions, PeerClients};
 pub use raft_network::{Network, PeerConnection};
 pub use server::{raft_server, RaftApi, RaftGrpc, SNAPSHOT_IDLE_TIMEOUT};
+pub use tls::{node_name, AllowedPeers, ClusterTls, PeerGuard, PeerNode, TlsFilesError};
 
 /// Largest gRPC message the raft service sends or accepts (AppendEntries batches, snapshot chunks).
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;

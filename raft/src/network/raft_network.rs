@@ -136,7 +136,7 @@ impl PeerConnection {
     }
 
     fn client(&self, lane: Lane) -> Result<RaftServiceClient<Channel>, CallError> {
-        Ok(self.clients.client(self.addr(), lane)?)
+        Ok(self.clients.client(self.target, self.addr(), lane)?)
     }
 
     /// Classifies a failed call, logging what deserves it.

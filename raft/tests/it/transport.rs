@@ -205,7 +205,7 @@ async fn connection(
     target: NodeId,
     addr: SocketAddr,
 ) -> herald_raft::network::PeerConnection {
-    let mut net = Network::new(PeerClients::new(self_id, opts()));
+    let mut net = Network::new(PeerClients::new(self_id, opts(), None));
     net.new_client(
         target,
         &BasicNode {
@@ -667,7 +667,7 @@ async fn peer_with_another_node_id_is_unreachable() -> Result<()> {
         .unwrap_err();
     assert!(matches!(err, StreamingError::Unreachable(_)), "{err:?}");
 
-    let clients = PeerClients::new(1, opts());
+    let clients = PeerClients::new(1, opts(), None);
     let err = clients
         .forward(
             3,
@@ -740,7 +740,7 @@ async fn silent_peer_times_out_instead_of_hanging() -> Result<()> {
     );
 
     let started = Instant::now();
-    let clients = PeerClients::new(1, opts());
+    let clients = PeerClients::new(1, opts(), None);
     let err = clients
         .forward(2, &addr.to_string(), &[Op::Expire { max: 1 }], ttl)
         .await;
@@ -773,7 +773,7 @@ async fn absent_peer_is_unreachable_and_nothing_was_sent() -> Result<()> {
         .unwrap_err();
     assert!(matches!(err, RPCError::Unreachable(_)), "{err:?}");
 
-    let clients = PeerClients::new(1, opts());
+    let clients = PeerClients::new(1, opts(), None);
     let err = clients
         .forward(
             2,
@@ -807,7 +807,7 @@ async fn absent_peer_is_unreachable_and_nothing_was_sent() -> Result<()> {
 #[tokio::test]
 async fn forward_maps_replies() -> Result<()> {
     let server = serve(2).await?;
-    let clients = PeerClients::new(1, opts());
+    let clients = PeerClients::new(1, opts(), None);
     let addr = server.addr.to_string();
     let ops = vec![Op::NodeDown { node: 9 }, Op::Expire { max: 10 }];
     let t = Duration::from_secs(2);
@@ -1136,7 +1136,7 @@ async fn real_node(id: NodeId) -> Result<RealNode> {
     }
     .validate()?;
     let sm = mem::MemSm::new(dir.path().to_path_buf());
-    let network = Network::new(PeerClients::new(id, opts()));
+    let network = Network::new(PeerClients::new(id, opts(), None));
     let raft = typ::Raft::new(id, Arc::new(config), network, mem::MemLog::default(), sm.clone()).await?;
     let svc = herald_raft::network::raft_server(id, raft.clone(), Arc::new(NoHooks));
     let server = tokio::spawn(async move {

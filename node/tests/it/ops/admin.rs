@@ -369,8 +369,9 @@ async fn readyz_is_503_on_a_node_that_is_not_a_member_yet() {
         .await
         .add_node(admin_request(pb::AddNodeRequest {
             node_id: new,
-            grpc_addr: c.grpc_addr(new).to_string(),
+            cluster_addr: c.cluster_addr(new).to_string(),
             learner_only: true,
+            ..Default::default()
         }))
         .await
         .unwrap();
