@@ -177,6 +177,8 @@ pub async fn run(
         (Some(c), Some(k)) if listeners.tls.is_some() => Some(crate::room::tls::server_config(c, k)?),
         _ => None,
     };
+    let admin_tls = crate::admin::tls_config(&config)?;
+    crate::api::auth::warn_if_admin_open(&config);
     let mut raft_config = RaftConfig::standard(
         config.id,
         config.data_dir.clone(),
@@ -285,7 +287,7 @@ pub async fn run(
             announced: announced.clone(),
             archive: archive.as_ref().map(|a| a.stats.clone()),
         });
-        tokio::spawn(crate::admin::serve(l, state, admin_stop.clone()))
+        tokio::spawn(crate::admin::serve(l, state, admin_tls, admin_stop.clone()))
     });
     {
         let (c, r, stop) = (coordinator.clone(), raft.clone(), background.clone());
