@@ -32,7 +32,9 @@ pub const MAX_SESSIONS: usize = 1024;
 
 /// The admin HTTP server's state: what the handlers read, and the dashboard sessions.
 pub struct Http {
+    /// What the handlers read (the node, readiness, archive counters).
     pub state: Arc<AdminState>,
+    /// Live dashboard logins of this server.
     pub sessions: Sessions,
     /// Served over HTTPS: the session cookie is marked `Secure`.
     pub secure: bool,
@@ -76,8 +78,11 @@ impl Http {
 /// Live dashboard sessions, keyed by the SHA-256 of their id (a lookup's timing can only tell
 /// something about a digest, never about an id).
 pub struct Sessions {
+    /// SHA-256 of each live session id -> when it expires.
     live: Mutex<HashMap<[u8; 32], Instant>>,
+    /// How long a session lasts from its login.
     ttl: Duration,
+    /// Most sessions kept (memory bound: a login flood cannot grow the map).
     cap: usize,
 }
 
