@@ -49,6 +49,9 @@ pub mod env {
     pub const DRAIN_TIMEOUT_MS: &str = "HERALD_DRAIN_TIMEOUT_MS";
     pub const LOG_FORMAT: &str = "HERALD_LOG_FORMAT";
     pub const ADMIN_ADDR: &str = "HERALD_ADMIN_ADDR";
+    pub const ADMIN_TLS: &str = "HERALD_ADMIN_TLS";
+    pub const ADMIN_TLS_CERT: &str = "HERALD_ADMIN_TLS_CERT";
+    pub const ADMIN_TLS_KEY: &str = "HERALD_ADMIN_TLS_KEY";
     pub const WS_ADDR: &str = "HERALD_WS_ADDR";
     pub const ADVERTISE_WS_ADDR: &str = "HERALD_ADVERTISE_WS_ADDR";
     pub const ARCHIVE_URL: &str = "HERALD_ARCHIVE_URL";
@@ -121,8 +124,11 @@ pub struct NodeOptions {
     /// Initial cluster members as id=host:port (their --cluster-addr addresses), comma separated, this node included.
     #[arg(long, env = env::PEERS)]
     pub peers: Option<String>,
-    /// Bearer token required for admin calls (apps, membership). Unset: admin calls are open.
-    #[arg(long, env = env::ADMIN_TOKEN)]
+    /// Bearer token required for admin calls (gRPC apps and membership calls, the admin HTTP
+    /// server's JSON API and dashboard). Required when any listener is on a non-loopback address;
+    /// unset on loopback: admin calls are open (the node warns at start). Prefer the env var or the
+    /// file to the flag (a flag is visible in the process list).
+    #[arg(long, env = env::ADMIN_TOKEN, hide_env_values = true)]
     pub admin_token: Option<String>,
     /// Raft heartbeat interval in ms [default: 50].
     #[arg(long, env = env::RAFT_HEARTBEAT_MS)]
@@ -173,6 +179,18 @@ pub struct NodeOptions {
     /// dashboard at / and its JSON API under /api/ (empty: disabled).
     #[arg(long, env = env::ADMIN_ADDR)]
     pub admin_addr: Option<String>,
+    /// Serve the admin HTTP server over HTTPS with the client TLS listener's --tls-cert and
+    /// --tls-key (or with --admin-tls-cert and --admin-tls-key, which turn HTTPS on by themselves).
+    #[arg(long, env = env::ADMIN_TLS, num_args = 0..=1, default_missing_value = "true")]
+    pub admin_tls: Option<bool>,
+    /// PEM certificate chain of the admin HTTPS server (with --admin-tls-key; default: --tls-cert
+    /// when --admin-tls is set).
+    #[arg(long, env = env::ADMIN_TLS_CERT)]
+    pub admin_tls_cert: Option<PathBuf>,
+    /// PEM private key of the admin HTTPS server (with --admin-tls-cert; default: --tls-key when
+    /// --admin-tls is set).
+    #[arg(long, env = env::ADMIN_TLS_KEY)]
+    pub admin_tls_key: Option<PathBuf>,
     /// Listen address of the WebSocket client listener (same frames as binary messages; empty: disabled).
     #[arg(long, env = env::WS_ADDR)]
     pub ws_addr: Option<String>,
@@ -237,6 +255,9 @@ impl NodeOptions {
             drain_timeout_ms,
             log_format,
             admin_addr,
+            admin_tls,
+            admin_tls_cert,
+            admin_tls_key,
             ws_addr,
             advertise_ws_addr,
             archive_url,
@@ -264,6 +285,13 @@ pub struct ClusterTlsFiles {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
 pub struct ConfigError(pub String);
+
+/// A PEM certificate chain and its private key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
@@ -310,6 +338,8 @@ pub struct NodeConfig {
     pub drain_timeout: Duration,
     pub log_format: LogFormat,
     pub admin_listen: Option<SocketAddr>,
+    /// Certificate and key of the admin HTTP server: HTTPS when set, plain HTTP otherwise.
+    pub admin_tls: Option<TlsFiles>,
     pub ws_listen: Option<SocketAddr>,
     pub ws_advertise: String,
     /// The cold archive's MySQL URL (validated as a mysql:// URL), if any.
@@ -431,6 +461,11 @@ impl NodeOptions {
             )));
         }
         let admin_listen = optional_addr("admin-addr", self.admin_addr)?;
+        let admin_tls = admin_tls(
+            self.admin_tls.unwrap_or(false),
+            (self.admin_tls_cert, self.admin_tls_key),
+            (&self.tls_cert, &self.tls_key),
+        )?;
         let ws_listen = optional_addr("ws-addr", self.ws_addr)?;
         let ws_advertise = match ws_listen {
             Some(a) => advertise("ws", a, self.advertise_ws_addr)?,
@@ -454,6 +489,28 @@ impl NodeOptions {
             _ => None,
         };
         let archive_batch = positive("archive-batch", self.archive_batch.map(|v| v as u64), 500)? as usize;
+        let admin_token = self.admin_token.filter(|t| !t.is_empty());
+        if admin_token.is_none() {
+            let listeners = [
+                ("grpc-addr", Some(grpc_listen)),
+                ("cluster-addr", Some(cluster_listen)),
+                ("client-addr", client_listen),
+                ("tls-addr", tls_listen),
+                ("ws-addr", ws_listen),
+                ("admin-addr", admin_listen),
+            ];
+            if let Some((flag, a)) = listeners
+                .iter()
+                .find_map(|(f, a)| a.filter(|a| !a.ip().is_loopback()).map(|a| (f, a)))
+            {
+                return Err(ConfigError(format!(
+                    "--{flag} {a} is reachable from other machines, so the node needs an admin token: set \
+                     --admin-token (or {}, or `admin_token` in the config file) to a long random secret, \
+                     e.g. the output of `openssl rand -hex 32`; without one, only loopback addresses are allowed",
+                    env::ADMIN_TOKEN
+                )));
+            }
+        }
         let log_format = match self.log_format.as_deref().unwrap_or("text") {
             "text" => LogFormat::Text,
             "json" => LogFormat::Json,
@@ -479,7 +536,7 @@ impl NodeOptions {
             tls_cert: self.tls_cert,
             tls_key: self.tls_key,
             peers,
-            admin_token: self.admin_token.filter(|t| !t.is_empty()),
+            admin_token,
             raft_heartbeat,
             election_timeout,
             snapshot_every: positive("snapshot-every", self.snapshot_every, 50_000)?,
@@ -502,6 +559,7 @@ impl NodeOptions {
             drain_timeout: Duration::from_millis(positive("drain-timeout-ms", self.drain_timeout_ms, 5_000)?),
             log_format,
             admin_listen,
+            admin_tls,
             ws_listen,
             ws_advertise,
             archive_url,
@@ -573,6 +631,45 @@ fn grpc_tls(
                 .into(),
         )),
     }
+}
+
+/// The admin server's certificate and key: its own pair (which turns HTTPS on), else the client
+/// TLS listener's pair when `on` (`--admin-tls`), else none (plain HTTP).
+fn admin_tls(
+    on: bool,
+    own: (Option<PathBuf>, Option<PathBuf>),
+    client: (&Option<PathBuf>, &Option<PathBuf>),
+) -> Result<Option<TlsFiles>, ConfigError> {
+    let files = match own {
+        (Some(cert), Some(key)) => TlsFiles { cert, key },
+        (Some(_), None) | (None, Some(_)) => {
+            return Err(ConfigError(
+                "--admin-tls-cert and --admin-tls-key go together (or set neither and use --admin-tls \
+                 with --tls-cert and --tls-key)"
+                    .into(),
+            ))
+        }
+        (None, None) if !on => return Ok(None),
+        (None, None) => match client {
+            (Some(cert), Some(key)) => TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+            },
+            _ => {
+                return Err(ConfigError(
+                    "--admin-tls needs a certificate: --tls-cert and --tls-key, or --admin-tls-cert and \
+                     --admin-tls-key"
+                        .into(),
+                ))
+            }
+        },
+    };
+    for (name, p) in [("admin-tls-cert", &files.cert), ("admin-tls-key", &files.key)] {
+        if !p.is_file() {
+            return Err(ConfigError(format!("--{name} {}: no such file", p.display())));
+        }
+    }
+    Ok(Some(files))
 }
 
 fn missing(flag: &str, env: &str) -> ConfigError {
@@ -909,6 +1006,10 @@ mod tests {
                 assert!(c.admin_listen.is_none());
                 None
             }
+            "admin_tls" | "admin_tls_cert" | "admin_tls_key" => {
+                assert!(c.admin_tls.is_none(), "plain HTTP unless asked");
+                None
+            }
             "ws_addr" | "advertise_ws_addr" => {
                 assert!(c.ws_listen.is_none() && c.ws_advertise.is_empty());
                 None
@@ -1076,5 +1177,164 @@ mod tests {
             ..base()
         })
         .contains("advertise-ws-addr"));
+    }
+
+    #[test]
+    fn a_non_loopback_listener_needs_an_admin_token() {
+        let public = |o: NodeOptions| NodeOptions {
+            grpc_addr: Some("0.0.0.0:7001".into()),
+            advertise_grpc_addr: Some("127.0.0.1:7001".into()),
+            ..o
+        };
+        let e = err(public(base()));
+        assert!(e.contains("--grpc-addr 0.0.0.0:7001"), "{e}");
+        assert!(
+            e.contains("--admin-token") && e.contains("HERALD_ADMIN_TOKEN"),
+            "{e}"
+        );
+        // Every listener counts, the admin server's included.
+        for (flag, o) in [
+            (
+                "--client-addr",
+                NodeOptions {
+                    client_addr: Some("10.1.2.3:7411".into()),
+                    ..base()
+                },
+            ),
+            (
+                "--tls-addr",
+                NodeOptions {
+                    tls_addr: Some("10.1.2.3:7421".into()),
+                    tls_cert: Some("Cargo.toml".into()),
+                    tls_key: Some("Cargo.toml".into()),
+                    ..base()
+                },
+            ),
+            (
+                "--ws-addr",
+                NodeOptions {
+                    ws_addr: Some("10.1.2.3:7441".into()),
+                    ..base()
+                },
+            ),
+            (
+                "--admin-addr",
+                NodeOptions {
+                    admin_addr: Some("0.0.0.0:7431".into()),
+                    ..base()
+                },
+            ),
+            (
+                "--admin-addr",
+                NodeOptions {
+                    admin_addr: Some("[::]:7431".into()),
+                    ..base()
+                },
+            ),
+        ] {
+            let e = err(o);
+            assert!(e.contains(flag) && e.contains("--admin-token"), "{flag}: {e}");
+        }
+        // With a token it starts; an empty token counts as none.
+        let c = public(NodeOptions {
+            admin_token: Some("a-long-random-admin-token".into()),
+            ..base()
+        })
+        .resolve()
+        .unwrap();
+        assert_eq!(c.admin_token.as_deref(), Some("a-long-random-admin-token"));
+        assert!(err(public(NodeOptions {
+            admin_token: Some(String::new()),
+            ..base()
+        }))
+        .contains("--admin-token"));
+        // Loopback only (IPv4, IPv6, a name that resolves to loopback): no token needed.
+        let c = NodeOptions {
+            admin_addr: Some("[::1]:7431".into()),
+            ws_addr: Some("localhost:7441".into()),
+            ..base()
+        }
+        .resolve()
+        .unwrap();
+        assert!(c.admin_token.is_none());
+    }
+
+    #[test]
+    fn admin_tls_uses_its_own_files_or_the_client_listeners() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |n: &str| {
+            let p = dir.path().join(n);
+            std::fs::write(&p, "pem").unwrap();
+            p
+        };
+        let (cert, key, acert, akey) = (file("c.pem"), file("k.pem"), file("ac.pem"), file("ak.pem"));
+        let client = NodeOptions {
+            tls_cert: Some(cert.clone()),
+            tls_key: Some(key.clone()),
+            ..base()
+        };
+        // The client listener's files alone do not turn HTTPS on.
+        assert_eq!(client.clone().resolve().unwrap().admin_tls, None);
+        let on = NodeOptions {
+            admin_tls: Some(true),
+            ..client.clone()
+        };
+        assert_eq!(
+            on.clone().resolve().unwrap().admin_tls,
+            Some(TlsFiles {
+                cert: cert.clone(),
+                key: key.clone()
+            })
+        );
+        // Its own pair wins, and turns HTTPS on by itself.
+        let own = NodeOptions {
+            admin_tls_cert: Some(acert.clone()),
+            admin_tls_key: Some(akey.clone()),
+            ..client.clone()
+        };
+        let want = Some(TlsFiles {
+            cert: acert.clone(),
+            key: akey.clone(),
+        });
+        assert_eq!(own.clone().resolve().unwrap().admin_tls, want);
+        assert_eq!(
+            NodeOptions {
+                admin_tls: Some(true),
+                ..own.clone()
+            }
+            .resolve()
+            .unwrap()
+            .admin_tls,
+            want
+        );
+        // Errors: no certificate at all, half a pair, a missing file.
+        assert!(err(NodeOptions {
+            admin_tls: Some(true),
+            ..base()
+        })
+        .contains("--admin-tls needs a certificate"));
+        assert!(err(NodeOptions {
+            admin_tls_key: None,
+            ..own.clone()
+        })
+        .contains("go together"));
+        assert!(err(NodeOptions {
+            admin_tls_key: Some(dir.path().join("nope.pem")),
+            ..own
+        })
+        .contains("no such file"));
+        // `--admin-tls` is a flag (a bare `--admin-tls` means true) and a boolean env var / key.
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            o: NodeOptions,
+        }
+        let cli = Cli::try_parse_from(["node", "--admin-tls", "--id", "3"]).unwrap();
+        assert_eq!((cli.o.admin_tls, cli.o.id), (Some(true), Some(3)));
+        let cli = Cli::try_parse_from(["node", "--admin-tls=false"]).unwrap();
+        assert_eq!(cli.o.admin_tls, Some(false));
+        let file: NodeOptions = toml::from_str("admin_tls = true").unwrap();
+        assert_eq!(file.admin_tls, Some(true));
     }
 }

@@ -195,6 +195,8 @@ pub async fn run(
         Some((cert, key)) => Some(grpc_server_tls(cert, key)?),
         None => None,
     };
+    let admin_tls = crate::admin::tls_config(&config)?;
+    crate::api::auth::warn_if_admin_open(&config);
     let mut raft_config = RaftConfig::standard(
         config.id,
         config.data_dir.clone(),
@@ -347,7 +349,7 @@ pub async fn run(
             announced: announced.clone(),
             archive: archive.as_ref().map(|a| a.stats.clone()),
         });
-        tokio::spawn(crate::admin::serve(l, state, admin_stop.clone()))
+        tokio::spawn(crate::admin::serve(l, state, admin_tls, admin_stop.clone()))
     });
     {
         let (c, r, stop) = (coordinator.clone(), raft.clone(), background.clone());

@@ -87,10 +87,12 @@ pub fn verify(
     let claims = peek(token)?;
     let (signing_input, sig) = token.rsplit_once('.').ok_or(TokenError::Malformed)?;
     let sig = URL_SAFE_NO_PAD.decode(sig).map_err(|_| TokenError::Malformed)?;
-    let ok = secrets.iter().any(|s| {
+    // `verify_slice` compares in constant time; every secret is tried (no early exit), so the time
+    // does not tell which secret signed the token.
+    let ok = secrets.iter().fold(false, |ok, s| {
         let mut mac = HmacSha256::new_from_slice(s.as_bytes()).expect("hmac takes any key length");
         mac.update(signing_input.as_bytes());
-        mac.verify_slice(&sig).is_ok()
+        mac.verify_slice(&sig).is_ok() | ok
     });
     if !ok {
         return Err(TokenError::Signature);

@@ -6,16 +6,21 @@
 //! | `/metrics` | open | Prometheus text exposition ([`render_metrics`]) |
 //! | `/healthz` | open | 200 while the process and its Raft core run |
 //! | `/readyz` | open | 200 when this node is a member, caught up and accepting clients; else 503 with reasons |
-//! | `/` | open | the dashboard page (it holds no data; it asks for the admin token once) |
+//! | `/` | open | the dashboard page (it holds no data; it shows a login form when a call is refused) |
+//! | `POST /login`, `POST /logout` | form | open or end a dashboard session ([`session`]) |
 //! | `/api/cluster`, `/api/apps`, `/api/user?app=&user=`, `/api/rates` | admin token | JSON |
 //!
-//! When the node has an admin token, `/api/*` needs it as `Authorization: Bearer <token>` or
-//! `?token=<token>`; without one they are open, like the gRPC admin calls.
+//! When the node has an admin token, `/api/*` needs it as `Authorization: Bearer <token>`, or a
+//! dashboard session cookie; a token in the URL is not accepted. Without a token (loopback only,
+//! see `config`) they are open, like the gRPC admin calls. With `--admin-tls` (or
+//! `--admin-tls-cert`/`--admin-tls-key`) the server speaks HTTPS only ([`tls`]).
 //!
 //! Architecture Invariant: the admin server only reads (local indexes, counters, the state
 //! machine through `StateReader`, peers' load through the peer service); it never writes to Raft.
 
 pub mod metrics;
+pub mod session;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,7 +30,7 @@ use std::time::Duration;
 use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use herald_proto::peer::peer_client::PeerClient;
 use herald_proto::peer::{RateSample, RatesRequest};
@@ -36,7 +41,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use self::metrics::{Exposition, Transport, SAMPLE_EVERY};
-use crate::api::auth::ct_eq;
+use self::session::{authorize, Http};
 use crate::archive::ArchiveStats;
 use crate::node::Node;
 
@@ -55,13 +60,34 @@ pub struct AdminState {
     pub archive: Option<Arc<ArchiveStats>>,
 }
 
-/// Serves the admin API on `listener` until `shutdown`.
-pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: CancellationToken) {
-    if let Ok(a) = listener.local_addr() {
-        info!(addr = %a, "admin http listener up");
+/// The admin server's rustls config when the node serves it over HTTPS (loaded at start, so a
+/// bad certificate stops the node with a clear error).
+pub fn tls_config(config: &crate::config::NodeConfig) -> anyhow::Result<Option<Arc<rustls::ServerConfig>>> {
+    match (&config.admin_listen, &config.admin_tls) {
+        (Some(_), Some(files)) => Ok(Some(tls::server_config(&files.cert, &files.key)?)),
+        _ => Ok(None),
     }
+}
+
+/// Serves the admin API on `listener` until `shutdown`: HTTPS with `tls`, else plain HTTP.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<AdminState>,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    shutdown: CancellationToken,
+) {
+    let addr = match listener.local_addr() {
+        Ok(a) => a,
+        Err(e) => {
+            warn!(error = %e, "admin http listener has no address");
+            return;
+        }
+    };
+    let http = Arc::new(Http::new(state, addr.port(), tls.is_some()));
     let app = Router::new()
         .route("/", get(dashboard))
+        .route("/login", post(session::login))
+        .route("/logout", post(session::logout))
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -69,11 +95,29 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: Canc
         .route("/api/apps", get(api_apps))
         .route("/api/user", get(api_user))
         .route("/api/rates", get(api_rates))
-        .with_state(state);
-    if let Err(e) = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
-    {
+        .with_state(http);
+    let served = match tls {
+        Some(config) => {
+            let listener = match tls::TlsListener::new(listener, config, shutdown.clone()) {
+                Ok(l) => l,
+                Err(e) => {
+                    warn!(error = %e, "admin https listener failed");
+                    return;
+                }
+            };
+            info!(%addr, "admin https listener up");
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown.cancelled_owned())
+                .await
+        }
+        None => {
+            info!(%addr, "admin http listener up");
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown.cancelled_owned())
+                .await
+        }
+    };
+    if let Err(e) = served {
         warn!(error = %e, "admin http server failed");
     }
 }
@@ -117,36 +161,25 @@ pub async fn run_sampler(node: Node, shutdown: CancellationToken) {
 
 type Params = Query<HashMap<String, String>>;
 
-/// Checks the admin token (header or `?token=`) when the node has one.
-fn authorize(state: &AdminState, headers: &HeaderMap, q: &HashMap<String, String>) -> Result<(), Response> {
-    let Some(token) = state.node.config().admin_token.as_deref() else {
-        return Ok(());
-    };
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .or_else(|| q.get("token").map(String::as_str));
-    match given {
-        Some(g) if ct_eq(g.as_bytes(), token.as_bytes()) => Ok(()),
-        Some(_) => Err(error(StatusCode::UNAUTHORIZED, "wrong admin token")),
-        None => Err(error(
-            StatusCode::UNAUTHORIZED,
-            "this endpoint needs the admin token: `Authorization: Bearer <token>` or `?token=<token>`",
-        )),
-    }
-}
-
 fn error(code: StatusCode, msg: &str) -> Response {
     (code, Json(json!({ "error": msg }))).into_response()
 }
 
-async fn dashboard() -> Html<&'static str> {
-    Html(DASHBOARD)
+async fn dashboard() -> Response {
+    (
+        [
+            // The login form must not be framed by another site (clickjacking).
+            (header::X_FRAME_OPTIONS, "DENY"),
+            (header::REFERRER_POLICY, "no-referrer"),
+        ],
+        Html(DASHBOARD),
+    )
+        .into_response()
 }
 
-async fn metrics_handler(State(s): State<Arc<AdminState>>) -> Response {
-    let body = render_metrics(&s);
+async fn metrics_handler(State(h): State<Arc<Http>>) -> Response {
+    let s = &h.state;
+    let body = render_metrics(s);
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
         body,
@@ -154,7 +187,8 @@ async fn metrics_handler(State(s): State<Arc<AdminState>>) -> Response {
         .into_response()
 }
 
-async fn healthz(State(s): State<Arc<AdminState>>) -> Response {
+async fn healthz(State(h): State<Arc<Http>>) -> Response {
+    let s = &h.state;
     let m = s.node.raft().metrics().borrow().clone();
     match &m.running_state {
         Ok(()) => (StatusCode::OK, "ok\n").into_response(),
@@ -217,8 +251,8 @@ pub fn readiness(s: &AdminState) -> Vec<String> {
     })
 }
 
-async fn readyz(State(s): State<Arc<AdminState>>) -> Response {
-    let why = readiness(&s);
+async fn readyz(State(h): State<Arc<Http>>) -> Response {
+    let why = readiness(&h.state);
     if why.is_empty() {
         (StatusCode::OK, Json(json!({"ready": true}))).into_response()
     } else {
@@ -230,10 +264,11 @@ async fn readyz(State(s): State<Arc<AdminState>>) -> Response {
     }
 }
 
-async fn api_cluster(State(s): State<Arc<AdminState>>, headers: HeaderMap, Query(q): Params) -> Response {
-    if let Err(r) = authorize(&s, &headers, &q) {
+async fn api_cluster(State(h): State<Arc<Http>>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorize(&h, &headers) {
         return r;
     }
+    let s = &h.state;
     let node = &s.node;
     let view = node.raft().cluster_view().await;
     let infos = node.raft().reader().nodes().unwrap_or_default();
@@ -276,7 +311,7 @@ async fn api_cluster(State(s): State<Arc<AdminState>>, headers: HeaderMap, Query
         "term": view.term,
         "applied_index": view.committed_index,
         "log_time_ms": node.raft().reader().log_time_ms(),
-        "ready": readiness(&s).is_empty(),
+        "ready": readiness(s).is_empty(),
         "members": members,
         "archive": archive.map(|a| json!({
             "enabled": a.enabled,
@@ -288,10 +323,11 @@ async fn api_cluster(State(s): State<Arc<AdminState>>, headers: HeaderMap, Query
     .into_response()
 }
 
-async fn api_apps(State(s): State<Arc<AdminState>>, headers: HeaderMap, Query(q): Params) -> Response {
-    if let Err(r) = authorize(&s, &headers, &q) {
+async fn api_apps(State(h): State<Arc<Http>>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorize(&h, &headers) {
         return r;
     }
+    let s = &h.state;
     let reader = s.node.raft().reader();
     let apps = match reader.apps() {
         Ok(a) => a,
@@ -324,10 +360,11 @@ async fn api_apps(State(s): State<Arc<AdminState>>, headers: HeaderMap, Query(q)
     Json(json!({ "apps": list })).into_response()
 }
 
-async fn api_user(State(s): State<Arc<AdminState>>, headers: HeaderMap, Query(q): Params) -> Response {
-    if let Err(r) = authorize(&s, &headers, &q) {
+async fn api_user(State(h): State<Arc<Http>>, headers: HeaderMap, Query(q): Params) -> Response {
+    if let Err(r) = authorize(&h, &headers) {
         return r;
     }
+    let s = &h.state;
     let (Some(app), Some(user)) = (q.get("app"), q.get("user")) else {
         return error(StatusCode::BAD_REQUEST, "needs ?app=<app id>&user=<user>");
     };
@@ -372,10 +409,11 @@ async fn api_user(State(s): State<Arc<AdminState>>, headers: HeaderMap, Query(q)
     .into_response()
 }
 
-async fn api_rates(State(s): State<Arc<AdminState>>, headers: HeaderMap, Query(q): Params) -> Response {
-    if let Err(r) = authorize(&s, &headers, &q) {
+async fn api_rates(State(h): State<Arc<Http>>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorize(&h, &headers) {
         return r;
     }
+    let s = &h.state;
     let node = &s.node;
     let me = node.config().id;
     let members: Vec<(u64, String)> = node

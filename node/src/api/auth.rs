@@ -2,7 +2,10 @@
 
 use herald_raft::AppConfig;
 use rand::RngCore;
+use sha2::{Digest, Sha256};
+use subtle::{Choice, ConstantTimeEq};
 use tonic::Request;
+use tracing::warn;
 
 use super::error::ApiError;
 use crate::node::Node;
@@ -39,7 +42,7 @@ pub fn app_by_key(node: &Node, app_id: &str, key: &str) -> Result<AppConfig, Api
         .reader()
         .app(app_id)?
         .ok_or_else(|| ApiError::Unauthenticated(format!("unknown app {app_id:?}")))?;
-    if !app.api_keys.iter().any(|k| ct_eq(k.as_bytes(), key.as_bytes())) {
+    if !any_ct_eq(&app.api_keys, key) {
         return Err(ApiError::Unauthenticated(format!(
             "wrong API key for app {app_id:?}"
         )));
@@ -56,7 +59,7 @@ pub fn admin<T>(node: &Node, req: &Request<T>) -> Result<(), ApiError> {
         .metadata()
         .get("authorization")
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(bearer)
         .ok_or_else(|| {
             ApiError::Unauthenticated("admin call needs `authorization: Bearer <admin token>`".into())
         })?;
@@ -67,12 +70,43 @@ pub fn admin<T>(node: &Node, req: &Request<T>) -> Result<(), ApiError> {
     }
 }
 
-/// Compares in time that does not depend on where the inputs differ.
-pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
+/// The token of an `Authorization: Bearer <token>` value.
+pub fn bearer(value: &str) -> Option<&str> {
+    value.strip_prefix("Bearer ").map(str::trim)
+}
+
+/// Logs at start when admin calls are open (no admin token; `resolve` allows that only when every
+/// listener is on loopback).
+pub fn warn_if_admin_open(config: &crate::config::NodeConfig) {
+    if config.admin_token.is_none() {
+        warn!(
+            node_id = config.id,
+            "no admin token: admin calls (apps, membership, the admin http api) are open to anyone \
+             who reaches this node's loopback listeners; set --admin-token or HERALD_ADMIN_TOKEN"
+        );
     }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Compares two secrets in constant time (`subtle`): the time depends neither on where they differ
+/// nor on their lengths, because what is compared is their SHA-256 digests (equal digests mean
+/// equal inputs, short of a SHA-256 collision).
+pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    digest_eq(a, b).into()
+}
+
+fn digest_eq(a: &[u8], b: &[u8]) -> Choice {
+    Sha256::digest(a).as_slice().ct_eq(Sha256::digest(b).as_slice())
+}
+
+/// Whether `given` is one of `secrets`, comparing with every one of them (the time does not tell
+/// which one matched, or how close a wrong one came).
+pub fn any_ct_eq(secrets: &[String], given: &str) -> bool {
+    secrets
+        .iter()
+        .fold(Choice::from(0), |hit, s| {
+            hit | digest_eq(s.as_bytes(), given.as_bytes())
+        })
+        .into()
 }
 
 /// 32 random bytes as hex: secrets, API keys and tokens.
@@ -89,8 +123,29 @@ mod tests {
     #[test]
     fn ct_eq_compares_bytes() {
         assert!(ct_eq(b"abc", b"abc"));
+        assert!(ct_eq(b"", b""));
         assert!(!ct_eq(b"abc", b"abd"));
         assert!(!ct_eq(b"abc", b"abcd"));
+        assert!(!ct_eq(b"abc", b""));
+        assert!(!ct_eq(b"xbc", b"abc"));
+    }
+
+    #[test]
+    fn any_ct_eq_finds_a_key_anywhere_in_the_list() {
+        let keys = vec!["first-key".to_string(), "second-key".to_string()];
+        assert!(any_ct_eq(&keys, "first-key"));
+        assert!(any_ct_eq(&keys, "second-key"));
+        assert!(!any_ct_eq(&keys, "second-ke"));
+        assert!(!any_ct_eq(&keys, ""));
+        assert!(!any_ct_eq(&[], "first-key"));
+    }
+
+    #[test]
+    fn bearer_reads_the_token_of_an_authorization_value() {
+        assert_eq!(bearer("Bearer abc"), Some("abc"));
+        assert_eq!(bearer("Bearer  abc "), Some("abc"));
+        assert_eq!(bearer("Basic abc"), None);
+        assert_eq!(bearer("abc"), None);
     }
 
     #[test]

@@ -240,3 +240,133 @@ async fn a_corrupt_state_machine_stops_the_node_with_an_error() {
     std::fs::write(&current, b"garbage\n").unwrap();
     start_fails(&mut c, &["cannot start raft", "corrupt data in", "CURRENT"]).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_reachable_from_other_machines_needs_an_admin_token() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let data = data.to_str().unwrap();
+    let port = free_port();
+    let advertised = format!("127.0.0.1:{port}");
+    let all_interfaces = format!("0.0.0.0:{port}");
+    let cluster = addr();
+    let peers = format!("1={cluster}");
+    let public_grpc = [
+        "--id",
+        "1",
+        "--data-dir",
+        data,
+        "--grpc-addr",
+        &all_interfaces,
+        "--advertise-grpc-addr",
+        &advertised,
+        "--cluster-addr",
+        &cluster,
+        "--insecure-cluster",
+        "--peers",
+        &peers,
+    ];
+    let out = node(&public_grpc).await;
+    usage_error(&out, "--grpc-addr 0.0.0.0:");
+    usage_error(&out, "--admin-token (or HERALD_ADMIN_TOKEN");
+    // The admin HTTP server counts like any listener.
+    let a1 = addr();
+    let admin = format!("0.0.0.0:{}", free_port());
+    let out = node(&[
+        "--id",
+        "1",
+        "--data-dir",
+        data,
+        "--grpc-addr",
+        &a1,
+        "--cluster-addr",
+        &cluster,
+        "--peers",
+        &peers,
+        "--admin-addr",
+        &admin,
+    ])
+    .await;
+    usage_error(&out, &format!("--admin-addr {admin}"));
+    // An empty token is no token.
+    let out = herald_with(
+        &[&["node"][..], &public_grpc[..]].concat(),
+        &[("HERALD_ADMIN_TOKEN", "")],
+        Duration::from_secs(30),
+    )
+    .await;
+    usage_error(&out, "--admin-token");
+    assert!(!Path::new(data).exists(), "nothing created");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_loopback_node_without_an_admin_token_starts_and_warns() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let tmp = tempfile::tempdir().unwrap();
+    let (a1, c1) = (addr(), addr());
+    let mut cmd = tokio::process::Command::new(crate::harness::herald_bin());
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("HERALD_") {
+            cmd.env_remove(&k);
+        }
+    }
+    cmd.env_remove("RUST_LOG")
+        .env("NO_COLOR", "1")
+        .args([
+            "node",
+            "--id",
+            "1",
+            "--grpc-addr",
+            &a1,
+            "--cluster-addr",
+            &c1,
+            "--insecure-cluster",
+            "--peers",
+            &format!("1={c1}"),
+        ])
+        .arg("--data-dir")
+        .arg(tmp.path().join("data"))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().expect("run herald");
+    let stdout = child.stdout.take().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    for r in [
+        Box::new(stdout) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+        Box::new(stderr),
+    ] {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(r).lines();
+            while let Ok(Some(l)) = lines.next_line().await {
+                let _ = tx.send(l);
+            }
+        });
+    }
+    drop(tx);
+    let mut seen = Vec::new();
+    let warned = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(l) = rx.recv().await {
+            let hit = l.contains("WARN") && l.contains("no admin token");
+            seen.push(l);
+            if hit {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    let _ = child.kill().await;
+    assert_eq!(
+        warned,
+        Ok(true),
+        "no warning about the open admin calls in: {seen:#?}"
+    );
+    assert!(
+        seen.iter().any(|l| l.contains("HERALD_ADMIN_TOKEN")),
+        "the warning names the variable: {seen:#?}"
+    );
+}

@@ -8,7 +8,7 @@ use anyhow::bail;
 use herald_proto::client::frame::Kind;
 use herald_proto::v1 as pb;
 
-use super::{http_get, metric, ops_cluster};
+use super::{http_call, http_get, https_call, metric, ops_cluster};
 use crate::harness::{admin_request, eventually, free_port, App, Cluster, NODE_WAIT};
 use crate::raw::{Raw, Who};
 
@@ -172,13 +172,11 @@ async fn metrics_probes_and_the_admin_api() {
     assert_eq!(denied.status, 401, "{denied:?}");
     let wrong = http_get(&admin[0], "/api/cluster", Some("nope")).await.unwrap();
     assert_eq!(wrong.status, 401);
-    let by_query = http_get(&admin[0], &format!("/api/apps?token={token}"), None)
-        .await
-        .unwrap();
-    assert_eq!(by_query.status, 200, "{by_query:?}");
-    assert_eq!(by_query.json()["apps"][0]["id"], "ops");
-    assert_eq!(by_query.json()["apps"][0]["sessions_on_this_node"], 1);
-    assert_eq!(by_query.json()["apps"][0]["counters"]["acked"], 1);
+    let apps = http_get(&admin[0], "/api/apps", Some(&token)).await.unwrap();
+    assert_eq!(apps.status, 200, "{apps:?}");
+    assert_eq!(apps.json()["apps"][0]["id"], "ops");
+    assert_eq!(apps.json()["apps"][0]["sessions_on_this_node"], 1);
+    assert_eq!(apps.json()["apps"][0]["counters"]["acked"], 1);
 
     let cluster = http_get(&admin[2], "/api/cluster", Some(&token))
         .await
@@ -384,5 +382,184 @@ async fn readyz_is_503_on_a_node_that_is_not_a_member_yet() {
         }
     })
     .await;
+    c.assert_no_panics();
+}
+
+/// The cookie `name=value` a `Set-Cookie` header sets, and its attributes.
+fn set_cookie(r: &super::HttpReply) -> (String, String) {
+    let v = r
+        .header("set-cookie")
+        .unwrap_or_else(|| panic!("no Set-Cookie: {r:?}"));
+    let (pair, attrs) = v.split_once(';').unwrap_or((v, ""));
+    (pair.trim().to_string(), attrs.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_admin_api_takes_a_bearer_token_or_a_dashboard_session_never_a_url_token() {
+    let (c, admin, _ws) = ops_cluster(1, &[]).await;
+    let a = &admin[0];
+    let token = c.admin_token().to_string();
+
+    // The token in the URL authenticates nothing, on every JSON endpoint.
+    for path in [
+        "/api/cluster",
+        "/api/apps",
+        "/api/rates",
+        "/api/user?app=x&user=y",
+    ] {
+        let sep = if path.contains('?') { '&' } else { '?' };
+        let r = http_get(a, &format!("{path}{sep}token={token}"), None)
+            .await
+            .unwrap();
+        assert_eq!(r.status, 401, "{path}: {r:?}");
+        assert!(
+            !r.body.contains("?token="),
+            "the error must not suggest a URL token: {r:?}"
+        );
+    }
+    // The bearer header does.
+    assert_eq!(
+        http_get(a, "/api/cluster", Some(&token)).await.unwrap().status,
+        200
+    );
+    assert_eq!(
+        http_get(a, "/api/cluster", Some("wrong")).await.unwrap().status,
+        401
+    );
+
+    let form = "application/x-www-form-urlencoded";
+    // A wrong token: back to the login form, no cookie.
+    let r = http_call(
+        a,
+        "POST",
+        "/login",
+        &[("Content-Type", form)],
+        "token=wrong&next=%2F",
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 303, "{r:?}");
+    assert_eq!(r.header("location"), Some("/?login=failed"));
+    assert!(r.header("set-cookie").is_none(), "{r:?}");
+
+    // The right one: a session cookie that is not the token, HttpOnly and SameSite=Strict (not
+    // Secure over plain HTTP), and a redirect to the page it came from, never off the server.
+    let body = format!("token={token}&next=%2F%3Fapp%3Ddemo%26user%3Dalice");
+    let r = http_call(a, "POST", "/login", &[("Content-Type", form)], &body)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 303, "{r:?}");
+    assert_eq!(r.header("location"), Some("/?app=demo&user=alice"));
+    let (cookie, attrs) = set_cookie(&r);
+    let port = a.rsplit(':').next().unwrap();
+    assert!(cookie.starts_with(&format!("herald_admin_{port}=")), "{cookie}");
+    assert!(!cookie.contains(&token), "the cookie holds the token: {cookie}");
+    assert!(
+        attrs.contains("HttpOnly") && attrs.contains("SameSite=Strict"),
+        "{attrs}"
+    );
+    assert!(!attrs.contains("Secure"), "{attrs}");
+    let with_cookie = [("Cookie", cookie.as_str())];
+    let apps = http_call(a, "GET", "/api/apps", &with_cookie, "").await.unwrap();
+    assert_eq!(apps.status, 200, "{apps:?}");
+    let off_site = http_call(
+        a,
+        "POST",
+        "/login",
+        &[("Content-Type", form)],
+        &format!("token={token}&next=%2F%2Fevil.example%2F"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(off_site.header("location"), Some("/"), "{off_site:?}");
+
+    // A made-up session id is refused; so is the token itself as a cookie.
+    let forged = format!("herald_admin_{port}={}", "ab".repeat(32));
+    let raw_token = format!("herald_admin_{port}={token}");
+    for bad in [forged.as_str(), raw_token.as_str()] {
+        let r = http_call(a, "GET", "/api/apps", &[("Cookie", bad)], "")
+            .await
+            .unwrap();
+        assert_eq!(r.status, 401, "{bad}: {r:?}");
+    }
+
+    // Logging out ends the session and clears the cookie.
+    let out = http_call(a, "POST", "/logout", &with_cookie, "").await.unwrap();
+    assert_eq!(out.status, 303, "{out:?}");
+    let (cleared, attrs) = set_cookie(&out);
+    assert_eq!(cleared, format!("herald_admin_{port}="));
+    assert!(attrs.contains("Max-Age=0"), "{attrs}");
+    let r = http_call(a, "GET", "/api/apps", &with_cookie, "").await.unwrap();
+    assert_eq!(r.status, 401, "{r:?}");
+
+    // The page: no token handling in URLs or storage, a login form that posts, not framable.
+    let page = http_get(a, "/", None).await.unwrap();
+    assert_eq!(page.status, 200);
+    assert!(!page.body.contains("params.get(\"token\")"), "{}", page.body);
+    assert!(page.body.contains("action=\"/login\""));
+    assert_eq!(page.header("x-frame-options"), Some("DENY"), "{page:?}");
+    c.assert_no_panics();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_admin_server_speaks_https_with_admin_tls_and_refuses_plain_http() {
+    let pki_dir = tempfile::tempdir().unwrap();
+    let pki = herald_node::room::tls::dev_pki(pki_dir.path()).unwrap();
+    let (cert, key) = (pki.cert.display().to_string(), pki.key.display().to_string());
+    // `--admin-tls` takes the client TLS listener's certificate.
+    let (c, admin, _ws) = ops_cluster(1, &["--admin-tls", "--tls-cert", &cert, "--tls-key", &key]).await;
+    let a = &admin[0];
+    let ready = eventually("/readyz over HTTPS", NODE_WAIT, || async {
+        let r = https_call(a, &pki.ca, "GET", "/readyz", &[], "").await?;
+        if r.status == 200 {
+            Ok(r)
+        } else {
+            bail!("{r:?}")
+        }
+    })
+    .await;
+    assert_eq!(ready.json()["ready"], true);
+    // The JSON API still needs the token, over HTTPS too.
+    let r = https_call(a, &pki.ca, "GET", "/api/cluster", &[], "")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 401, "{r:?}");
+    let auth = format!("Bearer {}", c.admin_token());
+    let r = https_call(
+        a,
+        &pki.ca,
+        "GET",
+        "/api/cluster",
+        &[("Authorization", auth.as_str())],
+        "",
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
+    // The session cookie is Secure over HTTPS.
+    let r = https_call(
+        a,
+        &pki.ca,
+        "POST",
+        "/login",
+        &[("Content-Type", "application/x-www-form-urlencoded")],
+        &format!("token={}", c.admin_token()),
+    )
+    .await
+    .unwrap();
+    let (_, attrs) = set_cookie(&r);
+    assert!(attrs.contains("; Secure"), "{attrs}");
+
+    // Plain HTTP gets no HTTP answer (the handshake fails and the connection closes).
+    let plain = http_get(a, "/readyz", None).await;
+    assert!(plain.is_err(), "plain HTTP was answered: {plain:?}");
+    // A client that does not trust the CA fails the handshake.
+    let other = tempfile::tempdir().unwrap();
+    let other_pki = herald_node::room::tls::dev_pki(other.path()).unwrap();
+    let r = https_call(a, &other_pki.ca, "GET", "/readyz", &[], "").await;
+    assert!(r.is_err(), "{r:?}");
+    // Still serving after the bad clients.
+    let r = https_call(a, &pki.ca, "GET", "/healthz", &[], "").await.unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
     c.assert_no_panics();
 }

@@ -95,13 +95,9 @@ async fn push(c: &Cluster, app: &App, user: &str, payload: &str, ttl_ms: u64, ke
 
 /// The replicated counters of `app` as the node at `admin` reports them.
 async fn counters(admin: &str, app: &str) -> anyhow::Result<serde_json::Value> {
-    let apps = http_get(
-        admin,
-        &format!("/api/apps?token={}", crate::harness::ADMIN_TOKEN),
-        None,
-    )
-    .await?
-    .json();
+    let apps = http_get(admin, "/api/apps", Some(crate::harness::ADMIN_TOKEN))
+        .await?
+        .json();
     apps["apps"]
         .as_array()
         .and_then(|a| a.iter().find(|x| x["id"] == app).cloned())

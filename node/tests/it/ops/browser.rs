@@ -1,5 +1,6 @@
 //! The dashboard and the browser example in a real headless browser (Debian's `chromium`)
-//! against `herald dev`: the dashboard shows three members and a leader and looks a user up; the
+//! against `herald dev`: the dashboard ignores a token in its URL, logs in with its form (a session
+//! cookie), shows three members and a leader and looks a user up; the
 //! example page connects over WebSocket, shows a push and acks it. Screenshots are kept in
 //! `<cargo target dir>/herald-it/` (see [`screenshot_path`]); each test prints where.
 
@@ -12,6 +13,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::Value;
 
+use super::http_get;
 use crate::harness::{connect, eventually, free_port_block, herald_with, keep_dirs, NODE_WAIT};
 
 /// Kills the dev cluster's nodes when the test ends, however it ends.
@@ -167,6 +169,31 @@ async fn hold_server(delay: Duration) -> u16 {
     port
 }
 
+/// An HTTP server on 127.0.0.1 (the dashboard's site: browsers ignore ports when they compare
+/// sites) whose every response is `html`.
+async fn page_server(html: String) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let html = std::sync::Arc::new(html);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let html = html.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    html.len()
+                );
+                let _ = s.write_all(head.as_bytes()).await;
+                let _ = s.write_all(html.as_bytes()).await;
+            });
+        }
+    });
+    port
+}
+
 /// Where a screenshot named `name` is kept after the test: `$CARGO_TARGET_DIR/herald-it/` when
 /// that is set, else `herald-it/` in the target dir holding the `herald` binary under test.
 fn screenshot_path(name: &str) -> PathBuf {
@@ -227,8 +254,28 @@ async fn the_dashboard_shows_the_cluster_and_looks_up_a_user() {
     );
     g.push(req).await.unwrap();
 
-    // `app` and `user` make the page fill its lookup form and press its button.
+    // A token in the URL opens nothing: the page shows its login form and no data.
     let url = format!("http://{admin}/?token={token}&app=demo&user=alice");
+    let shot = screenshot_path("dashboard-login.png");
+    let dom = browse(&url, &shot, &t.path().join("profile-url-token")).await;
+    assert!(
+        dom.contains("id=\"auth\" style=\"display: block;\""),
+        "the login form is not shown: {dom}"
+    );
+    assert!(dom.contains("data-loaded=\"false\""), "{dom}");
+    assert_eq!(dom.matches("class=\"member\"").count(), 0, "{dom}");
+
+    // Logging in as a person does: the dashboard's own form, posted (here by a page that fills it
+    // in and submits it), then the dashboard again with its session cookie. `next` brings back
+    // `app` and `user`, which make the page fill its lookup form and press its button.
+    let page = http_get(&admin, "/", None).await.unwrap().body;
+    assert!(page.contains("<form id=\"auth-form\" method=\"post\" action=\"/login\">"));
+    let login = format!(
+        "<!doctype html><html><body><form method=\"post\" action=\"http://{admin}/login\">\
+         <input name=\"token\" value=\"{token}\"><input name=\"next\" value=\"/?app=demo&amp;user=alice\">\
+         </form><script>document.forms[0].submit();</script></body></html>"
+    );
+    let url = format!("http://127.0.0.1:{}/login.html", page_server(login).await);
     let shot = screenshot_path("dashboard.png");
     let dom = eventually("the dashboard to render the cluster", NODE_WAIT, || async {
         let dom = browse(&url, &shot, &t.path().join("profile")).await;

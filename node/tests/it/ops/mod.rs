@@ -44,33 +44,113 @@ pub struct HttpReply {
     pub status: u16,
     pub content_type: String,
     pub body: String,
+    /// Every header, names lowercased.
+    pub headers: Vec<(String, String)>,
 }
 
 impl HttpReply {
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
     }
+
+    /// The first header named `name` (lowercase).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
 }
 
 /// `GET path` on `addr` with an optional bearer token (a minimal HTTP/1.1 client: the tests need
 /// nothing more and it keeps the dependency list short).
 pub async fn http_get(addr: &str, path: &str, token: Option<&str>) -> Result<HttpReply> {
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("Authorization", a.as_str())).collect();
+    http_call(addr, "GET", path, &headers, "").await
+}
+
+/// `method path` on `addr` with `headers` and `body` over plain TCP.
+pub async fn http_call(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Result<HttpReply> {
     let call = async {
-        let mut s = tokio::net::TcpStream::connect(addr)
+        let s = tokio::net::TcpStream::connect(addr)
             .await
             .with_context(|| format!("connect {addr}"))?;
-        let auth = token
-            .map(|t| format!("Authorization: Bearer {t}\r\n"))
-            .unwrap_or_default();
-        let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{auth}\r\n");
-        s.write_all(req.as_bytes()).await?;
-        let mut raw = Vec::new();
-        s.read_to_end(&mut raw).await?;
-        parse_http(&raw)
+        exchange(s, &request(addr, method, path, headers, body)).await
     };
     tokio::time::timeout(Duration::from_secs(10), call)
         .await
-        .map_err(|_| anyhow!("GET {path} on {addr} timed out"))?
+        .map_err(|_| anyhow!("{method} {path} on {addr} timed out"))?
+}
+
+/// `method path` on `addr` over TLS, trusting only the CA certificate in PEM file `ca` and
+/// checking the server's certificate for `localhost`.
+pub async fn https_call(
+    addr: &str,
+    ca: &std::path::Path,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Result<HttpReply> {
+    use std::sync::Arc;
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read(ca)?;
+    for cert in rustls_pemfile::certs(&mut &pem[..]) {
+        roots.add(cert?)?;
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let call = async {
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .with_context(|| format!("connect {addr}"))?;
+        let name = rustls::pki_types::ServerName::try_from("localhost")?;
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+            .connect(name, tcp)
+            .await
+            .context("tls handshake")?;
+        exchange(tls, &request(addr, method, path, headers, body)).await
+    };
+    tokio::time::timeout(Duration::from_secs(10), call)
+        .await
+        .map_err(|_| anyhow!("{method} {path} on {addr} over TLS timed out"))?
+}
+
+fn request(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> String {
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if method != "GET" {
+        req.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    req
+}
+
+async fn exchange<S>(mut s: S, req: &str) -> Result<HttpReply>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    s.write_all(req.as_bytes()).await?;
+    let mut raw = Vec::new();
+    // A TLS peer may close without close_notify after the response; what was read counts.
+    if let Err(e) = s.read_to_end(&mut raw).await {
+        if raw.is_empty() {
+            return Err(e.into());
+        }
+    }
+    parse_http(&raw)
 }
 
 fn parse_http(raw: &[u8]) -> Result<HttpReply> {
@@ -86,7 +166,11 @@ fn parse_http(raw: &[u8]) -> Result<HttpReply> {
         .ok_or_else(|| anyhow!("bad status line in {head:?}"))?;
     let mut content_type = String::new();
     let mut chunked = false;
+    let mut headers = Vec::new();
     for l in lines {
+        if let Some((n, v)) = l.split_once(':') {
+            headers.push((n.trim().to_ascii_lowercase(), v.trim().to_string()));
+        }
         let lower = l.to_ascii_lowercase();
         if let Some(v) = lower.strip_prefix("content-type:") {
             content_type = v.trim().to_string();
@@ -100,6 +184,7 @@ fn parse_http(raw: &[u8]) -> Result<HttpReply> {
         status,
         content_type,
         body,
+        headers,
     })
 }
 
