@@ -35,6 +35,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         prost::Message::encode_to_vec(&public),
     )?;
     tonic_prost_build::configure()
+        // Undecodable requests are INVALID_ARGUMENT, not tonic-prost's INTERNAL (src/codec.rs).
+        .codec_path("crate::codec::HeraldCodec")
         .bytes(".")
         .build_client(true)
         .build_server(true)

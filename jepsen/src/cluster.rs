@@ -600,6 +600,7 @@ impl Cluster {
                         max_ttl_ms: 0,
                         topic_retain: 1_000_000,
                         max_payload: 0,
+                        max_targets: 0,
                     }),
                     ..Default::default()
                 });

@@ -207,6 +207,22 @@ impl PeerService {
 impl Peer for PeerService {
     async fn deliver(&self, request: Request<DeliverRequest>) -> Result<Response<DeliverReply>, Status> {
         let r = request.into_inner();
+        // The receiver's own frame limit decides: nodes may run with different `--max-frame`, and
+        // this node never sends a client a frame over its maximum (docs/PROTOCOL.md §1).
+        let fits = self
+            .room
+            .config
+            .max_frame
+            .saturating_sub(herald_proto::frame::PUSH_HEADROOM);
+        if r.payload.len() > fits {
+            debug!(app = %r.app, size = r.payload.len(), fits, "qos0 from a peer does not fit in a frame here");
+            return Err(Status::invalid_argument(format!(
+                "payload of {} bytes does not fit in a client frame of node {}: its max frame leaves {fits} \
+                 bytes for the payload",
+                r.payload.len(),
+                self.room.config.node_id
+            )));
+        }
         let delivered =
             self.room
                 .deliver_direct(&r.app, &r.user, &r.devices, &r.msg_id, &r.payload, r.pushed_at_ms);

@@ -6,6 +6,7 @@
 //! API Boundary: everything here is on the wire; change it only in backward-compatible ways
 //! (new fields, new oneof arms), never renumber.
 
+pub mod codec;
 pub mod frame;
 
 /// Public gRPC API served by every node.

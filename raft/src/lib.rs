@@ -11,6 +11,7 @@
 //! [`sm::StateReader`]. It is the only crate that depends on RocksDB.
 
 pub mod error;
+pub mod legacy;
 pub mod log_store;
 pub mod network;
 pub mod raft_node;

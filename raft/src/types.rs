@@ -112,8 +112,9 @@ pub struct Response {
 /// One write to the replicated state.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Op {
-    /// Create or replace an app.
-    PutApp(AppConfig),
+    /// Create or replace an app, as written before `AppLimits::max_targets` (read from old log
+    /// entries only; new ones are [`Op::PutApp`]).
+    PutAppV1(crate::legacy::AppConfigV1),
     /// Delete an app and everything it owns (sessions, mailboxes, topics, counters).
     DeleteApp { app: String },
     /// Record a node's client-facing addresses (proposed by each node at start).
@@ -154,6 +155,8 @@ pub enum Op {
     SetArchive { enabled: bool },
     /// Drop archive entries up to and including `upto` (they are in the cold archive).
     ArchiveDone { upto: u64 },
+    /// Create or replace an app.
+    PutApp(AppConfig),
 }
 
 /// What one op did.
@@ -186,6 +189,9 @@ pub enum Rejection {
     PayloadTooLarge { size: usize, max: u32 },
     #[error("invalid request: {0}")]
     Invalid(String),
+    /// A caller-chosen msg id that still names a stored (or recently removed) message of the app.
+    #[error("msg id {0:?} is already in use by another message of this app; choose a new one, or retry with the first push's idempotency key")]
+    MsgIdInUse(String),
 }
 
 /// An app: a tenant of the cluster, isolated from every other app.
@@ -216,6 +222,8 @@ pub struct AppLimits {
     pub topic_retain: u32,
     /// Largest payload accepted, in bytes.
     pub max_payload: u32,
+    /// Most entries one push may list in `targets` (the API refuses more).
+    pub max_targets: u32,
 }
 
 impl AppLimits {
@@ -226,6 +234,7 @@ impl AppLimits {
         max_ttl_ms: 30 * 24 * 3600 * 1000,
         topic_retain: 1000,
         max_payload: 32 * 1024,
+        max_targets: 1000,
     };
 }
 

@@ -71,6 +71,7 @@ impl From<Rejection> for ApiError {
             Rejection::UnknownApp(a) => ApiError::NotFound(format!("unknown app {a:?}")),
             Rejection::PayloadTooLarge { .. } => ApiError::InvalidArgument(r.to_string()),
             Rejection::Invalid(m) => ApiError::InvalidArgument(m),
+            Rejection::MsgIdInUse(_) => ApiError::AlreadyExists(r.to_string()),
         }
     }
 }

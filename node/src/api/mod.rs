@@ -33,10 +33,25 @@ impl HeraldApi {
     }
 
     /// One push by an authenticated app (Push, and each push of a PushStream).
-    async fn push_one(&self, app: AppConfig, req: pb::PushRequest) -> Result<pb::PushReply, Status> {
+    async fn push_one(&self, app: AppConfig, mut req: pb::PushRequest) -> Result<pb::PushReply, Status> {
         same_app(&app, &req.app)?;
+        let Ok(qos) = pb::Qos::try_from(req.qos) else {
+            return Err(ApiError::InvalidArgument(format!(
+                "qos {} is neither 0 (at most once) nor 1 (at least once)",
+                req.qos
+            ))
+            .into());
+        };
         if req.targets.is_empty() {
             return Err(ApiError::InvalidArgument("push needs at least one target".into()).into());
+        }
+        if req.targets.len() > app.limits.max_targets as usize {
+            return Err(ApiError::InvalidArgument(format!(
+                "{} targets exceed the app's limit of {} per push",
+                req.targets.len(),
+                app.limits.max_targets
+            ))
+            .into());
         }
         if req.targets.iter().any(|t| t.user.is_empty()) {
             return Err(ApiError::InvalidArgument("a target has an empty user".into()).into());
@@ -52,7 +67,7 @@ impl HeraldApi {
             );
         }
         self.check_message(&app, req.payload.len(), &req.msg_id, &req.idempotency_key)?;
-        let qos = req.qos();
+        req.targets = merge_targets(req.targets);
         let ops = &self.node.room().stats.ops;
         match qos {
             pb::Qos::AtMostOnce => ops.pushes_qos0.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
@@ -140,6 +155,9 @@ impl HeraldApi {
         use futures::stream::{FuturesOrdered, StreamExt};
         let mut running = FuturesOrdered::new();
         let mut reading = true;
+        // A push the server could not decode ends the stream with this status once the pushes
+        // before it are answered (tonic ends the reply stream at the first error sent).
+        let mut undecodable: Option<Status> = None;
         let stop = self.node.cancel_token().clone();
         loop {
             tokio::select! {
@@ -155,6 +173,9 @@ impl HeraldApi {
                     Ok(None) => reading = false,
                     Err(status) => {
                         tracing::info!(app = %app_id, error = %status, "push stream broken by the client");
+                        if status.code() == tonic::Code::InvalidArgument {
+                            undecodable = Some(status);
+                        }
                         reading = false;
                     }
                 },
@@ -175,6 +196,9 @@ impl HeraldApi {
                 _ = stop.cancelled(), if reading => reading = false,
             }
             if !reading && running.is_empty() {
+                if let Some(status) = undecodable {
+                    let _ = tx.send(Err(status)).await;
+                }
                 return;
             }
         }
@@ -839,6 +863,35 @@ impl HeraldApi {
     }
 }
 
+/// One target per user, in first-seen order: a user listed more than once gets the message once,
+/// for every device (if any entry asked for every device) or for the union of the devices listed.
+fn merge_targets(targets: Vec<pb::Target>) -> Vec<pb::Target> {
+    let mut out: Vec<pb::Target> = Vec::with_capacity(targets.len());
+    let mut at: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for t in targets {
+        let Some(&i) = at.get(&t.user) else {
+            at.insert(t.user.clone(), out.len());
+            let mut first = t;
+            dedup_in_order(&mut first.devices);
+            out.push(first);
+            continue;
+        };
+        let merged = &mut out[i];
+        if merged.devices.is_empty() || t.devices.is_empty() {
+            merged.devices.clear();
+        } else {
+            merged.devices.extend(t.devices);
+            dedup_in_order(&mut merged.devices);
+        }
+    }
+    out
+}
+
+fn dedup_in_order(v: &mut Vec<String>) {
+    let mut seen = std::collections::HashSet::new();
+    v.retain(|d| seen.insert(d.clone()));
+}
+
 fn same_app(app: &AppConfig, requested: &str) -> Result<(), ApiError> {
     if requested != app.id {
         return Err(ApiError::PermissionDenied(format!(
@@ -877,7 +930,12 @@ fn validate_app(app: &AppConfig) -> Result<(), ApiError> {
         ));
     }
     let l = &app.limits;
-    if l.mailbox_cap == 0 || l.topic_retain == 0 || l.max_payload == 0 || l.default_ttl_ms == 0 {
+    if l.mailbox_cap == 0
+        || l.topic_retain == 0
+        || l.max_payload == 0
+        || l.default_ttl_ms == 0
+        || l.max_targets == 0
+    {
         return Err(ApiError::InvalidArgument(
             "app limits must be greater than 0".into(),
         ));
@@ -899,6 +957,7 @@ fn limits_from_pb(l: pb::AppLimits) -> AppLimits {
         max_ttl_ms: or(l.max_ttl_ms, d.max_ttl_ms),
         topic_retain: or(l.topic_retain.into(), d.topic_retain.into()) as u32,
         max_payload: or(l.max_payload.into(), d.max_payload.into()) as u32,
+        max_targets: or(l.max_targets.into(), d.max_targets.into()) as u32,
     }
 }
 
@@ -921,6 +980,7 @@ fn app_to_pb(a: AppConfig) -> pb::App {
             max_ttl_ms: a.limits.max_ttl_ms,
             topic_retain: a.limits.topic_retain,
             max_payload: a.limits.max_payload,
+            max_targets: a.limits.max_targets,
         }),
         policy: Some(pb::DevicePolicy {
             max_per_platform: a.policy.max_per_platform,
@@ -928,5 +988,38 @@ fn app_to_pb(a: AppConfig) -> pb::App {
         }),
         callbacks: a.callbacks,
         created_ms: a.created_ms,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(user: &str, devices: &[&str]) -> pb::Target {
+        pb::Target {
+            user: user.into(),
+            devices: devices.iter().map(|d| d.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn a_user_listed_twice_is_one_target_for_the_union_of_its_devices() {
+        let merged = merge_targets(vec![
+            t("a", &["phone", "phone"]),
+            t("b", &["x"]),
+            t("a", &["tablet", "phone"]),
+            t("c", &["y"]),
+            t("b", &[]),
+            t("c", &["y"]),
+        ]);
+        assert_eq!(
+            merged,
+            vec![t("a", &["phone", "tablet"]), t("b", &[]), t("c", &["y"])],
+            "first-seen order; every device wins over a list"
+        );
+        assert_eq!(
+            merge_targets(vec![t("a", &[]), t("a", &["phone"])]),
+            vec![t("a", &[])]
+        );
     }
 }

@@ -213,6 +213,7 @@ pub fn app_json(a: &pb::App) -> serde_json::Value {
             "max_ttl_ms": l.max_ttl_ms,
             "topic_retain": l.topic_retain,
             "max_payload": l.max_payload,
+            "max_targets": l.max_targets,
         })),
         "policy": a.policy.as_ref().map(|p| serde_json::json!({
             "max_per_platform": p.max_per_platform,

@@ -53,6 +53,9 @@ pub struct CoordinatorConfig {
     /// Upstream requests one app may have queued or in flight on this node; past it
     /// [`Coordinator::upstream`] answers [`UpstreamError::QueueFull`].
     pub queue_capacity: usize,
+    /// Of those, what one client connection may have queued or in flight; past it
+    /// [`Coordinator::upstream`] answers [`UpstreamError::ConnShareFull`] to that connection only.
+    pub queue_share_per_conn: usize,
     /// Backend calls one app may have in flight at once from this node.
     pub max_inflight_per_app: usize,
     /// How long an upstream request may take from being queued to its outcome.
@@ -85,6 +88,7 @@ impl CoordinatorConfig {
     pub fn standard() -> Self {
         CoordinatorConfig {
             queue_capacity: 10_000,
+            queue_share_per_conn: 1_000,
             max_inflight_per_app: 256,
             upstream_deadline: Duration::from_secs(10),
             attempt_timeout: Duration::from_secs(3),
@@ -106,6 +110,7 @@ impl CoordinatorConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let positive = [
             ("queue_capacity", self.queue_capacity as u128),
+            ("queue_share_per_conn", self.queue_share_per_conn as u128),
             ("max_inflight_per_app", self.max_inflight_per_app as u128),
             ("max_attempts", u128::from(self.max_attempts)),
             ("events_batch", self.events_batch as u128),
@@ -151,6 +156,8 @@ pub struct ConfigError(String);
 pub enum UpstreamError {
     #[error("upstream queue of app {app} is full")]
     QueueFull { app: String },
+    #[error("this connection has {share} upstream requests of app {app} queued or in flight, its share of the queue; wait for replies")]
+    ConnShareFull { app: String, share: usize },
     #[error("app {app} has no callback endpoint")]
     NoBackend { app: String },
     #[error("the node is shutting down")]
@@ -230,21 +237,22 @@ impl Coordinator {
         &self.inner.config
     }
 
-    /// Queues `payload` from (`user`, `device`) for `app`'s backend and returns where its outcome
-    /// will arrive. Never waits: a full queue, an app without callbacks or a stopping node are
-    /// refused at once. Every accepted request resolves (reply, `Failed` or `Unavailable`) within
+    /// Queues `payload` from (`user`, `device`) on client connection `conn` for `app`'s backend
+    /// and returns where its outcome will arrive. Never waits: a full queue (or the connection's
+    /// full share of it), an app without callbacks or a stopping node are refused at once. Every accepted request resolves (reply, `Failed` or `Unavailable`) within
     /// about the configured deadline, even if the receiver was dropped (the data is still sent).
     ///
     /// Must be called from within a tokio runtime (it may spawn the user's delivery task).
     pub fn upstream(
         &self,
         app: &AppConfig,
+        conn: u64,
         user: &str,
         device: &str,
         request_id: u64,
         payload: Bytes,
     ) -> Result<oneshot::Receiver<UpstreamOutcome>, UpstreamError> {
-        self.inner.enqueue(app, user, device, request_id, payload)
+        self.inner.enqueue(app, conn, user, device, request_id, payload)
     }
 
     /// Tells the event sender the outbox grew (call on `ApplyEvent::EventsPending`). Cheap, never

@@ -34,6 +34,7 @@ fn init_tracing() {
 fn fast_config() -> CoordinatorConfig {
     CoordinatorConfig {
         queue_capacity: 10_000,
+        queue_share_per_conn: 10_000,
         max_inflight_per_app: 64,
         upstream_deadline: Duration::from_secs(5),
         attempt_timeout: Duration::from_secs(1),
@@ -114,7 +115,7 @@ async fn upstream_round_trip_returns_the_backends_reply() -> Result<()> {
     b.set_reply_prefix("re:");
     let (c, _stop) = coordinator(fast_config());
     let a = app("app1", vec![b.endpoint()]);
-    let rx = c.upstream(&a, "alice", "phone", 7, Bytes::from_static(b"hello"))?;
+    let rx = c.upstream(&a, 1, "alice", "phone", 7, Bytes::from_static(b"hello"))?;
     let reply = outcome(rx, Duration::from_secs(5)).await?;
     assert_eq!(reply, Ok(Bytes::from_static(b"re:hello")));
     let got = b.upstreams();
@@ -148,11 +149,12 @@ async fn upstream_round_trip_returns_the_backends_reply() -> Result<()> {
 #[tokio::test]
 async fn upstream_is_refused_without_callbacks_and_after_shutdown() -> Result<()> {
     let (c, stop) = coordinator(fast_config());
-    let r = c.upstream(&app("app1", vec![]), "u", "d", 1, Bytes::new());
+    let r = c.upstream(&app("app1", vec![]), 1, "u", "d", 1, Bytes::new());
     assert_eq!(r.err(), Some(UpstreamError::NoBackend { app: "app1".into() }));
     stop.cancel();
     let r = c.upstream(
         &app("app1", vec!["127.0.0.1:1".into()]),
+        1,
         "u",
         "d",
         1,
@@ -175,7 +177,14 @@ async fn one_users_requests_arrive_in_order_while_users_run_in_parallel() -> Res
     // Interleaved, as many connections of one node would send them.
     for i in 0..PER_USER {
         for u in 0..USERS {
-            let rx = c.upstream(&a, &format!("user-{u}"), "d", i, Bytes::from(format!("{u}/{i}")))?;
+            let rx = c.upstream(
+                &a,
+                1,
+                &format!("user-{u}"),
+                "d",
+                i,
+                Bytes::from(format!("{u}/{i}")),
+            )?;
             pending.push((u, i, rx));
         }
     }
@@ -227,7 +236,7 @@ async fn a_group_spreads_users_fails_over_in_order_and_readmits_a_member() -> Re
     for _ in 0..3 {
         for u in &users {
             next_id += 1;
-            pending.push(c.upstream(&a, u, "d", next_id, Bytes::from_static(b"x"))?);
+            pending.push(c.upstream(&a, 1, u, "d", next_id, Bytes::from_static(b"x"))?);
             sent.entry(u.clone()).or_default().push(next_id);
         }
     }
@@ -271,7 +280,7 @@ async fn a_group_spreads_users_fails_over_in_order_and_readmits_a_member() -> Re
             next_id += 1;
             pending.push((
                 u.clone(),
-                c.upstream(&a, u, "d", next_id, Bytes::from_static(b"y"))?,
+                c.upstream(&a, 1, u, "d", next_id, Bytes::from_static(b"y"))?,
             ));
             sent.entry(u.clone()).or_default().push(next_id);
         }
@@ -341,7 +350,7 @@ async fn a_group_spreads_users_fails_over_in_order_and_readmits_a_member() -> Re
         let mut pending = Vec::new();
         for u in &users {
             next_id += 1;
-            pending.push(c.upstream(&a, u, "d", next_id, Bytes::from_static(b"z"))?);
+            pending.push(c.upstream(&a, 1, u, "d", next_id, Bytes::from_static(b"z"))?);
             sent.entry(u.clone()).or_default().push(next_id);
         }
         for rx in pending {
@@ -396,10 +405,10 @@ async fn unreachable_group_fills_the_queue_then_ends_unavailable_by_the_deadline
     let started = Instant::now();
     let mut pending = Vec::new();
     for i in 0..20 {
-        pending.push(c.upstream(&a, &format!("user-{}", i % 10), "d", i, Bytes::new())?);
+        pending.push(c.upstream(&a, 1, &format!("user-{}", i % 10), "d", i, Bytes::new())?);
     }
     let refused_at = Instant::now();
-    let refused = c.upstream(&a, "user-x", "d", 99, Bytes::new());
+    let refused = c.upstream(&a, 1, "user-x", "d", 99, Bytes::new());
     ensure!(
         refused_at.elapsed() < Duration::from_millis(50),
         "a full queue made the caller wait"
@@ -427,7 +436,43 @@ async fn unreachable_group_fills_the_queue_then_ends_unavailable_by_the_deadline
     assert_eq!((s.upstream_unavailable, s.upstream_depth), (20, 0));
     assert_eq!((s.apps[0].members, s.apps[0].unhealthy), (1, 1));
     // Room again once the queue drained.
-    ensure!(c.upstream(&a, "user-y", "d", 100, Bytes::new()).is_ok());
+    ensure!(c.upstream(&a, 1, "user-y", "d", 100, Bytes::new()).is_ok());
+    Ok(())
+}
+
+#[tokio::test]
+async fn one_connection_cannot_take_more_than_its_share_of_the_apps_queue() -> Result<()> {
+    init_tracing();
+    let b = TestBackend::start().await?;
+    b.set_mode(Mode::Hang);
+    let mut config = fast_config();
+    config.queue_capacity = 20;
+    config.queue_share_per_conn = 5;
+    let (c, _stop) = coordinator(config);
+    let a = app("app1", vec![b.endpoint()]);
+    // Connection 1 sends for several users: its five requests (queued or in flight) are its share.
+    let mut pending = Vec::new();
+    for i in 0..5 {
+        pending.push(c.upstream(&a, 1, &format!("user-{i}"), "d", i, Bytes::new())?);
+    }
+    let refused = c.upstream(&a, 1, "user-9", "d", 9, Bytes::new());
+    assert_eq!(
+        refused.err(),
+        Some(UpstreamError::ConnShareFull {
+            app: "app1".into(),
+            share: 5
+        })
+    );
+    // Another connection still gets room in the same app's queue.
+    pending.push(c.upstream(&a, 2, "user-9", "d", 10, Bytes::new())?);
+    assert_eq!(c.stats().apps[0].queue_depth, 6);
+    // Once connection 1's requests end, its share is free again.
+    b.set_mode(Mode::Reply);
+    for rx in pending {
+        ensure!(outcome(rx, Duration::from_secs(5)).await?.is_ok());
+    }
+    let rx = c.upstream(&a, 1, "user-9", "d", 11, Bytes::new())?;
+    ensure!(outcome(rx, Duration::from_secs(5)).await?.is_ok());
     Ok(())
 }
 
@@ -439,7 +484,11 @@ async fn a_backend_error_status_fails_at_once_without_retries() -> Result<()> {
     let (c, _stop) = coordinator(fast_config());
     let a = app("app1", vec![b.endpoint()]);
     let started = Instant::now();
-    let got = outcome(c.upstream(&a, "u", "d", 1, Bytes::new())?, Duration::from_secs(5)).await?;
+    let got = outcome(
+        c.upstream(&a, 1, "u", "d", 1, Bytes::new())?,
+        Duration::from_secs(5),
+    )
+    .await?;
     assert_eq!(
         got,
         Err(UpstreamFailure::Failed {
@@ -468,7 +517,7 @@ async fn unavailable_is_retried_until_the_backend_recovers() -> Result<()> {
     b.set_mode(Mode::Fail(tonic::Code::Unavailable));
     let (c, _stop) = coordinator(fast_config());
     let a = app("app1", vec![b.endpoint()]);
-    let rx = c.upstream(&a, "u", "d", 1, Bytes::from_static(b"p"))?;
+    let rx = c.upstream(&a, 1, "u", "d", 1, Bytes::from_static(b"p"))?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     b.set_mode(Mode::Reply);
     let got = outcome(rx, Duration::from_secs(5)).await?;
@@ -491,7 +540,7 @@ async fn a_hung_member_is_taken_out_and_its_users_fail_over() -> Result<()> {
     let started = Instant::now();
     let mut pending = Vec::new();
     for u in 0..20 {
-        pending.push(c.upstream(&a, &format!("user-{u}"), "d", u, Bytes::new())?);
+        pending.push(c.upstream(&a, 1, &format!("user-{u}"), "d", u, Bytes::new())?);
     }
     for rx in pending {
         ensure!(outcome(rx, Duration::from_secs(5)).await?.is_ok());
@@ -512,9 +561,9 @@ async fn a_changed_callbacks_list_takes_effect_on_the_next_request() -> Result<(
     let old = TestBackend::start().await?;
     let new = TestBackend::start().await?;
     let (c, _stop) = coordinator(fast_config());
-    let rx = c.upstream(&app("app1", vec![old.endpoint()]), "u", "d", 1, Bytes::new())?;
+    let rx = c.upstream(&app("app1", vec![old.endpoint()]), 1, "u", "d", 1, Bytes::new())?;
     ensure!(outcome(rx, Duration::from_secs(5)).await?.is_ok());
-    let rx = c.upstream(&app("app1", vec![new.endpoint()]), "u", "d", 2, Bytes::new())?;
+    let rx = c.upstream(&app("app1", vec![new.endpoint()]), 1, "u", "d", 2, Bytes::new())?;
     ensure!(outcome(rx, Duration::from_secs(5)).await?.is_ok());
     assert_eq!((old.upstreams().len(), new.upstreams().len()), (1, 1));
     assert_eq!(new.upstreams()[0].request.request_id, 2);
@@ -527,8 +576,8 @@ async fn shutdown_resolves_queued_and_in_flight_requests() -> Result<()> {
     b.set_mode(Mode::Hang);
     let (c, stop) = coordinator(fast_config());
     let a = app("app1", vec![b.endpoint()]);
-    let first = c.upstream(&a, "u", "d", 1, Bytes::new())?;
-    let second = c.upstream(&a, "u", "d", 2, Bytes::new())?;
+    let first = c.upstream(&a, 1, "u", "d", 1, Bytes::new())?;
+    let second = c.upstream(&a, 1, "u", "d", 2, Bytes::new())?;
     let deadline = Instant::now() + Duration::from_secs(5);
     while b.upstream_calls() == 0 {
         ensure!(

@@ -6,6 +6,10 @@
 //! a delivery task runs for that user; the task sends one request at a time (retries included)
 //! and ends when the FIFO is empty. So one user's requests reach the backend in arrival order,
 //! while different users proceed in parallel, limited by the app's call semaphore.
+//!
+//! Each client connection may hold at most `queue_share_per_conn` of an app's queue (queued or in
+//! flight, counted per connection id), so one connection cannot fill the whole queue and starve
+//! the app's other clients on this node.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -43,9 +47,13 @@ struct Queue {
     depth: usize,
     /// Per user: requests not yet started, oldest first. Present while the user's task runs.
     users: HashMap<String, VecDeque<Job>>,
+    /// Per client connection: its requests queued or in flight (entries at 0 are removed).
+    per_conn: HashMap<u64, usize>,
 }
 
 struct Job {
+    /// The client connection that sent it (its share of the queue).
+    conn: u64,
     device: String,
     request_id: u64,
     payload: Bytes,
@@ -65,6 +73,7 @@ impl AppGroup {
             queue: Mutex::new(Queue {
                 depth: 0,
                 users: HashMap::new(),
+                per_conn: HashMap::new(),
             }),
             calls: Semaphore::new(max_calls),
         }
@@ -123,6 +132,7 @@ impl Inner {
     pub(crate) fn enqueue(
         self: &Arc<Self>,
         app: &AppConfig,
+        conn: u64,
         user: &str,
         device: &str,
         request_id: u64,
@@ -137,6 +147,7 @@ impl Inner {
         let group = self.group_for(app);
         let (tx, rx) = oneshot::channel();
         let job = Job {
+            conn,
             device: device.to_string(),
             request_id,
             payload,
@@ -149,6 +160,16 @@ impl Inner {
                 CoordinatorStats::inc(&self.stats.upstream_queue_full);
                 return Err(UpstreamError::QueueFull { app: app.id.clone() });
             }
+            let share = self.config.queue_share_per_conn;
+            let mine = q.per_conn.entry(conn).or_insert(0);
+            if *mine >= share {
+                debug!(app = %app.id, conn, share, "upstream refused: the connection's share of the queue is full");
+                return Err(UpstreamError::ConnShareFull {
+                    app: app.id.clone(),
+                    share,
+                });
+            }
+            *mine += 1;
             q.depth += 1;
             match q.users.get_mut(user) {
                 Some(fifo) => {
@@ -187,7 +208,16 @@ impl Inner {
                 }
             };
             let outcome = self.deliver(&group, &user, &job).await;
-            group.queue.lock().depth -= 1;
+            {
+                let mut q = group.queue.lock();
+                q.depth -= 1;
+                if let Some(n) = q.per_conn.get_mut(&job.conn) {
+                    *n -= 1;
+                    if *n == 0 {
+                        q.per_conn.remove(&job.conn);
+                    }
+                }
+            }
             CoordinatorStats::dec(&self.stats.upstream_depth);
             match &outcome {
                 Ok(_) => CoordinatorStats::inc(&self.stats.upstream_ok),

@@ -206,7 +206,6 @@ where
                 Some(Err(e)) => return End::Io(e),
                 Some(Ok(_)) => {}
             }
-            self.shared.touch(self.room.now());
             // Boxed: frame handling (sessions opening, subscribing) awaits deep futures;
             // inline, they would sit in every idle connection's task (≈ 2 KB each), boxed they
             // exist only while a frame is handled.
@@ -275,11 +274,14 @@ where
         }
     }
 
-    /// Decodes and handles every complete frame in the read buffer.
+    /// Decodes and handles every complete frame in the read buffer. Only a whole frame counts as
+    /// life for the idle timeout (docs/PROTOCOL.md §6): bytes of a frame still incomplete do not,
+    /// so a client trickling a partial frame is closed at the idle deadline like a silent one.
     async fn handle_input(&mut self) -> Option<End> {
         loop {
             match frame::decode(&mut self.rbuf, self.room.config.max_frame) {
                 Ok(Some(f)) => {
+                    self.shared.touch(self.room.now());
                     if let Some(end) = self.on_frame(f).await {
                         return Some(end);
                     }
@@ -494,7 +496,7 @@ where
         match self
             .room
             .coordinator
-            .upstream(&app, &s.user, &s.device, rid, u.payload)
+            .upstream(&app, self.shared.id, &s.user, &s.device, rid, u.payload)
         {
             Ok(rx) => {
                 tokio::spawn(async move {

@@ -207,6 +207,7 @@ impl Acceptor {
                 message: msg.into(),
             })),
         });
+        let ws_config = ws::config(self.room.config.max_frame);
         let Ok(permit) = self.refusals.clone().try_acquire_owned() else {
             debug!(?code, "too many refusals in progress; closing without an answer");
             return;
@@ -228,7 +229,7 @@ impl Acceptor {
                     }
                     Wrap::Ws => {
                         if let Ok(s) =
-                            tokio_tungstenite::accept_async_with_config(stream, Some(ws::config())).await
+                            tokio_tungstenite::accept_async_with_config(stream, Some(ws_config)).await
                         {
                             let mut s = ws::WsStream::new(s);
                             let _ = s.write_all(&frame).await;
@@ -272,7 +273,7 @@ async fn serve_ws(
 ) {
     let handshake = Box::pin(tokio::time::timeout(
         room.config.auth_timeout,
-        tokio_tungstenite::accept_async_with_config(stream, Some(ws::config())),
+        tokio_tungstenite::accept_async_with_config(stream, Some(ws::config(room.config.max_frame))),
     ));
     match handshake.await.map(|r| r.map(|s| Box::new(ws::WsStream::new(s)))) {
         Ok(Ok(s)) => conn::serve(room, peer, Transport::Ws, s, Some(permit)).await,

@@ -15,21 +15,31 @@ use std::task::{ready, Context, Poll};
 use bytes::{Buf, Bytes, BytesMut};
 use futures::{Sink, Stream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_tungstenite::tungstenite::error::CapacityError;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
-/// The most bytes one WebSocket message from a client may carry.
-pub const MAX_MESSAGE: usize = 4 << 20;
+/// The most bytes one WebSocket message from a client may carry: one protocol frame of the
+/// node's maximum size with its length prefix. tungstenite checks a WebSocket frame's announced
+/// length before it reads (or reserves room for) the payload, and the sum of a fragmented
+/// message's parts as they arrive, so a larger message is refused before it is buffered.
+pub fn max_message(max_frame: usize) -> usize {
+    max_frame.saturating_add(herald_proto::frame::HEADER_LEN)
+}
 
-/// WebSocket settings of the server side.
-pub fn config() -> WebSocketConfig {
+/// WebSocket settings of the server side, for a node whose frame limit is `max_frame`.
+pub fn config(max_frame: usize) -> WebSocketConfig {
     WebSocketConfig::default()
-        .max_message_size(Some(MAX_MESSAGE))
-        .max_frame_size(Some(MAX_MESSAGE))
+        .max_message_size(Some(max_message(max_frame)))
+        .max_frame_size(Some(max_message(max_frame)))
 }
 
 /// A WebSocket as an `AsyncRead + AsyncWrite` byte stream (see the module docs).
+///
+/// A message over [`max_message`] is refused by tungstenite before it is buffered; the stream
+/// then yields a frame header announcing the message's size and ends, so the connection answers
+/// it like an oversized frame on TCP (ERROR `FRAME_TOO_LARGE`, close).
 pub struct WsStream<S> {
     inner: WebSocketStream<S>,
     /// The unread rest of the last binary message received.
@@ -91,6 +101,11 @@ where
                     )));
                 }
                 Some(Err(WsError::ConnectionClosed)) => this.eof = true,
+                Some(Err(WsError::Capacity(CapacityError::MessageTooLong { size, .. }))) => {
+                    this.eof = true;
+                    let announced = u32::try_from(size).unwrap_or(u32::MAX);
+                    this.rbuf = Bytes::copy_from_slice(&announced.to_be_bytes());
+                }
                 Some(Err(e)) => return Poll::Ready(Err(io_err(e))),
             }
         }
@@ -136,7 +151,7 @@ mod tests {
     #[tokio::test]
     async fn one_flush_is_one_binary_message_and_messages_concatenate() {
         let (a, b) = tokio::io::duplex(1 << 16);
-        let server = WebSocketStream::from_raw_socket(a, Role::Server, Some(config())).await;
+        let server = WebSocketStream::from_raw_socket(a, Role::Server, Some(config(1024))).await;
         let mut client = WebSocketStream::from_raw_socket(b, Role::Client, None).await;
         let mut s = WsStream::new(server);
 
@@ -169,5 +184,62 @@ mod tests {
             0,
             "then the stream is at its end"
         );
+    }
+    /// The frame header the connection sees in place of an oversized message: the message's
+    /// length, which `frame::decode` refuses as too large.
+    fn announced(b: &[u8]) -> usize {
+        u32::from_be_bytes(b.try_into().unwrap()) as usize
+    }
+
+    #[tokio::test]
+    async fn a_message_over_the_frame_limit_is_refused_before_its_payload_arrives() {
+        let (a, mut b) = tokio::io::duplex(1 << 16);
+        let server = WebSocketStream::from_raw_socket(a, Role::Server, Some(config(1024))).await;
+        let mut s = WsStream::new(server);
+        // A masked binary frame announcing 1 GiB, and nothing of its payload: the refusal must not
+        // wait for (or reserve room for) the payload.
+        let mut header = vec![0x82, 0x80 | 127];
+        header.extend_from_slice(&(1u64 << 30).to_be_bytes());
+        header.extend_from_slice(&[1, 2, 3, 4]);
+        b.write_all(&header).await.unwrap();
+        let mut got = [0u8; 4];
+        tokio::time::timeout(std::time::Duration::from_secs(5), s.read_exact(&mut got))
+            .await
+            .expect("refused at once, not after the payload")
+            .unwrap();
+        assert_eq!(announced(&got), 1 << 30);
+        let mut buf = bytes::BytesMut::from(&got[..]);
+        assert!(matches!(
+            herald_proto::frame::decode(&mut buf, 1024),
+            Err(herald_proto::frame::FrameError::TooLarge { .. })
+        ));
+        let mut more = [0u8; 1];
+        assert_eq!(s.read(&mut more).await.unwrap(), 0, "then the stream ends");
+    }
+
+    #[tokio::test]
+    async fn a_message_of_one_whole_max_frame_passes_and_one_byte_more_does_not() {
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let server = WebSocketStream::from_raw_socket(a, Role::Server, Some(config(1024))).await;
+        let mut client = WebSocketStream::from_raw_socket(b, Role::Client, None).await;
+        let mut s = WsStream::new(server);
+        let limit = max_message(1024);
+        assert_eq!(limit, 1028, "a max frame and its length prefix");
+        client
+            .send(Message::Binary(vec![7u8; limit].into()))
+            .await
+            .unwrap();
+        let mut got = vec![0u8; limit];
+        s.read_exact(&mut got).await.unwrap();
+        assert!(got.iter().all(|b| *b == 7));
+        client
+            .send(Message::Binary(vec![7u8; limit + 1].into()))
+            .await
+            .unwrap();
+        let mut head = [0u8; 4];
+        s.read_exact(&mut head).await.unwrap();
+        assert_eq!(announced(&head), limit + 1);
+        let mut more = [0u8; 1];
+        assert_eq!(s.read(&mut more).await.unwrap(), 0, "then the stream ends");
     }
 }

@@ -14,6 +14,7 @@ mod harness;
 
 mod bad_config;
 mod bootstrap;
+mod bounds;
 mod cli;
 mod cli_client;
 mod dev;

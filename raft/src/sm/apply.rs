@@ -143,6 +143,7 @@ impl<'a> Applier<'a> {
     fn apply_op(&mut self, op: &Op) -> Result<OpResult, StoreError> {
         match op {
             Op::PutApp(cfg) => self.put_app(cfg),
+            Op::PutAppV1(cfg) => self.put_app(&cfg.clone().into()),
             Op::DeleteApp { app } => self.delete_app(app),
             Op::SetNode(info) => {
                 self.txn.put(Cf::Nodes, keys::node(info.id), info)?;
@@ -244,7 +245,11 @@ impl<'a> Applier<'a> {
     // ---- apps -------------------------------------------------------------------------------
 
     fn app(&self, app: &str) -> Result<Option<AppConfig>, StoreError> {
-        self.txn.get(Cf::Apps, &keys::app(app))
+        let key = keys::app(app);
+        match self.txn.get_raw(Cf::Apps, &key)? {
+            Some(bytes) => super::app_record::decode_app(&key, &bytes).map(Some),
+            None => Ok(None),
+        }
     }
 
     fn put_app(&mut self, cfg: &AppConfig) -> Result<OpResult, StoreError> {
@@ -256,7 +261,8 @@ impl<'a> Applier<'a> {
             Some(old) => old.created_ms,
             None => self.now(),
         };
-        self.txn.put(Cf::Apps, keys::app(&cfg.id), &cfg)?;
+        self.txn
+            .put_raw(Cf::Apps, keys::app(&cfg.id), super::app_record::encode_app(&cfg)?);
         self.events.push(ApplyEvent::AppChanged { app: cfg.id });
         Ok(OpResult::Done)
     }
@@ -643,6 +649,16 @@ impl<'a> Applier<'a> {
             return Ok(OpResult::Rejected(Rejection::Invalid(
                 "enqueue without targets".into(),
             )));
+        }
+        // A msg id names one message while any trace of it is kept (held, or acked / trimmed and
+        // not yet past its expiry), so DeliveryStatus of a msg id always describes one push. A
+        // retry after an unknown outcome carries the idempotency key and was answered above.
+        if self
+            .txn
+            .get_raw(Cf::MsgIdx, &keys::msg_idx(&e.app, &e.msg_id))?
+            .is_some()
+        {
+            return Ok(OpResult::Rejected(Rejection::MsgIdInUse(e.msg_id.clone())));
         }
         let now = self.now();
         let ttl = if e.ttl_ms == 0 {

@@ -17,6 +17,7 @@
 //! DB holds (which is in the same batch as the effects, so they never disagree). Snapshots are made
 //! durable before they are reported (see [`snapshot`]).
 
+mod app_record;
 mod apply;
 mod keys;
 mod reader;

@@ -91,14 +91,22 @@ impl StateReader {
             Err(generation) => generation,
         };
         let db = self.db();
-        let app: Option<AppConfig> = Txn::new(&db).get(Cf::Apps, &keys::app(id))?;
+        let key = keys::app(id);
+        let app = match Txn::new(&db).get_raw(Cf::Apps, &key)? {
+            Some(bytes) => Some(super::app_record::decode_app(&key, &bytes)?),
+            None => None,
+        };
         self.shared.apps.fill(generation, id, app.clone());
         Ok(app)
     }
 
     pub fn apps(&self) -> Result<Vec<AppConfig>, StoreError> {
         let db = self.db();
-        Txn::new(&db).values_prefix(Cf::Apps, Vec::new(), usize::MAX)
+        Txn::new(&db)
+            .scan_prefix(Cf::Apps, Vec::new(), usize::MAX)?
+            .into_iter()
+            .map(|(k, v)| super::app_record::decode_app(&k, &v))
+            .collect()
     }
 
     pub fn nodes(&self) -> Result<Vec<NodeInfo>, StoreError> {

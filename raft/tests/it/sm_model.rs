@@ -35,6 +35,7 @@ fn app_config(id: &str, variant: u8) -> AppConfig {
                 max_ttl_ms: 100,
                 topic_retain: 2,
                 max_payload: 8,
+                max_targets: 1000,
             },
             DevicePolicy {
                 max_per_platform: 1,
@@ -50,6 +51,7 @@ fn app_config(id: &str, variant: u8) -> AppConfig {
                 max_ttl_ms: 60,
                 topic_retain: 3,
                 max_payload: 16,
+                max_targets: 1000,
             },
             DevicePolicy {
                 max_per_platform: 0,
@@ -138,6 +140,16 @@ impl Model {
             kept: BTreeSet::new(),
             kept_expiry: BTreeSet::new(),
         }
+    }
+
+    /// Whether a msg id still has a location (a held message, or one acked or trimmed before its
+    /// TTL): then an Enqueue with it is refused.
+    fn msg_id_known(&self, app: &str, msg_id: &str) -> bool {
+        self.kept.iter().any(|(a, m, _, _)| a == app && m == msg_id)
+            || self
+                .mail
+                .iter()
+                .any(|((a, _), held)| a == app && held.values().any(|m| m.msg_id == msg_id))
     }
 
     /// A message left the mailbox acked or trimmed: its location stays until its TTL.
@@ -252,6 +264,7 @@ impl Model {
 
     fn op(&mut self, op: &Op) -> OpResult {
         match op {
+            Op::PutAppV1(old) => self.op(&Op::PutApp(old.clone().into())),
             Op::PutApp(cfg) => {
                 let mut cfg = cfg.clone();
                 cfg.created_ms = self.apps.get(&cfg.id).map_or(self.log_time, |a| a.created_ms);
@@ -388,6 +401,9 @@ impl Model {
                 }
                 if e.targets.is_empty() {
                     return OpResult::Rejected(Rejection::Invalid("enqueue without targets".into()));
+                }
+                if self.msg_id_known(&e.app, &e.msg_id) {
+                    return OpResult::Rejected(Rejection::MsgIdInUse(e.msg_id.clone()));
                 }
                 let ttl = if e.ttl_ms == 0 {
                     app.limits.default_ttl_ms

@@ -46,6 +46,7 @@ async fn app_with_cap(c: &Cluster, id: &str, mailbox_cap: u32) -> App {
                 max_ttl_ms: 3_600_000,
                 topic_retain: 10,
                 max_payload: 1024,
+                max_targets: 0,
             }),
             ..Default::default()
         };

@@ -127,3 +127,40 @@ async fn a_websocket_client_gets_pushes_and_acks_them() {
     assert!(end.is_ok(), "the server kept a connection that sent text");
     c.assert_no_panics();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_websocket_message_over_the_frame_limit_is_refused_like_an_oversized_frame() {
+    use futures::SinkExt;
+    use herald_proto::client::{frame::Kind, ErrorCode};
+    let (c, _admin, ws) = ops_cluster(1, &["--max-frame", "1024"]).await;
+    let app = c.create_app("wsbig").await;
+    let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://{}/", ws[0]))
+        .await
+        .unwrap();
+    // One byte over a whole max frame with its length prefix (1024 + 4).
+    socket
+        .send(tokio_tungstenite::tungstenite::Message::Binary(
+            vec![0u8; 1029].into(),
+        ))
+        .await
+        .unwrap();
+    let mut raw = Raw::from_io(Box::new(WsStream::new(socket)));
+    match raw.recv().await.unwrap() {
+        Kind::Error(e) => assert_eq!(e.code(), ErrorCode::FrameTooLarge, "{e:?}"),
+        other => panic!("expected ERROR FRAME_TOO_LARGE, got {other:?}"),
+    }
+    assert!(raw.closed_within(std::time::Duration::from_secs(5)).await);
+
+    // A message of one whole max frame is served (HELLO is far smaller; the limit is per message).
+    let mut ok = ws_raw(&ws[0]).await;
+    let who = Who {
+        app: app.id.clone(),
+        user: "gina".into(),
+        device: "browser".into(),
+        platform: "web".into(),
+        token: app.token("gina", None),
+    };
+    ok.hello(&who, 0).await.unwrap();
+    ok.ping(1).await.unwrap();
+    c.assert_no_panics();
+}
