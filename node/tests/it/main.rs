@@ -25,3 +25,4 @@ mod raw;
 mod room;
 mod sdk;
 mod shutdown;
+mod storage;
