@@ -884,8 +884,9 @@ const SM_DIR: &str = "sm";
 /// A wiped node forgot its votes, so it could grant a vote below one it granted before the wipe.
 /// openraft orders votes by (term, node id) (its "advanced" leader ids: a term may see several
 /// candidates, each a leader id of its own), so before openraft starts this stores the uncommitted
-/// vote (T, highest id in `--peers`), T the highest term a reachable peer reports: the greatest
-/// vote anyone could have been granted in T, so the node grants nothing in T or earlier. The
+/// vote (T, `NodeId::MAX`), T the highest term a reachable peer reports: above every vote anyone
+/// could have been granted in T (no node has that id, and an uncommitted vote names no leader),
+/// so the node grants nothing in T or earlier. The
 /// sitting leader of T then sees a greater vote in its replies and steps down: one election
 /// (in T+1), once per rejoin. A vote given before the wipe in a term no reachable peer knows (a
 /// candidate now partitioned away) cannot be seen from here; rejoin one node at a time.
@@ -916,8 +917,7 @@ async fn rejoin_vote_floor(
             .map(|r| r.term)
             .collect();
         if let Some(term) = terms.iter().max().copied().filter(|t| *t > 0) {
-            let highest = config.peers.keys().max().copied().unwrap_or(me);
-            let vote = typ::Vote::new(term, highest);
+            let vote = typ::Vote::new(term, NodeId::MAX);
             log.save_vote_synced(&vote)?;
             info!(node_id = me, %vote, peers_answered = terms.len(), "rejoin: vote floor set");
             return Ok(());
