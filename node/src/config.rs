@@ -36,6 +36,7 @@ pub mod env {
     pub const RAFT_HEARTBEAT_MS: &str = "HERALD_RAFT_HEARTBEAT_MS";
     pub const ELECTION_TIMEOUT_MS: &str = "HERALD_ELECTION_TIMEOUT_MS";
     pub const SNAPSHOT_EVERY: &str = "HERALD_SNAPSHOT_EVERY";
+    pub const REJOIN: &str = "HERALD_REJOIN";
     pub const WRITE_TIMEOUT_MS: &str = "HERALD_WRITE_TIMEOUT_MS";
     pub const CLIENT_HEARTBEAT_MS: &str = "HERALD_CLIENT_HEARTBEAT_MS";
     pub const CLIENT_HEARTBEAT_MIN_MS: &str = "HERALD_CLIENT_HEARTBEAT_MIN_MS";
@@ -139,6 +140,10 @@ pub struct NodeOptions {
     /// Build a Raft snapshot after this many log entries [default: 50000].
     #[arg(long, env = env::SNAPSHOT_EVERY)]
     pub snapshot_every: Option<u64>,
+    /// If the Raft log is damaged (entries lost or garbled), wipe this node's Raft state and catch
+    /// up from the cluster instead of refusing to start; an intact log is kept [default: false].
+    #[arg(long, env = env::REJOIN, num_args = 0..=1, default_missing_value = "true")]
+    pub rejoin: Option<bool>,
     /// How long a write waits for a leader and commit before it is reported indeterminate [default: 5000].
     #[arg(long, env = env::WRITE_TIMEOUT_MS)]
     pub write_timeout_ms: Option<u64>,
@@ -242,6 +247,7 @@ impl NodeOptions {
             raft_heartbeat_ms,
             election_timeout_ms,
             snapshot_every,
+            rejoin,
             write_timeout_ms,
             client_heartbeat_ms,
             client_heartbeat_min_ms,
@@ -325,6 +331,7 @@ pub struct NodeConfig {
     pub raft_heartbeat: Duration,
     pub election_timeout: Duration,
     pub snapshot_every: u64,
+    pub rejoin: bool,
     pub write_timeout: Duration,
     pub client_heartbeat: Duration,
     pub client_heartbeat_min: Duration,
@@ -540,6 +547,7 @@ impl NodeOptions {
             raft_heartbeat,
             election_timeout,
             snapshot_every: positive("snapshot-every", self.snapshot_every, 50_000)?,
+            rejoin: self.rejoin.unwrap_or(false),
             write_timeout: Duration::from_millis(positive("write-timeout-ms", self.write_timeout_ms, 5_000)?),
             client_heartbeat: Duration::from_millis(client_heartbeat),
             client_heartbeat_min: Duration::from_millis(client_heartbeat_min),
@@ -944,6 +952,7 @@ mod tests {
             "raft_heartbeat_ms" => ms(c.raft_heartbeat),
             "election_timeout_ms" => ms(c.election_timeout),
             "snapshot_every" => Some(c.snapshot_every.to_string()),
+            "rejoin" => Some(c.rejoin.to_string()),
             "write_timeout_ms" => ms(c.write_timeout),
             "client_heartbeat_ms" => ms(c.client_heartbeat),
             "client_heartbeat_min_ms" => ms(c.client_heartbeat_min),
@@ -1046,7 +1055,7 @@ mod tests {
             );
             checked += usize::from(documented.is_some());
         }
-        assert_eq!(checked, 17, "options with a default");
+        assert_eq!(checked, 18, "options with a default");
         // The two defaults that follow another option, as their help says.
         let low = NodeOptions {
             client_heartbeat_ms: Some(1_000),

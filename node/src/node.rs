@@ -209,6 +209,7 @@ pub async fn run(
     raft_config.election_timeout_max_ms = 2 * config.election_timeout.as_millis() as u64;
     raft_config.snapshot_every = config.snapshot_every;
     raft_config.write_timeout = config.write_timeout;
+    raft_config.rejoin = config.rejoin;
     let observer = Arc::new(NodeObserver::default());
     let raft = RaftNode::start(raft_config, observer.clone())
         .await
@@ -395,8 +396,20 @@ pub async fn run(
         });
     }
 
-    shutdown.cancelled().await;
-    info!(node_id = config.id, "shutting down");
+    // A Raft core stopped on a storage error (full disk, EIO) never comes back in this process:
+    // stop like a SIGTERM (clients get BYE with redirects) and exit non-zero for the supervisor.
+    let fatal = tokio::select! {
+        _ = shutdown.cancelled() => None,
+        reason = raft.wait_fatal() => Some(reason),
+    };
+    match &fatal {
+        None => info!(node_id = config.id, "shutting down"),
+        Some(reason) => tracing::error!(
+            node_id = config.id,
+            %reason,
+            "raft stopped on an error; moving clients away and exiting (restart once the disk is fixed)"
+        ),
+    }
     // Load balancers and health checkers stop sending work here first (grpc.health.v1: the
     // service and the server as a whole answer NOT_SERVING while the node drains).
     health
@@ -430,7 +443,10 @@ pub async fn run(
         warn!(node_id = config.id, "shutdown did not finish within 10s");
     }
     info!(node_id = config.id, "node stopped");
-    Ok(())
+    match fatal {
+        None => Ok(()),
+        Some(reason) => Err(anyhow::anyhow!("raft stopped on an error: {reason}")),
+    }
 }
 
 /// Logs, every minute, that the cluster plane runs without TLS (`--insecure-cluster`): anyone who

@@ -20,6 +20,14 @@ pub enum StoreError {
     },
     #[error("corrupt data in {what}: {detail}")]
     Corrupt { what: String, detail: String },
+    /// The raft log lost or garbled entries it had made durable. Serving from it could make this
+    /// node lead with, or vote by, a log that is not what it acknowledged: it refuses to start.
+    #[error(
+        "the raft log at {path} is damaged ({detail}); this node must not serve from it: start it \
+         with `herald node --rejoin` (its other flags unchanged) to wipe its raft state and catch \
+         up from the cluster, one node at a time"
+    )]
+    Damaged { path: String, detail: String },
     /// A snapshot could not be built, received or installed (bad files, wrong contents).
     #[error("snapshot error: {0}")]
     Snapshot(String),

@@ -20,6 +20,17 @@
 //!   already in a snapshot: both harmless, openraft redoes either.
 //! - `save_committed`: a plain write; losing it only means re-applying fewer entries at start.
 //!
+//! Damage (what a power cut may do, and what it must not): the WAL is recovered in
+//! `TolerateCorruptedTailRecords` mode. A torn last record (the tail a power cut cuts off) is
+//! dropped, like every other write that was not synced yet: this node never acknowledged those
+//! entries, and a leader sends them again. A bad record anywhere else (a checksum mismatch in the
+//! middle, which RocksDB's default point-in-time mode silently takes for the end of the log,
+//! dropping the synced writes after it) fails the open with [`StoreError::Damaged`], and the node
+//! refuses to start until it is rejoined (`herald node --rejoin`). `open` also refuses a log
+//! whose first entry does not follow the purged id (a hole), and one whose last entry is of a
+//! newer term than the stored vote (the vote, a synced write, was lost).
+//! [`LogStore::step_down_after_restart`] keeps a restarted leader from reusing log ids.
+//!
 //! Reads of the newest entries (replication to each follower and the state machine's apply read
 //! every entry back soon after it is appended) are served from [`Recent`], an in-memory copy of
 //! the log's tail kept by the same calls that change the log, so they skip RocksDB and decoding.
@@ -35,7 +46,8 @@ use std::sync::{mpsc, Arc, Mutex};
 use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::{AnyError, LogState, OptionalSend, RaftLogReader, StorageIOError};
 use rocksdb::{
-    ColumnFamilyDescriptor, DBCompressionType, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB,
+    ColumnFamilyDescriptor, DBCompressionType, DBRecoveryMode, Direction, IteratorMode, Options, WriteBatch,
+    WriteOptions, DB,
 };
 use serde::de::DeserializeOwned;
 
@@ -173,9 +185,22 @@ fn index_key(index: u64) -> [u8; 8] {
 }
 
 fn open_err(path: &Path, source: rocksdb::Error) -> StoreError {
+    if matches!(source.kind(), rocksdb::ErrorKind::Corruption) {
+        return StoreError::Damaged {
+            path: path.display().to_string(),
+            detail: source.to_string(),
+        };
+    }
     StoreError::Rocks {
         path: path.display().to_string(),
         source,
+    }
+}
+
+fn damaged(path: &Path, detail: String) -> StoreError {
+    StoreError::Damaged {
+        path: path.display().to_string(),
+        detail,
     }
 }
 
@@ -234,6 +259,8 @@ impl LogStore {
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
         opts.set_keep_log_file_num(4);
+        // A torn tail is a power cut; a bad record before it is damage (see the module docs).
+        opts.set_wal_recovery_mode(DBRecoveryMode::TolerateCorruptedTailRecords);
         // BUG INJECTION (test-only, see `syncer_loop`): keep WAL writes in process memory.
         #[cfg(feature = "bug-skip-fsync")]
         opts.set_manual_wal_flush(true);
@@ -268,6 +295,10 @@ impl LogStore {
                 .meta::<Option<LogId>>(KEY_COMMITTED)
                 .map_err(|e| corrupt("committed", e))?;
             inner.last_entry_id().map_err(|e| corrupt("last entry", e))?;
+            inner.check_consistent().map_err(|e| match e {
+                Ok(detail) => damaged(dir, detail),
+                Err(e) => corrupt("log", e),
+            })?;
         }
         let (tx, rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
@@ -287,6 +318,56 @@ impl LogStore {
 }
 
 impl LogStore {
+    /// Called before openraft starts on this store. A node whose stored vote says it was the
+    /// leader (a committed vote for itself in term T) would come back as leader in T at once
+    /// (openraft 0.9 restores a committed vote) and append under log ids `(T, i)` from the end of
+    /// its own log; if that end was cut off (an unsynced tail lost in a power cut, which the
+    /// followers may hold), followers holding other entries under the same ids keep theirs: the
+    /// replicas diverge for good. So the vote is replaced, synced, by an uncommitted vote for
+    /// itself in T+1: exactly what a candidate does first. Votes only grow and are synced, and
+    /// (T+1, me) is above every vote it held (openraft orders votes by term, then node id), so
+    /// this grants nothing it could have refused; it leads again only by winning an election in
+    /// a later term, against logs that hold what it lost, and a new term's entries never share
+    /// ids with older ones. Returns the old and the new vote
+    /// when it changed.
+    pub fn step_down_after_restart(
+        &self,
+        me: crate::types::NodeId,
+    ) -> Result<Option<(Vote, Vote)>, StoreError> {
+        let path = &self.inner.path;
+        let vote: Option<Vote> = self.inner.meta(KEY_VOTE).map_err(|e| StoreError::Corrupt {
+            what: format!("{} vote", path.display()),
+            detail: e.to_string(),
+        })?;
+        let Some(old) = vote.filter(|v| v.committed && v.leader_id.node_id == me) else {
+            return Ok(None);
+        };
+        let new = Vote::new(old.leader_id.term + 1, me);
+        self.save_vote_synced(&new)?;
+        Ok(Some((old, new)))
+    }
+
+    /// Stores `vote` with a synced write (before openraft runs; see `raft_node::rejoin_vote_floor`).
+    pub fn save_vote_synced(&self, vote: &Vote) -> Result<(), StoreError> {
+        self.inner
+            .put_meta(KEY_VOTE, vote, true)
+            .map_err(|e| StoreError::Io {
+                path: self.inner.path.display().to_string(),
+                source: std::io::Error::other(e.to_string()),
+            })
+    }
+
+    /// The last log id, or the purged one when no entry is left (None: empty log).
+    pub fn last_log_id(&self) -> Result<Option<LogId>, StoreError> {
+        let read = || -> Result<Option<LogId>, StorageError> {
+            Ok(self.inner.last_entry_id()?.or(self.inner.meta(KEY_PURGED)?))
+        };
+        read().map_err(|e| StoreError::Corrupt {
+            what: self.inner.path.display().to_string(),
+            detail: e.to_string(),
+        })
+    }
+
     /// Bytes in the log DB's memtables (entries not yet flushed to SST files).
     pub(crate) fn memtable_bytes(&self) -> u64 {
         let db = self.inner.db();
@@ -348,6 +429,45 @@ impl Inner {
             }
             None => Ok(None),
         }
+    }
+
+    fn first_entry_index(&self) -> Result<Option<u64>, StorageError> {
+        let cf = self.cf(CF_LOGS)?;
+        match self.db().iterator_cf(cf, IteratorMode::Start).next() {
+            Some(item) => {
+                let (key, _) = item.map_err(read_err)?;
+                let key = <[u8; 8]>::try_from(&*key).map_err(read_err)?;
+                Ok(Some(u64::from_be_bytes(key)))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// What `open` checks beyond decoding (see the module docs): `Err(Ok(detail))` is damage,
+    /// `Err(Err(e))` a read error.
+    fn check_consistent(&self) -> Result<(), Result<String, StorageError>> {
+        let purged: Option<LogId> = self.meta(KEY_PURGED).map_err(Err)?;
+        let vote: Option<Vote> = self.meta(KEY_VOTE).map_err(Err)?;
+        let first = self.first_entry_index().map_err(Err)?;
+        let last = self.last_entry_id().map_err(Err)?;
+        // Entries start right after the purged id (index 0 when nothing was purged).
+        let expected_first = purged.map_or(0, |p| p.index + 1);
+        if let Some(first) = first.filter(|f| *f > expected_first) {
+            return Err(Ok(format!(
+                "the log starts at index {first} but entries up to {} were never purged: entries \
+                 {expected_first}..{first} are lost",
+                first - 1
+            )));
+        }
+        // A node votes (synced) for a leader before it takes that leader's entries.
+        let vote_term = vote.map_or(0, |v| v.leader_id.term);
+        if let Some(last) = last.filter(|l| l.leader_id.term > vote_term) {
+            return Err(Ok(format!(
+                "the last entry {last} is of a newer term than the stored vote (term {vote_term}): \
+                 the vote was lost"
+            )));
+        }
+        Ok(())
     }
 
     fn write(&self, batch: WriteBatch) -> Result<(), StorageError> {
@@ -436,7 +556,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
-        Ok(self.inner.meta::<Option<LogId>>(KEY_COMMITTED)?.flatten())
+        let committed = self.inner.meta::<Option<LogId>>(KEY_COMMITTED)?.flatten();
+        // Never past the log's end: openraft re-applies up to it at start, and a lost tail would
+        // make that fail (the entries are committed all the same; the leader sends them again).
+        let last = self.inner.last_entry_id()?.or(self.inner.meta(KEY_PURGED)?);
+        Ok(committed.min(last))
     }
 
     async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>

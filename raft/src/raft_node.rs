@@ -62,6 +62,11 @@ pub struct RaftConfig {
     /// How long a write may wait for a leader and a commit before it is reported indeterminate.
     pub write_timeout: Duration,
     pub network: NetworkOptions,
+    /// When the raft log is damaged ([`StoreError::Damaged`]): wipe this node's Raft state
+    /// (`raft-log/`, `sm/`) and come back empty, with no vote in a term a reachable peer has
+    /// reached, to catch up from the leader (by snapshot once the log was purged). Without it
+    /// such a node refuses to start. An intact log is used as it is, so the flag may stay set.
+    pub rejoin: bool,
 }
 
 impl RaftConfig {
@@ -89,6 +94,7 @@ impl RaftConfig {
             max_inflight_batches: 2,
             write_timeout: Duration::from_secs(5),
             network: NetworkOptions::standard(),
+            rejoin: false,
         }
     }
 }
@@ -205,10 +211,50 @@ impl RaftNode {
             )));
         }
         let tuning = Tuning::for_node(config.node_id);
-        let log_store = LogStore::open_tuned(&config.data_dir.join("raft-log"), tuning)?;
-        let sm = StateMachine::open_tuned(&config.data_dir.join("sm"), observer, tuning)?;
+        let me = config.node_id;
+        let (log_dir, sm_dir) = (config.data_dir.join(LOG_DIR), config.data_dir.join(SM_DIR));
+        let (log_store, rejoined) = match LogStore::open_tuned(&log_dir, tuning) {
+            Err(StoreError::Damaged { path, detail }) if config.rejoin => {
+                warn!(node_id = me, %path, %detail, "raft log damaged: rejoining (wiping raft state)");
+                for dir in [&log_dir, &sm_dir] {
+                    match std::fs::remove_dir_all(dir) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => {
+                            return Err(StoreError::Io {
+                                path: dir.display().to_string(),
+                                source: e,
+                            }
+                            .into())
+                        }
+                    }
+                }
+                (LogStore::open_tuned(&log_dir, tuning)?, true)
+            }
+            other => (other?, false),
+        };
+        let sm = StateMachine::open_tuned(&sm_dir, observer, tuning)?;
         let reader = sm.reader();
         let clients = PeerClients::new(config.node_id, config.network.clone(), config.tls.clone());
+        // Entries this node applied but no longer has: the log's unsynced tail was lost (a crash
+        // or power cut after the state machine's write reached the disk, which apply can do
+        // before the log's fsync). Never acknowledged, so nothing is lost for the cluster:
+        // openraft skips the gap (`purge` up to the applied id) and the leader sends what follows.
+        let last_log = log_store.last_log_id()?.map_or(0, |l| l.index);
+        if reader.applied_index() > last_log {
+            warn!(
+                node_id = me,
+                last_log,
+                applied = reader.applied_index(),
+                "raft log ends before the applied index: its unsynced tail was lost"
+            );
+        }
+        if let Some((old, new)) = log_store.step_down_after_restart(me)? {
+            info!(node_id = me, %old, %new, "led before the restart: standing again in a new term");
+        }
+        if rejoined {
+            rejoin_vote_floor(&config, &clients, &log_store).await?;
+        }
         let network = Network::new(clients.clone());
         let raft_config = openraft::Config {
             cluster_name: "herald".into(),
@@ -317,6 +363,31 @@ impl RaftNode {
 
     pub fn metrics(&self) -> watch::Receiver<typ::RaftMetrics> {
         self.inner.raft.metrics()
+    }
+
+    /// Why this member's Raft core stopped on an error, or None while it runs (and after a clean
+    /// shutdown). openraft's core quits for good on a storage error (the log store's write or
+    /// fsync, the state machine's apply: a full disk, EIO) and never restarts in this process:
+    /// the node is a zombie from then on, so the node layer stops being ready, moves its clients
+    /// away and exits non-zero (`node::run`).
+    pub fn fatal(&self) -> Option<String> {
+        fatal_reason(&self.inner.raft.metrics().borrow())
+    }
+
+    /// Resolves once the Raft core stopped on an error (see [`RaftNode::fatal`]), with the reason.
+    /// Never resolves while the core runs; after a clean shutdown it resolves with "raft core
+    /// ended", so callers select on it beside their own shutdown signal.
+    pub async fn wait_fatal(&self) -> String {
+        let mut m = self.inner.raft.metrics();
+        loop {
+            if let Some(reason) = fatal_reason(&m.borrow_and_update()) {
+                return reason;
+            }
+            if m.changed().await.is_err() {
+                // The core task ended without reporting why (a panic).
+                return fatal_reason(&m.borrow()).unwrap_or_else(|| "raft core ended".into());
+            }
+        }
     }
 
     /// Client connections on this node, reported to peers through Probe.
@@ -881,6 +952,62 @@ impl RaftNode {
     }
 }
 
+/// Subdirs of the data dir: the log store and the state machine.
+const LOG_DIR: &str = "raft-log";
+const SM_DIR: &str = "sm";
+
+/// A wiped node forgot its votes, so it could grant a vote below one it granted before the wipe.
+/// openraft orders votes by (term, node id) (its "advanced" leader ids: a term may see several
+/// candidates, each a leader id of its own), so before openraft starts this stores the uncommitted
+/// vote (T, `NodeId::MAX`), T the highest term a reachable peer reports: above every vote anyone
+/// could have been granted in T (no node has that id, and an uncommitted vote names no leader),
+/// so the node grants nothing in T or earlier. The
+/// sitting leader of T then sees a greater vote in its replies and steps down: one election
+/// (in T+1), once per rejoin. A vote given before the wipe in a term no reachable peer knows (a
+/// candidate now partitioned away) cannot be seen from here; rejoin one node at a time.
+async fn rejoin_vote_floor(
+    config: &RaftConfig,
+    clients: &PeerClients,
+    log: &LogStore,
+) -> Result<(), StartError> {
+    let me = config.node_id;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let probes = config
+            .peers
+            .iter()
+            .filter(|(id, _)| **id != me)
+            .map(|(id, addr)| {
+                let req = ProbeRequest {
+                    from: me,
+                    target: *id,
+                    ..Default::default()
+                };
+                clients.probe(*id, addr, req, Duration::from_secs(1))
+            });
+        let terms: Vec<u64> = futures::future::join_all(probes)
+            .await
+            .into_iter()
+            .filter_map(|r| r.ok())
+            .map(|r| r.term)
+            .collect();
+        if let Some(term) = terms.iter().max().copied().filter(|t| *t > 0) {
+            let vote = typ::Vote::new(term, NodeId::MAX);
+            log.save_vote_synced(&vote)?;
+            info!(node_id = me, %vote, peers_answered = terms.len(), "rejoin: vote floor set");
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(StartError::Raft(
+                "rejoin: no peer with raft state answered within 30s; a node rejoins a running \
+                 cluster"
+                    .into(),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 /// Answers the raft service's forward and probe calls.
 struct Hooks(RaftNode);
 
@@ -910,6 +1037,14 @@ impl RaftServiceHooks for Hooks {
             }
         }
         reply
+    }
+}
+
+/// The error a core stopped on, from its metrics; a clean shutdown (`Fatal::Stopped`) is none.
+fn fatal_reason(m: &typ::RaftMetrics) -> Option<String> {
+    match &m.running_state {
+        Ok(()) | Err(openraft::error::Fatal::Stopped) => None,
+        Err(e) => Some(e.to_string()),
     }
 }
 

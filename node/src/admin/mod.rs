@@ -197,8 +197,11 @@ async fn healthz(State(h): State<Arc<Http>>) -> Response {
 }
 
 /// What `/readyz` decides from, read from the node by [`readiness`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReadyInputs {
+    /// Why this node's Raft core stopped on an error (full disk, EIO), if it did: nothing it
+    /// reports is current any more and it is about to exit.
+    pub raft_stopped: Option<String>,
     /// This node is in the Raft membership (voter or learner).
     pub member: bool,
     /// This node knows a leader.
@@ -216,6 +219,9 @@ pub struct ReadyInputs {
 /// Why a node in state `i` is not ready (empty = ready).
 pub fn not_ready_reasons(i: &ReadyInputs) -> Vec<String> {
     let mut why = Vec::new();
+    if let Some(reason) = &i.raft_stopped {
+        why.push(format!("raft stopped: {reason}"));
+    }
     if !i.member {
         why.push("not a member of the cluster".to_string());
     }
@@ -238,6 +244,7 @@ pub fn readiness(s: &AdminState) -> Vec<String> {
     let node = &s.node;
     let m = node.raft().metrics().borrow().clone();
     not_ready_reasons(&ReadyInputs {
+        raft_stopped: node.raft().fatal(),
         member: m
             .membership_config
             .membership()
@@ -844,6 +851,7 @@ mod tests {
 
     fn ready() -> ReadyInputs {
         ReadyInputs {
+            raft_stopped: None,
             member: true,
             leader_known: true,
             last_log: 5_000,
@@ -894,6 +902,7 @@ mod tests {
     #[test]
     fn every_reason_is_listed() {
         let i = ReadyInputs {
+            raft_stopped: Some("storage error: No space left on device".into()),
             member: false,
             leader_known: false,
             last_log: 10_000,
@@ -905,6 +914,7 @@ mod tests {
         assert_eq!(
             not_ready_reasons(&i),
             vec![
+                "raft stopped: storage error: No space left on device",
                 "not a member of the cluster",
                 "no leader known",
                 "not announced yet (clearing sessions of a previous run)",

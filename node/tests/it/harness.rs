@@ -458,6 +458,18 @@ pub enum ClusterTlsSpec {
     Insecure,
 }
 
+/// An endpoint for node `id`'s cluster plane at `addr` over TLS: trusting `ca`, presenting node
+/// 1's certificate from the `herald certs` directory `dir`.
+fn tls_endpoint(addr: &str, id: u64, ca: &Path, dir: &Path) -> anyhow::Result<tonic::transport::Endpoint> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    let (cert, key) = herald_node::certs::node_paths(dir, 1);
+    let cfg = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(std::fs::read(ca)?))
+        .identity(Identity::from_pem(std::fs::read(cert)?, std::fs::read(key)?))
+        .domain_name(herald_node::certs::node_name(id));
+    Ok(Channel::from_shared(format!("https://{addr}"))?.tls_config(cfg)?)
+}
+
 /// A running node process.
 struct Running {
     child: Child,
@@ -817,6 +829,23 @@ impl Cluster {
         connect(self.grpc_addr(id))
             .await
             .unwrap_or_else(|e| panic!("node {id}: {e:#}"))
+    }
+
+    /// A channel to node `id`'s cluster plane (its raft service), as an operator's tool would
+    /// open it: with TLS, trusting the cluster CA and presenting node 1's certificate (a member;
+    /// the harness holds the cluster's keys); plaintext for `--insecure-cluster`.
+    pub async fn cluster_channel(&self, id: u64) -> anyhow::Result<Channel> {
+        let addr = self.cluster_addr(id);
+        let endpoint = match &self.spec(id).cluster_tls {
+            ClusterTlsSpec::Insecure => Channel::from_shared(format!("http://{addr}"))?,
+            ClusterTlsSpec::Dir(dir) => tls_endpoint(addr, id, &herald_node::certs::ca_paths(dir).0, dir)?,
+            ClusterTlsSpec::Files { ca, .. } => tls_endpoint(addr, id, ca, &self.certs_dir())?,
+        };
+        Ok(endpoint
+            .connect_timeout(Duration::from_secs(3))
+            .timeout(Duration::from_secs(5))
+            .connect()
+            .await?)
     }
 
     /// Node `id`'s `ClusterStatus`, answered within 3 s.

@@ -27,3 +27,4 @@ mod raw;
 mod room;
 mod sdk;
 mod shutdown;
+mod storage;

@@ -225,7 +225,7 @@ async fn corrupt_log_values_are_errors_not_panics() -> anyhow::Result<()> {
     {
         let mut store = LogStore::open(&path)?;
         store
-            .blocking_append((1..=5).map(|i| blank(1, i)).collect::<Vec<_>>())
+            .blocking_append((0..=5).map(|i| blank(1, i)).collect::<Vec<_>>())
             .await?;
         store.save_vote(&Vote::new(1, 1)).await?;
     }
@@ -247,5 +247,144 @@ async fn corrupt_log_values_are_errors_not_panics() -> anyhow::Result<()> {
     )?;
     poke(&path, "meta", b"vote", b"\x01")?;
     expect_store_error(LogStore::open(&path), "garbage vote");
+    Ok(())
+}
+
+fn is_damaged<T>(r: Result<T, StoreError>, what: &str) {
+    match r {
+        Err(StoreError::Damaged { .. }) => {}
+        Err(e) => panic!("{what}: expected Damaged, got {e}"),
+        Ok(_) => panic!("{what}: opened a damaged log"),
+    }
+}
+
+/// The newest WAL file of a closed RocksDB.
+fn newest_wal(path: &Path) -> std::path::PathBuf {
+    let mut wals: Vec<_> = std::fs::read_dir(path)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .collect();
+    wals.sort();
+    wals.pop().expect("a WAL file")
+}
+
+fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for e in std::fs::read_dir(from)? {
+        let e = e?;
+        std::fs::copy(e.path(), to.join(e.file_name()))?;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_torn_wal_tail_opens_but_garbage_before_the_tail_is_damage() -> anyhow::Result<()> {
+    let dir = TempDir::new()?;
+    let path = dir.path().join("log");
+    {
+        let mut store = LogStore::open(&path)?;
+        store.save_vote(&Vote::new_committed(1, 1)).await?;
+        for chunk in 0..40u64 {
+            let entries: Vec<Entry> = (chunk * 50..chunk * 50 + 50).map(|i| blank(1, i)).collect();
+            store.blocking_append(entries).await?;
+        }
+    }
+    let wal = newest_wal(&path);
+    let len = std::fs::metadata(&wal)?.len();
+    assert!(len > 16 * 1024, "WAL only {len} bytes");
+
+    // A torn tail (a power cut in the middle of the last write): the rest opens.
+    let torn = dir.path().join("torn");
+    copy_dir(&path, &torn)?;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(torn.join(wal.file_name().unwrap()))?;
+    f.set_len(len - 1000)?;
+    drop(f);
+    let mut store = LogStore::open(&torn)?;
+    let last = store.get_log_state().await?.last_log_id.expect("entries left");
+    assert!(last.index < 1999 && last.index > 1000, "{last}");
+    drop(store);
+
+    // Garbage in the middle, good records after it: RocksDB's default recovery would stop at it
+    // and drop the rest without a word.
+    let garbled = dir.path().join("garbled");
+    copy_dir(&path, &garbled)?;
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(garbled.join(wal.file_name().unwrap()))?;
+        f.seek(SeekFrom::Start(len / 2))?;
+        f.write_all(&[0x5a; 512])?;
+    }
+    is_damaged(LogStore::open(&garbled), "garbage in the middle of the WAL");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_hole_at_the_start_or_a_lost_vote_is_damage() -> anyhow::Result<()> {
+    let dir = TempDir::new()?;
+    let path = dir.path().join("log");
+    {
+        let mut store = LogStore::open(&path)?;
+        store.save_vote(&Vote::new_committed(2, 1)).await?;
+        store
+            .blocking_append((0..=5).map(|i| blank(2, i)).collect::<Vec<_>>())
+            .await?;
+    }
+    drop(LogStore::open(&path)?);
+    // The vote is older than the entries it let in.
+    poke(
+        &path,
+        "meta",
+        b"vote",
+        &bincode::serialize(&Vote::new_committed(1, 1))?,
+    )?;
+    is_damaged(LogStore::open(&path), "vote older than the log");
+    poke(
+        &path,
+        "meta",
+        b"vote",
+        &bincode::serialize(&Vote::new_committed(2, 1))?,
+    )?;
+    drop(LogStore::open(&path)?);
+    // Entry 0 gone, nothing purged.
+    {
+        let db = rocksdb::DB::open_cf(&rocksdb::Options::default(), &path, ["logs", "meta"])?;
+        let logs = db.cf_handle("logs").expect("logs cf");
+        db.delete_cf(logs, 0u64.to_be_bytes())?;
+    }
+    is_damaged(LogStore::open(&path), "hole at the start");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_restarted_leader_stands_in_a_new_term_and_a_follower_keeps_its_vote() -> anyhow::Result<()> {
+    let dir = TempDir::new()?;
+    let path = dir.path().join("log");
+    {
+        let mut store = LogStore::open(&path)?;
+        store.save_vote(&Vote::new_committed(3, 1)).await?;
+        store
+            .blocking_append((0..=4).map(|i| blank(3, i)).collect::<Vec<_>>())
+            .await?;
+        store.save_committed(Some(log_id(3, 4))).await?;
+    }
+    let mut store = LogStore::open(&path)?;
+    assert_eq!(store.step_down_after_restart(2)?, None, "node 2 did not lead");
+    assert_eq!(store.read_vote().await?, Some(Vote::new_committed(3, 1)));
+    let (old, new) = store.step_down_after_restart(1)?.expect("node 1 led");
+    assert_eq!(old, Vote::new_committed(3, 1));
+    assert_eq!(new, Vote::new(4, 1));
+    assert!(!new.is_committed());
+    assert_eq!(store.step_down_after_restart(1)?, None, "only once");
+    drop(store);
+    let mut store = LogStore::open(&path)?;
+    assert_eq!(store.read_vote().await?, Some(Vote::new(4, 1)), "synced");
+    // A committed id past the log's end (a lost tail) is read as the log's end.
+    store.truncate(log_id(3, 3)).await?;
+    assert_eq!(store.read_committed().await?, Some(log_id(3, 2)));
     Ok(())
 }
