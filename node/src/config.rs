@@ -312,8 +312,8 @@ pub struct NodeConfig {
     pub data_dir: PathBuf,
     pub grpc_listen: SocketAddr,
     pub grpc_advertise: String,
-    /// TLS for the gRPC API: certificate chain and key, or `None` for plaintext.
-    pub grpc_tls: Option<(PathBuf, PathBuf)>,
+    /// TLS for the gRPC API, or `None` for plaintext.
+    pub grpc_tls: Option<TlsFiles>,
     pub cluster_listen: SocketAddr,
     /// What `--peers` and membership name this node by.
     pub cluster_advertise: String,
@@ -614,11 +614,7 @@ fn cluster_tls(
 
 /// The gRPC API's certificate and key when it serves TLS: with `--grpc-tls`, or when a
 /// `--grpc-tls-cert` of its own is given.
-fn grpc_tls(
-    on: bool,
-    cert: Option<PathBuf>,
-    key: Option<PathBuf>,
-) -> Result<Option<(PathBuf, PathBuf)>, ConfigError> {
+fn grpc_tls(on: bool, cert: Option<PathBuf>, key: Option<PathBuf>) -> Result<Option<TlsFiles>, ConfigError> {
     if !on {
         return Ok(None);
     }
@@ -632,7 +628,7 @@ fn grpc_tls(
                     )));
                 }
             }
-            Ok(Some((c, k)))
+            Ok(Some(TlsFiles { cert: c, key: k }))
         }
         _ => Err(ConfigError(
             "--grpc-tls needs a certificate and key: --grpc-tls-cert/--grpc-tls-key or --tls-cert/--tls-key"
@@ -1154,7 +1150,10 @@ mod tests {
         .unwrap();
         assert_eq!(
             c.grpc_tls,
-            Some((dir.path().join("tls.pem"), dir.path().join("tls.key")))
+            Some(TlsFiles {
+                cert: dir.path().join("tls.pem"),
+                key: dir.path().join("tls.key"),
+            })
         );
         assert!(err(NodeOptions {
             grpc_tls: Some(true),

@@ -192,7 +192,7 @@ pub async fn run(
         None => None,
     };
     let grpc_tls = match &config.grpc_tls {
-        Some((cert, key)) => Some(grpc_server_tls(cert, key)?),
+        Some(f) => Some(grpc_server_tls(&f.cert, &f.key)?),
         None => None,
     };
     let admin_tls = crate::admin::tls_config(&config)?;

@@ -115,14 +115,7 @@ struct Members(RaftNode);
 
 impl AllowedPeers for Members {
     fn allowed(&self) -> Vec<NodeId> {
-        let m = self.0.inner.raft.metrics();
-        let ids: Vec<NodeId> = m
-            .borrow()
-            .membership_config
-            .membership()
-            .nodes()
-            .map(|(id, _)| *id)
-            .collect();
+        let ids = self.0.member_ids();
         if ids.is_empty() {
             self.0.inner.config.peers.keys().copied().collect()
         } else {
@@ -468,6 +461,19 @@ impl RaftNode {
             .map(|n| n.addr.clone())
             .ok_or_else(|| format!("node {id} is not a member"))?;
         self.inner.clients.channel(id, &addr).map_err(|e| e.to_string())
+    }
+
+    /// Every node of the newest membership this node knows (voters and learners).
+    pub fn member_ids(&self) -> Vec<NodeId> {
+        self.inner
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .nodes()
+            .map(|(id, _)| *id)
+            .collect()
     }
 
     /// The current leader and its cluster address, if known.
