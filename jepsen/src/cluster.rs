@@ -3,7 +3,8 @@
 //!
 //! Node `id` listens for gRPC (API + Raft) on `ip:7401`, advertises `ip:7402` (its proxy, see
 //! `proxy.rs`), and serves clients on `ip:7411`. Its data dir and log live under the run's
-//! output dir (`nodes/node-<id>/`, `nodes/node-<id>.log`). Nodes run with `--exit-with-stdin`
+//! output dir (`nodes/node-<id>/`, or `nodes/disk-<id>/node-<id>/` on a powerfs disk, and
+//! `nodes/node-<id>.log`). Nodes run with `--exit-with-stdin`
 //! and the harness holds their stdin, so they exit when the harness dies, however it dies.
 
 use std::collections::BTreeMap;
@@ -25,6 +26,7 @@ use parking_lot::Mutex;
 use tonic::transport::Channel;
 use tonic::Request;
 
+use crate::disk::Disks;
 use crate::net::Net;
 use crate::proxy::{Faults, Proxy};
 
@@ -44,6 +46,9 @@ pub struct NodeOpts {
     pub client_heartbeat_ms: u64,
     /// `HERALD_LOG` for the nodes.
     pub log_filter: String,
+    /// Data dirs on `powerfs` disks (see `disk.rs`), so that the power nemesis loses what was
+    /// not fsynced.
+    pub powerfs: bool,
 }
 
 impl Default for NodeOpts {
@@ -55,6 +60,7 @@ impl Default for NodeOpts {
             snapshot_every: 2000,
             client_heartbeat_ms: 2000,
             log_filter: "info".into(),
+            powerfs: false,
         }
     }
 }
@@ -91,6 +97,8 @@ pub struct Cluster {
     pub ids: Vec<u64>,
     pub net: Mutex<Net>,
     pub opts: NodeOpts,
+    /// The nodes' powerfs disks (`opts.powerfs`).
+    pub disks: Option<Disks>,
     slots: Mutex<BTreeMap<u64, Slot>>,
     proxies: Mutex<BTreeMap<u64, Proxy>>,
     channels: Mutex<BTreeMap<(u64, bool), Channel>>,
@@ -109,6 +117,12 @@ impl Cluster {
             let p = Proxy::start(exe, &n.ns, listen, to, &dir.join(format!("proxy-{}.log", n.id)))?;
             proxies.insert(n.id, p);
         }
+        // After the proxies: their namespaces then hold no copy of the mounts.
+        let disks = if opts.powerfs {
+            Some(Disks::start(exe, &dir, &ids)?)
+        } else {
+            None
+        };
         let slots = ids.iter().map(|id| (*id, Slot::default())).collect();
         Ok(Cluster {
             bin,
@@ -116,6 +130,7 @@ impl Cluster {
             ids,
             net: Mutex::new(net),
             opts,
+            disks,
             slots: Mutex::new(slots),
             proxies: Mutex::new(proxies),
             channels: Mutex::new(BTreeMap::new()),
@@ -154,7 +169,10 @@ impl Cluster {
     }
 
     pub fn data_dir(&self, id: u64) -> PathBuf {
-        self.dir.join(format!("node-{id}"))
+        match &self.disks {
+            Some(d) => d.data_dir(id),
+            None => self.dir.join(format!("node-{id}")),
+        }
     }
 
     pub fn log_path(&self, id: u64) -> PathBuf {
@@ -375,6 +393,9 @@ impl Cluster {
                     let _ = r.child.wait();
                 }
             }
+        }
+        if let Some(d) = &self.disks {
+            d.stop();
         }
         for p in self.proxies.lock().values_mut() {
             p.stop();

@@ -250,7 +250,7 @@ pub fn check_all(history: &[Op], ctx: &Context) -> Results {
         unexpected::check(&idx),
         duplicates::check(&idx),
         order::check(&idx),
-        convergence::check(history),
+        convergence::check(history, &ctx.nodes),
         linearizable::check(history, ctx),
         fencing::check(&idx),
         raft::check(history),
