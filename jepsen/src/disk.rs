@@ -105,6 +105,11 @@ impl Disks {
         powerfs::control(&self.control(id), "cut")
     }
 
+    /// Every later fsync on node `id`'s disk takes `ms` (a slow disk).
+    pub fn set_sync_delay(&self, id: u64, ms: u64) -> anyhow::Result<()> {
+        powerfs::control(&self.control(id), &format!("sync-delay {ms}")).map(|_| ())
+    }
+
     /// Unmounts every disk (the nodes must be stopped); a no-op the second time.
     pub fn stop(&self) {
         let mut running = std::mem::take(&mut *self.running.lock());

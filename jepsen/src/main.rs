@@ -121,6 +121,10 @@ struct RunArgs {
     /// SIGKILL, which loses nothing the kernel has (needs no FUSE).
     #[arg(long)]
     no_powerfs: bool,
+    /// ID=MS: every fsync on node ID's powerfs disk takes MS milliseconds (a slow disk: a wider
+    /// window in which what it wrote is readable, and replicated, and not yet durable).
+    #[arg(long)]
+    slow_disk: Option<String>,
 }
 
 fn range(s: &str) -> anyhow::Result<(u64, u64)> {
@@ -201,6 +205,13 @@ fn opts(a: &RunArgs, out: PathBuf, bin: PathBuf, command: String) -> anyhow::Res
         drain_s: a.drain,
         availability_min: a.availability_min,
         wgl_budget: a.wgl_budget,
+        slow_disk: match &a.slow_disk {
+            Some(s) => {
+                let (id, ms) = s.split_once('=').context("--slow-disk takes ID=MS")?;
+                Some((id.trim().parse()?, ms.trim().parse()?))
+            }
+            None => None,
+        },
         node_opts: NodeOpts {
             powerfs: !a.no_powerfs,
             ..NodeOpts::default()
@@ -340,7 +351,12 @@ async fn run_plans(plans: Vec<Plan>, base_out: PathBuf, herald_bin: Option<PathB
             .as_ref()
             .map(|f| format!(" --first-fault {f}"))
             .unwrap_or_default()
-            + if p.args.no_powerfs { " --no-powerfs" } else { "" };
+            + if p.args.no_powerfs { " --no-powerfs" } else { "" }
+            + &p.args
+                .slow_disk
+                .as_ref()
+                .map(|s| format!(" --slow-disk {s}"))
+                .unwrap_or_default();
         let o = opts(&p.args, out.clone(), bin, command)?;
         eprintln!(
             "herald-jepsen: run {} (seed {}) -> {}",

@@ -39,6 +39,8 @@ pub struct RunOpts {
     /// Search budget (states) of the linearizability checker per user.
     pub wgl_budget: u64,
     pub node_opts: NodeOpts,
+    /// (node, ms): every fsync on that node's powerfs disk takes ms (a slow disk).
+    pub slow_disk: Option<(u64, u64)>,
     /// The command line, for the report.
     pub command: String,
 }
@@ -84,6 +86,12 @@ pub async fn run(opts: RunOpts) -> anyhow::Result<RunOutcome> {
         opts.nodes,
         opts.node_opts.clone(),
     )?);
+    if let Some((id, ms)) = opts.slow_disk {
+        match &cluster.disks {
+            Some(d) => d.set_sync_delay(id, ms)?,
+            None => bail!("--slow-disk needs powerfs disks"),
+        }
+    }
     // Tear down on Ctrl-C / SIGTERM too (a crash of the harness leaves namespaces that the next
     // run removes; the nodes exit with their stdin).
     let interrupted = CancellationToken::new();

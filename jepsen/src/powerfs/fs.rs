@@ -14,6 +14,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -251,6 +252,9 @@ fn open_options(flags: i32) -> OpenOptions {
 /// The file system: the shared state behind a mutex.
 pub(super) struct PowerFs {
     pub(super) state: Arc<Mutex<State>>,
+    /// How long each fsync takes, ms (a slow disk; 0 by default): a longer window in which
+    /// written data is readable and not yet durable.
+    pub(super) sync_delay_ms: Arc<AtomicU64>,
 }
 
 impl Filesystem for PowerFs {
@@ -678,6 +682,10 @@ impl Filesystem for PowerFs {
     fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
         // The model's durable state is the journal's: the backing file itself is not fsynced
         // (the machine under the test does not lose power).
+        let delay = self.sync_delay_ms.load(Ordering::Relaxed);
+        if delay > 0 {
+            std::thread::sleep(Duration::from_millis(delay));
+        }
         let mut st = self.state.lock();
         match st.files.get(&fh.0).map(|h| h.backing) {
             Some(backing) => {

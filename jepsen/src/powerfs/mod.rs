@@ -37,7 +37,9 @@
 //! The fault suite runs one `herald-jepsen powerfs` process per node (its own "disk"; see
 //! `cluster.rs`), mounted for the whole run, with a unix control socket: a line `cut` answers
 //! `ok files=F dropped=D restored=R largest=NAME:BYTES,...` (bytes past the synced sizes dropped,
-//! synced bytes written back, the files that lost most), `dirty` answers `ok files=F`.
+//! synced bytes written back, the files that lost most), `dirty` answers `ok files=F`, and
+//! `sync-delay MS` makes every later fsync take MS (a slow disk: a wider window in which data a
+//! node wrote is readable, and replicated, and not yet durable).
 
 mod fs;
 pub mod journal;
@@ -45,6 +47,7 @@ pub mod journal;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -61,6 +64,8 @@ pub const FS_TYPE: &str = "fuse.herald-powerfs";
 pub struct PowerFs {
     state: Arc<Mutex<fs::State>>,
     notifier: Notifier,
+    /// See `fs::PowerFs::sync_delay_ms`.
+    sync_delay_ms: Arc<AtomicU64>,
     mountpoint: PathBuf,
     /// `None` once unmounted.
     session: Mutex<Option<BackgroundSession>>,
@@ -73,6 +78,7 @@ impl PowerFs {
             .canonicalize()
             .with_context(|| format!("backing dir {}", backing.display()))?;
         let state = Arc::new(Mutex::new(fs::State::new(backing)?));
+        let sync_delay_ms = Arc::new(AtomicU64::new(0));
         let mut config = Config::default();
         config.mount_options = vec![
             MountOption::FSName("herald-powerfs".into()),
@@ -80,16 +86,24 @@ impl PowerFs {
             MountOption::DefaultPermissions,
             MountOption::NoAtime,
         ];
-        let session = fuser::spawn_mount(fs::PowerFs { state: state.clone() }, mountpoint, &config)
-            .with_context(|| {
-                format!(
-                    "cannot mount powerfs at {} (root and /dev/fuse needed)",
-                    mountpoint.display()
-                )
-            })?;
+        let session = fuser::spawn_mount(
+            fs::PowerFs {
+                state: state.clone(),
+                sync_delay_ms: sync_delay_ms.clone(),
+            },
+            mountpoint,
+            &config,
+        )
+        .with_context(|| {
+            format!(
+                "cannot mount powerfs at {} (root and /dev/fuse needed)",
+                mountpoint.display()
+            )
+        })?;
         Ok(PowerFs {
             state,
             notifier: session.notifier(),
+            sync_delay_ms,
             mountpoint: mountpoint.to_path_buf(),
             session: Mutex::new(Some(session)),
         })
@@ -115,6 +129,11 @@ impl PowerFs {
             let _ = self.notifier.inval_inode(INodeNo(ino), 0, 0);
         }
         Ok(stats)
+    }
+
+    /// Every fsync from now on takes `ms` (a slow disk).
+    pub fn set_sync_delay(&self, ms: u64) {
+        self.sync_delay_ms.store(ms, Ordering::Relaxed);
     }
 
     /// Files with unsynced changes.
@@ -199,6 +218,13 @@ fn answer(fs: &PowerFs, conn: UnixStream) -> std::io::Result<()> {
                 Err(e) => format!("err {e:#}"),
             },
             "dirty" => format!("ok files={}", fs.dirty_files()),
+            cmd if cmd.starts_with("sync-delay ") => match cmd["sync-delay ".len()..].parse() {
+                Ok(ms) => {
+                    fs.set_sync_delay(ms);
+                    format!("ok sync-delay={ms}")
+                }
+                Err(e) => format!("err sync-delay: {e}"),
+            },
             other => format!("err unknown command {other:?}"),
         };
         writeln!(w, "{reply}")?;
@@ -351,6 +377,15 @@ mod tests {
         assert_eq!(read(&mnt.join("x")), b"");
         assert!(control(&sock, "bogus").is_err());
         t.join().unwrap();
+        fs.set_sync_delay(50);
+        let f = File::create(mnt.join("y")).unwrap();
+        let t0 = std::time::Instant::now();
+        f.sync_all().unwrap();
+        assert!(
+            t0.elapsed() >= Duration::from_millis(50),
+            "a slow disk's fsync takes its delay"
+        );
+        drop(f);
         fs.unmount().unwrap();
     }
 }
