@@ -5,7 +5,9 @@
 //! file's inode and to its names (paths relative to the backing dir; a hard-linked file has
 //! several). A name is added on lookup/create/link and moved or dropped by rename, unlink and
 //! rmdir; a backing inode whose last name is gone gets a new number if it is seen again, so the
-//! kernel never mixes two files up. One mutex guards it all: requests are served one at a time.
+//! kernel never mixes two files up. One mutex guards it all: requests run on several threads
+//! and each holds it while it works (a slow fsync sleeps before taking it; what it then makes
+//! durable is the file as it is when the sleep ends, which a real fsync may also do).
 
 use std::collections::{BTreeSet, HashMap};
 use std::ffi::OsStr;

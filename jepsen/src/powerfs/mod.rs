@@ -80,6 +80,11 @@ impl PowerFs {
         let state = Arc::new(Mutex::new(fs::State::new(backing)?));
         let sync_delay_ms = Arc::new(AtomicU64::new(0));
         let mut config = Config::default();
+        // Several request threads, so that writes go on while an fsync takes its time (a
+        // single thread would stall the whole disk behind a slow fsync, and nothing unsynced
+        // would ever pile up). Every request takes the state's lock; a slow fsync sleeps
+        // outside it.
+        config.n_threads = Some(4);
         config.mount_options = vec![
             MountOption::FSName("herald-powerfs".into()),
             MountOption::Subtype("herald-powerfs".into()),
