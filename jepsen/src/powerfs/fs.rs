@@ -64,6 +64,8 @@ pub(super) struct State {
     dirs: HashMap<u64, Vec<(u64, FileType, std::ffi::OsString)>>,
     next_fh: u64,
     pub(super) journal: Journal,
+    /// Cuts so far: an fsync that a cut overtook makes nothing durable.
+    pub(super) cuts: u64,
 }
 
 impl State {
@@ -87,6 +89,7 @@ impl State {
             dirs: HashMap::new(),
             next_fh: 1,
             journal: Journal::default(),
+            cuts: 0,
         })
     }
 
@@ -685,11 +688,15 @@ impl Filesystem for PowerFs {
         // The model's durable state is the journal's: the backing file itself is not fsynced
         // (the machine under the test does not lose power).
         let delay = self.sync_delay_ms.load(Ordering::Relaxed);
+        let cuts = self.state.lock().cuts;
         if delay > 0 {
             std::thread::sleep(Duration::from_millis(delay));
         }
         let mut st = self.state.lock();
         match st.files.get(&fh.0).map(|h| h.backing) {
+            // A cut while this fsync was under way: the power went before the flush ended, so
+            // it made nothing durable (its caller is dead anyway).
+            Some(_) if st.cuts != cuts => reply.error(Errno::EIO),
             Some(backing) => {
                 st.journal.synced(backing);
                 reply.ok();

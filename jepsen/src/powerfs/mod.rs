@@ -11,7 +11,8 @@
 //!   what the change destroys (its size at the last sync, and each synced byte before it is first
 //!   overwritten, truncated away or punched). `fsync` and `fdatasync` (and writes through an
 //!   `O_SYNC`/`O_DSYNC` handle) make the file's current content its synced content.
-//!   `sync_file_range` makes nothing durable (it never reaches a FUSE file system).
+//!   `sync_file_range` makes nothing durable (it never reaches a FUSE file system). An fsync
+//!   still under way when the power is cut (see `sync-delay`) makes nothing durable.
 //! - **The cut** ([`PowerFs::cut`], or `cut` on the control socket): every file goes back to its
 //!   last-synced size and content; data written and not synced is gone, synced data survives. A
 //!   file created and never synced is left **empty** (its name survives: see metadata). Data
@@ -118,6 +119,7 @@ impl PowerFs {
     pub fn cut(&self) -> anyhow::Result<CutStats> {
         let (inos, stats) = {
             let mut st = self.state.lock();
+            st.cuts += 1;
             let (mut backing, mut stats) = st.journal.cut()?;
             let inos: Vec<u64> = backing.iter().filter_map(|(b, _)| st.kernel_ino(*b)).collect();
             backing.sort_by_key(|(_, lost)| std::cmp::Reverse(*lost));
@@ -362,6 +364,28 @@ mod tests {
         drop(f);
         fs.cut().unwrap();
         assert_eq!(read(&halves), b"first half;again");
+        fs.unmount().unwrap();
+    }
+
+    #[test]
+    fn a_cut_during_a_slow_fsync_makes_nothing_durable() {
+        let (_dir, fs, mnt) = mounted();
+        fs.set_sync_delay(400);
+        let p = mnt.join("wal");
+        let syncing = std::thread::spawn({
+            let p = p.clone();
+            move || {
+                let mut f = File::create(&p).unwrap();
+                f.write_all(b"in flight").unwrap();
+                f.sync_data()
+            }
+        });
+        std::thread::sleep(Duration::from_millis(150));
+        fs.cut().unwrap();
+        assert!(syncing.join().unwrap().is_err(), "the overtaken fsync fails");
+        fs.set_sync_delay(0);
+        assert_eq!(read(&p), b"");
+        assert_eq!(fs.dirty_files(), 0);
         fs.unmount().unwrap();
     }
 
