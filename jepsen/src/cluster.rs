@@ -4,8 +4,9 @@
 //! Node `id` serves its public gRPC API on `ip:7401` (fronted by a proxy on `ip:7402`, see
 //! `proxy.rs`), its cluster plane (Raft, forwarding, peer delivery; mutual TLS) on `ip:7501`
 //! advertised as `ip:7502` (its proxy), and clients on `ip:7411`. The cluster CA and node
-//! certificates are made with `herald certs` under the run's dir (`nodes/certs/`). Its data dir and log live under the run's
-//! output dir (`nodes/node-<id>/`, `nodes/node-<id>.log`). Nodes run with `--exit-with-stdin`
+//! certificates are made with `herald certs` under the run's dir (`nodes/certs/`). Its data dir
+//! and log live under the run's output dir (`nodes/node-<id>/`, or `nodes/disk-<id>/node-<id>/`
+//! on a powerfs disk, and `nodes/node-<id>.log`). Nodes run with `--exit-with-stdin`
 //! and the harness holds their stdin, so they exit when the harness dies, however it dies.
 
 use std::collections::BTreeMap;
@@ -27,6 +28,7 @@ use parking_lot::Mutex;
 use tonic::transport::Channel;
 use tonic::Request;
 
+use crate::disk::Disks;
 use crate::net::Net;
 use crate::proxy::{Faults, Proxy};
 
@@ -48,6 +50,9 @@ pub struct NodeOpts {
     pub client_heartbeat_ms: u64,
     /// `HERALD_LOG` for the nodes.
     pub log_filter: String,
+    /// Data dirs on `powerfs` disks (see `disk.rs`), so that the power nemesis loses what was
+    /// not fsynced.
+    pub powerfs: bool,
 }
 
 impl Default for NodeOpts {
@@ -59,6 +64,7 @@ impl Default for NodeOpts {
             snapshot_every: 2000,
             client_heartbeat_ms: 2000,
             log_filter: "info".into(),
+            powerfs: false,
         }
     }
 }
@@ -95,6 +101,8 @@ pub struct Cluster {
     pub ids: Vec<u64>,
     pub net: Mutex<Net>,
     pub opts: NodeOpts,
+    /// The nodes' powerfs disks (`opts.powerfs`).
+    pub disks: Option<Disks>,
     slots: Mutex<BTreeMap<u64, Slot>>,
     /// Per node: the proxy in front of its gRPC API and the one in front of its cluster plane.
     proxies: Mutex<BTreeMap<u64, Vec<Proxy>>>,
@@ -129,6 +137,12 @@ impl Cluster {
             }
             proxies.insert(n.id, both);
         }
+        // After the proxies: their namespaces then hold no copy of the mounts.
+        let disks = if opts.powerfs {
+            Some(Disks::start(exe, &dir, &ids)?)
+        } else {
+            None
+        };
         let slots = ids.iter().map(|id| (*id, Slot::default())).collect();
         Ok(Cluster {
             bin,
@@ -136,6 +150,7 @@ impl Cluster {
             ids,
             net: Mutex::new(net),
             opts,
+            disks,
             slots: Mutex::new(slots),
             proxies: Mutex::new(proxies),
             probe_tls,
@@ -191,7 +206,10 @@ impl Cluster {
     }
 
     pub fn data_dir(&self, id: u64) -> PathBuf {
-        self.dir.join(format!("node-{id}"))
+        match &self.disks {
+            Some(d) => d.data_dir(id),
+            None => self.dir.join(format!("node-{id}")),
+        }
     }
 
     pub fn log_path(&self, id: u64) -> PathBuf {
@@ -430,6 +448,9 @@ impl Cluster {
                     let _ = r.child.wait();
                 }
             }
+        }
+        if let Some(d) = &self.disks {
+            d.stop();
         }
         for p in self.proxies.lock().values_mut().flatten() {
             p.stop();

@@ -7,7 +7,9 @@
 //!
 //! - `net`: namespaces, veths, bridge, partitions (iptables);
 //! - `cluster`: the node processes and the harness's gRPC calls to them;
+//! - `disk`: each node's powerfs disk (power cuts);
 //! - `proxy`: the user-space TCP proxy for delay and loss;
+//! - `powerfs`: the FUSE file system that loses unsynced writes on a power cut;
 //! - `nemesis`: the faults and their schedule;
 //! - `workload`: the clients;
 //! - `history`: the JSON-lines history and its outcome classes;
@@ -18,10 +20,12 @@
 pub mod bugbuild;
 pub mod checker;
 pub mod cluster;
+pub mod disk;
 pub mod history;
 pub mod nemesis;
 pub mod net;
 pub mod plot;
+pub mod powerfs;
 pub mod proxy;
 pub mod report;
 pub mod runner;

@@ -6,9 +6,9 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use herald_jepsen::cluster::NodeOpts;
-use herald_jepsen::nemesis::Timing;
+use herald_jepsen::nemesis::{Fault, Timing};
 use herald_jepsen::runner::{self, RunOpts};
-use herald_jepsen::{bugbuild, checker, history, net, proxy, workload};
+use herald_jepsen::{bugbuild, checker, history, net, powerfs, proxy, workload};
 
 #[derive(Parser)]
 #[command(
@@ -36,6 +36,17 @@ enum Cmd {
     },
     /// Remove namespaces and interfaces left by crashed runs.
     Cleanup,
+    /// (internal) a node's powerfs disk: a FUSE passthrough of BACKING at MOUNT that loses
+    /// unsynced writes on `cut` (control socket); unmounts when stdin closes.
+    #[command(hide = true)]
+    Powerfs {
+        #[arg(long)]
+        backing: PathBuf,
+        #[arg(long)]
+        mount: PathBuf,
+        #[arg(long)]
+        control: PathBuf,
+    },
     /// (internal) the delay/loss proxy the harness starts in each node's namespace.
     #[command(hide = true)]
     Proxy {
@@ -56,7 +67,8 @@ struct RunArgs {
     time: u64,
     /// Faults, comma separated: kill, pause, partition (all kinds), partition-one,
     /// partition-leader, partition-halves, partition-bridge, partition-ring, delay, loss, clock,
-    /// membership, power, partition-kill, pause-kill, all, none.
+    /// membership, power (all three kinds), power-one, power-minority, power-all, partition-kill,
+    /// pause-kill, all, none.
     #[arg(long, default_value = "all")]
     nemesis: String,
     /// Workloads, comma separated: qos1, offline, registry, storm, topics, all.
@@ -102,6 +114,17 @@ struct RunArgs {
     /// How long a fault holds, ms (min-max).
     #[arg(long, default_value = "6000-12000")]
     hold_ms: String,
+    /// The first fault of the run (one of the --nemesis names), whatever the draw.
+    #[arg(long)]
+    first_fault: Option<String>,
+    /// Data dirs on plain directories instead of powerfs disks: a power cut is then only a
+    /// SIGKILL, which loses nothing the kernel has (needs no FUSE).
+    #[arg(long)]
+    no_powerfs: bool,
+    /// ID=MS: every fsync on node ID's powerfs disk takes MS milliseconds (a slow disk: a wider
+    /// window in which what it wrote is readable, and replicated, and not yet durable).
+    #[arg(long)]
+    slow_disk: Option<String>,
 }
 
 fn range(s: &str) -> anyhow::Result<(u64, u64)> {
@@ -111,6 +134,13 @@ fn range(s: &str) -> anyhow::Result<(u64, u64)> {
         bail!("MIN above MAX in {s:?}");
     }
     Ok((a, b))
+}
+
+fn single_fault(name: &str, nodes: u64) -> anyhow::Result<Fault> {
+    match Fault::parse_list(name, nodes)?.as_slice() {
+        [f] => Ok(*f),
+        _ => bail!("--first-fault takes one fault, not {name:?}"),
+    }
 }
 
 fn default_bin() -> anyhow::Result<PathBuf> {
@@ -167,11 +197,25 @@ fn opts(a: &RunArgs, out: PathBuf, bin: PathBuf, command: String) -> anyhow::Res
         timing: Timing {
             quiet_ms: range(&a.quiet_ms)?,
             hold_ms: range(&a.hold_ms)?,
+            first: match &a.first_fault {
+                Some(f) => Some(single_fault(f, a.nodes)?),
+                None => None,
+            },
         },
         drain_s: a.drain,
         availability_min: a.availability_min,
         wgl_budget: a.wgl_budget,
-        node_opts: NodeOpts::default(),
+        slow_disk: match &a.slow_disk {
+            Some(s) => {
+                let (id, ms) = s.split_once('=').context("--slow-disk takes ID=MS")?;
+                Some((id.trim().parse()?, ms.trim().parse()?))
+            }
+            None => None,
+        },
+        node_opts: NodeOpts {
+            powerfs: !a.no_powerfs,
+            ..NodeOpts::default()
+        },
         command,
     })
 }
@@ -203,12 +247,16 @@ fn short_plan(base: &RunArgs) -> Vec<Plan> {
     vec![
         Plan {
             name: "crash-partition".into(),
-            args: fast(plan_args(
-                base,
-                "kill,pause,partition,power",
-                "qos1,registry,storm",
-                45,
-            )),
+            // Starts with a power cut of every node (powerfs: unsynced writes are lost).
+            args: RunArgs {
+                first_fault: Some("power-all".into()),
+                ..fast(plan_args(
+                    base,
+                    "kill,pause,partition,power",
+                    "qos1,registry,storm",
+                    45,
+                ))
+            },
             expect: None,
         },
         Plan {
@@ -258,7 +306,7 @@ fn bug_plan(base: &RunArgs) -> Vec<Plan> {
         args: a,
         expect: Some(vec!["lost"]),
     });
-    let mut a = plan_args(base, "power", "qos1", 90);
+    let mut a = plan_args(base, "power-all", "qos1", 90);
     a.bug = Some("skip-fsync".into());
     a.quiet_ms = "3000-6000".into();
     a.rate = a.rate.max(60.0);
@@ -297,7 +345,18 @@ async fn run_plans(plans: Vec<Plan>, base_out: PathBuf, herald_bin: Option<PathB
             p.args.bug.as_ref().map(|b| format!(" --bug {b}")).unwrap_or_default(),
             p.args.quiet_ms,
             p.args.hold_ms
-        );
+        ) + &p
+            .args
+            .first_fault
+            .as_ref()
+            .map(|f| format!(" --first-fault {f}"))
+            .unwrap_or_default()
+            + if p.args.no_powerfs { " --no-powerfs" } else { "" }
+            + &p.args
+                .slow_disk
+                .as_ref()
+                .map(|s| format!(" --slow-disk {s}"))
+                .unwrap_or_default();
         let o = opts(&p.args, out.clone(), bin, command)?;
         eprintln!(
             "herald-jepsen: run {} (seed {}) -> {}",
@@ -344,8 +403,16 @@ async fn main_inner() -> anyhow::Result<ExitCode> {
             proxy::serve(listen, to).await?;
             return Ok(ExitCode::SUCCESS);
         }
+        Some(Cmd::Powerfs {
+            backing,
+            mount,
+            control,
+        }) => {
+            powerfs::serve(&backing, &mount, &control)?;
+            return Ok(ExitCode::SUCCESS);
+        }
         Some(Cmd::Cleanup) => {
-            for r in net::cleanup_stale() {
+            for r in powerfs::cleanup_stale().into_iter().chain(net::cleanup_stale()) {
                 println!("removed {r}");
             }
             return Ok(ExitCode::SUCCESS);

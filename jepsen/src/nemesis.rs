@@ -13,11 +13,15 @@
 //! | `loss` | every node's proxy stalls 5% of the chunks 400 ms (a TCP retransmission) and cuts 0.2% of the connections |
 //! | `clock` | one or two nodes restart with their wall clock 2–120 s ahead or behind (`HERALD_CLOCK_OFFSET_MS`); back to 0 at heal |
 //! | `membership` | RemoveNode of a voter under load, then SIGKILL and wipe it; at heal it starts empty and is added back (AddNode) |
-//! | `power` | SIGKILL every node at once; all restart 1–3 s later |
+//! | `power-one` | power cut of one node (the leader half of the time): SIGKILL, then its powerfs disk loses every write it did not fsync (see `powerfs`); restarted 1–3 s later |
+//! | `power-minority` | the same for a random minority at once |
+//! | `power-all` | the same for every node at once |
 //! | `partition-kill` | a partition, then SIGKILL of a node while it holds |
 //! | `pause-kill` | SIGSTOP of a node, then SIGKILL of another |
 //!
-//! `partition` stands for every partition kind, `all` for everything. Outcomes follow openraft's
+//! `partition` stands for every partition kind, `power` for the three power cuts, `all` for
+//! everything. Without powerfs disks (`--no-powerfs`) a power cut is only the SIGKILL (the page
+//! cache keeps every write), and the history says so. Outcomes follow openraft's
 //! jepsen: a fault is `installed` (ok), `skipped` (ok, with that reason: no safe target) or
 //! indeterminate (info). Every installed fault is healed before the next one and at the end of
 //! the run, before the final reads.
@@ -49,13 +53,15 @@ pub enum Fault {
     Loss,
     Clock,
     Membership,
-    Power,
+    PowerOne,
+    PowerMinority,
+    PowerAll,
     PartitionKill,
     PauseKill,
 }
 
 impl Fault {
-    pub const ALL: [Fault; 14] = [
+    pub const ALL: [Fault; 16] = [
         Fault::Kill,
         Fault::Pause,
         Fault::PartitionOne,
@@ -67,7 +73,9 @@ impl Fault {
         Fault::Loss,
         Fault::Clock,
         Fault::Membership,
-        Fault::Power,
+        Fault::PowerOne,
+        Fault::PowerMinority,
+        Fault::PowerAll,
         Fault::PartitionKill,
         Fault::PauseKill,
     ];
@@ -85,7 +93,9 @@ impl Fault {
             Fault::Loss => "loss",
             Fault::Clock => "clock",
             Fault::Membership => "membership",
-            Fault::Power => "power",
+            Fault::PowerOne => "power-one",
+            Fault::PowerMinority => "power-minority",
+            Fault::PowerAll => "power-all",
             Fault::PartitionKill => "partition-kill",
             Fault::PauseKill => "pause-kill",
         }
@@ -102,6 +112,10 @@ impl Fault {
         )
     }
 
+    fn is_power(self) -> bool {
+        matches!(self, Fault::PowerOne | Fault::PowerMinority | Fault::PowerAll)
+    }
+
     /// Parses a comma-separated list (`none` for no faults).
     pub fn parse_list(s: &str, nodes: u64) -> anyhow::Result<Vec<Fault>> {
         let mut out = BTreeSet::new();
@@ -110,6 +124,7 @@ impl Fault {
                 "none" => {}
                 "all" => out.extend(Fault::ALL),
                 "partition" => out.extend(Fault::ALL.into_iter().filter(|f| f.is_partition())),
+                "power" => out.extend(Fault::ALL.into_iter().filter(|f| f.is_power())),
                 name => {
                     let f = Fault::ALL
                         .into_iter()
@@ -134,6 +149,8 @@ pub struct Timing {
     pub quiet_ms: (u64, u64),
     /// How long a fault holds (ms).
     pub hold_ms: (u64, u64),
+    /// The first fault of the run, whatever the draw (the short mode's power cut).
+    pub first: Option<Fault>,
 }
 
 #[derive(Debug, Default)]
@@ -189,7 +206,10 @@ impl Nemesis {
             if !sleep_until_or(Instant::now() + Duration::from_millis(quiet), until, &stop).await {
                 break;
             }
-            let f = *self.faults.choose(&mut self.rng).expect("faults not empty");
+            let f = match self.timing.first.take() {
+                Some(f) => f,
+                None => *self.faults.choose(&mut self.rng).expect("faults not empty"),
+            };
             let hold =
                 Duration::from_millis(self.rng.gen_range(self.timing.hold_ms.0..=self.timing.hold_ms.1));
             self.fault(f, hold, until, &stop).await;
@@ -222,7 +242,7 @@ impl Nemesis {
                 self.install(Fault::Kill).await;
                 sleep_until_or(Instant::now() + hold / 2, until, stop).await;
             }
-            Fault::Power => {
+            _ if f.is_power() => {
                 self.install(f).await;
                 let off = Duration::from_millis(self.rng.gen_range(1000..3000));
                 tokio::time::sleep(off).await;
@@ -497,11 +517,57 @@ impl Nemesis {
                     }
                 }
             }
-            Fault::Power => {
-                let v = self.record_invoke(f.name(), &c.ids);
-                c.kill9_all();
-                self.st.killed.extend(c.ids.iter().copied());
-                self.record_done(v, Ok("installed"));
+            _ if f.is_power() => {
+                let mut up: Vec<u64> = c
+                    .ids
+                    .iter()
+                    .copied()
+                    .filter(|id| !self.st.removed.contains(id) && c.is_running(*id))
+                    .collect();
+                let targets: Vec<u64> = match f {
+                    Fault::PowerOne => match self.target(true).await {
+                        Some(x) => vec![x],
+                        None => return self.skip(f, "no live node"),
+                    },
+                    Fault::PowerMinority => {
+                        up.shuffle(&mut self.rng);
+                        up.truncate(((c.ids.len() - 1) / 2).max(1));
+                        up
+                    }
+                    _ => up,
+                };
+                if targets.is_empty() {
+                    return self.skip(f, "no running node");
+                }
+                let mut v = self.record_invoke(f.name(), &targets);
+                if f == Fault::PowerAll {
+                    c.kill9_all();
+                } else {
+                    for &x in &targets {
+                        c.kill9(x);
+                    }
+                }
+                self.st.killed.extend(targets.iter().copied());
+                // The nodes are dead (reaped): nothing writes to their disks while they lose
+                // what was not synced.
+                let mut lost = Vec::new();
+                let mut errors = Vec::new();
+                for &x in &targets {
+                    match &c.disks {
+                        Some(d) => match tokio::task::block_in_place(|| d.cut(x)) {
+                            Ok(s) => lost.push(format!("node {x}: {s}")),
+                            Err(e) => errors.push(format!("cut of node {x}: {e:#}")),
+                        },
+                        None => lost.push(format!("node {x}: killed only (no powerfs disk)")),
+                    }
+                }
+                v.state = Some(lost.join("; "));
+                let outcome = if errors.is_empty() {
+                    Ok("installed")
+                } else {
+                    Err(errors.join("; "))
+                };
+                self.record_done(v, outcome);
             }
             Fault::PartitionKill | Fault::PauseKill => unreachable!("mixes are composed in fault()"),
             _ => self.skip(f, "unsupported"),
@@ -632,6 +698,10 @@ mod tests {
         assert_eq!(
             Fault::parse_list("kill,pause-kill", 3).unwrap(),
             vec![Fault::Kill, Fault::PauseKill]
+        );
+        assert_eq!(
+            Fault::parse_list("power", 3).unwrap(),
+            vec![Fault::PowerOne, Fault::PowerMinority, Fault::PowerAll]
         );
         assert!(Fault::parse_list("none", 3).unwrap().is_empty());
         assert!(Fault::parse_list("bogus", 3).is_err());

@@ -39,6 +39,8 @@ pub struct RunOpts {
     /// Search budget (states) of the linearizability checker per user.
     pub wgl_budget: u64,
     pub node_opts: NodeOpts,
+    /// (node, ms): every fsync on that node's powerfs disk takes ms (a slow disk).
+    pub slow_disk: Option<(u64, u64)>,
     /// The command line, for the report.
     pub command: String,
 }
@@ -84,6 +86,12 @@ pub async fn run(opts: RunOpts) -> anyhow::Result<RunOutcome> {
         opts.nodes,
         opts.node_opts.clone(),
     )?);
+    if let Some((id, ms)) = opts.slow_disk {
+        match &cluster.disks {
+            Some(d) => d.set_sync_delay(id, ms)?,
+            None => bail!("--slow-disk needs powerfs disks"),
+        }
+    }
     // Tear down on Ctrl-C / SIGTERM too (a crash of the harness leaves namespaces that the next
     // run removes; the nodes exit with their stdin).
     let interrupted = CancellationToken::new();
@@ -357,13 +365,30 @@ async fn final_hashes(cluster: &Cluster, rec: &Recorder, limit: Duration) {
                 .map(|id| cluster.probe(*id, true, Duration::from_secs(10))),
         )
         .await;
-        let got: Vec<(u64, u64, u64)> = ids
-            .iter()
-            .zip(probes)
-            .filter_map(|(id, p)| p.ok().map(|p| (*id, p.state_hash_index, p.state_hash)))
-            .collect();
+        let mut got: Vec<(u64, u64, u64)> = Vec::new();
+        let mut silent: Vec<(u64, String)> = Vec::new();
+        for (id, p) in ids.iter().zip(probes) {
+            match p {
+                Ok(p) => got.push((*id, p.state_hash_index, p.state_hash)),
+                Err(e) => silent.push((*id, format!("{e:#}"))),
+            }
+        }
         let agreed = got.len() == ids.len() && got.iter().all(|(_, i, _)| *i > 0 && *i == got[0].1);
         if agreed || Instant::now() >= deadline {
+            // A node that did not answer is recorded too: the convergence checker compares every
+            // node of the run and must not take silence for agreement.
+            for (id, error) in silent {
+                rec.fail(
+                    MONITOR,
+                    F::Hash,
+                    Some(id),
+                    Val {
+                        generation: Some(cluster.generation(id)),
+                        ..Val::default()
+                    },
+                    error,
+                );
+            }
             for (id, index, hash) in got {
                 rec.ok(
                     MONITOR,

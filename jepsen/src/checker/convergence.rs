@@ -1,28 +1,42 @@
-//! Replica convergence: after every fault is healed and the workload stopped, every node's hash
-//! of its replicated state (`StateReader::state_hash`, asked for through the raft service's
-//! `Probe { want_state_hash }`) is the same at the same applied index.
+//! Replica convergence: after every fault is healed and the workload stopped, every node of the
+//! run has the same hash of its replicated state (`StateReader::state_hash`: every column family
+//! of the state machine — sessions, mailboxes with their seqs and msg ids, cursors, topics —
+//! asked for through the raft service's `Probe { want_state_hash }`) at the same applied index.
 //!
-//! The harness records a round of `hash` observations once the nodes report one applied index;
-//! the last observation of each node counts. Nodes that never agreed on an index make the result
-//! `unknown` (they did not quiesce), which is reported and not a pass; two nodes at one index with
+//! The harness records a round of `hash` observations once the nodes report one applied index
+//! (and a failed `hash` for each node that did not answer the last round); the last observation
+//! of each node counts. Every node of the run is compared: one that never reported a hash makes
+//! the result `unknown` (not skipped: a replica nobody looked at may be the one that diverged),
+//! as do nodes that never agreed on an index (they did not quiesce); two nodes at one index with
 //! different hashes are a violation.
 
 use std::collections::BTreeMap;
 
 use super::CheckResult;
-use crate::history::{Op, F};
+use crate::history::{Op, Type, F};
 
-pub fn check(history: &[Op]) -> CheckResult {
+pub fn check(history: &[Op], nodes: &[u64]) -> CheckResult {
     let mut r = CheckResult::new("convergence");
     let mut last: BTreeMap<u64, &Op> = BTreeMap::new();
+    let mut failed: BTreeMap<u64, &Op> = BTreeMap::new();
     for o in history.iter().filter(|o| o.f == F::Hash) {
-        if let Some(n) = o.node {
+        let Some(n) = o.node else { continue };
+        if o.kind == Type::Ok {
             last.insert(n, o);
+            failed.remove(&n);
+        } else {
+            failed.insert(n, o);
         }
     }
-    if last.is_empty() {
-        r.unknown("no state hashes were recorded".into());
-        return r;
+    let mut silent = Vec::new();
+    for n in nodes {
+        if !last.contains_key(n) {
+            let why = failed
+                .get(n)
+                .and_then(|o| o.error.as_deref())
+                .unwrap_or("never asked");
+            silent.push(format!("node {n} ({why})"));
+        }
     }
     let mut by_index: BTreeMap<u64, BTreeMap<u64, Vec<u64>>> = BTreeMap::new();
     for (node, o) in &last {
@@ -48,7 +62,14 @@ pub fn check(history: &[Op]) -> CheckResult {
             );
         }
     }
-    if by_index.len() > 1 && r.count == 0 {
+    r.stats = serde_json::json!({
+        "nodes": last.len(),
+        "of": nodes.len(),
+        "indexes": by_index.keys().collect::<Vec<_>>(),
+    });
+    if !silent.is_empty() {
+        r.unknown(format!("no state hash from {}", silent.join(", ")));
+    } else if by_index.len() > 1 && r.count == 0 {
         let at: Vec<String> = last
             .iter()
             .map(|(n, o)| format!("node {n} at {:?}", o.value.applied))
@@ -58,10 +79,6 @@ pub fn check(history: &[Op]) -> CheckResult {
             at.join(", ")
         ));
     }
-    r.stats = serde_json::json!({
-        "nodes": last.len(),
-        "indexes": by_index.keys().collect::<Vec<_>>(),
-    });
     r
 }
 
@@ -88,6 +105,16 @@ mod tests {
         o
     }
 
+    fn no_hash(node: u64, t: u64) -> Op {
+        let mut o = Op::new(t, MONITOR, Type::Fail, F::Hash, Val::default())
+            .with_node(node)
+            .with_error("probe of node 3 timed out");
+        o.index = t;
+        o
+    }
+
+    const NODES: [u64; 3] = [1, 2, 3];
+
     #[test]
     fn equal_hashes_at_one_index_pass() {
         let h = vec![
@@ -96,21 +123,47 @@ mod tests {
             hash(2, 12, 9, 2),
             hash(3, 12, 9, 3),
         ];
-        assert_eq!(check(&h).valid, Validity::Valid);
+        assert_eq!(check(&h, &NODES).valid, Validity::Valid);
     }
 
     #[test]
     fn different_hashes_at_one_index_fail() {
         let h = vec![hash(1, 12, 9, 0), hash(2, 12, 9, 1), hash(3, 12, 8, 2)];
-        let r = check(&h);
+        let r = check(&h, &NODES);
         assert_eq!(r.valid, Validity::Invalid);
         assert!(r.violations[0].detail.contains("[3]"), "{r:?}");
     }
 
     #[test]
     fn no_common_index_is_unknown() {
-        let h = vec![hash(1, 12, 9, 0), hash(2, 13, 9, 1)];
-        assert_eq!(check(&h).valid, Validity::Unknown);
-        assert_eq!(check(&[]).valid, Validity::Unknown);
+        let h = vec![hash(1, 12, 9, 0), hash(2, 13, 9, 1), hash(3, 13, 9, 2)];
+        assert_eq!(check(&h, &NODES).valid, Validity::Unknown);
+        assert_eq!(check(&[], &NODES).valid, Validity::Unknown);
+    }
+
+    #[test]
+    fn a_node_without_a_hash_is_unknown_not_skipped() {
+        // Two nodes agree; the third never answered: not a pass.
+        let h = vec![hash(1, 12, 9, 0), hash(2, 12, 9, 1), no_hash(3, 2)];
+        let r = check(&h, &NODES);
+        assert_eq!(r.valid, Validity::Unknown, "{r:?}");
+        assert!(r.stats["unknown"]
+            .as_str()
+            .unwrap()
+            .contains("node 3 (probe of node 3 timed out)"));
+        // Never asked at all: the same.
+        let h = vec![hash(1, 12, 9, 0), hash(2, 12, 9, 1)];
+        assert_eq!(check(&h, &NODES).valid, Validity::Unknown);
+        // A later answer counts.
+        let h = vec![
+            no_hash(3, 0),
+            hash(1, 12, 9, 1),
+            hash(2, 12, 9, 2),
+            hash(3, 12, 9, 3),
+        ];
+        assert_eq!(check(&h, &NODES).valid, Validity::Valid);
+        // Divergence among those that answered is still a violation.
+        let h = vec![hash(1, 12, 9, 0), hash(2, 12, 8, 1), no_hash(3, 2)];
+        assert_eq!(check(&h, &NODES).valid, Validity::Invalid);
     }
 }

@@ -164,6 +164,9 @@ pub fn check(idx: &Index<'_>) -> CheckResult {
         "unverifiable": unverifiable,
         "indeterminate_pushes": indeterminate,
     });
+    if checked + topic_checked == 0 {
+        r.unknown("no acknowledged push or publish was checked".into());
+    }
     r
 }
 
@@ -187,6 +190,17 @@ mod tests {
         h.recv(21, 100, "u1", "m2", 2);
         let r = check(&Index::new(&h.ops));
         assert_eq!(r.valid, Validity::Valid, "{r:?}");
+    }
+
+    #[test]
+    fn nothing_checked_is_unknown_not_valid() {
+        let mut h = H::new();
+        h.connected(0, 100, "u1", "d", 5, 1);
+        h.push(10, 10, "u1", "m1");
+        h.push_done(11, 10, Type::Info, "u1", "m1");
+        let r = check(&Index::new(&h.ops));
+        assert_eq!(r.valid, Validity::Unknown, "{r:?}");
+        assert_eq!(check(&Index::new(&Vec::new())).valid, Validity::Unknown);
     }
 
     #[test]

@@ -117,7 +117,10 @@ pub fn check(idx: &Index<'_>) -> CheckResult {
             _ => {}
         }
     }
-    r.stats = serde_json::json!({ "deliveries_checked": checked });
+    if checked == 0 {
+        r.unknown("no delivery to check".into());
+    }
+    r.stats["deliveries_checked"] = checked.into();
     r
 }
 
@@ -176,6 +179,13 @@ mod tests {
         h.topic_recv(7, 100, "t", "t1", 1);
         h.topic_recv(8, 100, "t", "t2", 2);
         assert_eq!(check(&Index::new(&h.ops)).valid, Validity::Valid);
+    }
+
+    #[test]
+    fn nothing_checked_is_unknown_not_valid() {
+        let r = check(&Index::new(&Vec::new()));
+        assert_eq!(r.valid, Validity::Unknown, "{r:?}");
+        assert_eq!(r.stats["deliveries_checked"], 0);
     }
 
     #[test]
