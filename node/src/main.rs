@@ -135,6 +135,14 @@ enum ClusterCmd {
         #[arg(long)]
         id: u64,
     },
+    /// Compare a digest of every member's state machine at one applied index, as JSON; exit 0
+    /// when consistent, 1 when the replicas diverged, 3 when it could not tell (a member down,
+    /// or writes never paused long enough for the members to stand at one index).
+    Verify {
+        /// How long to keep asking, in ms (keep it below --timeout-ms).
+        #[arg(long, default_value_t = 8_000)]
+        wait_ms: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -350,6 +358,32 @@ async fn cluster(client: ClientOpts, cmd: ClusterCmd) -> Result<(), CliError> {
                 "{}",
                 serde_json::json!({"voters": r.voters, "learners": r.learners, "log_index": r.log_index})
             );
+        }
+        ClusterCmd::Verify { wait_ms } => {
+            let mut c = client.connect().await?;
+            let req = client.admin(pb::VerifyReplicasRequest { timeout_ms: wait_ms })?;
+            let r = c.verify_replicas(req).await?.into_inner();
+            let v = serde_json::json!({
+                "verdict": r.verdict,
+                "detail": r.detail,
+                "replicas": r.replicas.iter().map(|d| serde_json::json!({
+                    "node_id": d.node_id,
+                    "applied_index": d.applied_index,
+                    "digest": d.digest,
+                    "error": d.error,
+                })).collect::<Vec<_>>(),
+            });
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            match r.verdict.as_str() {
+                "consistent" => {}
+                "diverged" => return Err(CliError::other(format!("replicas diverged: {}", r.detail))),
+                _ => {
+                    return Err(CliError {
+                        code: 3,
+                        message: format!("could not verify: {}", r.detail),
+                    })
+                }
+            }
         }
         ClusterCmd::Remove { id } => {
             let mut c = client.connect().await?;

@@ -463,6 +463,55 @@ impl RaftNode {
         self.inner.clients.channel(id, &addr).map_err(|e| e.to_string())
     }
 
+    /// A digest of this replica's whole state machine and the applied index it belongs to, or
+    /// `None` when an entry was applied while it was computed (ask again).
+    pub fn local_state_hash(&self) -> Result<Option<(u64, u64)>, StoreError> {
+        let reader = self.reader();
+        let before = reader.applied_index();
+        let h = reader.state_hash()?;
+        Ok((reader.applied_index() == before).then_some((before, h)))
+    }
+
+    /// Every member's state digest as (applied index, hash), asked over the cluster plane within
+    /// `timeout` each: `Err` for a member that did not answer or was applying meanwhile.
+    pub async fn state_hashes(&self, timeout: Duration) -> Vec<(NodeId, Result<(u64, u64), String>)> {
+        let members: Vec<(NodeId, String)> = {
+            let m = self.inner.raft.metrics();
+            let m = m.borrow();
+            m.membership_config
+                .membership()
+                .nodes()
+                .map(|(id, n)| (*id, n.addr.clone()))
+                .collect()
+        };
+        let asks = members.into_iter().map(|(id, addr)| {
+            let me = self.clone();
+            async move {
+                if id == me.id() {
+                    let r = match me.local_state_hash() {
+                        Ok(Some(h)) => Ok(h),
+                        Ok(None) => Err("applying while hashing".to_string()),
+                        Err(e) => Err(e.to_string()),
+                    };
+                    return (id, r);
+                }
+                let req = ProbeRequest {
+                    from: me.id(),
+                    target: id,
+                    want_state_hash: true,
+                    ..Default::default()
+                };
+                let r = match me.inner.clients.probe(id, &addr, req, timeout).await {
+                    Ok(p) if p.state_hash_index > 0 => Ok((p.state_hash_index, p.state_hash)),
+                    Ok(_) => Err("no digest (applying while hashing, or nothing applied)".to_string()),
+                    Err(s) => Err(format!("{}: {}", s.code(), s.message())),
+                };
+                (id, r)
+            }
+        });
+        futures::future::join_all(asks).await
+    }
+
     /// Every node of the newest membership this node knows (voters and learners).
     pub fn member_ids(&self) -> Vec<NodeId> {
         self.inner
@@ -1029,16 +1078,12 @@ impl RaftServiceHooks for Hooks {
     fn probe(&self, req: ProbeRequest) -> ProbeReply {
         let mut reply = self.0.probe_reply();
         if req.want_state_hash {
-            // Fault tests compare replicas: the hash belongs to an applied index only if nothing
-            // was applied while it was computed.
-            let reader = self.0.reader();
-            let before = reader.applied_index();
-            match reader.state_hash() {
-                Ok(h) if reader.applied_index() == before => {
+            match self.0.local_state_hash() {
+                Ok(Some((index, h))) => {
                     reply.state_hash = h;
-                    reply.state_hash_index = before;
+                    reply.state_hash_index = index;
                 }
-                Ok(_) => {}
+                Ok(None) => {}
                 Err(e) => warn!(error = %e, "state hash failed"),
             }
         }

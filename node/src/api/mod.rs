@@ -3,6 +3,7 @@
 pub mod auth;
 pub mod error;
 pub mod leader_hint;
+pub mod verify;
 
 use std::collections::BTreeSet;
 
@@ -417,6 +418,17 @@ impl Herald for HeraldApi {
             backoff_initial_ms: crate::dispatch::BACKOFF_INITIAL_MS,
             backoff_max_ms: crate::dispatch::BACKOFF_MAX_MS,
         }))
+    }
+
+    #[instrument(skip_all)]
+    async fn verify_replicas(
+        &self,
+        request: Request<pb::VerifyReplicasRequest>,
+    ) -> Reply<pb::VerifyReplicasReply> {
+        auth::admin(&self.node, &request)?;
+        Ok(Response::new(
+            verify::verify(&self.node, request.into_inner().timeout_ms).await,
+        ))
     }
 
     #[instrument(skip_all)]

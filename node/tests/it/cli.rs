@@ -331,3 +331,43 @@ async fn cluster_add_and_remove_through_a_follower() {
     assert_eq!(r.seqs[0].seq, 1);
     c.assert_no_panics();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cluster_verify_compares_every_replica_and_says_unknown_without_one() {
+    let mut c = Cluster::start(3).await;
+    let app = c.create_app("verify").await;
+    for i in 0..20 {
+        app.push_acked(
+            c.grpc_addr(1 + i % 3),
+            &format!("u{}", i % 4),
+            "m",
+            &format!("k{i}"),
+        )
+        .await;
+    }
+    let via = c.grpc_addr(2).to_string();
+    let out = admin(&via, &["cluster", "verify"]).await.ok();
+    let v = out.json();
+    assert_eq!(v["verdict"], "consistent", "{v}");
+    let replicas = v["replicas"].as_array().unwrap();
+    assert_eq!(replicas.len(), 3, "{v}");
+    let index = &replicas[0]["applied_index"];
+    assert!(index.as_u64().unwrap() > 20, "{v}");
+    for r in replicas {
+        assert_eq!(&r["applied_index"], index, "{v}");
+        assert_eq!(r["digest"], replicas[0]["digest"], "{v}");
+        assert!(r["digest"].as_str().unwrap().len() == 16, "{v}");
+    }
+    // Without the admin token: refused.
+    let out = herald(&["cluster", "verify", "--server", &via]).await;
+    assert_eq!(out.code, Some(4), "{out:#?}");
+    // A member that does not answer makes it unknown (exit 3), never consistent.
+    c.kill9(3);
+    let out = admin(&via, &["cluster", "verify", "--wait-ms", "1500"])
+        .await
+        .code(3);
+    let v = out.json();
+    assert_eq!(v["verdict"], "unknown", "{v}");
+    assert!(v["detail"].as_str().unwrap().contains("node 3"), "{v}");
+    c.assert_no_panics();
+}
