@@ -2,6 +2,10 @@
 //!
 //! Claims: `app` (app id), `sub` (user), optional `dev` (device; when present the token only opens
 //! sessions for that device), `iat` and `exp` (unix seconds).
+//!
+//! A token is a bearer credential: anyone holding it can use it until `exp` (no nonce, no
+//! one-time use). Transport encryption keeps it from being captured; `dev` limits what a captured
+//! token opens to that one device's session; a short `exp` with REFRESH_TOKEN limits how long.
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -12,6 +16,11 @@ use sha2::Sha256;
 type HmacSha256 = Hmac<Sha256>;
 
 const HEADER: &str = r#"{"alg":"HS256","typ":"JWT"}"#;
+
+/// How far a token's `iat` may be ahead of this node's clock before the token is refused as
+/// future-dated: the clock skew tolerated between the app's backend that mints tokens and the
+/// nodes (5 minutes, Kerberos's default; the fault suite skews node clocks by up to 2 minutes).
+pub const MAX_IAT_SKEW_S: u64 = 300;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Claims {
@@ -34,6 +43,8 @@ pub enum TokenError {
     Signature,
     #[error("token expired at {exp} (now {now})")]
     Expired { exp: u64, now: u64 },
+    #[error("token issued in the future at {iat} (now {now}, more than {MAX_IAT_SKEW_S} s ahead)")]
+    IssuedInFuture { iat: u64, now: u64 },
     #[error("token is for app {token:?}, not {expected:?}")]
     WrongApp { token: String, expected: String },
     #[error("token is for user {token:?}, not {expected:?}")]
@@ -74,8 +85,9 @@ pub fn peek(token: &str) -> Result<Claims, TokenError> {
     serde_json::from_slice(&claims).map_err(|_| TokenError::Malformed)
 }
 
-/// Checks the signature against any of `secrets`, the expiry against `now` (unix seconds), and that
-/// the token names this app, user and (if it names one) device.
+/// Checks the signature against any of `secrets`, the expiry and the issue time against `now` (unix
+/// seconds; `iat` at most [`MAX_IAT_SKEW_S`] ahead), and that the token names this app, user and
+/// (if it names one) device.
 pub fn verify(
     token: &str,
     secrets: &[String],
@@ -99,6 +111,9 @@ pub fn verify(
     }
     if claims.exp <= now {
         return Err(TokenError::Expired { exp: claims.exp, now });
+    }
+    if claims.iat > now.saturating_add(MAX_IAT_SKEW_S) {
+        return Err(TokenError::IssuedInFuture { iat: claims.iat, now });
     }
     if claims.app != app {
         return Err(TokenError::WrongApp {
@@ -194,6 +209,76 @@ mod tests {
             verify(&parts.join("."), &secret, "demo", "mallory", "phone", 1000),
             Err(TokenError::Signature)
         );
+    }
+
+    #[test]
+    fn a_future_dated_token_is_refused_beyond_the_skew() {
+        let secret = vec!["s3cret-s3cret-s3cret".to_string()];
+        let at = |iat: u64| {
+            mint(
+                &Claims {
+                    iat,
+                    exp: iat + 3600,
+                    ..claims(0)
+                },
+                &secret[0],
+            )
+        };
+        let now = 1_000_000;
+        // Issued now, a little ahead (clock skew) and exactly at the limit: accepted.
+        for iat in [now, now + 30, now + MAX_IAT_SKEW_S] {
+            verify(&at(iat), &secret, "demo", "alice", "phone", now)
+                .unwrap_or_else(|e| panic!("iat now + {}: {e}", iat - now));
+        }
+        assert_eq!(
+            verify(
+                &at(now + MAX_IAT_SKEW_S + 1),
+                &secret,
+                "demo",
+                "alice",
+                "phone",
+                now
+            ),
+            Err(TokenError::IssuedInFuture {
+                iat: now + MAX_IAT_SKEW_S + 1,
+                now
+            })
+        );
+        assert!(matches!(
+            verify(&at(now + 86_400), &secret, "demo", "alice", "phone", now),
+            Err(TokenError::IssuedInFuture { .. })
+        ));
+        // A forged future-dated token still fails on its signature first.
+        assert_eq!(
+            verify(
+                &at(now + 86_400),
+                &["other".into()],
+                "demo",
+                "alice",
+                "phone",
+                now
+            ),
+            Err(TokenError::Signature)
+        );
+    }
+
+    #[test]
+    fn a_replayed_token_opens_only_what_it_names_until_it_expires() {
+        let secret = vec!["s3cret-s3cret-s3cret".to_string()];
+        let t = mint(&claims(2000), &secret[0]);
+        // A bearer token: the same token verifies again and again before `exp`…
+        for now in [1000, 1500, 1999] {
+            assert!(verify(&t, &secret, "demo", "alice", "phone", now).is_ok());
+        }
+        // …never after it, and never for another device than its `dev`.
+        assert!(matches!(
+            verify(&t, &secret, "demo", "alice", "phone", 2000),
+            Err(TokenError::Expired { .. })
+        ));
+        assert!(matches!(
+            verify(&t, &secret, "demo", "alice", "laptop", 1000),
+            Err(TokenError::WrongDevice { .. })
+        ));
     }
 
     #[test]

@@ -12,6 +12,7 @@
 
 mod harness;
 
+mod attacks;
 mod bad_config;
 mod bootstrap;
 mod bounds;

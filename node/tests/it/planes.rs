@@ -25,7 +25,7 @@ async fn plain(addr: &str) -> Channel {
 }
 
 /// A TLS channel to node `target`'s cluster port: trusting `ca`, presenting `identity` if any.
-async fn tls(
+pub(crate) async fn tls(
     addr: &str,
     target: u64,
     ca: &Path,
@@ -52,7 +52,7 @@ async fn tls(
 }
 
 /// Every node-to-node RPC, called on `channel`; returns each one's status code.
-async fn internal_rpcs(channel: &Channel) -> Vec<(&'static str, Code)> {
+pub(crate) async fn internal_rpcs(channel: &Channel) -> Vec<(&'static str, Code)> {
     let mut raft = RaftServiceClient::new(channel.clone());
     let mut peer = PeerClient::new(channel.clone());
     let req = || RaftRequest {
