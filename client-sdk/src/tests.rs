@@ -2031,6 +2031,12 @@ mod fake_dispatch {
         async fn cluster_status(&self, _: Request<ClusterStatusRequest>) -> R<ClusterStatusReply> {
             no()
         }
+        async fn verify_replicas(
+            &self,
+            _: Request<herald_proto::v1::VerifyReplicasRequest>,
+        ) -> R<herald_proto::v1::VerifyReplicasReply> {
+            no()
+        }
         async fn add_node(&self, _: Request<AddNodeRequest>) -> R<MembershipReply> {
             no()
         }
