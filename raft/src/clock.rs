@@ -23,8 +23,8 @@
 //!   (log time 0) has nothing to cap from: both take the local clock.
 //!
 //! Log time never goes backwards: the state machine keeps the maximum, whatever is stamped.
-//! Architecture Invariant: nothing here reads the wall clock; callers pass it in ([`crate::raft_node::now_ms`]
-//! on a node, fixed values in tests), and the monotonic instants too.
+//! Architecture Invariant: nothing here reads a clock; callers pass the wall clock
+//! ([`crate::raft_node::now_ms`] on a node, fixed values in tests) and the monotonic instants in.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
