@@ -2,7 +2,6 @@
 
 use std::time::Duration;
 
-use herald_raft::raft_node::now_ms;
 use herald_raft::{Op, OpResult};
 use tracing::{debug, info};
 
@@ -29,7 +28,9 @@ pub async fn run(node: Node) {
 async fn expire_due(node: &Node) {
     loop {
         let due = match node.raft().reader().next_expiry_ms() {
-            Ok(Some(t)) => t <= now_ms(),
+            // Due by cluster time (what the Expire entry will be stamped with), not this
+            // node's clock: a leader's clock running ahead would only propose empty Expires.
+            Ok(Some(t)) => t <= node.raft().cluster_now_ms(),
             Ok(None) => false,
             Err(e) => {
                 debug!(error = %e, "cannot read the expiry index");

@@ -10,6 +10,7 @@
 //! it reports what applied entries did through [`types::ApplyObserver`] and answers reads through
 //! [`sm::StateReader`]. It is the only crate that depends on RocksDB.
 
+pub mod clock;
 pub mod error;
 pub mod legacy;
 pub mod log_store;

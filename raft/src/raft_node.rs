@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use crate::clock::ClusterClock;
 use crate::error::{StoreError, WriteError};
 use crate::log_store::LogStore;
 use crate::network::{
@@ -188,6 +189,8 @@ struct Inner {
     proposals: mpsc::Sender<Proposal>,
     /// Extra probe fields from the node layer (e.g. its connection count).
     load: watch::Sender<u64>,
+    /// The members' clocks as their probe replies report them: what entries are stamped with.
+    clock: ClusterClock,
     cancel: CancellationToken,
     tasks: TaskTracker,
 }
@@ -314,6 +317,7 @@ impl RaftNode {
             clients,
             proposals: tx,
             load,
+            clock: ClusterClock::new(),
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
         });
@@ -693,9 +697,63 @@ impl RaftNode {
         let _ = tokio::time::timeout(left, wait).await;
     }
 
+    /// The time to stamp on an entry proposed now: cluster time as the members' clocks tell it
+    /// (see [`crate::clock`]), never this node's clock alone.
+    async fn stamp_ms(&self) -> u64 {
+        if self.inner.reader.log_time_ms() == 0 && self.voter_ids().len() > 1 {
+            // A fresh cluster's first entries: nothing to cap from, so hear the members' clocks
+            // now rather than stamp this node's own (the peer monitor has not probed yet).
+            self.cluster_view().await;
+        }
+        let local = now_ms();
+        let (e, warn) = self.inner.clock.stamp(
+            self.id(),
+            local,
+            Instant::now(),
+            &self.voter_ids(),
+            self.inner.reader.log_time_ms(),
+        );
+        if warn {
+            warn!(
+                node_id = self.id(),
+                local_ms = local,
+                cluster_ms = e.ms,
+                source = ?e.source,
+                "this node's wall clock disagrees with the cluster's; stamping cluster time"
+            );
+        }
+        e.ms
+    }
+
+    /// Cluster time now as this node estimates it (what it would stamp on an entry): for timers
+    /// that wait for log time to reach a deadline, such as expiry.
+    pub fn cluster_now_ms(&self) -> u64 {
+        self.inner
+            .clock
+            .estimate(
+                self.id(),
+                now_ms(),
+                Instant::now(),
+                &self.voter_ids(),
+                self.inner.reader.log_time_ms(),
+            )
+            .ms
+    }
+
+    fn voter_ids(&self) -> Vec<NodeId> {
+        self.inner
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect()
+    }
+
     /// Proposes one entry on this node, which must be the leader.
     async fn commit_local(&self, ops: Vec<Op>) -> Result<Committed, WriteError> {
-        let req = Request::new(now_ms(), ops);
+        let req = Request::new(self.stamp_ms().await, ops);
         match self.inner.raft.client_write(req).await {
             Ok(resp) => Ok(Committed {
                 results: resp.data.results,
@@ -933,6 +991,7 @@ impl RaftNode {
             connections: *self.inner.load.borrow(),
             state_hash: 0,
             state_hash_index: 0,
+            now_ms: now_ms(),
         }
     }
 
@@ -950,6 +1009,9 @@ impl RaftNode {
             )
         };
         let voters: BTreeSet<NodeId> = membership.membership().voter_ids().collect();
+        self.inner
+            .clock
+            .observe_log_time(self.inner.reader.log_time_ms(), Instant::now());
         let mut members = Vec::new();
         let probes = membership.membership().nodes().map(|(id, node)| {
             let id = *id;
@@ -964,11 +1026,19 @@ impl RaftNode {
                         target: id,
                         ..Default::default()
                     };
-                    me.inner
+                    let sent = Instant::now();
+                    let reply = me
+                        .inner
                         .clients
                         .probe(id, &addr, req, Duration::from_millis(500))
                         .await
-                        .ok()
+                        .ok();
+                    if let Some(r) = &reply {
+                        // The peer read its clock somewhere in the round trip: take the middle.
+                        let rtt = sent.elapsed();
+                        me.inner.clock.report(id, r.now_ms, sent + rtt / 2);
+                    }
+                    reply
                 };
                 (id, addr, probe)
             }
@@ -1114,8 +1184,9 @@ fn state_name(s: ServerState) -> &'static str {
 /// once, at the first call.
 pub const CLOCK_OFFSET_ENV: &str = "HERALD_CLOCK_OFFSET_MS";
 
-/// Wall clock in unix milliseconds (only the leader's is ever used, see `Request::ts_ms`),
-/// shifted by [`CLOCK_OFFSET_ENV`] when a fault test set it.
+/// Wall clock in unix milliseconds, shifted by [`CLOCK_OFFSET_ENV`] when a fault test set it.
+/// Entries are not stamped with it alone: see [`crate::clock`] (it is one of the clocks there,
+/// and what this node reports in its probe replies).
 pub fn now_ms() -> u64 {
     static OFFSET_MS: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
     let offset = *OFFSET_MS.get_or_init(|| {

@@ -66,7 +66,8 @@ pub struct SnapshotDir {
 /// One log entry's payload: ops committed together, applied atomically in order.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Request {
-    /// The leader's wall clock (unix ms) when it built the entry. The state machine's log time is
+    /// Cluster time (unix ms) when the leader built the entry: the members' clocks, never the
+    /// leader's alone (`crate::clock`). The state machine's log time is
     /// `max(previous log time, ts_ms)`, so it never goes back even across leader changes; TTLs are
     /// judged by log time only, never by a replica's clock.
     pub ts_ms: u64,

@@ -397,6 +397,9 @@ pub struct NodeSpec {
     pub peers: String,
     /// More `herald node` flags.
     pub extra_args: Vec<String>,
+    /// Environment variables of the node process, set after the clean-up of `HERALD_*` (e.g.
+    /// `HERALD_CLOCK_OFFSET_MS` for one skewed node).
+    pub env: Vec<(String, String)>,
 }
 
 impl NodeSpec {
@@ -559,6 +562,7 @@ impl Cluster {
             data_dir: dir.join(format!("node-{id}")),
             peers: String::new(),
             extra_args: Vec::new(),
+            env: Vec::new(),
         };
         self.nodes.insert(
             id,
@@ -699,6 +703,7 @@ impl Cluster {
         let mut cmd = Command::new(herald_bin());
         clean_env(&mut cmd);
         cmd.args(slot.spec.args())
+            .envs(slot.spec.env.iter().map(|(k, v)| (k, v)))
             .stdout(log.try_clone().expect("log fd"))
             .stderr(log);
         if lifeline {

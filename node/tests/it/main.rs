@@ -18,6 +18,7 @@ mod bootstrap;
 mod bounds;
 mod cli;
 mod cli_client;
+mod clock;
 mod dev;
 mod durability;
 mod mobile;
