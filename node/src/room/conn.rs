@@ -962,18 +962,14 @@ where
     }
 }
 
-/// Token check, Raft registration and local indexing of a new session (boxed by the caller).
-async fn register(
-    room: Arc<Room>,
-    shared: Arc<ConnShared>,
-    o: OpenSession,
-) -> Result<(Session, pc::Welcome, Vec<TopicCursor>), (ErrorCode, String)> {
+/// The session's app and its token's claims, from this node's state machine as it is.
+fn check_token(room: &Room, o: &OpenSession) -> Result<token::Claims, (ErrorCode, String)> {
     let app: AppConfig = match room.reader.app(&o.app) {
         Ok(Some(a)) => a,
         Ok(None) => return Err((ErrorCode::UnknownApp, format!("unknown app {:?}", o.app))),
         Err(e) => return Err((ErrorCode::Internal, e.to_string())),
     };
-    let claims = token::verify(
+    token::verify(
         &o.token,
         &app.secrets,
         &o.app,
@@ -990,7 +986,25 @@ async fn register(
             _ => ErrorCode::BadToken,
         };
         (code, e.to_string())
-    })?;
+    })
+}
+
+/// Token check, Raft registration and local indexing of a new session (boxed by the caller).
+async fn register(
+    room: Arc<Room>,
+    shared: Arc<ConnShared>,
+    o: OpenSession,
+) -> Result<(Session, pc::Welcome, Vec<TopicCursor>), (ErrorCode, String)> {
+    // An unknown app or a token no secret of the app signed may be an admin write this node has
+    // not applied yet: catch up with the leader once before refusing (read-your-writes).
+    let claims = match check_token(&room, &o) {
+        Err((ErrorCode::UnknownApp | ErrorCode::BadToken, _))
+            if crate::barrier::catch_up(&room.raft).await =>
+        {
+            check_token(&room, &o)?
+        }
+        r => r?,
+    };
     let op = Op::Register(Register {
         app: o.app.clone(),
         user: o.user.clone(),
@@ -1063,9 +1077,16 @@ async fn register(
         }
         _ => {}
     }
-    // The client's cursor counts as an ack of everything up to it.
-    let acked = o.last_acked_seq.max(registered.acked_seq);
-    if o.last_acked_seq > registered.acked_seq {
+    // The client's cursor counts as an ack of everything up to it, but never beyond the mailbox's
+    // head (applied above): a cursor past it would make the session skip the seqs new messages
+    // get up to the cursor (the store clamps its record the same way).
+    let head = match room.reader.mailbox_meta(&o.app, &o.user) {
+        Ok(meta) => meta.map_or(0, |m| m.next_seq.saturating_sub(1)),
+        Err(e) => return Err((ErrorCode::Internal, e.to_string())),
+    };
+    let claimed = o.last_acked_seq.min(head);
+    let acked = claimed.max(registered.acked_seq);
+    if claimed > registered.acked_seq {
         room.acks.record(&app_id, &user, &device, acked, acked);
     }
     let c = &room.config;

@@ -19,6 +19,7 @@ mod cli;
 mod cli_client;
 mod dev;
 mod durability;
+mod findings;
 mod mobile;
 mod ops;
 mod planes;
