@@ -1005,7 +1005,7 @@ async fn register(
         }
         r => r?,
     };
-    let op = Op::Register(Register {
+    let register = Register {
         app: o.app.clone(),
         user: o.user.clone(),
         device: o.device.clone(),
@@ -1013,20 +1013,52 @@ async fn register(
         node: room.config.node_id,
         conn: shared.id,
         session: o.session_id,
-    });
+    };
+    // The registration names the device's newest session this node knows of: one registered
+    // after it (a login of the device elsewhere) makes it a no-op. So a registration that commits
+    // after its HELLO failed never replaces the login that followed (issue 26).
+    let mut seen_epoch = match room.reader.session(&o.app, &o.user, &o.device) {
+        Ok(s) => s.map_or(0, |s| s.epoch),
+        Err(e) => return Err((ErrorCode::Internal, e.to_string())),
+    };
     // Until dropped, this attempt's registration is not an orphan even once applied.
     let attempt = super::registrations::Registrations::begin(&room, shared.id, o.session_id);
-    let (result, index) = room.raft.write_one(op).await.map_err(|e| match e {
-        WriteError::Invalid(m) => (ErrorCode::BadRequest, m),
-        other => (
-            ErrorCode::NotReady,
-            format!("cannot register the session: {other}"),
-        ),
-    })?;
-    let registered = match result {
-        OpResult::Registered(r) => r,
-        OpResult::Rejected(r) => return Err((ErrorCode::UnknownApp, r.to_string())),
-        other => return Err((ErrorCode::Internal, format!("unexpected result {other:?}"))),
+    let mut retried = false;
+    let (registered, index) = loop {
+        let op = Op::RegisterSeen {
+            register: register.clone(),
+            seen_epoch,
+        };
+        let (result, index) = room.raft.write_one(op).await.map_err(|e| match e {
+            WriteError::Invalid(m) => (ErrorCode::BadRequest, m),
+            other => (
+                ErrorCode::NotReady,
+                format!("cannot register the session: {other}"),
+            ),
+        })?;
+        match result {
+            OpResult::Registered(r) => break (r, index),
+            // The device has a session this node did not know of when proposing: usually one it
+            // had not applied yet (a fast re-login through another node). This call is live (its
+            // connection waits for the answer), so it is the newest login: catch up, then again
+            // once, naming that session. A registration whose call is over is never re-proposed.
+            OpResult::Superseded { epoch } if !retried => {
+                retried = true;
+                crate::barrier::catch_up(&room.raft).await;
+                seen_epoch = match room.reader.session(&o.app, &o.user, &o.device) {
+                    Ok(s) => s.map_or(0, |s| s.epoch).max(epoch),
+                    Err(e) => return Err((ErrorCode::Internal, e.to_string())),
+                };
+            }
+            OpResult::Superseded { epoch } => {
+                return Err((
+                    ErrorCode::NotReady,
+                    format!("logins of this device keep racing this one (epoch {epoch}); retry"),
+                ))
+            }
+            OpResult::Rejected(r) => return Err((ErrorCode::UnknownApp, r.to_string())),
+            other => return Err((ErrorCode::Internal, format!("unexpected result {other:?}"))),
+        }
     };
     if tokio::time::timeout(Duration::from_secs(10), room.reader.wait_applied(index))
         .await
