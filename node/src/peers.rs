@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use herald_proto::peer::peer_client::PeerClient;
 use herald_proto::peer::peer_server::{Peer, PeerServer};
-use herald_proto::peer::{DeliverReply, DeliverRequest, RatesReply, RatesRequest};
+use herald_proto::peer::{
+    AppliedIndexReply, AppliedIndexRequest, DeliverReply, DeliverRequest, RatesReply, RatesRequest,
+};
 use herald_raft::{NodeId, Op, RaftNode};
 use parking_lot::RwLock;
 use tokio_util::sync::CancellationToken;
@@ -228,6 +230,18 @@ impl Peer for PeerService {
                 .deliver_direct(&r.app, &r.user, &r.devices, &r.msg_id, &r.payload, r.pushed_at_ms);
         debug!(app = %r.app, user = %r.user, delivered, "qos0 delivered for a peer");
         Ok(Response::new(DeliverReply { delivered }))
+    }
+
+    async fn applied_index(
+        &self,
+        _request: Request<AppliedIndexRequest>,
+    ) -> Result<Response<AppliedIndexReply>, Status> {
+        let raft = &self.room.raft;
+        Ok(Response::new(AppliedIndexReply {
+            node_id: raft.id(),
+            leader: raft.is_leader(),
+            applied_index: raft.reader().applied_index(),
+        }))
     }
 
     async fn rates(&self, _request: Request<RatesRequest>) -> Result<Response<RatesReply>, Status> {

@@ -158,6 +158,11 @@ pub enum Op {
     ArchiveDone { upto: u64 },
     /// Create or replace an app.
     PutApp(AppConfig),
+    /// [`Op::Register`] that must not replace a session of the device newer than the proposer
+    /// saw: if the device's current session has an epoch above `seen_epoch` (0: none seen), the
+    /// op changes nothing and yields [`OpResult::Superseded`]. A registration that commits late
+    /// (its HELLO already failed) thus never ends the login that replaced it.
+    RegisterSeen { register: Register, seen_epoch: u64 },
 }
 
 /// What one op did.
@@ -178,6 +183,11 @@ pub enum OpResult {
         messages: u32,
         topic_entries: u32,
         keys: u32,
+    },
+    /// A [`Op::RegisterSeen`] refused: the device has a newer session (of `epoch`) than the
+    /// proposer saw. Nothing changed.
+    Superseded {
+        epoch: u64,
     },
 }
 

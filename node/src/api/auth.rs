@@ -16,9 +16,9 @@ pub const APP_METADATA: &str = "x-herald-app";
 pub const API_KEY_METADATA: &str = "x-herald-api-key";
 
 /// Authenticates an app call: the app must exist and the key must be one of its API keys.
-pub fn app_caller<T>(node: &Node, req: &Request<T>) -> Result<AppConfig, ApiError> {
+pub async fn app_caller<T>(node: &Node, req: &Request<T>) -> Result<AppConfig, ApiError> {
     let (app_id, key) = app_credentials(req)?;
-    app_by_key(node, &app_id, &key)
+    app_by_key(node, &app_id, &key).await
 }
 
 /// The app id and API key a call's metadata names (not checked yet).
@@ -35,8 +35,20 @@ pub fn app_credentials<T>(req: &Request<T>) -> Result<(String, String), ApiError
     Ok((app_id.to_string(), key.to_string()))
 }
 
-/// The app, if it exists and `key` is one of its API keys.
-pub fn app_by_key(node: &Node, app_id: &str, key: &str) -> Result<AppConfig, ApiError> {
+/// The app, if it exists and `key` is one of its API keys. Before refusing, this node catches up
+/// with the leader once (`barrier::catch_up`): an app created or a key added by a call that
+/// already returned is known on every node (read-your-writes).
+pub async fn app_by_key(node: &Node, app_id: &str, key: &str) -> Result<AppConfig, ApiError> {
+    match app_by_key_here(node, app_id, key) {
+        Err(ApiError::Unauthenticated(_)) if crate::barrier::catch_up(node.raft()).await => {
+            app_by_key_here(node, app_id, key)
+        }
+        r => r,
+    }
+}
+
+/// [`app_by_key`] from this node's state machine as it is.
+fn app_by_key_here(node: &Node, app_id: &str, key: &str) -> Result<AppConfig, ApiError> {
     let app = node
         .raft()
         .reader()

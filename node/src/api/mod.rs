@@ -167,7 +167,7 @@ impl HeraldApi {
                         let api = self.clone();
                         let (app_id, key) = (app_id.clone(), key.clone());
                         running.push_back(async move {
-                            let app = auth::app_by_key(&api.node, &app_id, &key)?;
+                            let app = auth::app_by_key(&api.node, &app_id, &key).await?;
                             api.push_one(app, req).await
                         });
                     }
@@ -210,7 +210,7 @@ impl HeraldApi {
 impl Herald for HeraldApi {
     #[instrument(skip_all, fields(app))]
     async fn push(&self, request: Request<pb::PushRequest>) -> Reply<pb::PushReply> {
-        let app = auth::app_caller(&self.node, &request)?;
+        let app = auth::app_caller(&self.node, &request).await?;
         tracing::Span::current().record("app", app.id.as_str());
         Ok(Response::new(self.push_one(app, request.into_inner()).await?))
     }
@@ -223,7 +223,7 @@ impl Herald for HeraldApi {
         request: Request<tonic::Streaming<pb::PushRequest>>,
     ) -> Reply<Self::PushStreamStream> {
         let (app_id, key) = auth::app_credentials(&request)?;
-        auth::app_by_key(&self.node, &app_id, &key)?;
+        auth::app_by_key(&self.node, &app_id, &key).await?;
         tracing::Span::current().record("app", app_id.as_str());
         let (tx, rx) = tokio::sync::mpsc::channel(PUSH_STREAM_WINDOW);
         tokio::spawn(
@@ -237,7 +237,7 @@ impl Herald for HeraldApi {
 
     #[instrument(skip_all, fields(app))]
     async fn broadcast(&self, request: Request<pb::BroadcastRequest>) -> Reply<pb::PublishReply> {
-        let app = auth::app_caller(&self.node, &request)?;
+        let app = auth::app_caller(&self.node, &request).await?;
         let r = request.into_inner();
         same_app(&app, &r.app)?;
         self.publish(
@@ -252,7 +252,7 @@ impl Herald for HeraldApi {
 
     #[instrument(skip_all, fields(app))]
     async fn publish_topic(&self, request: Request<pb::PublishRequest>) -> Reply<pb::PublishReply> {
-        let app = auth::app_caller(&self.node, &request)?;
+        let app = auth::app_caller(&self.node, &request).await?;
         let r = request.into_inner();
         same_app(&app, &r.app)?;
         if r.topic.is_empty() || r.topic.len() > crate::room::MAX_NAME {
@@ -264,7 +264,7 @@ impl Herald for HeraldApi {
 
     #[instrument(skip_all, fields(app))]
     async fn kick(&self, request: Request<pb::KickRequest>) -> Reply<pb::KickReply> {
-        let app = auth::app_caller(&self.node, &request)?;
+        let app = auth::app_caller(&self.node, &request).await?;
         let r = request.into_inner();
         same_app(&app, &r.app)?;
         if r.user.is_empty() {
@@ -289,7 +289,7 @@ impl Herald for HeraldApi {
     }
 
     async fn status(&self, request: Request<pb::StatusRequest>) -> Reply<pb::StatusReply> {
-        let app = auth::app_caller(&self.node, &request)?;
+        let app = auth::app_caller(&self.node, &request).await?;
         let at = self.read_point(&request).await?;
         let md = request.metadata().clone();
         let r = request.into_inner();
@@ -333,7 +333,7 @@ impl Herald for HeraldApi {
         &self,
         request: Request<pb::DeliveryStatusRequest>,
     ) -> Reply<pb::DeliveryStatusReply> {
-        let app = auth::app_caller(&self.node, &request)?;
+        let app = auth::app_caller(&self.node, &request).await?;
         let at = self.read_point(&request).await?;
         let md = request.metadata().clone();
         let r = request.into_inner();
@@ -535,6 +535,8 @@ impl Herald for HeraldApi {
         auth::admin(&self.node, &request)?;
         let req = request.into_inner();
         validate_app_id(&req.id)?;
+        // Read what every earlier admin write did before deciding the app is new.
+        crate::barrier::catch_up(self.node.raft()).await;
         if self
             .node
             .raft()
@@ -580,7 +582,7 @@ impl Herald for HeraldApi {
         let Some(app) = request.into_inner().app else {
             return Err(ApiError::InvalidArgument("update needs an app".into()).into());
         };
-        let Some(current) = self.node.raft().reader().app(&app.id).map_err(ApiError::from)? else {
+        let Some(current) = self.app_after_catch_up(&app.id).await? else {
             return Err(ApiError::NotFound(format!("unknown app {:?}", app.id)).into());
         };
         let app = AppConfig {
@@ -600,7 +602,7 @@ impl Herald for HeraldApi {
     async fn get_app(&self, request: Request<pb::GetAppRequest>) -> Reply<pb::AppReply> {
         auth::admin(&self.node, &request)?;
         let id = request.into_inner().id;
-        match self.node.raft().reader().app(&id).map_err(ApiError::from)? {
+        match self.app_after_catch_up(&id).await? {
             Some(app) => Ok(Response::new(pb::AppReply {
                 app: Some(app_to_pb(app)),
             })),
@@ -610,6 +612,7 @@ impl Herald for HeraldApi {
 
     async fn list_apps(&self, request: Request<pb::ListAppsRequest>) -> Reply<pb::ListAppsReply> {
         auth::admin(&self.node, &request)?;
+        crate::barrier::catch_up(self.node.raft()).await;
         let apps = self.node.raft().reader().apps().map_err(ApiError::from)?;
         Ok(Response::new(pb::ListAppsReply {
             apps: apps.into_iter().map(app_to_pb).collect(),
@@ -792,7 +795,7 @@ impl HeraldApi {
         let me = self.node.config().id;
         let at = herald_raft::raft_node::now_ms();
         let (mut delivered, mut dropped) = (0u32, 0u32);
-        for t in targets {
+        let holders = |t: &pb::Target| {
             let sessions = self
                 .node
                 .raft()
@@ -806,6 +809,20 @@ impl HeraldApi {
                 .collect();
             nodes.sort_unstable();
             nodes.dedup();
+            nodes
+        };
+        let mut routes: Vec<Vec<u64>> = targets.iter().map(holders).collect();
+        // A target that looks offline here may have logged in (WELCOME sent) on another node
+        // whose registration this node has not applied yet: catch up with the leader once, then
+        // look again (read-your-writes, ARCHITECTURE.md).
+        if routes.iter().any(Vec::is_empty) && crate::barrier::catch_up(self.node.raft()).await {
+            for (t, nodes) in targets.iter().zip(routes.iter_mut()) {
+                if nodes.is_empty() {
+                    *nodes = holders(t);
+                }
+            }
+        }
+        for (t, nodes) in targets.iter().zip(routes) {
             let mut got = 0;
             for n in nodes {
                 if n == me {
@@ -840,6 +857,19 @@ impl HeraldApi {
             .qos0_dropped
             .fetch_add(dropped as u64, std::sync::atomic::Ordering::Relaxed);
         (delivered, dropped)
+    }
+
+    /// App `id` from this node's state, after catching up with the leader if it is not there
+    /// (read-your-writes: an app created through another node is found).
+    async fn app_after_catch_up(&self, id: &str) -> Result<Option<AppConfig>, ApiError> {
+        let reader = self.node.raft().reader();
+        if let Some(app) = reader.app(id)? {
+            return Ok(Some(app));
+        }
+        if !crate::barrier::catch_up(self.node.raft()).await {
+            return Ok(None);
+        }
+        Ok(reader.app(id)?)
     }
 
     async fn put_app(&self, app: AppConfig) -> Reply<pb::AppReply> {

@@ -361,7 +361,7 @@ impl pb::archive_server::Archive for ArchiveApi {
         &self,
         request: Request<pb::HistoryRequest>,
     ) -> Result<Response<pb::HistoryReply>, Status> {
-        let app = auth::app_caller(&self.node, &request)?;
+        let app = auth::app_caller(&self.node, &request).await?;
         let r = request.into_inner();
         if r.app != app.id {
             return Err(ApiError::PermissionDenied(format!(

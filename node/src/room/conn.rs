@@ -962,18 +962,14 @@ where
     }
 }
 
-/// Token check, Raft registration and local indexing of a new session (boxed by the caller).
-async fn register(
-    room: Arc<Room>,
-    shared: Arc<ConnShared>,
-    o: OpenSession,
-) -> Result<(Session, pc::Welcome, Vec<TopicCursor>), (ErrorCode, String)> {
+/// The session's app and its token's claims, from this node's state machine as it is.
+fn check_token(room: &Room, o: &OpenSession) -> Result<token::Claims, (ErrorCode, String)> {
     let app: AppConfig = match room.reader.app(&o.app) {
         Ok(Some(a)) => a,
         Ok(None) => return Err((ErrorCode::UnknownApp, format!("unknown app {:?}", o.app))),
         Err(e) => return Err((ErrorCode::Internal, e.to_string())),
     };
-    let claims = token::verify(
+    token::verify(
         &o.token,
         &app.secrets,
         &o.app,
@@ -990,8 +986,26 @@ async fn register(
             _ => ErrorCode::BadToken,
         };
         (code, e.to_string())
-    })?;
-    let op = Op::Register(Register {
+    })
+}
+
+/// Token check, Raft registration and local indexing of a new session (boxed by the caller).
+async fn register(
+    room: Arc<Room>,
+    shared: Arc<ConnShared>,
+    o: OpenSession,
+) -> Result<(Session, pc::Welcome, Vec<TopicCursor>), (ErrorCode, String)> {
+    // An unknown app or a token no secret of the app signed may be an admin write this node has
+    // not applied yet: catch up with the leader once before refusing (read-your-writes).
+    let claims = match check_token(&room, &o) {
+        Err((ErrorCode::UnknownApp | ErrorCode::BadToken, _))
+            if crate::barrier::catch_up(&room.raft).await =>
+        {
+            check_token(&room, &o)?
+        }
+        r => r?,
+    };
+    let register = Register {
         app: o.app.clone(),
         user: o.user.clone(),
         device: o.device.clone(),
@@ -999,20 +1013,52 @@ async fn register(
         node: room.config.node_id,
         conn: shared.id,
         session: o.session_id,
-    });
+    };
+    // The registration names the device's newest session this node knows of: one registered
+    // after it (a login of the device elsewhere) makes it a no-op. So a registration that commits
+    // after its HELLO failed never replaces the login that followed (issue 26).
+    let mut seen_epoch = match room.reader.session(&o.app, &o.user, &o.device) {
+        Ok(s) => s.map_or(0, |s| s.epoch),
+        Err(e) => return Err((ErrorCode::Internal, e.to_string())),
+    };
     // Until dropped, this attempt's registration is not an orphan even once applied.
     let attempt = super::registrations::Registrations::begin(&room, shared.id, o.session_id);
-    let (result, index) = room.raft.write_one(op).await.map_err(|e| match e {
-        WriteError::Invalid(m) => (ErrorCode::BadRequest, m),
-        other => (
-            ErrorCode::NotReady,
-            format!("cannot register the session: {other}"),
-        ),
-    })?;
-    let registered = match result {
-        OpResult::Registered(r) => r,
-        OpResult::Rejected(r) => return Err((ErrorCode::UnknownApp, r.to_string())),
-        other => return Err((ErrorCode::Internal, format!("unexpected result {other:?}"))),
+    let mut retried = false;
+    let (registered, index) = loop {
+        let op = Op::RegisterSeen {
+            register: register.clone(),
+            seen_epoch,
+        };
+        let (result, index) = room.raft.write_one(op).await.map_err(|e| match e {
+            WriteError::Invalid(m) => (ErrorCode::BadRequest, m),
+            other => (
+                ErrorCode::NotReady,
+                format!("cannot register the session: {other}"),
+            ),
+        })?;
+        match result {
+            OpResult::Registered(r) => break (r, index),
+            // The device has a session this node did not know of when proposing: usually one it
+            // had not applied yet (a fast re-login through another node). This call is live (its
+            // connection waits for the answer), so it is the newest login: catch up, then again
+            // once, naming that session. A registration whose call is over is never re-proposed.
+            OpResult::Superseded { epoch } if !retried => {
+                retried = true;
+                crate::barrier::catch_up(&room.raft).await;
+                seen_epoch = match room.reader.session(&o.app, &o.user, &o.device) {
+                    Ok(s) => s.map_or(0, |s| s.epoch).max(epoch),
+                    Err(e) => return Err((ErrorCode::Internal, e.to_string())),
+                };
+            }
+            OpResult::Superseded { epoch } => {
+                return Err((
+                    ErrorCode::NotReady,
+                    format!("logins of this device keep racing this one (epoch {epoch}); retry"),
+                ))
+            }
+            OpResult::Rejected(r) => return Err((ErrorCode::UnknownApp, r.to_string())),
+            other => return Err((ErrorCode::Internal, format!("unexpected result {other:?}"))),
+        }
     };
     if tokio::time::timeout(Duration::from_secs(10), room.reader.wait_applied(index))
         .await
@@ -1063,9 +1109,16 @@ async fn register(
         }
         _ => {}
     }
-    // The client's cursor counts as an ack of everything up to it.
-    let acked = o.last_acked_seq.max(registered.acked_seq);
-    if o.last_acked_seq > registered.acked_seq {
+    // The client's cursor counts as an ack of everything up to it, but never beyond the mailbox's
+    // head (applied above): a cursor past it would make the session skip the seqs new messages
+    // get up to the cursor (the store clamps its record the same way).
+    let head = match room.reader.mailbox_meta(&o.app, &o.user) {
+        Ok(meta) => meta.map_or(0, |m| m.next_seq.saturating_sub(1)),
+        Err(e) => return Err((ErrorCode::Internal, e.to_string())),
+    };
+    let claimed = o.last_acked_seq.min(head);
+    let acked = claimed.max(registered.acked_seq);
+    if claimed > registered.acked_seq {
         room.acks.record(&app_id, &user, &device, acked, acked);
     }
     let c = &room.config;

@@ -21,6 +21,7 @@ mod cli_client;
 mod clock;
 mod dev;
 mod durability;
+mod findings;
 mod mobile;
 mod ops;
 mod planes;

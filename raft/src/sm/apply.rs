@@ -151,6 +151,15 @@ impl<'a> Applier<'a> {
                 Ok(OpResult::Done)
             }
             Op::Register(r) => self.register(r),
+            Op::RegisterSeen { register, seen_epoch } => match self.txn.get::<Session>(
+                Cf::Sessions,
+                &keys::device(&register.app, &register.user, &register.device),
+            )? {
+                Some(current) if current.epoch > *seen_epoch => {
+                    Ok(OpResult::Superseded { epoch: current.epoch })
+                }
+                _ => self.register(register),
+            },
             Op::Unregister {
                 app,
                 user,

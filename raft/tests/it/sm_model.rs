@@ -290,6 +290,15 @@ impl Model {
                 self.nodes.insert(info.id, info.clone());
                 OpResult::Done
             }
+            Op::RegisterSeen { register, seen_epoch } => {
+                match self
+                    .sessions
+                    .get(&dk(&register.app, &register.user, &register.device))
+                {
+                    Some(s) if s.epoch > *seen_epoch => OpResult::Superseded { epoch: s.epoch },
+                    _ => self.op(&Op::Register(register.clone())),
+                }
+            }
             Op::Register(r) => {
                 let Some(app) = self.apps.get(&r.app).cloned() else {
                     return Self::unknown(&r.app);
@@ -681,9 +690,10 @@ fn gen_op() -> impl Strategy<Value = Gen> {
         name(PLATFORMS),
         1u64..4,
         0u64..100,
+        proptest::option::of(0u64..40),
     )
-        .prop_map(|(app, user, device, platform, node, conn)| {
-            Gen::Op(Op::Register(Register {
+        .prop_map(|(app, user, device, platform, node, conn, seen)| {
+            let register = Register {
                 app,
                 user,
                 device,
@@ -691,7 +701,11 @@ fn gen_op() -> impl Strategy<Value = Gen> {
                 node,
                 conn,
                 session: 1,
-            }))
+            };
+            Gen::Op(match seen {
+                None => Op::Register(register),
+                Some(seen_epoch) => Op::RegisterSeen { register, seen_epoch },
+            })
         });
     let target = (
         name(USERS),
@@ -1078,4 +1092,57 @@ proptest! {
             Ok(())
         })?;
     }
+}
+
+/// Issue 26: a registration that commits after its HELLO failed (proposed when the device had no
+/// session) must not replace the login that followed it; one proposed by a node that saw that
+/// login does replace it (newest wins).
+#[test]
+fn a_late_registration_never_replaces_the_login_that_followed_it() {
+    runtime().block_on(async {
+        let dir = TempDir::new().unwrap();
+        let mut sm = StateMachine::open(dir.path(), Arc::new(NoObserver)).unwrap();
+        let reg = |conn: u64| Register {
+            app: "a1".into(),
+            user: "u".into(),
+            device: "d".into(),
+            platform: "ios".into(),
+            node: 1,
+            conn,
+            session: 1,
+        };
+        let seen = |conn: u64, seen_epoch: u64| Op::RegisterSeen {
+            register: reg(conn),
+            seen_epoch,
+        };
+        let got = sm
+            .apply(vec![
+                entry(1, 1_000, vec![Op::PutApp(app_config("a1", 0))]),
+                // The newer login (on node 2's view: no session yet) commits first.
+                entry(2, 1_001, vec![seen(20, 0)]),
+                // The late one, proposed before that login existed, commits after it.
+                entry(3, 1_002, vec![seen(10, 0)]),
+            ])
+            .await
+            .unwrap();
+        let newer = match &got[1].results[0] {
+            OpResult::Registered(r) => r.epoch,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(got[2].results[0], OpResult::Superseded { epoch: newer });
+        let s = sm.reader().session("a1", "u", "d").unwrap().unwrap();
+        assert_eq!((s.conn, s.epoch), (20, newer));
+        // A login proposed by a node that saw the current session wins.
+        let got = sm
+            .apply(vec![entry(4, 1_003, vec![seen(30, newer)])])
+            .await
+            .unwrap();
+        let newest = match &got[0].results[0] {
+            OpResult::Registered(r) => r.epoch,
+            other => panic!("{other:?}"),
+        };
+        assert!(newest > newer);
+        let s = sm.reader().session("a1", "u", "d").unwrap().unwrap();
+        assert_eq!((s.conn, s.epoch), (30, newest));
+    });
 }
