@@ -282,6 +282,14 @@ async fn admin_calls(c: &Cluster, app: &App, md: &[(&'static str, String)]) -> V
             ),
         ),
         (
+            "VerifyReplicas",
+            code(
+                g.verify_replicas(with_md(md, pb::VerifyReplicasRequest { timeout_ms: 100 }))
+                    .await
+                    .map(|_| Code::Ok),
+            ),
+        ),
+        (
             "RemoveNode",
             code(
                 g.remove_node(with_md(md, pb::RemoveNodeRequest { node_id: 1 }))
@@ -323,7 +331,7 @@ async fn admin_grpc_calls_without_the_admin_token_are_unauthenticated() {
     ];
     for (what, md) in &attempts {
         let answers = admin_calls(&c, &app, md).await;
-        assert_eq!(answers.len(), 7);
+        assert_eq!(answers.len(), 8);
         for (call, code) in &answers {
             assert_eq!(*code, Code::Unauthenticated, "{call} with {what}: {answers:?}");
         }
@@ -599,7 +607,7 @@ async fn forged_node_to_node_calls_without_this_clusters_certificate_never_reach
             Err(_) => {}
             Ok(ch) => {
                 let answers = crate::planes::internal_rpcs(&ch).await;
-                assert_eq!(answers.len(), 7);
+                assert_eq!(answers.len(), 8);
                 for (rpc, code) in &answers {
                     assert!(
                         refused_by_the_handshake(*code),

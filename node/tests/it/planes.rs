@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use herald_proto::peer::peer_client::PeerClient;
-use herald_proto::peer::{DeliverRequest, RatesRequest};
+use herald_proto::peer::{AppliedIndexRequest, DeliverRequest, RatesRequest};
 use herald_proto::raft::raft_service_client::RaftServiceClient;
 use herald_proto::raft::{ForwardRequest, ProbeRequest, RaftRequest, SnapshotChunk};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
@@ -115,6 +115,10 @@ pub(crate) async fn internal_rpcs(channel: &Channel) -> Vec<(&'static str, Code)
             ),
         ),
         ("Rates", code(peer.rates(RatesRequest {}).await.map(|_| Code::Ok))),
+        (
+            "AppliedIndex",
+            code(peer.applied_index(AppliedIndexRequest {}).await.map(|_| Code::Ok)),
+        ),
     ]
 }
 
@@ -124,7 +128,7 @@ async fn internal_rpcs_on_the_public_port_are_unimplemented_and_not_advertised()
     let leader = c.wait_leader().await;
     let public = plain(c.grpc_addr(leader)).await;
     let answers = internal_rpcs(&public).await;
-    assert_eq!(answers.len(), 7);
+    assert_eq!(answers.len(), 8);
     for (rpc, code) in &answers {
         assert_eq!(
             *code,
