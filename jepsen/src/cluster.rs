@@ -106,9 +106,10 @@ pub struct Cluster {
     slots: Mutex<BTreeMap<u64, Slot>>,
     /// Per node: the proxy in front of its gRPC API and the one in front of its cluster plane.
     proxies: Mutex<BTreeMap<u64, Vec<Proxy>>>,
-    /// The harness's own cluster-plane identity for probes (node 1's certificate: the harness
-    /// acts as an operator who holds the cluster's keys).
-    probe_tls: ClientIdentity,
+    /// The certificates directory the harness's probes take their identity from: a probe of
+    /// node N presents node N's own certificate (the harness acts as an operator who holds the
+    /// cluster's keys), which N accepts whatever the membership says of other nodes.
+    probe_tls: PathBuf,
     channels: Mutex<BTreeMap<(u64, bool), Channel>>,
     /// Channels to the nodes' cluster planes (probes), by node id.
     cluster_channels: Mutex<BTreeMap<u64, Channel>>,
@@ -121,7 +122,7 @@ impl Cluster {
         std::fs::create_dir_all(&dir)?;
         let certs = dir.join("certs");
         make_certs(&bin, &certs, &ids)?;
-        let probe_tls = ClientIdentity::load(&certs, 1)?;
+        let probe_tls = certs.clone();
         let net = Net::create(&ids)?;
         let mut proxies = BTreeMap::new();
         for n in net.nodes.values() {
@@ -490,7 +491,7 @@ impl Cluster {
             return Ok(c.clone());
         }
         let c = Channel::from_shared(format!("https://{}", self.cluster_direct(id)))?
-            .tls_config(self.probe_tls.config(id))?
+            .tls_config(ClientIdentity::load(&self.probe_tls, id)?.config(id))?
             .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true)
             .connect_lazy();

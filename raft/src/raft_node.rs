@@ -115,13 +115,19 @@ pub enum StartError {
 struct Members(RaftNode);
 
 impl AllowedPeers for Members {
+    /// The newest membership's nodes, plus the leader this node follows: a leader that removes
+    /// itself keeps replicating the change to the new members until it commits, and they must
+    /// keep taking its AppendEntries although their newest membership no longer names it.
     fn allowed(&self) -> Vec<NodeId> {
-        let ids = self.0.member_ids();
+        let mut ids = self.0.member_ids();
         if ids.is_empty() {
-            self.0.inner.config.peers.keys().copied().collect()
-        } else {
-            ids
+            return self.0.inner.config.peers.keys().copied().collect();
         }
+        let leader = self.0.inner.raft.metrics().borrow().current_leader;
+        if let Some(l) = leader.filter(|l| !ids.contains(l)) {
+            ids.push(l);
+        }
+        ids
     }
 }
 

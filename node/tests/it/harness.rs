@@ -462,10 +462,11 @@ pub enum ClusterTlsSpec {
 }
 
 /// An endpoint for node `id`'s cluster plane at `addr` over TLS: trusting `ca`, presenting node
-/// 1's certificate from the `herald certs` directory `dir`.
+/// `id`'s own certificate from the `herald certs` directory `dir` (a node always accepts itself,
+/// whoever else the membership names).
 fn tls_endpoint(addr: &str, id: u64, ca: &Path, dir: &Path) -> anyhow::Result<tonic::transport::Endpoint> {
     use tonic::transport::{Certificate, ClientTlsConfig, Identity};
-    let (cert, key) = herald_node::certs::node_paths(dir, 1);
+    let (cert, key) = herald_node::certs::node_paths(dir, id);
     let cfg = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(std::fs::read(ca)?))
         .identity(Identity::from_pem(std::fs::read(cert)?, std::fs::read(key)?))
@@ -837,8 +838,8 @@ impl Cluster {
     }
 
     /// A channel to node `id`'s cluster plane (its raft service), as an operator's tool would
-    /// open it: with TLS, trusting the cluster CA and presenting node 1's certificate (a member;
-    /// the harness holds the cluster's keys); plaintext for `--insecure-cluster`.
+    /// open it: with TLS, trusting the cluster CA and presenting node `id`'s own certificate (the
+    /// harness holds the cluster's keys); plaintext for `--insecure-cluster`.
     pub async fn cluster_channel(&self, id: u64) -> anyhow::Result<Channel> {
         let addr = self.cluster_addr(id);
         let endpoint = match &self.spec(id).cluster_tls {
