@@ -20,6 +20,10 @@ use std::collections::BTreeMap;
 use super::CheckResult;
 use crate::history::{Op, Type, F};
 
+/// How far the final state hashes may stand behind the largest applied index a probe reported
+/// (see the final check).
+const BLANK_SLACK: u64 = 1;
+
 /// How long after a power cut of a node its applied index may be seen to go back.
 const CUT_REACH_US: u64 = 60_000_000;
 
@@ -97,10 +101,13 @@ pub fn check(history: &[Op]) -> CheckResult {
     }
     // The final state must contain every index ever reported applied.
     let finals: Vec<&Op> = history.iter().filter(|o| o.f == F::Hash).collect();
+    // Probes report openraft's applied index, the final hashes the state machine's stored one,
+    // which stands one entry behind after a new leader's blank entry (seen in a short run: a
+    // leader probed at 685 hashed at 684 with every other node): one entry of slack.
     if let (Some((seen, node, op)), Some(fin)) =
         (max_applied, finals.iter().filter_map(|o| o.value.applied).max())
     {
-        if fin < seen {
+        if fin + BLANK_SLACK < seen {
             r.violation(
                 "commit-went-back",
                 format!("node {node} had applied index {seen}, but the healed cluster ends at {fin}"),
@@ -200,6 +207,25 @@ mod tests {
         assert_eq!(r.count_kind("commit-went-back"), 1, "node 1 had no cut: {r:#?}");
         assert_eq!(r.stats["applied_back_after_cut"], 1);
         assert!(r.violations[0].detail.contains("node 1"), "{r:#?}");
+    }
+
+    #[test]
+    fn a_final_hash_one_blank_entry_behind_the_probes_is_fine() {
+        let mut fin = Op::new(
+            9,
+            MONITOR,
+            Type::Ok,
+            F::Hash,
+            Val {
+                applied: Some(9),
+                hash: Some(1),
+                ..Val::default()
+            },
+        )
+        .with_node(1);
+        fin.index = 9;
+        let h = vec![probe(0, 1, 3, "leader", 10, 0), fin];
+        assert_eq!(check(&h).count_kind("commit-went-back"), 0);
     }
 
     #[test]
