@@ -597,7 +597,7 @@ where
                 push_small(&mut self.sessions[i].topics, t.topic.clone());
             }
         }
-        let current = self
+        let mut current = self
             .room
             .reader
             .topic_meta(&app, &t.topic)
@@ -607,8 +607,12 @@ where
             .unwrap_or(0);
         match t.last_seq {
             None => {
-                if !is_broadcast {
-                    self.room.subscribe(&app, &t.topic, &self.shared, sid, true);
+                if is_broadcast {
+                    self.room
+                        .raise_floor(&app, BROADCAST, self.shared.id, sid, current);
+                } else {
+                    self.room
+                        .subscribe(&app, &t.topic, &self.shared, sid, true, current);
                 }
             }
             Some(cursor) => {
@@ -616,7 +620,8 @@ where
                 if is_broadcast {
                     self.room.unsubscribe(&app, BROADCAST, self.shared.id, sid);
                 }
-                self.room.subscribe(&app, &t.topic, &self.shared, sid, false);
+                self.room
+                    .subscribe(&app, &t.topic, &self.shared, sid, false, cursor);
                 let mut cursor = cursor;
                 loop {
                     cursor = self.replay_topic(sid, &app, &t.topic, cursor);
@@ -627,6 +632,8 @@ where
                         break;
                     }
                 }
+                // The replay may have gone past the seq read above; live messages follow it.
+                current = current.max(cursor);
             }
         }
         self.send(Kind::Subscribed(pc::Subscribed {

@@ -93,6 +93,18 @@ pub struct TopicSub {
     /// False while the session catches up from the retained log; live messages skip it then (the
     /// catch-up reads them from the state machine instead).
     pub ready: bool,
+    /// Live messages at or below this topic seq skip the subscription: the session was told (by
+    /// SUBSCRIBED or its replay) that it starts after them. A message is written to the state
+    /// machine before the apply path fans it out, so a subscriber that read the topic's seq in
+    /// between would otherwise get it live as well, behind the seq it was told.
+    pub floor: u64,
+}
+
+impl TopicSub {
+    /// Whether a live message with topic seq `seq` goes to this subscription.
+    pub fn takes(&self, seq: u64) -> bool {
+        self.ready && seq > self.floor
+    }
 }
 
 const SHARDS: usize = 32;
@@ -316,6 +328,7 @@ impl Room {
                 conn: s.conn.clone(),
                 session_id: s.session_id,
                 ready: true,
+                floor: 0,
             },
         );
         self.users.insert(app, user, s);
@@ -333,7 +346,17 @@ impl Room {
         self.stats.sessions.fetch_sub(1, Ordering::Relaxed);
     }
 
-    pub fn subscribe(&self, app: &str, topic: &str, conn: &Arc<ConnShared>, session_id: u32, ready: bool) {
+    /// Subscribes a local session; live messages at or below `floor` skip it (see
+    /// [`TopicSub::floor`]).
+    pub fn subscribe(
+        &self,
+        app: &str,
+        topic: &str,
+        conn: &Arc<ConnShared>,
+        session_id: u32,
+        ready: bool,
+        floor: u64,
+    ) {
         self.topics.insert(
             app,
             topic,
@@ -341,8 +364,22 @@ impl Room {
                 conn: conn.clone(),
                 session_id,
                 ready,
+                floor,
             },
         );
+    }
+
+    /// Raises the floor of an existing subscription (the implicit broadcast one, whose SUBSCRIBED
+    /// comes after the session was indexed).
+    pub fn raise_floor(&self, app: &str, topic: &str, conn: u64, session_id: u32, floor: u64) {
+        self.topics.update(app, topic, |subs| {
+            for s in subs
+                .iter_mut()
+                .filter(|s| s.conn.id == conn && s.session_id == session_id)
+            {
+                s.floor = s.floor.max(floor);
+            }
+        });
     }
 
     pub fn unsubscribe(&self, app: &str, topic: &str, conn: u64, session_id: u32) {
@@ -352,7 +389,8 @@ impl Room {
 
     /// Marks a caught-up subscription live if nothing was published since `delivered`; returns
     /// false (stay in catch-up) otherwise. Runs under the topic's shard lock, which the apply path
-    /// also takes, so no message falls between the check and the switch.
+    /// also takes, so no message falls between the check and the switch; one already written but
+    /// not yet fanned out was read by the replay and stays below the raised floor.
     pub fn mark_ready(&self, app: &str, topic: &str, conn: u64, session_id: u32, delivered: u64) -> bool {
         let mut ok = false;
         self.topics.update(app, topic, |subs| {
@@ -369,6 +407,7 @@ impl Room {
                     .filter(|s| s.conn.id == conn && s.session_id == session_id)
                 {
                     s.ready = true;
+                    s.floor = s.floor.max(delivered);
                 }
                 ok = true;
             }
@@ -443,7 +482,7 @@ impl Room {
         let body = topic_push_body(topic, msg);
         let mut n = 0;
         self.topics.with(app, topic, |subs| {
-            for s in subs.iter().filter(|s| s.ready) {
+            for s in subs.iter().filter(|s| s.takes(msg.seq)) {
                 let (head, head_len) = shared_head(s.session_id, body.len());
                 if s.conn.push(Outbound::Shared {
                     head,
@@ -592,6 +631,24 @@ pub fn shared_head(session_id: u32, body_len: usize) -> ([u8; 16], u8) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_subscription_takes_only_live_messages_after_its_floor() {
+        let peer = "127.0.0.1:1".parse().unwrap();
+        let conn = Arc::new(ConnShared::new(1, peer, 0, 1_000, 8));
+        let sub = |ready, floor| TopicSub {
+            conn: conn.clone(),
+            session_id: 1,
+            ready,
+            floor,
+        };
+        // Told SUBSCRIBED seq 3: seqs 1-3, written before and fanned out after, stay away.
+        assert!(!sub(true, 3).takes(3));
+        assert!(!sub(true, 3).takes(1));
+        assert!(sub(true, 3).takes(4));
+        // Catching up from the retained log: nothing live.
+        assert!(!sub(false, 0).takes(9));
+    }
 
     #[test]
     fn a_shared_frame_decodes_as_one_push_with_the_session_id() {
