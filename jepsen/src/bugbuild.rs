@@ -6,13 +6,19 @@
 //! | `ack-before-commit` | `bug-ack-before-commit` | node/src/api/mod.rs `push` | `lost` (acknowledged pushes that never committed, under partitions) |
 //! | `skip-fsync` | `bug-skip-fsync` (raft) | raft/src/log_store.rs | `lost` / `convergence` / `raft` after power loss |
 //! | `stale-registry` | `bug-stale-registry` | node/src/room/observer.rs | `fencing` (a replaced session still gets messages) |
+//! | `leader-clock` | `bug-leader-clock` (raft) | raft/src/clock.rs | `lost` (`expired-early`: a leader hours ahead expires messages with TTLs of minutes) |
 
 use std::path::PathBuf;
 use std::process::Command;
 
 use anyhow::{bail, Context};
 
-pub const BUGS: [&str; 3] = ["ack-before-commit", "skip-fsync", "stale-registry"];
+pub const BUGS: [&str; 4] = [
+    "ack-before-commit",
+    "skip-fsync",
+    "stale-registry",
+    "leader-clock",
+];
 
 /// The suite's target dir for bugged builds (one dir: RocksDB is compiled once for all bugs).
 pub fn target_dir() -> PathBuf {

@@ -83,7 +83,8 @@ struct RunArgs {
     /// Output dir of the run (default ~/.cache/herald/jepsen/<time>).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Run against a build with this injected bug: ack-before-commit, skip-fsync, stale-registry.
+    /// Run against a build with this injected bug: ack-before-commit, skip-fsync, stale-registry,
+    /// leader-clock.
     #[arg(long)]
     bug: Option<String>,
     /// The herald binary (default: `herald` next to this executable).
@@ -261,12 +262,16 @@ fn short_plan(base: &RunArgs) -> Vec<Plan> {
         },
         Plan {
             name: "net-clock-membership".into(),
-            args: fast(plan_args(
-                base,
-                "delay,loss,clock,membership,partition-kill",
-                "offline,topics",
-                40,
-            )),
+            // Starts with one node's clock off by minutes to hours (TTLs of minutes in `offline`).
+            args: RunArgs {
+                first_fault: Some("clock-hours".into()),
+                ..fast(plan_args(
+                    base,
+                    "delay,loss,clock,clock-hours,membership,partition-kill",
+                    "offline,topics",
+                    40,
+                ))
+            },
             expect: None,
         },
     ]
@@ -277,7 +282,7 @@ fn long_plan(base: &RunArgs) -> Vec<Plan> {
     [
         ("kill,pause,power", "qos1,offline,topics"),
         ("partition", "qos1,registry,storm"),
-        ("delay,loss,clock", "all"),
+        ("delay,loss,clock,clock-hours", "all"),
         ("membership,partition-kill,pause-kill", "all"),
         ("all", "all"),
     ]
@@ -314,6 +319,14 @@ fn bug_plan(base: &RunArgs) -> Vec<Plan> {
         name: "bug-skip-fsync".into(),
         args: a,
         expect: Some(vec!["lost", "convergence", "raft", "order", "unexpected"]),
+    });
+    let mut a = plan_args(base, "clock-hours,partition-leader", "offline", 120);
+    a.bug = Some("leader-clock".into());
+    a.first_fault = Some("clock-hours".into());
+    plans.push(Plan {
+        name: "bug-leader-clock".into(),
+        args: a,
+        expect: Some(vec!["lost"]),
     });
     let mut a = plan_args(base, "none", "storm", 40);
     a.bug = Some("stale-registry".into());

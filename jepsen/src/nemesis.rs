@@ -12,6 +12,7 @@
 //! | `delay` | every node's proxy holds each chunk 30 ms + up to 40 ms |
 //! | `loss` | every node's proxy stalls 5% of the chunks 400 ms (a TCP retransmission) and cuts 0.2% of the connections |
 //! | `clock` | one or two nodes restart with their wall clock 2–120 s ahead or behind (`HERALD_CLOCK_OFFSET_MS`); back to 0 at heal |
+//! | `clock-hours` | one node (never more at a time) restarts with its wall clock 5 min–3 h off, ahead three times in four; back to 0 at heal |
 //! | `membership` | RemoveNode of a voter under load, then SIGKILL and wipe it; at heal it starts empty and is added back (AddNode) |
 //! | `power-one` | power cut of one node (the leader half of the time): SIGKILL, then its powerfs disk loses every write it did not fsync (see `powerfs`); restarted 1–3 s later |
 //! | `power-minority` | the same for a random minority at once |
@@ -52,6 +53,7 @@ pub enum Fault {
     Delay,
     Loss,
     Clock,
+    ClockHours,
     Membership,
     PowerOne,
     PowerMinority,
@@ -61,7 +63,7 @@ pub enum Fault {
 }
 
 impl Fault {
-    pub const ALL: [Fault; 16] = [
+    pub const ALL: [Fault; 17] = [
         Fault::Kill,
         Fault::Pause,
         Fault::PartitionOne,
@@ -72,6 +74,7 @@ impl Fault {
         Fault::Delay,
         Fault::Loss,
         Fault::Clock,
+        Fault::ClockHours,
         Fault::Membership,
         Fault::PowerOne,
         Fault::PowerMinority,
@@ -92,6 +95,7 @@ impl Fault {
             Fault::Delay => "delay",
             Fault::Loss => "loss",
             Fault::Clock => "clock",
+            Fault::ClockHours => "clock-hours",
             Fault::Membership => "membership",
             Fault::PowerOne => "power-one",
             Fault::PowerMinority => "power-minority",
@@ -159,6 +163,8 @@ struct State {
     paused: BTreeSet<u64>,
     grudge: BTreeMap<u64, BTreeSet<u64>>,
     skewed: BTreeSet<u64>,
+    /// One of `skewed` is off by minutes to hours (at most one at a time).
+    skewed_hours: bool,
     removed: BTreeSet<u64>,
     proxies: bool,
 }
@@ -466,22 +472,50 @@ impl Nemesis {
                 self.st.proxies = true;
                 self.record_done(v, r.map(|_| "installed").map_err(|e| e.to_string()));
             }
-            Fault::Clock => {
-                let mut live = self.live();
+            Fault::Clock | Fault::ClockHours => {
+                // `clock-hours`: one node (a minority) by minutes to hours, mostly ahead (an
+                // ahead clock is the one that could expire messages early); `clock`: one or two
+                // nodes by seconds to two minutes either way. At most one node is off by hours at
+                // a time: a majority of wrong clocks is outside what the cluster clock defends.
+                let hours = f == Fault::ClockHours;
+                if hours && self.st.skewed_hours {
+                    return self.skip(f, "a node's clock is already off by hours");
+                }
+                // Half the `clock-hours` faults then restart the leader too, so the skewed node
+                // gets a fair chance to lead (it must, to stamp entries).
+                let unseat = if hours && self.rng.gen_bool(0.5) {
+                    c.leader().await
+                } else {
+                    None
+                };
+                let mut live: Vec<u64> = self.live().into_iter().filter(|x| Some(*x) != unseat).collect();
                 live.shuffle(&mut self.rng);
-                let k = self.rng.gen_range(1..=2usize).min(live.len());
+                let k = if hours { 1 } else { self.rng.gen_range(1..=2usize) }.min(live.len());
                 let chosen: Vec<u64> = live[..k].to_vec();
                 if chosen.is_empty() {
                     return self.skip(f, "no live node");
                 }
-                let v = self.record_invoke(f.name(), &chosen);
+                let acted: Vec<u64> = chosen.iter().copied().chain(unseat).collect();
+                let v = self.record_invoke(f.name(), &acted);
                 for &x in &chosen {
-                    let ms =
-                        self.rng.gen_range(2_000..120_000i64) * if self.rng.gen_bool(0.5) { 1 } else { -1 };
+                    let ms = if hours {
+                        self.st.skewed_hours = true;
+                        self.rng.gen_range(300_000..3 * 3_600_000i64)
+                            * if self.rng.gen_bool(0.75) { 1 } else { -1 }
+                    } else {
+                        self.rng.gen_range(2_000..120_000i64) * if self.rng.gen_bool(0.5) { 1 } else { -1 }
+                    };
                     c.set_clock_offset(x, ms);
                     c.kill9(x);
                     let _ = c.start(x);
                     self.st.skewed.insert(x);
+                }
+                if let Some(l) = unseat {
+                    // Once the skewed node is up, the leader restarts: an election between the
+                    // skewed node and the third.
+                    tokio::time::sleep(Duration::from_secs(3)).await;
+                    c.kill9(l);
+                    let _ = c.start(l);
                 }
                 self.record_done(v, Ok("installed"));
             }
@@ -621,6 +655,7 @@ impl Nemesis {
                 }
             }
         }
+        self.st.skewed_hours = false;
         for x in std::mem::take(&mut self.st.skewed) {
             c.set_clock_offset(x, 0);
             if c.is_running(x) {

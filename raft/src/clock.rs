@@ -137,6 +137,13 @@ impl ClusterClock {
         let mut st = self.state.lock();
         st.observe(log_time_ms, at);
         let e = st.estimate(me, local_ms, at, voters);
+        // BUG INJECTION (test-only cargo feature `bug-leader-clock`, for the jepsen suite): the
+        // leader stamps its own wall clock, so one node's clock error moves log time for all.
+        #[cfg(feature = "bug-leader-clock")]
+        let e = Estimate {
+            ms: local_ms,
+            source: Source::Alone,
+        };
         st.observe(e.ms, at);
         let off = local_ms.abs_diff(e.ms) > AGREE_MS;
         let warn = off

@@ -915,24 +915,30 @@ impl RaftNode {
         if !is_node {
             return Err(MembershipError::Refused(format!("node {id} is not a member")));
         }
-        let mut index = 0;
-        if is_voter {
+        // One change either way: removing a voter without `retain` drops its node entry too. A
+        // second change after it (RemoveNodes) would reach a leader that just removed itself and
+        // is stepping down, which openraft 0.9 answers with a panic of its core ("Only leader is
+        // allowed to call update_effective_membership()").
+        let change = if is_voter {
             let voters = m.membership().voter_ids().filter(|v| *v != id).count();
             if voters == 0 {
                 return Err(MembershipError::Refused("cannot remove the last voter".into()));
             }
-            let r = raft
-                .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
-                .await
-                .map_err(|e| self.membership_error(e))?;
-            index = r.log_id.index;
-        }
+            ChangeMembers::RemoveVoters(BTreeSet::from([id]))
+        } else {
+            ChangeMembers::RemoveNodes(BTreeSet::from([id]))
+        };
         let r = raft
-            .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
+            .change_membership(change, false)
             .await
             .map_err(|e| self.membership_error(e))?;
-        index = index.max(r.log_id.index);
-        info!(node_id = id, log_index = index, "node removed");
+        let index = r.log_id.index;
+        info!(
+            node_id = id,
+            log_index = index,
+            leader_removed = id == self.id(),
+            "node removed"
+        );
         Ok(index)
     }
 

@@ -2,15 +2,100 @@
 //! every fault was healed and the clients drained; and an acknowledged topic publish or broadcast
 //! that a subscriber whose subscription covered it never got.
 //!
-//! Not losses: indeterminate (`info`) pushes, and messages the SDK reported as a gap (trimmed by
-//! a cap or expired: counted in `stats.excused_by_gap`; the suite's app has caps far above what a
-//! run pushes). A push to a user none of whose devices ever connected cannot be judged
+//! Not losses: indeterminate (`info`) pushes, and messages the SDK reported as a gap that a cap or
+//! a TTL could have caused (counted in `stats.excused_by_gap`):
+//! - `EXPIRED` only once the message's TTL had passed by the harness's clock, less
+//!   [`EXPIRY_SLACK_MS`], since the invocation of its push. Earlier, the cluster's log time ran
+//!   ahead of real time: `expired-early`, however the gap was reported.
+//! - `TRIMMED` only when the stream got more messages than the suite's caps
+//!   ([`SUITE_CAP`]): never in a run of this size, so `trimmed-under-cap`.
+//! - Any other reason (`TOO_LARGE`, unknown): `gap-unexplained`; the suite's payloads are tiny.
+//!
+//! A push to a user none of whose devices ever connected cannot be judged
 //! (`stats.unverifiable`).
 
 use std::collections::{HashMap, HashSet};
 
-use super::{CheckResult, Index};
-use crate::history::{Type, F};
+use super::{CheckResult, Index, Sent};
+use crate::history::{Op, Type, F};
+
+/// How early an `EXPIRED` gap may come, by the harness's clock, before it counts as early: the
+/// clock nemesis skews one or two nodes by up to 120 s (which can move the median of three
+/// clocks by as much), plus the harness's own timing. Hour-scale skews (one node) must not show.
+pub const EXPIRY_SLACK_MS: u64 = 130_000;
+
+/// The suite app's mailbox cap and topic retention (`Cluster::create_app`).
+pub const SUITE_CAP: u64 = 1_000_000;
+
+/// The server's default TTL (`AppLimits::default`): a push sent without one.
+const DEFAULT_TTL_MS: u64 = 7 * 24 * 3600 * 1000;
+
+/// A reported gap: seqs `[from, to]`, why, and when the client was told.
+#[derive(Clone, Copy)]
+struct GapSeen<'a> {
+    from: u64,
+    to: u64,
+    reason: Option<&'a str>,
+    time_us: u64,
+    index: u64,
+}
+
+/// What a gap covering an acknowledged message says about it.
+enum Excuse {
+    /// No gap covers it.
+    None,
+    /// A cap or the TTL could have caused the gap.
+    Excused,
+    /// A gap covers it that nothing the suite does could have caused: (kind, detail, gap op).
+    Bad(&'static str, String, u64),
+}
+
+/// Judges the gaps covering `seq` of a stream for the message `s` (`count`: messages the stream
+/// was sent).
+fn excuse(gaps: Option<&Vec<GapSeen<'_>>>, s: &Sent<'_>, msg: &str, count: u64) -> Excuse {
+    let Some(seq) = s.seq else { return Excuse::None };
+    let Some(g) = gaps.and_then(|v| v.iter().find(|g| g.from <= seq && seq <= g.to)) else {
+        return Excuse::None;
+    };
+    match g.reason {
+        Some("Expired") => {
+            let ttl = s.ttl_ms.unwrap_or(DEFAULT_TTL_MS);
+            let sent_us = s.pair.invoke.time_us;
+            let earliest_us = sent_us
+                .saturating_add(ttl.saturating_mul(1000))
+                .saturating_sub(EXPIRY_SLACK_MS * 1000);
+            if g.time_us >= earliest_us {
+                Excuse::Excused
+            } else {
+                Excuse::Bad(
+                    "expired-early",
+                    format!(
+                        "{msg} (seq {seq}) was reported EXPIRED {:.1} s after it was sent with a TTL of {} s",
+                        g.time_us.saturating_sub(sent_us) as f64 / 1e6,
+                        ttl / 1000
+                    ),
+                    g.index,
+                )
+            }
+        }
+        Some("Trimmed") if count > SUITE_CAP => Excuse::Excused,
+        Some("Trimmed") => Excuse::Bad(
+            "trimmed-under-cap",
+            format!("{msg} (seq {seq}) was reported TRIMMED, but its stream got {count} messages, under the cap of {SUITE_CAP}"),
+            g.index,
+        ),
+        other => Excuse::Bad(
+            "gap-unexplained",
+            format!("{msg} (seq {seq}) fell in a gap of reason {other:?}, which nothing in the suite causes"),
+            g.index,
+        ),
+    }
+}
+
+/// The history index of an op, for violations.
+fn at(o: &Op) -> u64 {
+    o.index
+}
 
 pub fn check(idx: &Index<'_>) -> CheckResult {
     let mut r = CheckResult::new("lost");
@@ -31,7 +116,7 @@ pub fn check(idx: &Index<'_>) -> CheckResult {
         }
     }
     // Gaps: mailbox per user, topics per scope.
-    let mut gaps: HashMap<GapScope<'_>, Vec<(u64, u64)>> = HashMap::new();
+    let mut gaps: HashMap<GapScope<'_>, Vec<GapSeen<'_>>> = HashMap::new();
     for o in idx.history.iter().filter(|o| o.f == F::Gap) {
         let (Some(a), Some(b)) = (o.value.from_seq, o.value.to_seq) else {
             continue;
@@ -40,14 +125,24 @@ pub fn check(idx: &Index<'_>) -> CheckResult {
             None => (o.value.user.as_deref(), None, None),
             Some(t) => (None, o.value.scope, Some(t)),
         };
-        gaps.entry(key).or_default().push((a, b));
+        gaps.entry(key).or_default().push(GapSeen {
+            from: a,
+            to: b,
+            reason: o.value.reason.as_deref(),
+            time_us: o.time_us,
+            index: at(o),
+        });
     }
-    let covered = |key: (Option<&str>, Option<u64>, Option<&str>), seq: Option<u64>| {
-        seq.is_some_and(|s| {
-            gaps.get(&key)
-                .is_some_and(|v| v.iter().any(|(a, b)| *a <= s && s <= *b))
-        })
-    };
+    // Messages sent per stream (any outcome): what a cap would be measured against.
+    let mut per_user: HashMap<&str, u64> = HashMap::new();
+    let mut per_topic: HashMap<&str, u64> = HashMap::new();
+    for s in idx.sent.values() {
+        match (s.f, s.user.as_deref(), s.topic.as_deref()) {
+            (F::Push, Some(u), _) => *per_user.entry(u).or_default() += 1,
+            (F::Publish | F::Broadcast, _, Some(t)) => *per_topic.entry(t).or_default() += 1,
+            _ => {}
+        }
+    }
     let users_with_clients: HashSet<&str> = idx.clients.values().map(|(u, _, _)| u.as_str()).collect();
 
     let (mut checked, mut excused, mut unverifiable, mut indeterminate) = (0u64, 0u64, 0u64, 0u64);
@@ -72,9 +167,17 @@ pub fn check(idx: &Index<'_>) -> CheckResult {
         if got.contains(&(user, msg.as_str())) {
             continue;
         }
-        if covered((Some(user), None, None), s.seq) {
-            excused += 1;
-            continue;
+        let count = per_user.get(user).copied().unwrap_or(0);
+        match excuse(gaps.get(&(Some(user), None, None)), s, msg, count) {
+            Excuse::Excused => {
+                excused += 1;
+                continue;
+            }
+            Excuse::Bad(kind, detail, gap) => {
+                r.violation(kind, detail, vec![s.pair.invoke.index, gap]);
+                continue;
+            }
+            Excuse::None => {}
         }
         let mut ops = vec![s.pair.invoke.index];
         ops.extend(s.pair.done.map(|d| d.index));
@@ -143,9 +246,17 @@ pub fn check(idx: &Index<'_>) -> CheckResult {
             if got_topic.contains(&(*scope, msg.as_str())) {
                 continue;
             }
-            if covered((None, Some(*scope), Some(topic)), s.seq) {
-                excused += 1;
-                continue;
+            let count = per_topic.get(topic).copied().unwrap_or(0);
+            match excuse(gaps.get(&(None, Some(*scope), Some(topic))), s, msg, count) {
+                Excuse::Excused => {
+                    excused += 1;
+                    continue;
+                }
+                Excuse::Bad(kind, detail, gap) => {
+                    r.violation(kind, detail, vec![s.pair.invoke.index, gap]);
+                    continue;
+                }
+                Excuse::None => {}
             }
             r.violation(
                 "lost-publish",
@@ -235,13 +346,63 @@ mod tests {
                 client: Some(100),
                 from_seq: Some(1),
                 to_seq: Some(3),
+                reason: Some("Expired".into()),
                 ..Val::default()
             },
         );
-        let r = check(&Index::new(&h.ops));
+        // m3 was sent at 14 ms with a TTL of 60 s; reported expired at 200 s: excused.
+        let mut late = h.clone();
+        late.ops
+            .iter_mut()
+            .filter(|o| o.f == F::Push)
+            .for_each(|o| o.value.ttl_ms = Some(60_000));
+        late.ops.last_mut().unwrap().time_us = 200_000_000;
+        let r = check(&Index::new(&late.ops));
         assert_eq!(r.valid, Validity::Valid, "{r:?}");
         assert_eq!(r.stats["excused_by_gap"], 1);
         assert_eq!(r.stats["indeterminate_pushes"], 1);
+        // With the default TTL (days), EXPIRED 20 ms after the push is early.
+        let r = check(&Index::new(&h.ops));
+        assert_eq!(r.valid, Validity::Invalid, "{r:?}");
+        assert_eq!(r.violations[0].kind, "expired-early", "{r:?}");
+    }
+
+    #[test]
+    fn an_expiry_or_a_trim_nothing_could_cause_is_a_violation() {
+        let gap = |reason: &str, at_ms: u64| {
+            let mut h = H::new();
+            h.connected(0, 100, "u1", "d", 5, 1);
+            h.pushed(10, 10, "u1", "m1", 1, 7);
+            for o in h.ops.iter_mut().filter(|o| o.f == F::Push) {
+                o.value.ttl_ms = Some(600_000);
+            }
+            h.at(
+                at_ms,
+                100,
+                Type::Ok,
+                F::Gap,
+                Val {
+                    user: Some("u1".into()),
+                    client: Some(100),
+                    from_seq: Some(1),
+                    to_seq: Some(1),
+                    reason: Some(reason.into()),
+                    ..Val::default()
+                },
+            );
+            check(&Index::new(&h.ops))
+        };
+        // A 10-minute TTL reported expired 20 s later (a leader an hour ahead did this).
+        let r = gap("Expired", 20_000);
+        assert_eq!(r.valid, Validity::Invalid, "{r:?}");
+        assert_eq!(r.violations[0].kind, "expired-early");
+        assert!(r.violations[0].detail.contains("TTL of 600 s"), "{r:?}");
+        // Within the slack of the TTL: excused.
+        let r = gap("Expired", 600_000 - EXPIRY_SLACK_MS + 1_000);
+        assert_eq!(r.valid, Validity::Valid, "{r:?}");
+        // One message cannot overflow a cap of a million.
+        assert_eq!(gap("Trimmed", 30_000).violations[0].kind, "trimmed-under-cap");
+        assert_eq!(gap("Unspecified", 30_000).violations[0].kind, "gap-unexplained");
     }
 
     #[test]

@@ -150,6 +150,8 @@ pub struct Sent<'a> {
     /// Seq assigned (mailbox seq or topic seq), when the reply said.
     pub seq: Option<u64>,
     pub log_index: Option<u64>,
+    /// Push: the TTL it was sent with (`None`: the app's default, days).
+    pub ttl_ms: Option<u64>,
 }
 
 /// Lookups shared by the checkers, built once per history.
@@ -198,6 +200,7 @@ impl<'a> Index<'a> {
                     topic,
                     seq: seq.filter(|s| *s > 0),
                     log_index: done.and_then(|d| d.value.log_index).filter(|i| *i > 0),
+                    ttl_ms: p.invoke.value.ttl_ms.filter(|t| *t > 0),
                 },
             );
         }
@@ -276,7 +279,7 @@ pub(crate) mod testkit {
     use crate::history::{Op, SessionObs, Type, Val, F};
 
     /// Builds a history with increasing times and indexes.
-    #[derive(Default)]
+    #[derive(Default, Clone)]
     pub struct H {
         pub ops: Vec<Op>,
         t: u64,

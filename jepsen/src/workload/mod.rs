@@ -205,10 +205,16 @@ impl Tracker {
 
 /// One QoS-1 push of a fresh msg id to `user` through `node`, recorded.
 pub async fn push(ctx: &Ctx, process: u64, n: u64, node: u64, user: &str) {
+    push_with_ttl(ctx, process, n, node, user, 0).await
+}
+
+/// [`push`] with a TTL (`0`: the app's default).
+pub async fn push_with_ttl(ctx: &Ctx, process: u64, n: u64, node: u64, user: &str, ttl_ms: u64) {
     let msg_id = format!("m{process}-{n}");
     let v = Val {
         user: Some(user.to_string()),
         msg_id: Some(msg_id.clone()),
+        ttl_ms: Some(ttl_ms).filter(|t| *t > 0),
         ..Val::default()
     };
     ctx.rec.invoke(process, F::Push, Some(node), v.clone());
@@ -220,7 +226,7 @@ pub async fn push(ctx: &Ctx, process: u64, n: u64, node: u64, user: &str) {
         }],
         payload: msg_id.clone().into_bytes().into(),
         qos: pb::Qos::AtLeastOnce as i32,
-        ttl_ms: 0,
+        ttl_ms,
         idempotency_key: msg_id.clone(),
         msg_id: msg_id.clone(),
     };

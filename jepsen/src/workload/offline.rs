@@ -1,8 +1,10 @@
 //! `offline`: users who are mostly away. Each device is offline for 1–6 s, then an app instance
 //! starts, stays 1–4 s (receiving what was stored meanwhile) and closes cleanly; the next
 //! instance of the device resumes from the same cursor store, as an app restart does, so the
-//! instances of a device share one dedupe scope. Pushers keep sending throughout. For the drain
-//! every device comes online and stays.
+//! instances of a device share one dedupe scope. Pushers keep sending throughout, each push with
+//! a TTL of 3–10 minutes (real time): no absence is that long, so a message that expires in a run
+//! expired early, which the lost checker reports (`expired-early`). For the drain every device
+//! comes online and stays.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,7 +12,7 @@ use std::time::Duration;
 use herald_client::MemoryStore;
 use rand::Rng;
 
-use super::{push, Ctx, Device, DeviceSpec};
+use super::{push_with_ttl, Ctx, Device, DeviceSpec};
 
 struct Slot {
     user: String,
@@ -86,7 +88,10 @@ impl Offline {
                     let user = format!("o-u{}", rng.gen_range(0..users));
                     let node = ctx.random_node(&mut rng);
                     n += 1;
-                    push(&ctx, process, n, node, &user).await;
+                    // TTLs of minutes: longer than any absence here, so an EXPIRED gap can only
+                    // come from log time running ahead of real time (the lost checker judges it).
+                    let ttl_ms = rng.gen_range(3..=10u64) * 60_000;
+                    push_with_ttl(&ctx, process, n, node, &user, ttl_ms).await;
                 }
             }));
         }

@@ -333,6 +333,41 @@ async fn cluster_add_and_remove_through_a_follower() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn removing_the_leader_hands_over_without_a_panic() {
+    let mut c = Cluster::start(4).await;
+    let leader = c.wait_leader().await;
+    let follower = c.ids().into_iter().find(|i| *i != leader).unwrap();
+    let via = c.grpc_addr(follower).to_string();
+    let app = c.create_app("leader-removed").await;
+    app.push_acked(&via, "alice", "before", "lr-1").await;
+
+    // Asked through a follower: forwarded to the leader, which removes itself in one change.
+    let r = admin(&via, &["cluster", "remove", "--id", &leader.to_string()])
+        .await
+        .ok()
+        .json();
+    let mut voters: Vec<u64> = c.ids().into_iter().filter(|i| *i != leader).collect();
+    voters.sort();
+    assert_eq!(r["voters"], serde_json::json!(voters), "{r}");
+    assert_eq!(r["learners"], serde_json::json!([]), "{r}");
+    let v = status_with_voters(&via, 3).await;
+    assert!(
+        v["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|m| m["node_id"] != leader),
+        "{v}"
+    );
+    // The removed leader's core handed over instead of panicking.
+    c.assert_no_panics();
+    c.kill9(leader);
+    let r = app.push_acked(&via, "alice", "after", "lr-2").await;
+    assert_eq!(r.seqs[0].seq, 2);
+    c.assert_no_panics();
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn cluster_verify_compares_every_replica_and_says_unknown_without_one() {
     let mut c = Cluster::start(3).await;
     let app = c.create_app("verify").await;

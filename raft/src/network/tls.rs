@@ -14,9 +14,12 @@
 //! The CA file may hold several certificates: during a rotation the new CA is trusted beside the
 //! old one (docs/SECURITY.md "Rotating the cluster CA").
 
+use std::collections::HashMap;
 use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};
@@ -163,19 +166,32 @@ pub struct PeerNode(pub NodeId);
 #[derive(Clone)]
 pub struct PeerGuard {
     allowed: Option<Arc<dyn AllowedPeers>>,
+    /// Leaf certificate (DER) → the node id it was last found to name. Whether a certificate
+    /// names an id never changes, so a hit whose id is still accepted skips parsing the
+    /// certificate again (every AppendEntries would parse it once per member otherwise); the
+    /// membership check itself runs on every request.
+    named: Arc<Mutex<HashMap<Vec<u8>, NodeId>>>,
 }
+
+/// Certificates remembered by a guard; past it the cache starts over (a node has a handful of
+/// peers, each with one or two certificates during a rotation).
+const NAMED_CACHE: usize = 64;
 
 impl PeerGuard {
     /// A guard that checks certificates against `allowed`.
     pub fn new(allowed: Arc<dyn AllowedPeers>) -> Self {
         PeerGuard {
             allowed: Some(allowed),
+            named: Default::default(),
         }
     }
 
     /// No checks: plaintext cluster traffic.
     pub fn insecure() -> Self {
-        PeerGuard { allowed: None }
+        PeerGuard {
+            allowed: None,
+            named: Default::default(),
+        }
     }
 
     /// Checks one request: `Ok` with the peer's id stored in the request's extensions, or
@@ -195,11 +211,19 @@ impl PeerGuard {
             return Err(Status::unauthenticated("empty client certificate chain"));
         };
         let ids = allowed.allowed();
-        for id in ids.iter().copied() {
-            if names_node(leaf, id) == Ok(true) {
-                req.extensions_mut().insert(PeerNode(id));
-                return Ok(req);
+        let cached = self.named.lock().get(leaf.as_ref()).copied();
+        let hit = cached.filter(|id| ids.contains(id));
+        let found = hit.or_else(|| ids.iter().copied().find(|&id| names_node(leaf, id) == Ok(true)));
+        if let Some(id) = found {
+            if hit.is_none() {
+                let mut named = self.named.lock();
+                if named.len() >= NAMED_CACHE {
+                    named.clear();
+                }
+                named.insert(leaf.as_ref().to_vec(), id);
             }
+            req.extensions_mut().insert(PeerNode(id));
+            return Ok(req);
         }
         warn!(?remote, accepted = ?ids, "cluster request from a certificate that names no accepted node refused");
         Err(Status::permission_denied(
