@@ -80,9 +80,13 @@ struct Running {
 struct Slot {
     running: Option<Running>,
     clock_offset_ms: i64,
-    /// Bumped when the data dir is wiped.
+    /// Bumped when the data dir is wiped (or the node's raft state, by `--rejoin`).
     generation: u64,
     starts: u32,
+    /// The next start passes `--rejoin` (the damage nemesis, after a refused start).
+    rejoin_next: bool,
+    /// The harness waits for this node's exit itself: `crashes` leaves it alone.
+    watched: bool,
 }
 
 /// A node process that exited without the harness asking.
@@ -285,6 +289,9 @@ impl Cluster {
             &self.opts.client_heartbeat_ms.min(1000).to_string(),
             "--exit-with-stdin",
         ]);
+        if std::mem::take(&mut slot.rejoin_next) {
+            cmd.arg("--rejoin");
+        }
         for (k, _) in std::env::vars_os() {
             if k.to_string_lossy().starts_with("HERALD_") {
                 cmd.env_remove(&k);
@@ -400,6 +407,65 @@ impl Cluster {
         Ok(())
     }
 
+    /// While set, an exit of node `id` is for the caller to see ([`Cluster::try_exit`]), not a
+    /// crash.
+    pub fn set_watched(&self, id: u64, on: bool) {
+        self.slots.lock().entry(id).or_default().watched = on;
+    }
+
+    /// Reaps node `id` if it exited, returning how.
+    pub fn try_exit(&self, id: u64) -> Option<ExitStatus> {
+        let mut slots = self.slots.lock();
+        let slot = slots.get_mut(&id)?;
+        let status = slot.running.as_mut()?.child.try_wait().ok().flatten()?;
+        slot.running = None;
+        Some(status)
+    }
+
+    /// The next start of node `id` passes `--rejoin`: a damaged raft log is wiped and the node
+    /// catches up from the cluster (a new generation: its applied index starts again).
+    pub fn rejoin_next(&self, id: u64) {
+        let mut slots = self.slots.lock();
+        let slot = slots.entry(id).or_default();
+        slot.rejoin_next = true;
+        slot.generation += 1;
+    }
+
+    /// Damages node `id`'s raft log (it must be stopped): cuts 4–64 KiB off the newest WAL file's
+    /// end, or writes 4 KiB of garbage into its middle. Returns what it did.
+    pub fn damage_log(&self, id: u64, garbage: bool, cut_kib: u64) -> anyhow::Result<String> {
+        use std::io::{Seek, SeekFrom};
+        if self.is_running(id) {
+            bail!("damage_log({id}): the node runs");
+        }
+        let dir = self.data_dir(id).join("raft-log");
+        let mut wals: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .with_context(|| dir.display().to_string())?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "log"))
+            .collect();
+        // RocksDB numbers its files in order of creation, zero-padded.
+        wals.sort();
+        let wal = wals
+            .pop()
+            .with_context(|| format!("no WAL in {}", dir.display()))?;
+        let len = std::fs::metadata(&wal)?.len();
+        let name = wal.file_name().unwrap_or_default().to_string_lossy().to_string();
+        if garbage && len >= 64 * 1024 {
+            let at = len / 2;
+            let mut f = OpenOptions::new().write(true).open(&wal)?;
+            f.seek(SeekFrom::Start(at))?;
+            f.write_all(&[0x5a; 4096])?;
+            f.sync_all()?;
+            return Ok(format!("4 KiB of garbage at {at} of {name} ({len} bytes)"));
+        }
+        let cut = (cut_kib * 1024).min(len / 2);
+        let f = OpenOptions::new().write(true).open(&wal)?;
+        f.set_len(len - cut)?;
+        f.sync_all()?;
+        Ok(format!("cut the last {cut} bytes of {name} ({len} bytes)"))
+    }
+
     pub fn generation(&self, id: u64) -> u64 {
         self.slots.lock().get(&id).map(|s| s.generation).unwrap_or(0)
     }
@@ -408,7 +474,7 @@ impl Cluster {
     pub fn crashes(&self) -> Vec<Crash> {
         let mut out = Vec::new();
         let mut slots = self.slots.lock();
-        for (id, slot) in slots.iter_mut() {
+        for (id, slot) in slots.iter_mut().filter(|(_, s)| !s.watched) {
             let exited: Option<ExitStatus> = slot
                 .running
                 .as_mut()

@@ -67,8 +67,8 @@ struct RunArgs {
     time: u64,
     /// Faults, comma separated: kill, pause, partition (all kinds), partition-one,
     /// partition-leader, partition-halves, partition-bridge, partition-ring, delay, loss, clock,
-    /// membership, power (all three kinds), power-one, power-minority, power-all, partition-kill,
-    /// pause-kill, all, none.
+    /// clock-hours, membership, power (all three kinds), power-one, power-minority, power-all,
+    /// damage, partition-kill, pause-kill, all, none.
     #[arg(long, default_value = "all")]
     nemesis: String,
     /// Workloads, comma separated: qos1, offline, registry, storm, topics, all.
@@ -253,7 +253,7 @@ fn short_plan(base: &RunArgs) -> Vec<Plan> {
                 first_fault: Some("power-all".into()),
                 ..fast(plan_args(
                     base,
-                    "kill,pause,partition,power",
+                    "kill,pause,partition,power,damage",
                     "qos1,registry,storm",
                     45,
                 ))
@@ -280,7 +280,7 @@ fn short_plan(base: &RunArgs) -> Vec<Plan> {
 fn long_plan(base: &RunArgs) -> Vec<Plan> {
     let t = base.time;
     [
-        ("kill,pause,power", "qos1,offline,topics"),
+        ("kill,pause,power,damage", "qos1,offline,topics"),
         ("partition", "qos1,registry,storm"),
         ("delay,loss,clock,clock-hours", "all"),
         ("membership,partition-kill,pause-kill", "all"),

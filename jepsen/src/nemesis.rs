@@ -12,6 +12,7 @@
 //! | `delay` | every node's proxy holds each chunk 30 ms + up to 40 ms |
 //! | `loss` | every node's proxy stalls 5% of the chunks 400 ms (a TCP retransmission) and cuts 0.2% of the connections |
 //! | `clock` | one or two nodes restart with their wall clock 2–120 s ahead or behind (`HERALD_CLOCK_OFFSET_MS`); back to 0 at heal |
+//! | `damage` | one node (all members up) is killed, its raft log's newest WAL loses 4–64 KiB of its end or gets 4 KiB of garbage in its middle, and it starts: it must either run or refuse to start naming `--rejoin`, and then rejoins (`--rejoin`: wipes its raft state, catches up) |
 //! | `clock-hours` | one node (never more at a time) restarts with its wall clock 5 min–3 h off, ahead three times in four; back to 0 at heal |
 //! | `membership` | RemoveNode of a voter under load, then SIGKILL and wipe it; at heal it starts empty and is added back (AddNode) |
 //! | `power-one` | power cut of one node (the leader half of the time): SIGKILL, then its powerfs disk loses every write it did not fsync (see `powerfs`); restarted 1–3 s later |
@@ -58,12 +59,13 @@ pub enum Fault {
     PowerOne,
     PowerMinority,
     PowerAll,
+    Damage,
     PartitionKill,
     PauseKill,
 }
 
 impl Fault {
-    pub const ALL: [Fault; 17] = [
+    pub const ALL: [Fault; 18] = [
         Fault::Kill,
         Fault::Pause,
         Fault::PartitionOne,
@@ -79,6 +81,7 @@ impl Fault {
         Fault::PowerOne,
         Fault::PowerMinority,
         Fault::PowerAll,
+        Fault::Damage,
         Fault::PartitionKill,
         Fault::PauseKill,
     ];
@@ -100,6 +103,7 @@ impl Fault {
             Fault::PowerOne => "power-one",
             Fault::PowerMinority => "power-minority",
             Fault::PowerAll => "power-all",
+            Fault::Damage => "damage",
             Fault::PartitionKill => "partition-kill",
             Fault::PauseKill => "pause-kill",
         }
@@ -518,6 +522,63 @@ impl Nemesis {
                     let _ = c.start(l);
                 }
                 self.record_done(v, Ok("installed"));
+            }
+            Fault::Damage => {
+                // Only with every member up: a node rejoins from the others (one at a time).
+                if !self.st.removed.is_empty() || self.live().len() < c.ids.len() {
+                    return self.skip(f, "a member is down or removed");
+                }
+                let Some(&x) = self.live().choose(&mut self.rng) else {
+                    return self.skip(f, "no live node");
+                };
+                let garbage = self.rng.gen_bool(0.5);
+                let cut_kib = self.rng.gen_range(4..=64u64);
+                let v = self.record_invoke(f.name(), &[x]);
+                c.kill9(x);
+                let what = match c.damage_log(x, garbage, cut_kib) {
+                    Ok(w) => w,
+                    Err(e) => {
+                        let _ = c.start(x);
+                        return self.record_done(v, Err(format!("{e:#}")));
+                    }
+                };
+                // Started as is, the node either runs (nothing it could detect was lost) or
+                // refuses to start naming `--rejoin`; then it rejoins.
+                c.set_watched(x, true);
+                let outcome = match c.start(x) {
+                    Err(e) => Err(format!("{what}; start: {e:#}")),
+                    Ok(()) => {
+                        let mut exited = None;
+                        for _ in 0..20 {
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                            exited = c.try_exit(x);
+                            if exited.is_some() {
+                                break;
+                            }
+                        }
+                        match exited {
+                            None => Ok(format!("{what}: started with it")),
+                            Some(st) => {
+                                let log = std::fs::read(c.log_path(x)).unwrap_or_default();
+                                let tail = String::from_utf8_lossy(&log[log.len().saturating_sub(4000)..]);
+                                let named = tail.contains("--rejoin");
+                                c.rejoin_next(x);
+                                let started = c.start(x);
+                                match (st.success(), named, started) {
+                                    (false, true, Ok(())) => Ok(format!(
+                                        "{what}: refused to start ({st}) naming --rejoin; rejoined"
+                                    )),
+                                    (_, _, Err(e)) => {
+                                        Err(format!("{what}: exited ({st}); rejoin start: {e:#}"))
+                                    }
+                                    _ => Err(format!("{what}: exited ({st}) without naming --rejoin")),
+                                }
+                            }
+                        }
+                    }
+                };
+                c.set_watched(x, false);
+                self.record_done(v, outcome.as_deref().map_err(|e| e.clone()));
             }
             Fault::Membership => {
                 if !self.st.removed.is_empty() || self.live().len() < c.ids.len() {

@@ -11,6 +11,8 @@
 //!   and the final check above still holds it to every index ever reported.
 //!
 //! - `node-crashed`: a node process exited without the harness killing it (a panic, an abort).
+//! - `damage-mishandled`: after the `damage` nemesis damaged a node's raft log, the node exited
+//!   without naming `--rejoin`, or could not be rejoined.
 //!
 //! A node whose data dir the harness wiped (membership nemesis) starts a new `generation`; its
 //! term and index start again from zero legitimately.
@@ -39,6 +41,16 @@ pub fn check(history: &[Op]) -> CheckResult {
     let mut back_after_cut = 0u64;
     for o in history.iter().filter(|o| o.f == F::Probe || o.f == F::Nemesis) {
         if o.f == F::Nemesis {
+            if o.kind == Type::Info && o.value.fault.as_deref() == Some("damage") {
+                r.violation(
+                    "damage-mishandled",
+                    format!(
+                        "a node with a damaged raft log neither ran nor refused naming the recovery: {}",
+                        o.error.as_deref().unwrap_or("?")
+                    ),
+                    vec![o.index],
+                );
+            }
             if o.kind == Type::Ok && o.value.fault.as_deref().is_some_and(|f| f.starts_with("power-")) {
                 cut.extend(o.value.nodes.iter().flatten().map(|n| (*n, o.time_us)));
             }
@@ -177,6 +189,34 @@ mod tests {
         assert_eq!(r.count_kind("term-went-back"), 1, "{r:#?}");
         assert_eq!(r.count_kind("commit-went-back"), 1, "{r:#?}");
         assert_eq!(r.count_kind("node-crashed"), 1, "{r:#?}");
+    }
+
+    #[test]
+    fn a_damaged_log_the_node_did_not_handle_is_a_violation() {
+        let damage = |i: u64, kind: Type| {
+            let mut o = Op::new(
+                i,
+                crate::history::NEMESIS,
+                kind,
+                F::Nemesis,
+                Val {
+                    fault: Some("damage".into()),
+                    nodes: Some(vec![2]),
+                    ..Val::default()
+                },
+            );
+            o.index = i;
+            if kind == Type::Info {
+                o.error = Some("exited (exit status: 1) without naming --rejoin".into());
+            }
+            o
+        };
+        let ok = vec![probe(0, 1, 3, "leader", 9, 0), damage(1, Type::Ok)];
+        assert_eq!(check(&ok).count_kind("damage-mishandled"), 0);
+        let bad = vec![probe(0, 1, 3, "leader", 9, 0), damage(1, Type::Info)];
+        let r = check(&bad);
+        assert_eq!(r.valid, Validity::Invalid);
+        assert_eq!(r.count_kind("damage-mishandled"), 1, "{r:#?}");
     }
 
     #[test]

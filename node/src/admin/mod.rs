@@ -565,6 +565,12 @@ pub fn render_metrics(s: &AdminState) -> String {
         "Client acks that moved a cursor.",
         l(&st.acks),
     );
+    e.single(
+        "herald_read_barrier_questions_total",
+        "counter",
+        "Questions this node sent the leader before answering \"does not exist\" (read-your-writes; shared by the calls waiting at the same time).",
+        node.room().barrier.asked() as f64,
+    );
     e.histogram(
         "herald_delivery_latency_seconds",
         "QoS 1 push accepted (its log time) to written to the client's socket (replays after a reconnect included; topic and QoS 0 messages are not timed).",

@@ -36,11 +36,11 @@ pub fn app_credentials<T>(req: &Request<T>) -> Result<(String, String), ApiError
 }
 
 /// The app, if it exists and `key` is one of its API keys. Before refusing, this node catches up
-/// with the leader once (`barrier::catch_up`): an app created or a key added by a call that
+/// with the leader once (`Barrier::catch_up`): an app created or a key added by a call that
 /// already returned is known on every node (read-your-writes).
 pub async fn app_by_key(node: &Node, app_id: &str, key: &str) -> Result<AppConfig, ApiError> {
     match app_by_key_here(node, app_id, key) {
-        Err(ApiError::Unauthenticated(_)) if crate::barrier::catch_up(node.raft()).await => {
+        Err(ApiError::Unauthenticated(_)) if node.room().barrier.catch_up(node.raft()).await => {
             app_by_key_here(node, app_id, key)
         }
         r => r,

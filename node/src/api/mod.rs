@@ -536,7 +536,7 @@ impl Herald for HeraldApi {
         let req = request.into_inner();
         validate_app_id(&req.id)?;
         // Read what every earlier admin write did before deciding the app is new.
-        crate::barrier::catch_up(self.node.raft()).await;
+        self.node.room().barrier.catch_up(self.node.raft()).await;
         if self
             .node
             .raft()
@@ -612,7 +612,7 @@ impl Herald for HeraldApi {
 
     async fn list_apps(&self, request: Request<pb::ListAppsRequest>) -> Reply<pb::ListAppsReply> {
         auth::admin(&self.node, &request)?;
-        crate::barrier::catch_up(self.node.raft()).await;
+        self.node.room().barrier.catch_up(self.node.raft()).await;
         let apps = self.node.raft().reader().apps().map_err(ApiError::from)?;
         Ok(Response::new(pb::ListAppsReply {
             apps: apps.into_iter().map(app_to_pb).collect(),
@@ -815,7 +815,7 @@ impl HeraldApi {
         // A target that looks offline here may have logged in (WELCOME sent) on another node
         // whose registration this node has not applied yet: catch up with the leader once, then
         // look again (read-your-writes, ARCHITECTURE.md).
-        if routes.iter().any(Vec::is_empty) && crate::barrier::catch_up(self.node.raft()).await {
+        if routes.iter().any(Vec::is_empty) && self.node.room().barrier.catch_up(self.node.raft()).await {
             for (t, nodes) in targets.iter().zip(routes.iter_mut()) {
                 if nodes.is_empty() {
                     *nodes = holders(t);
@@ -866,7 +866,7 @@ impl HeraldApi {
         if let Some(app) = reader.app(id)? {
             return Ok(Some(app));
         }
-        if !crate::barrier::catch_up(self.node.raft()).await {
+        if !self.node.room().barrier.catch_up(self.node.raft()).await {
             return Ok(None);
         }
         Ok(reader.app(id)?)

@@ -1005,9 +1005,7 @@ async fn register(
     // An unknown app or a token no secret of the app signed may be an admin write this node has
     // not applied yet: catch up with the leader once before refusing (read-your-writes).
     let claims = match check_token(&room, &o) {
-        Err((ErrorCode::UnknownApp | ErrorCode::BadToken, _))
-            if crate::barrier::catch_up(&room.raft).await =>
-        {
+        Err((ErrorCode::UnknownApp | ErrorCode::BadToken, _)) if room.barrier.catch_up(&room.raft).await => {
             check_token(&room, &o)?
         }
         r => r?,
@@ -1051,7 +1049,7 @@ async fn register(
             // once, naming that session. A registration whose call is over is never re-proposed.
             OpResult::Superseded { epoch } if !retried => {
                 retried = true;
-                crate::barrier::catch_up(&room.raft).await;
+                room.barrier.catch_up(&room.raft).await;
                 seen_epoch = match room.reader.session(&o.app, &o.user, &o.device) {
                     Ok(s) => s.map_or(0, |s| s.epoch).max(epoch),
                     Err(e) => return Err((ErrorCode::Internal, e.to_string())),

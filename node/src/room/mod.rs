@@ -202,6 +202,8 @@ pub struct Room {
     pub coordinator: Coordinator,
     /// This node's registrations from proposal until a connection takes them (orphans reaped).
     pub registrations: registrations::Registrations,
+    /// The shared read barrier (read-your-writes before answering "does not exist").
+    pub barrier: crate::barrier::Barrier,
     /// The last log index whose events the observer has handled.
     observed_index: AtomicU64,
     /// The highest `upto_epoch` of a NodeDown of this node the observer has handled: every
@@ -231,6 +233,7 @@ impl Room {
             acks,
             coordinator,
             registrations: Default::default(),
+            barrier: Default::default(),
             observed_index: AtomicU64::new(0),
             declared_down_upto: AtomicU64::new(0),
             started: Instant::now(),

@@ -174,3 +174,46 @@ async fn qos0_right_after_welcome_on_another_node_is_delivered() {
     }
     c.assert_no_panics();
 }
+
+/// Review finding: every QoS-0 push to an offline user through a follower asked the leader for
+/// its applied index (one RPC and up to 1 s of waiting per push; also a way to make a follower
+/// flood the leader). Concurrent callers now share one question sent after they began.
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_offline_qos0_pushes_share_their_questions_to_the_leader() {
+    let (c, admin_http, _ws) = crate::ops::ops_cluster(3, &[]).await;
+    let app = c.create_app("barrier-burst").await;
+    let leader = c.wait_leader().await;
+    let follower = c.ids().into_iter().find(|i| *i != leader).unwrap();
+    let asked = |text: &str| crate::ops::metric(text, "herald_read_barrier_questions_total");
+    let http = admin_http[(follower - 1) as usize].clone();
+    let before = asked(&crate::ops::http_get(&http, "/metrics", None).await.unwrap().body)
+        .expect("the follower exports herald_read_barrier_questions_total");
+    const TASKS: usize = 40;
+    const EACH: usize = 5;
+    let addr = c.grpc_addr(follower).to_string();
+    let pushes = (0..TASKS).map(|t| {
+        let (app, addr) = (app.clone(), addr.clone());
+        async move {
+            let mut api = connect(&addr).await.unwrap();
+            for i in 0..EACH {
+                let mut req = app.push_request(&format!("away-{t}-{i}"), "q", "");
+                req.get_mut().qos = pb::Qos::AtMostOnce as i32;
+                let r = api.push(req).await.unwrap().into_inner();
+                assert_eq!((r.delivered, r.dropped), (0, 1), "{r:?}");
+            }
+        }
+    });
+    futures::future::join_all(pushes).await;
+    let after = asked(&crate::ops::http_get(&http, "/metrics", None).await.unwrap().body).unwrap();
+    let questions = after - before;
+    let total = (TASKS * EACH) as f64;
+    assert!(
+        questions >= 1.0,
+        "no question asked at all: the offline check was skipped"
+    );
+    assert!(
+        questions <= total / 4.0,
+        "{questions} questions to the leader for {total} concurrent pushes"
+    );
+    c.assert_no_panics();
+}
