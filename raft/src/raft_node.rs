@@ -138,6 +138,37 @@ pub struct Committed {
     pub log_index: u64,
 }
 
+/// Makes the newest snapshot reach `applied` (see the gap check in [`RaftNode::start`]).
+async fn cover_the_gap_with_a_snapshot(
+    me: NodeId,
+    sm: &mut StateMachine,
+    applied: u64,
+) -> Result<(), StartError> {
+    use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
+    let newest = sm
+        .get_current_snapshot()
+        .await
+        .map_err(|e| StartError::Raft(format!("reading the newest snapshot: {e}")))?
+        .and_then(|s| s.meta.last_log_id)
+        .map_or(0, |l| l.index);
+    if newest >= applied {
+        return Ok(());
+    }
+    let built = sm
+        .get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .map_err(|e| StartError::Raft(format!("building a snapshot over the log's gap: {e}")))?;
+    info!(
+        node_id = me,
+        previous = newest,
+        snapshot = ?built.meta.last_log_id,
+        "snapshot of the applied state built over the log's gap"
+    );
+    Ok(())
+}
+
 /// A membership change failed.
 #[derive(Debug, thiserror::Error)]
 pub enum MembershipError {
@@ -235,21 +266,24 @@ impl RaftNode {
             }
             other => (other?, false),
         };
-        let sm = StateMachine::open_tuned(&sm_dir, observer, tuning)?;
+        let mut sm = StateMachine::open_tuned(&sm_dir, observer, tuning)?;
         let reader = sm.reader();
         let clients = PeerClients::new(config.node_id, config.network.clone(), config.tls.clone());
         // Entries this node applied but no longer has: the log's unsynced tail was lost (a crash
         // or power cut after the state machine's write reached the disk, which apply can do
-        // before the log's fsync). Never acknowledged, so nothing is lost for the cluster:
-        // openraft skips the gap (`purge` up to the applied id) and the leader sends what follows.
+        // before the log's fsync), or the log's end was damaged. Everything applied was
+        // committed, so the state machine is a committed prefix: openraft skips the gap (`purge`
+        // up to the applied id) and the leader sends what follows. A purge must never pass the
+        // newest snapshot (openraft checks it and its core panics at start otherwise, found by
+        // the fault suite's `damage` nemesis), so a snapshot of the applied state is built first.
         let last_log = log_store.last_log_id()?.map_or(0, |l| l.index);
-        if reader.applied_index() > last_log {
+        let applied = reader.applied_index();
+        if applied > last_log {
             warn!(
                 node_id = me,
-                last_log,
-                applied = reader.applied_index(),
-                "raft log ends before the applied index: its unsynced tail was lost"
+                last_log, applied, "raft log ends before the applied index: its tail was lost"
             );
+            cover_the_gap_with_a_snapshot(me, &mut sm, applied).await?;
         }
         if let Some((old, new)) = log_store.step_down_after_restart(me)? {
             info!(node_id = me, %old, %new, "led before the restart: standing again in a new term");

@@ -351,3 +351,51 @@ async fn garbage_in_the_middle_of_a_log_refuses_start_until_the_node_rejoins() {
     assert_replicas_equal(&c).await;
     c.assert_no_panics();
 }
+
+/// Found by the fault suite's `damage` nemesis: a follower whose log lost entries it had already
+/// applied (the end of its WAL cut off) restarted into a panic of openraft's core, again at every
+/// start ("purge_upto <= snapshot_last_log_id"): openraft purges the gap up to the applied id,
+/// which must not pass the newest snapshot. The node now builds a snapshot of its applied state
+/// first, starts, and catches up.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_follower_whose_log_lost_applied_entries_starts_and_catches_up() {
+    // No snapshot during the test: the newest one (none) is older than the applied index.
+    let mut c = Cluster::new(3).node_args(&["--snapshot-every", "1000000"]);
+    c.start_all();
+    let leader = c.wait_leader().await;
+    let app = c.create_app("gap").await;
+    let victim = if leader == 3 { 2 } else { 3 };
+    let pushes = (0..6).map(|t| {
+        let (app, addr) = (app.clone(), c.grpc_addr(leader).to_string());
+        async move {
+            for i in 0..50 {
+                let key = format!("k{t}-{i}");
+                app.push_acked(&addr, &format!("u{}", i % 20), &"p".repeat(200), &key)
+                    .await;
+            }
+        }
+    });
+    futures::future::join_all(pushes).await;
+    c.wait_caught_up(victim).await;
+    c.kill9(victim);
+
+    let wal = newest_wal(c.data_dir(victim));
+    let len = std::fs::metadata(&wal).unwrap().len();
+    let cut = (32 * 1024).min(len / 2);
+    let f = std::fs::OpenOptions::new().write(true).open(&wal).unwrap();
+    f.set_len(len - cut).unwrap();
+    f.sync_all().unwrap();
+
+    c.restart(victim);
+    c.wait_log(
+        victim,
+        "snapshot of the applied state built over the log's gap",
+        1,
+    )
+    .await;
+    c.wait_leader().await;
+    c.wait_caught_up(victim).await;
+    app.push_acked(c.grpc_addr(victim), "u1", "after", "after").await;
+    assert_replicas_equal(&c).await;
+    c.assert_no_panics();
+}
