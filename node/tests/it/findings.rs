@@ -1,6 +1,9 @@
-//! The smaller findings of issue 26, each on real node processes: an admin write is usable
-//! through every node as soon as it returns, a resume cursor past the mailbox's head, QoS 0 right
-//! after WELCOME on another node, and a late registration that must not replace a newer session.
+//! The smaller findings of issue 26 on real node processes: an admin write is usable through
+//! every node as soon as it returns, a resume cursor past the mailbox's head, QoS 0 right after
+//! WELCOME on another node, and what the read barrier costs the leader. The fourth finding, a
+//! late registration that must not replace a newer session (`Op::RegisterSeen`), is tested on the
+//! state machine (raft/tests/it/sm_model.rs), not here: making a real registration arrive late
+//! needs a delay between two nodes that no test here injects yet.
 
 use std::time::Duration;
 
