@@ -215,6 +215,28 @@ mod tests {
         assert_eq!(peek_varint(&[0x00]), Ok(VarintPeek::Done(0, 1)));
     }
 
+    /// 3.1.1 §2.2.3 Table 2.4: the bounds of each length, both ways (the integration tests
+    /// cannot build a 256 MB packet to see the last one encoded).
+    #[test]
+    fn remaining_length_table() {
+        let table: [(u32, &[u8]); 8] = [
+            (0, &[0x00]),
+            (127, &[0x7f]),
+            (128, &[0x80, 0x01]),
+            (16_383, &[0xff, 0x7f]),
+            (16_384, &[0x80, 0x80, 0x01]),
+            (2_097_151, &[0xff, 0xff, 0x7f]),
+            (2_097_152, &[0x80, 0x80, 0x80, 0x01]),
+            (268_435_455, &[0xff, 0xff, 0xff, 0x7f]),
+        ];
+        for (value, encoded) in table {
+            let mut out = BytesMut::new();
+            put_varint(&mut out, value);
+            assert_eq!(&out[..], encoded, "{value}");
+            assert_eq!(peek_varint(encoded), Ok(VarintPeek::Done(value, encoded.len())));
+        }
+    }
+
     #[test]
     fn varint_len_matches_put_varint() {
         for v in [0, 1, 127, 128, 16_383, 16_384, 2_097_151, 2_097_152, VARINT_MAX] {
