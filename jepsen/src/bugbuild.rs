@@ -47,6 +47,10 @@ pub fn build(bug: &str) -> anyhow::Result<PathBuf> {
         .arg(format!("bug-{bug}"))
         .arg("--manifest-path")
         .arg(workspace.join("Cargo.toml"))
+        // Cargo reads `.cargo/config.toml` (the build's target features) from the directory it
+        // runs in, not from the manifest's: run anywhere else and every crate, RocksDB
+        // included, is built again with other flags.
+        .current_dir(&workspace)
         .env("CARGO_TARGET_DIR", &target)
         .status()
         .context("cannot run cargo")?;

@@ -320,7 +320,9 @@ fn bug_plan(base: &RunArgs) -> Vec<Plan> {
         args: a,
         expect: Some(vec!["lost", "convergence", "raft", "order", "unexpected"]),
     });
-    let mut a = plan_args(base, "clock-hours,partition-leader", "offline", 120);
+    // Long enough for the first TTLs (3 min) to come due: the sweep that expires them then runs
+    // on a log time hours ahead and takes every undelivered message with it.
+    let mut a = plan_args(base, "clock-hours,partition-leader", "offline", 240);
     a.bug = Some("leader-clock".into());
     a.first_fault = Some("clock-hours".into());
     plans.push(Plan {

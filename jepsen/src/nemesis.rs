@@ -13,7 +13,7 @@
 //! | `loss` | every node's proxy stalls 5% of the chunks 400 ms (a TCP retransmission) and cuts 0.2% of the connections |
 //! | `clock` | one or two nodes restart with their wall clock 2–120 s ahead or behind (`HERALD_CLOCK_OFFSET_MS`); back to 0 at heal |
 //! | `damage` | one node (all members up) is killed, its raft log's newest WAL loses 4–64 KiB of its end or gets 4 KiB of garbage in its middle, and it starts: it must either run or refuse to start naming `--rejoin`, and then rejoins (`--rejoin`: wipes its raft state, catches up) |
-//! | `clock-hours` | one node (never more at a time) restarts with its wall clock 5 min–3 h off, ahead three times in four; back to 0 at heal |
+//! | `clock-hours` | one node (never more at a time) restarts with its wall clock 5 min–3 h off, ahead three times in four; then, up to three times once it caught up, the leader is killed and kept down until another node leads, until the skewed node leads (it must, to stamp entries); back to 0 at heal |
 //! | `membership` | RemoveNode of a voter under load, then SIGKILL and wipe it; at heal it starts empty and is added back (AddNode) |
 //! | `power-one` | power cut of one node (the leader half of the time): SIGKILL, then its powerfs disk loses every write it did not fsync (see `powerfs`); restarted 1–3 s later |
 //! | `power-minority` | the same for a random minority at once |
@@ -321,6 +321,54 @@ impl Nemesis {
         v
     }
 
+    /// Up to three times: once node `x` has caught up with the leader, kill the leader and keep it
+    /// down until another node leads (an election between `x` and the third node, whose logs
+    /// are then equally long), then start it again. A restarted leader would stand again at once
+    /// and usually win. Returns what happened, for the history; the kills are faults like `kill`.
+    async fn make_lead(c: &Cluster, x: u64) -> String {
+        for attempt in 1..=3 {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+            let leader = loop {
+                let leader = c.leader().await;
+                if leader == Some(x) {
+                    return format!("installed; node {x} leads (attempt {attempt})");
+                }
+                let caught_up = match leader {
+                    Some(l) => {
+                        let (px, pl) = tokio::join!(
+                            c.probe(x, false, Duration::from_millis(400)),
+                            c.probe(l, false, Duration::from_millis(400))
+                        );
+                        matches!((px, pl), (Ok(px), Ok(pl)) if px.applied_index + 5 >= pl.applied_index)
+                    }
+                    None => false,
+                };
+                if caught_up || tokio::time::Instant::now() >= deadline {
+                    break leader;
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            };
+            let Some(l) = leader else {
+                return format!("installed; no leader to step aside for node {x}");
+            };
+            c.kill9(l);
+            let elected = tokio::time::Instant::now() + Duration::from_secs(10);
+            while tokio::time::Instant::now() < elected {
+                if c.leader().await.is_some_and(|n| n != l) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            let _ = c.start(l);
+        }
+        let now = c.leader().await;
+        if now == Some(x) {
+            format!("installed; node {x} leads (after 3 elections)")
+        } else {
+            format!("installed; node {x} did not get to lead (leader {now:?})")
+        }
+    }
+
     fn record_done(&self, v: Val, outcome: Result<&str, String>) {
         match outcome {
             Ok(reason) => {
@@ -485,13 +533,9 @@ impl Nemesis {
                 if hours && self.st.skewed_hours {
                     return self.skip(f, "a node's clock is already off by hours");
                 }
-                // Half the `clock-hours` faults then restart the leader too, so the skewed node
-                // gets a fair chance to lead (it must, to stamp entries).
-                let unseat = if hours && self.rng.gen_bool(0.5) {
-                    c.leader().await
-                } else {
-                    None
-                };
+                // `clock-hours` then tries to make the skewed node lead (it must, to stamp
+                // entries): see `make_lead`. The node is never the leader when chosen.
+                let unseat = if hours { c.leader().await } else { None };
                 let mut live: Vec<u64> = self.live().into_iter().filter(|x| Some(*x) != unseat).collect();
                 live.shuffle(&mut self.rng);
                 let k = if hours { 1 } else { self.rng.gen_range(1..=2usize) }.min(live.len());
@@ -499,8 +543,7 @@ impl Nemesis {
                 if chosen.is_empty() {
                     return self.skip(f, "no live node");
                 }
-                let acted: Vec<u64> = chosen.iter().copied().chain(unseat).collect();
-                let v = self.record_invoke(f.name(), &acted);
+                let v = self.record_invoke(f.name(), &chosen);
                 for &x in &chosen {
                     let ms = if hours {
                         self.st.skewed_hours = true;
@@ -514,14 +557,11 @@ impl Nemesis {
                     let _ = c.start(x);
                     self.st.skewed.insert(x);
                 }
-                if let Some(l) = unseat {
-                    // Once the skewed node is up, the leader restarts: an election between the
-                    // skewed node and the third.
-                    tokio::time::sleep(Duration::from_secs(3)).await;
-                    c.kill9(l);
-                    let _ = c.start(l);
-                }
-                self.record_done(v, Ok("installed"));
+                let outcome = match (hours, chosen.first()) {
+                    (true, Some(&x)) => Self::make_lead(&c, x).await,
+                    _ => "installed".to_string(),
+                };
+                self.record_done(v, Ok(outcome.as_str()));
             }
             Fault::Damage => {
                 // Only with every member up: a node rejoins from the others (one at a time).
