@@ -431,8 +431,9 @@ impl Cluster {
         slot.generation += 1;
     }
 
-    /// Damages node `id`'s raft log (it must be stopped): cuts 4–64 KiB off the newest WAL file's
-    /// end, or writes 4 KiB of garbage into its middle. Returns what it did.
+    /// Damages node `id`'s raft log (it must be stopped): writes 4 KiB of garbage into the middle
+    /// of the newest WAL file (16 KiB or more, else an error), or (`garbage` false) cuts 4–64 KiB
+    /// off its end. Returns what it did.
     pub fn damage_log(&self, id: u64, garbage: bool, cut_kib: u64) -> anyhow::Result<String> {
         use std::io::{Seek, SeekFrom};
         if self.is_running(id) {
@@ -451,7 +452,10 @@ impl Cluster {
             .with_context(|| format!("no WAL in {}", dir.display()))?;
         let len = std::fs::metadata(&wal)?.len();
         let name = wal.file_name().unwrap_or_default().to_string_lossy().to_string();
-        if garbage && len >= 64 * 1024 {
+        if garbage && len < 16 * 1024 {
+            bail!("{name} is only {len} bytes");
+        }
+        if garbage {
             let at = len / 2;
             let mut f = OpenOptions::new().write(true).open(&wal)?;
             f.seek(SeekFrom::Start(at))?;

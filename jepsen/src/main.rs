@@ -253,7 +253,7 @@ fn short_plan(base: &RunArgs) -> Vec<Plan> {
                 first_fault: Some("power-all".into()),
                 ..fast(plan_args(
                     base,
-                    "kill,pause,partition,power,damage",
+                    "kill,pause,partition,power",
                     "qos1,registry,storm",
                     45,
                 ))
