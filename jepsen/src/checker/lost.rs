@@ -17,7 +17,7 @@
 use std::collections::{HashMap, HashSet};
 
 use super::{CheckResult, Index, Sent};
-use crate::history::{Op, Type, F};
+use crate::history::{Type, F};
 
 /// How early an `EXPIRED` gap may come, by the harness's clock, before it counts as early: the
 /// clock nemesis skews one or two nodes by up to 120 s (which can move the median of three
@@ -92,9 +92,20 @@ fn excuse(gaps: Option<&Vec<GapSeen<'_>>>, s: &Sent<'_>, msg: &str, count: u64) 
     }
 }
 
-/// The history index of an op, for violations.
-fn at(o: &Op) -> u64 {
-    o.index
+/// Applies what a covering gap says about `s`: true when it settled the message (excused, or a
+/// violation recorded), false when no gap covers it.
+fn settle(r: &mut CheckResult, excused: &mut u64, e: Excuse, s: &Sent<'_>) -> bool {
+    match e {
+        Excuse::None => false,
+        Excuse::Excused => {
+            *excused += 1;
+            true
+        }
+        Excuse::Bad(kind, detail, gap) => {
+            r.violation(kind, detail, vec![s.pair.invoke.index, gap]);
+            true
+        }
+    }
 }
 
 pub fn check(idx: &Index<'_>) -> CheckResult {
@@ -130,7 +141,7 @@ pub fn check(idx: &Index<'_>) -> CheckResult {
             to: b,
             reason: o.value.reason.as_deref(),
             time_us: o.time_us,
-            index: at(o),
+            index: o.index,
         });
     }
     // Messages sent per stream (any outcome): what a cap would be measured against.
@@ -168,16 +179,9 @@ pub fn check(idx: &Index<'_>) -> CheckResult {
             continue;
         }
         let count = per_user.get(user).copied().unwrap_or(0);
-        match excuse(gaps.get(&(Some(user), None, None)), s, msg, count) {
-            Excuse::Excused => {
-                excused += 1;
-                continue;
-            }
-            Excuse::Bad(kind, detail, gap) => {
-                r.violation(kind, detail, vec![s.pair.invoke.index, gap]);
-                continue;
-            }
-            Excuse::None => {}
+        let e = excuse(gaps.get(&(Some(user), None, None)), s, msg, count);
+        if settle(&mut r, &mut excused, e, s) {
+            continue;
         }
         let mut ops = vec![s.pair.invoke.index];
         ops.extend(s.pair.done.map(|d| d.index));
@@ -247,16 +251,9 @@ pub fn check(idx: &Index<'_>) -> CheckResult {
                 continue;
             }
             let count = per_topic.get(topic).copied().unwrap_or(0);
-            match excuse(gaps.get(&(None, Some(*scope), Some(topic))), s, msg, count) {
-                Excuse::Excused => {
-                    excused += 1;
-                    continue;
-                }
-                Excuse::Bad(kind, detail, gap) => {
-                    r.violation(kind, detail, vec![s.pair.invoke.index, gap]);
-                    continue;
-                }
-                Excuse::None => {}
+            let e = excuse(gaps.get(&(None, Some(*scope), Some(topic))), s, msg, count);
+            if settle(&mut r, &mut excused, e, s) {
+                continue;
             }
             r.violation(
                 "lost-publish",
