@@ -253,7 +253,7 @@ fn short_plan(base: &RunArgs) -> Vec<Plan> {
                 first_fault: Some("power-all".into()),
                 ..fast(plan_args(
                     base,
-                    "kill,pause,partition,power",
+                    "kill,pause,partition,power,damage",
                     "qos1,registry,storm",
                     45,
                 ))

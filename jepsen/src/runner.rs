@@ -205,6 +205,12 @@ async fn run_inner(
         eprintln!("herald-jepsen: cluster not healthy after heal: {e:#}");
     }
     rec.phase("drain-start");
+    if let Some(w) = qos1.as_mut() {
+        w.drain_online(&ctx).await;
+    }
+    if let Some(w) = topics.as_mut() {
+        w.drain_online(&ctx).await;
+    }
     if let Some(w) = offline.as_mut() {
         w.drain_online(&ctx).await;
     }

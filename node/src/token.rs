@@ -19,7 +19,8 @@ const HEADER: &str = r#"{"alg":"HS256","typ":"JWT"}"#;
 
 /// How far a token's `iat` may be ahead of this node's clock before the token is refused as
 /// future-dated: the clock skew tolerated between the app's backend that mints tokens and the
-/// nodes (5 minutes, Kerberos's default; the fault suite skews node clocks by up to 2 minutes).
+/// nodes (5 minutes, Kerberos's default). Nodes judge it by cluster time (`Room::token_now_s`), so
+/// one node's wrong clock does not refuse tokens the others accept.
 pub const MAX_IAT_SKEW_S: u64 = 300;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

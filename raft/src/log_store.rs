@@ -61,6 +61,9 @@ const CF_META: &str = "meta";
 const KEY_VOTE: &[u8] = b"vote";
 const KEY_PURGED: &[u8] = b"purged";
 const KEY_COMMITTED: &[u8] = b"committed";
+/// After a rejoin: the log index this node must hold before it grants votes (see
+/// `raft_node::rejoin_vote_floor`).
+const KEY_VOTE_HOLD: &[u8] = b"vote_hold";
 /// An exclusive upper bound above every 8-byte index key.
 const KEY_END: [u8; 9] = [0xff; 9];
 /// Bounds of [`Recent`]: entries, and their encoded bytes. Small on purpose: only entries that are
@@ -355,6 +358,24 @@ impl LogStore {
                 path: self.inner.path.display().to_string(),
                 source: std::io::Error::other(e.to_string()),
             })
+    }
+
+    /// Stores the log id a rejoined node must reach before it grants votes (a synced write).
+    pub fn save_vote_hold_synced(&self, hold: &LogId) -> Result<(), StoreError> {
+        self.inner
+            .put_meta(KEY_VOTE_HOLD, hold, true)
+            .map_err(|e| StoreError::Io {
+                path: self.inner.path.display().to_string(),
+                source: std::io::Error::other(e.to_string()),
+            })
+    }
+
+    /// The log id stored by [`LogStore::save_vote_hold_synced`].
+    pub fn vote_hold(&self) -> Result<Option<LogId>, StoreError> {
+        self.inner.meta(KEY_VOTE_HOLD).map_err(|e| StoreError::Corrupt {
+            what: format!("{} vote hold", self.inner.path.display()),
+            detail: e.to_string(),
+        })
     }
 
     /// The last log id, or the purged one when no entry is left (None: empty log).

@@ -228,6 +228,8 @@ struct Inner {
     load: watch::Sender<u64>,
     /// The members' clocks as their probe replies report them: what entries are stamped with.
     clock: ClusterClock,
+    /// After a rejoin, the log id this node must hold before it grants votes.
+    vote_hold: Option<typ::LogId>,
     cancel: CancellationToken,
     tasks: TaskTracker,
 }
@@ -305,6 +307,7 @@ impl RaftNode {
         .validate()
         .map_err(|e| StartError::Config(e.to_string()))?;
         let log = log_store.clone();
+        let vote_hold = log_store.vote_hold()?;
         let raft = typ::Raft::new(config.node_id, Arc::new(raft_config), network, log_store, sm)
             .await
             .map_err(|e| StartError::Raft(e.to_string()))?;
@@ -358,6 +361,7 @@ impl RaftNode {
             proposals: tx,
             load,
             clock: ClusterClock::new(),
+            vote_hold,
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
         });
@@ -441,6 +445,7 @@ impl RaftNode {
         crate::network::RaftGrpc::new(self.id(), self.inner.raft.clone(), Arc::new(Hooks(self.clone())))
             .campaign_after(Duration::from_millis(self.inner.config.election_timeout_min_ms))
             .with_last_append(self.inner.last_append.clone())
+            .with_vote_hold(self.inner.vote_hold)
             .into_server()
     }
 
@@ -1033,6 +1038,8 @@ impl RaftNode {
             last_log_index: m.last_log_index.unwrap_or(0),
             applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
             committed_index: m.last_applied.map(|l| l.index).unwrap_or(0),
+            applied_term: m.last_applied.map(|l| l.leader_id.term).unwrap_or(0),
+            applied_leader: m.last_applied.map(|l| l.leader_id.node_id).unwrap_or(0),
             state: state_name(m.state).into(),
             connections: *self.inner.load.borrow(),
             state_hash: 0,
@@ -1136,13 +1143,26 @@ const SM_DIR: &str = "sm";
 /// sitting leader of T then sees a greater vote in its replies and steps down: one election
 /// (in T+1), once per rejoin. A vote given before the wipe in a term no reachable peer knows (a
 /// candidate now partitioned away) cannot be seen from here; rejoin one node at a time.
+///
+/// A wiped node also forgot the entries it acknowledged: it may have been part of the majority
+/// that committed an entry only one other node holds now. With its empty log it would grant its
+/// vote to a candidate lacking that entry, and the two of them elect a leader that never had it.
+/// So it also stores a vote hold, the id of the newest entry its peers report applied (the
+/// leader's is the newest; this waits a few seconds for every peer to answer), and the raft
+/// service refuses vote requests until this node's log reaches it, except from a candidate whose
+/// last log id is at least the hold: by log matching that candidate holds every entry up to it
+/// ([`crate::network::RaftGrpc::with_vote_hold`]). The hold is stored (synced) so a restart before
+/// catching up keeps it. Entries committed but not yet applied by any peer at the probe are not
+/// covered (a window of one apply).
 async fn rejoin_vote_floor(
     config: &RaftConfig,
     clients: &PeerClients,
     log: &LogStore,
 ) -> Result<(), StartError> {
     let me = config.node_id;
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(30);
+    let others = config.peers.keys().filter(|id| **id != me).count();
     loop {
         let probes = config
             .peers
@@ -1156,16 +1176,49 @@ async fn rejoin_vote_floor(
                 };
                 clients.probe(*id, addr, req, Duration::from_secs(1))
             });
-        let terms: Vec<u64> = futures::future::join_all(probes)
+        let replies: Vec<(u64, Option<typ::LogId>)> = futures::future::join_all(probes)
             .await
             .into_iter()
             .filter_map(|r| r.ok())
-            .map(|r| r.term)
+            .filter(|r| r.term > 0)
+            .map(|r| {
+                let applied = (r.applied_index > 0).then(|| {
+                    typ::LogId::new(
+                        openraft::CommittedLeaderId::new(r.applied_term, r.applied_leader),
+                        r.applied_index,
+                    )
+                });
+                (r.term, applied)
+            })
             .collect();
-        if let Some(term) = terms.iter().max().copied().filter(|t| *t > 0) {
+        // Every peer, or whoever answered once a few seconds passed.
+        let enough =
+            replies.len() == others || (!replies.is_empty() && started.elapsed() >= Duration::from_secs(5));
+        if enough {
+            let term = replies.iter().map(|r| r.0).max().unwrap_or(0);
+            // The newest applied entry any peer reports (log ids order by leader, then index).
+            let hold =
+                replies
+                    .iter()
+                    .filter_map(|r| r.1)
+                    .fold(None, |best: Option<typ::LogId>, l| match best {
+                        Some(b) if b >= l => Some(b),
+                        _ => Some(l),
+                    });
             let vote = typ::Vote::new(term, NodeId::MAX);
+            if let Some(hold) = hold {
+                log.save_vote_hold_synced(&hold)?;
+            }
             log.save_vote_synced(&vote)?;
-            info!(node_id = me, %vote, peers_answered = terms.len(), "rejoin: vote floor set");
+            if replies.len() < others {
+                warn!(
+                    node_id = me,
+                    answered = replies.len(),
+                    of = others,
+                    "rejoin: not every peer answered; the vote floor and hold come from those that did"
+                );
+            }
+            info!(node_id = me, %vote, vote_hold = ?hold, peers_answered = replies.len(), "rejoin: vote floor set");
             return Ok(());
         }
         if Instant::now() >= deadline {

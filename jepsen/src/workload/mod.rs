@@ -357,6 +357,7 @@ pub async fn publish(ctx: &Ctx, process: u64, n: u64, node: u64, topic: &str) {
 }
 
 /// How a device's SDK client is set up.
+#[derive(Clone)]
 pub struct DeviceSpec {
     pub user: String,
     pub device: String,

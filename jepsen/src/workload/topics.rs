@@ -16,6 +16,8 @@ pub const TOPICS: [&str; 2] = ["t0", "t1"];
 
 pub struct Topics {
     devices: Vec<Device>,
+    /// How each device was opened (to open it again).
+    specs: Vec<DeviceSpec>,
     workers: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -23,27 +25,24 @@ impl Topics {
     pub async fn start(ctx: &Ctx, users: usize, workers: usize) -> anyhow::Result<Topics> {
         let mut rng = ctx.rng("topics", 0);
         let mut devices = Vec::new();
+        let mut specs = Vec::new();
         for u in 0..users {
             let nodes = ctx.shuffled_client_addrs(&mut rng);
-            devices.push(
-                Device::open(
-                    ctx,
-                    DeviceSpec {
-                        user: format!("t-u{u}"),
-                        device: "d0".into(),
-                        scope: None,
-                        store: Some(Arc::new(MemoryStore::new())),
-                        topics: TOPICS
-                            .iter()
-                            .map(|t| t.to_string())
-                            .chain(["*".to_string()])
-                            .collect(),
-                        nodes,
-                        track_mailbox: false,
-                    },
-                )
-                .await?,
-            );
+            let spec = DeviceSpec {
+                user: format!("t-u{u}"),
+                device: "d0".into(),
+                scope: None,
+                store: Some(Arc::new(MemoryStore::new())),
+                topics: TOPICS
+                    .iter()
+                    .map(|t| t.to_string())
+                    .chain(["*".to_string()])
+                    .collect(),
+                nodes,
+                track_mailbox: false,
+            };
+            devices.push(Device::open(ctx, spec.clone()).await?);
+            specs.push(spec);
         }
         let mut handles = Vec::new();
         for w in 0..workers {
@@ -63,6 +62,7 @@ impl Topics {
         }
         Ok(Topics {
             devices,
+            specs,
             workers: handles,
         })
     }
@@ -70,6 +70,25 @@ impl Topics {
     pub async fn stopped(&mut self) {
         for h in self.workers.drain(..) {
             let _ = h.await;
+        }
+    }
+
+    /// Opens again, for the drain, every device whose session ended for good during the run (the
+    /// SDK gives up on a refused token, as an app would until it fetched a new one): what its
+    /// user was sent must still arrive, or the lost checker names it.
+    pub async fn drain_online(&mut self, ctx: &Ctx) {
+        for (d, spec) in self.devices.iter_mut().zip(&self.specs) {
+            if d.is_ended() {
+                // The same store, so the same dedupe scope: it resumes where the old one ended.
+                let spec = DeviceSpec {
+                    scope: Some(d.scope),
+                    ..spec.clone()
+                };
+                if let Ok(again) = Device::open(ctx, spec).await {
+                    let old = std::mem::replace(d, again);
+                    old.close(ctx).await;
+                }
+            }
         }
     }
 

@@ -549,7 +549,7 @@ where
             Ok(Some(a)) => a.secrets,
             _ => Vec::new(),
         };
-        match token::verify(tok, &secrets, &s.app, &s.user, &s.device, now_ms() / 1000) {
+        match token::verify(tok, &secrets, &s.app, &s.user, &s.device, self.room.token_now_s()) {
             Ok(c) => self.sessions[i].token_exp = c.exp,
             Err(e) => {
                 let s = self.sessions.swap_remove(i);
@@ -809,7 +809,7 @@ where
 
     /// Ends sessions whose token expired without a refresh, and tells the sweeper the next expiry.
     fn expire_tokens(&mut self) {
-        let now = now_ms() / 1000;
+        let now = self.room.token_now_s();
         let expired: Vec<(u32, u64)> = self
             .sessions
             .iter()
@@ -982,7 +982,7 @@ fn check_token(room: &Room, o: &OpenSession) -> Result<token::Claims, (ErrorCode
         &o.app,
         &o.user,
         &o.device,
-        now_ms() / 1000,
+        room.token_now_s(),
     )
     .map_err(|e| {
         let code = match e {

@@ -272,6 +272,15 @@ impl Room {
         self.started.elapsed().as_millis() as u64
     }
 
+    /// Unix seconds to judge client tokens by (`iat`, `exp`): cluster time as the members' clocks
+    /// tell it ([`RaftNode::cluster_now_ms`]), not this node's clock alone. A node whose clock is
+    /// hours behind would otherwise refuse every fresh token as issued in the future (the fault
+    /// suite's two-hour run lost its QoS-1 clients so) and accept expired ones; one hours ahead
+    /// would end sessions early.
+    pub fn token_now_s(&self) -> u64 {
+        self.raft.cluster_now_ms() / 1000
+    }
+
     pub fn accepting(&self) -> bool {
         self.accepting.load(Ordering::Relaxed)
     }
@@ -561,7 +570,7 @@ impl Room {
     pub fn sweep(&self) {
         self.reap_orphans();
         let now = self.now();
-        let now_s = herald_raft::raft_node::now_ms() / 1000;
+        let now_s = self.token_now_s();
         let auth = self.config.auth_timeout.as_millis() as u64;
         let conns: Vec<Arc<ConnShared>> = self.conns.read().values().cloned().collect();
         for c in conns {

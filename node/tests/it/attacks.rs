@@ -26,7 +26,7 @@ fn now_s() -> u64 {
 }
 
 /// A token for `user` of app `app` signed with `secret`, issued at `iat`, valid `ttl` seconds.
-fn minted(app: &str, secret: &str, user: &str, dev: Option<&str>, iat: u64, ttl: u64) -> String {
+pub(crate) fn minted(app: &str, secret: &str, user: &str, dev: Option<&str>, iat: u64, ttl: u64) -> String {
     token::mint(
         &token::Claims {
             app: app.into(),
@@ -39,7 +39,7 @@ fn minted(app: &str, secret: &str, user: &str, dev: Option<&str>, iat: u64, ttl:
     )
 }
 
-fn who(app: &App, user: &str, device: &str, token: String) -> Who {
+pub(crate) fn who(app: &App, user: &str, device: &str, token: String) -> Who {
     Who {
         app: app.id.clone(),
         user: user.into(),
@@ -51,7 +51,7 @@ fn who(app: &App, user: &str, device: &str, token: String) -> Who {
 
 /// A HELLO for `w` on a new connection to `addr`: the WELCOME, or the ERROR's code (and then the
 /// connection must be closed).
-async fn hello(addr: &str, w: &Who) -> Result<pc::Welcome, (ErrorCode, String)> {
+pub(crate) async fn hello(addr: &str, w: &Who) -> Result<pc::Welcome, (ErrorCode, String)> {
     let mut r = Raw::connect(addr).await.unwrap();
     r.send(Kind::Hello(pc::Hello {
         version: 1,

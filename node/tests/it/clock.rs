@@ -164,3 +164,44 @@ async fn a_leader_an_hour_ahead_neither_expires_acked_messages_nor_moves_log_tim
     }
     c.assert_no_panics();
 }
+
+/// Tokens are judged by cluster time (the two-hour fault run's finding): a node whose clock runs
+/// two hours behind refused every fresh token as "issued in the future", and the SDK, taking that
+/// as final, gave up on the device for the rest of the run. It also accepted tokens that had
+/// expired by every other clock.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_hours_behind_judges_tokens_by_cluster_time() {
+    use crate::attacks::{hello, minted, who};
+    use herald_proto::client::ErrorCode;
+
+    let mut c = Cluster::new(3);
+    c.spec_mut(SKEWED)
+        .env
+        .push(("HERALD_CLOCK_OFFSET_MS".into(), format!("-{}", 2 * HOUR_MS)));
+    c.start_all();
+    for id in 1..=3 {
+        c.wait_ready(id).await;
+    }
+    let app = c.create_app("tokens").await;
+    let addr = c.client_addr(SKEWED).to_string();
+    let now = real_ms() / 1000;
+    // The peer monitor hears the other clocks within a second or two of start.
+    let fresh = minted(&app.id, &app.secret, "alice", None, now, 3600);
+    eventually(
+        "a fresh token accepted by the node whose clock is two hours behind",
+        Duration::from_secs(20),
+        || {
+            let (addr, w) = (addr.clone(), who(&app, "alice", "phone", fresh.clone()));
+            async move { hello(&addr, &w).await.map(|_| ()).map_err(|e| anyhow!("{e:?}")) }
+        },
+    )
+    .await;
+    // Expired ten minutes ago by real time (and so by cluster time), but valid for another
+    // hour and fifty minutes by the skewed node's own clock.
+    let expired = minted(&app.id, &app.secret, "alice", None, now - 1200, 600);
+    let (code, message) = hello(&addr, &who(&app, "alice", "tablet", expired))
+        .await
+        .expect_err("an expired token is refused");
+    assert_eq!(code, ErrorCode::TokenExpired, "{message}");
+    c.assert_no_panics();
+}

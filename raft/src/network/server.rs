@@ -58,6 +58,11 @@ pub trait RaftApi: Clone + Send + Sync + 'static {
     fn leads(&self) -> bool {
         false
     }
+    /// The highest log index this node holds (in its log or in its state machine's snapshot);
+    /// a stand-in holds everything.
+    fn held_index(&self) -> u64 {
+        u64::MAX
+    }
 }
 
 impl RaftApi for typ::Raft {
@@ -92,6 +97,13 @@ impl RaftApi for typ::Raft {
     fn leads(&self) -> bool {
         self.metrics().borrow().state == openraft::ServerState::Leader
     }
+    fn held_index(&self) -> u64 {
+        let m = self.metrics();
+        let m = m.borrow();
+        let log = m.last_log_index.unwrap_or(0);
+        let snap = m.snapshot.map_or(0, |s| s.index);
+        log.max(snap)
+    }
 }
 
 /// The raft service of node `node_id`, ready to mount on a tonic server.
@@ -114,6 +126,8 @@ pub struct RaftGrpc<R = typ::Raft> {
     last_append: Arc<Mutex<Option<Instant>>>,
     /// A campaign started by a refused vote is under way.
     campaigning: Arc<AtomicBool>,
+    /// See [`RaftGrpc::with_vote_hold`]; dropped once reached.
+    vote_hold: Arc<Mutex<Option<typ::LogId>>>,
 }
 
 impl<R: RaftApi> RaftGrpc<R> {
@@ -126,7 +140,39 @@ impl<R: RaftApi> RaftGrpc<R> {
             campaign_after: Duration::ZERO,
             last_append: Arc::new(Mutex::new(None)),
             campaigning: Arc::new(AtomicBool::new(false)),
+            vote_hold: Arc::new(Mutex::new(None)),
         }
+    }
+
+    /// Refuses vote requests until this node holds the log up to `hold` (a rejoined node, see
+    /// `raft_node::rejoin_vote_floor`), except from a candidate whose last log id is at least
+    /// `hold` (by log matching, it holds every entry up to it): a wiped node could otherwise
+    /// elect, with its empty log, a candidate that lacks entries this node helped commit before
+    /// the wipe. The refusal is an `UNAVAILABLE` answer, which the candidate counts as no vote.
+    pub fn with_vote_hold(self, hold: Option<typ::LogId>) -> Self {
+        *self.vote_hold.lock() = hold;
+        self
+    }
+
+    /// Why a vote request from a candidate whose last log id is `candidate_log` must be refused
+    /// now, if it must; drops the hold once this node's log reached it.
+    fn vote_held(&self, candidate_log: Option<typ::LogId>) -> Option<String> {
+        let mut guard = self.vote_hold.lock();
+        let hold = (*guard)?;
+        let held = self.raft.held_index();
+        if held >= hold.index {
+            *guard = None;
+            info!(node_id = self.node_id, %hold, held, "rejoin: caught up; granting votes again");
+            return None;
+        }
+        if candidate_log.is_some_and(|c| c >= hold) {
+            return None;
+        }
+        Some(format!(
+            "node {} rejoined and grants votes only to candidates with log {hold} until its own log \
+             reaches index {} (it holds {held})",
+            self.node_id, hold.index
+        ))
     }
 
     /// Turns on the follower's answer to a candidate whose log is behind this node's: when the
@@ -323,6 +369,10 @@ impl<R: RaftApi> RaftService for RaftGrpc<R> {
         let req = request.into_inner();
         self.check_target(req.from, req.target)?;
         let rpc: typ::VoteRequest = codec::decode("vote request", &req.payload).map_err(invalid)?;
+        if let Some(why) = self.vote_held(rpc.last_log_id) {
+            debug!(node_id = self.node_id, candidate = req.from, "{why}");
+            return Err(Status::unavailable(why));
+        }
         let candidate_log = rpc.last_log_id;
         let res = self.raft.vote(rpc).await;
         if let Ok(r) = &res {

@@ -49,6 +49,8 @@ struct FakeInner {
     /// When set, votes are refused and this is the last log id the refusal reports.
     refuse_with_log: Mutex<Option<typ::LogId>>,
     elections: AtomicU64,
+    /// What [`RaftApi::held_index`] answers.
+    held: AtomicU64,
 }
 
 impl FakeRaft {
@@ -61,6 +63,7 @@ impl FakeRaft {
             installed: Mutex::new(Vec::new()),
             refuse_with_log: Mutex::new(None),
             elections: AtomicU64::new(0),
+            held: AtomicU64::new(u64::MAX),
         }))
     }
     fn elections(&self) -> u64 {
@@ -96,6 +99,9 @@ impl RaftApi for FakeRaft {
     }
     async fn elect(&self) {
         self.0.elections.fetch_add(1, Ordering::SeqCst);
+    }
+    fn held_index(&self) -> u64 {
+        self.0.held.load(Ordering::SeqCst)
     }
     async fn begin_receiving_snapshot(&self) -> Result<Box<SnapshotDir>, typ::RaftError> {
         let n = self.0.next_dir.fetch_add(1, Ordering::SeqCst);
@@ -1298,6 +1304,63 @@ async fn a_follower_ahead_of_a_refused_candidate_stands_only_when_the_leader_is_
     conn.vote(vote(5), opt()).await?;
     tokio::time::sleep(Duration::from_millis(150)).await;
     assert_eq!(raft.elections(), 2);
+    task.abort();
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// a rejoined node grants no vote before it caught up
+// ---------------------------------------------------------------------------------------------
+
+/// A rejoined (wiped) node may have been part of the majority that committed an entry; with its
+/// empty log it must not help elect a candidate that lacks it. Until its log reaches the hold,
+/// it answers only candidates whose log reaches the hold; after that, everyone.
+#[tokio::test]
+async fn a_rejoined_node_votes_only_for_candidates_at_its_hold_until_it_caught_up() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let raft = FakeRaft::new(dir.path());
+    raft.0.held.store(0, Ordering::SeqCst);
+    let hold = LogId::new(CommittedLeaderId::new(5, 1), 100);
+    let svc = RaftGrpc::new(2, raft.clone(), FakeHooks::new(2) as Hooks)
+        .with_vote_hold(Some(hold))
+        .into_server();
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let task = tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming(TcpListenerStream::new(listener))
+            .await;
+    });
+    let mut conn = connection(1, 2, addr).await;
+    let opt = || RPCOption::new(Duration::from_secs(1));
+    let vote = |term, last: Option<typ::LogId>| openraft::raft::VoteRequest::new(Vote::new(term, 3), last);
+
+    // Behind the hold (an older leader's entries, or fewer of the same leader's): no answer,
+    // and openraft is not asked.
+    for last in [
+        None,
+        Some(LogId::new(CommittedLeaderId::new(5, 1), 99)),
+        Some(LogId::new(CommittedLeaderId::new(4, 2), 500)),
+    ] {
+        let before = raft.rpcs();
+        let e = conn.vote(vote(6, last), opt()).await;
+        assert!(e.is_err(), "a candidate with log {last:?} got an answer: {e:?}");
+        assert_eq!(raft.rpcs(), before, "openraft was asked for a held vote");
+    }
+    // At or past the hold: answered.
+    for last in [hold, LogId::new(CommittedLeaderId::new(6, 3), 90)] {
+        let r = conn.vote(vote(7, Some(last)), opt()).await?;
+        assert!(r.vote_granted);
+    }
+    // Still held for candidates behind it while this node's log is short…
+    raft.0.held.store(99, Ordering::SeqCst);
+    assert!(conn.vote(vote(8, None), opt()).await.is_err());
+    // …and released for good once it reached the hold.
+    raft.0.held.store(100, Ordering::SeqCst);
+    assert!(conn.vote(vote(9, None), opt()).await?.vote_granted);
+    raft.0.held.store(0, Ordering::SeqCst);
+    assert!(conn.vote(vote(10, None), opt()).await?.vote_granted);
     task.abort();
     Ok(())
 }
