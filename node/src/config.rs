@@ -55,6 +55,7 @@ pub mod env {
     pub const ADMIN_TLS_KEY: &str = "HERALD_ADMIN_TLS_KEY";
     pub const WS_ADDR: &str = "HERALD_WS_ADDR";
     pub const ADVERTISE_WS_ADDR: &str = "HERALD_ADVERTISE_WS_ADDR";
+    pub const MQTT_ADDR: &str = "HERALD_MQTT_ADDR";
     pub const ARCHIVE_URL: &str = "HERALD_ARCHIVE_URL";
     pub const ARCHIVE_BATCH: &str = "HERALD_ARCHIVE_BATCH";
 }
@@ -202,6 +203,10 @@ pub struct NodeOptions {
     /// Address clients are told to use for WebSocket (default: --ws-addr).
     #[arg(long, env = env::ADVERTISE_WS_ADDR)]
     pub advertise_ws_addr: Option<String>,
+    /// Listen address of the MQTT 3.1.1 / 5.0 listener (plain TCP; user name = app id, password =
+    /// client token, client id = device; see docs/MQTT.md; empty: disabled).
+    #[arg(long, env = env::MQTT_ADDR)]
+    pub mqtt_addr: Option<String>,
     /// MySQL/MariaDB URL of the cold archive, e.g. mysql://user:pass@host:3306/herald (empty:
     /// no archive). Acked, expired and trimmed messages are written there by the leader.
     #[arg(long, env = env::ARCHIVE_URL, hide_env_values = true)]
@@ -266,6 +271,7 @@ impl NodeOptions {
             admin_tls_key,
             ws_addr,
             advertise_ws_addr,
+            mqtt_addr,
             archive_url,
             archive_batch,
         )
@@ -349,6 +355,7 @@ pub struct NodeConfig {
     pub admin_tls: Option<TlsFiles>,
     pub ws_listen: Option<SocketAddr>,
     pub ws_advertise: String,
+    pub mqtt_listen: Option<SocketAddr>,
     /// The cold archive's MySQL URL (validated as a mysql:// URL), if any.
     pub archive_url: Option<String>,
     pub archive_batch: usize,
@@ -474,6 +481,7 @@ impl NodeOptions {
             (&self.tls_cert, &self.tls_key),
         )?;
         let ws_listen = optional_addr("ws-addr", self.ws_addr)?;
+        let mqtt_listen = optional_addr("mqtt-addr", self.mqtt_addr)?;
         let ws_advertise = match ws_listen {
             Some(a) => advertise("ws", a, self.advertise_ws_addr)?,
             None => String::new(),
@@ -504,6 +512,7 @@ impl NodeOptions {
                 ("client-addr", client_listen),
                 ("tls-addr", tls_listen),
                 ("ws-addr", ws_listen),
+                ("mqtt-addr", mqtt_listen),
                 ("admin-addr", admin_listen),
             ];
             if let Some((flag, a)) = listeners
@@ -570,6 +579,7 @@ impl NodeOptions {
             admin_tls,
             ws_listen,
             ws_advertise,
+            mqtt_listen,
             archive_url,
             archive_batch,
         })
@@ -1017,6 +1027,10 @@ mod tests {
             }
             "ws_addr" | "advertise_ws_addr" => {
                 assert!(c.ws_listen.is_none() && c.ws_advertise.is_empty());
+                None
+            }
+            "mqtt_addr" => {
+                assert!(c.mqtt_listen.is_none());
                 None
             }
             "archive_url" => {

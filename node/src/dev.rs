@@ -19,8 +19,8 @@ pub struct DevArgs {
     #[arg(long, default_value = "./herald-dev")]
     pub data_dir: PathBuf,
     /// Node i listens for gRPC on base+i, plain TCP clients on base+10+i, TLS clients on base+20+i,
-    /// admin HTTP (metrics, dashboard) on base+30+i, WebSocket clients on base+40+i and its
-    /// cluster plane (mutual TLS, other nodes only) on base+50+i.
+    /// admin HTTP (metrics, dashboard) on base+30+i, WebSocket clients on base+40+i, its cluster
+    /// plane (mutual TLS, other nodes only) on base+50+i and MQTT clients on base+60+i.
     #[arg(long, default_value_t = 7400)]
     pub base_port: u16,
     /// The demo app's id.
@@ -55,6 +55,10 @@ pub fn admin_addr(base: u16, i: u64) -> String {
 
 pub fn ws_addr(base: u16, i: u64) -> String {
     format!("127.0.0.1:{}", base as u64 + 40 + i)
+}
+
+pub fn mqtt_addr(base: u16, i: u64) -> String {
+    format!("127.0.0.1:{}", base as u64 + 60 + i)
 }
 
 pub fn cluster_addr(base: u16, i: u64) -> String {
@@ -101,6 +105,7 @@ pub async fn run(args: DevArgs) -> Result<(), CliError> {
             .args(["--tls-addr", &tls_addr(args.base_port, i)])
             .args(["--admin-addr", &admin_addr(args.base_port, i)])
             .args(["--ws-addr", &ws_addr(args.base_port, i)])
+            .args(["--mqtt-addr", &mqtt_addr(args.base_port, i)])
             .args(["--cluster-addr", &cluster_addr(args.base_port, i)])
             .arg("--cluster-ca")
             .arg(crate::certs::ca_paths(&certs).0)
@@ -172,6 +177,7 @@ pub async fn run(args: DevArgs) -> Result<(), CliError> {
         "tls_ca": pki.ca.display().to_string(),
         "admin": (1..=NODES).map(|i| admin_addr(args.base_port, i)).collect::<Vec<_>>(),
         "ws": (1..=NODES).map(|i| ws_addr(args.base_port, i)).collect::<Vec<_>>(),
+        "mqtt": (1..=NODES).map(|i| mqtt_addr(args.base_port, i)).collect::<Vec<_>>(),
         "cluster": (1..=NODES).map(|i| cluster_addr(args.base_port, i)).collect::<Vec<_>>(),
         "cluster_ca": crate::certs::ca_paths(&certs).0.display().to_string(),
         "dashboard": format!("http://{}/", admin_addr(args.base_port, 1)),
@@ -233,6 +239,7 @@ fn print_summary(args: &DevArgs, s: &serde_json::Value) {
             .collect::<Vec<_>>()
             .join(" ")
     );
+    println!("  MQTT:         {}  (3.1.1 / 5.0; docs/MQTT.md)", list("mqtt"));
     println!("  admin (HTTP): {}  (/metrics, /healthz, /readyz)", list("admin"));
     println!(
         "  cluster:      {}  (node-to-node only, mutual TLS; CA: {})",
@@ -250,6 +257,14 @@ fn print_summary(args: &DevArgs, s: &serde_json::Value) {
         grpc_addr(args.base_port, 1),
         get("app"),
         get("api_key")
+    );
+    let mqtt1 = mqtt_addr(args.base_port, 1);
+    let (host, port) = mqtt1.rsplit_once(':').unwrap_or((&mqtt1, "1883"));
+    println!("or listen with an MQTT client (Debian's mosquitto-clients):");
+    println!(
+        "  mosquitto_sub -h {host} -p {port} -V mqttv5 -q 1 -c -i alice-phone -u {} -P {} -t '$herald/inbox' -v",
+        get("app"),
+        get("demo_token")
     );
     println!(
         "cluster status:  herald cluster status --server {}",

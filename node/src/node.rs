@@ -37,6 +37,8 @@ pub struct Listeners {
     pub tls: Option<TcpListener>,
     /// WebSocket client listener.
     pub ws: Option<TcpListener>,
+    /// MQTT listener.
+    pub mqtt: Option<TcpListener>,
     /// Admin HTTP server (metrics, probes, dashboard).
     pub admin: Option<TcpListener>,
 }
@@ -74,6 +76,14 @@ impl Listeners {
             ),
             None => None,
         };
+        let mqtt = match config.mqtt_listen {
+            Some(a) => Some(
+                TcpListener::bind(a)
+                    .await
+                    .with_context(|| format!("cannot listen for MQTT clients on {a}"))?,
+            ),
+            None => None,
+        };
         let admin = match config.admin_listen {
             Some(a) => Some(
                 TcpListener::bind(a)
@@ -88,6 +98,7 @@ impl Listeners {
             client,
             tls,
             ws,
+            mqtt,
             admin,
         })
     }
@@ -392,6 +403,9 @@ pub async fn run(
             }
             if let Some(l) = listeners.ws {
                 tokio::spawn(acceptor.clone().run_wrapped(l, Wrap::Ws, accept_stop.clone()));
+            }
+            if let Some(l) = listeners.mqtt {
+                tokio::spawn(acceptor.clone().run_wrapped(l, Wrap::Mqtt, accept_stop.clone()));
             }
         });
     }

@@ -79,16 +79,19 @@ pub enum Transport {
     Tcp,
     Tls,
     Ws,
+    /// MQTT 3.1.1 / 5.0 over plain TCP (`room::mqtt`).
+    Mqtt,
 }
 
 impl Transport {
-    pub const ALL: [Transport; 3] = [Transport::Tcp, Transport::Tls, Transport::Ws];
+    pub const ALL: [Transport; 4] = [Transport::Tcp, Transport::Tls, Transport::Ws, Transport::Mqtt];
 
     pub fn name(self) -> &'static str {
         match self {
             Transport::Tcp => "tcp",
             Transport::Tls => "tls",
             Transport::Ws => "ws",
+            Transport::Mqtt => "mqtt",
         }
     }
 }
@@ -103,8 +106,8 @@ pub const SAMPLES: usize = 120;
 pub struct OpsStats {
     /// Push accepted (its log time) → handed to the connection's socket write.
     pub delivery_latency: Histogram,
-    /// Gauges: open client connections per transport (tcp, tls, ws).
-    connections: [AtomicU64; 3],
+    /// Gauges: open client connections per transport (tcp, tls, ws, mqtt).
+    connections: [AtomicU64; 4],
     /// Pushes accepted by this node's API, QoS 0 and QoS 1 (one per request).
     pub pushes_qos0: AtomicU64,
     pub pushes_qos1: AtomicU64,

@@ -17,7 +17,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use super::tls_stream::LeanTls;
-use super::{conn, ws, Room};
+use super::{conn, mqtt, ws, Room};
 use crate::admin::metrics::Transport;
 
 /// What a listener does with an accepted socket before the client protocol starts.
@@ -29,6 +29,8 @@ pub enum Wrap {
     Tls(Arc<rustls::ServerConfig>),
     /// A WebSocket handshake first (HTTP upgrade on any path); frames travel in binary messages.
     Ws,
+    /// MQTT packets, translated to and from the client protocol (`mqtt::MqttStream`).
+    Mqtt,
 }
 
 impl Wrap {
@@ -37,6 +39,7 @@ impl Wrap {
             Wrap::Plain => Transport::Tcp,
             Wrap::Tls(_) => Transport::Tls,
             Wrap::Ws => Transport::Ws,
+            Wrap::Mqtt => Transport::Mqtt,
         }
     }
 }
@@ -194,6 +197,11 @@ impl Acceptor {
                 Wrap::Ws => {
                     self.tracker.spawn(serve_ws(room, stream, peer, permit));
                 }
+                Wrap::Mqtt => {
+                    let s = mqtt::MqttStream::new(stream, mqtt_limits(&room));
+                    self.tracker
+                        .spawn(conn::serve(room, peer, Transport::Mqtt, s, Some(permit)));
+                }
             }
         }
     }
@@ -227,6 +235,8 @@ impl Acceptor {
                             let _ = s.shutdown().await;
                         }
                     }
+                    // The MQTT version is not known before CONNECT: just close.
+                    Wrap::Mqtt => drop(stream),
                     Wrap::Ws => {
                         if let Ok(s) =
                             tokio_tungstenite::accept_async_with_config(stream, Some(ws_config)).await
@@ -240,6 +250,17 @@ impl Acceptor {
             })
             .await;
         });
+    }
+}
+
+/// The MQTT side's limits from the node's configuration: a packet may be as large as a frame.
+fn mqtt_limits(room: &Room) -> mqtt::Limits {
+    let c = &room.config;
+    mqtt::Limits {
+        max_packet: c.max_frame,
+        max_frame: c.max_frame,
+        heartbeat_min_ms: c.heartbeat_min.as_millis() as u64,
+        heartbeat_max_ms: c.heartbeat_max.as_millis() as u64,
     }
 }
 

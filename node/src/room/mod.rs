@@ -10,6 +10,7 @@
 pub mod acks;
 pub mod conn;
 pub mod listener;
+pub mod mqtt;
 pub mod observer;
 pub mod outbox;
 pub mod registrations;

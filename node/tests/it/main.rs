@@ -23,6 +23,7 @@ mod dev;
 mod durability;
 mod findings;
 mod mobile;
+mod mqtt;
 mod ops;
 mod planes;
 mod proxy;

@@ -1,0 +1,745 @@
+//! MQTT 3.1.1 / 5.0 transport: an MQTT connection seen as the byte stream the client protocol
+//! runs on, so `conn::serve` handles it like TCP, TLS and WebSocket (docs/MQTT.md).
+//!
+//! [`MqttStream`] sits between the socket and the connection task and translates, one session
+//! per connection (session id 1):
+//!
+//! | client → node | becomes | node → client | becomes |
+//! |---|---|---|---|
+//! | CONNECT (user name = app, password = token, client id = device) | HELLO | WELCOME / ERROR | CONNACK |
+//! | PUBACK | ACK (cumulative, once every earlier inbox message is acked) | PUSH (mailbox) | PUBLISH `$herald/inbox`, QoS of the push |
+//! | PUBLISH `$herald/upstream` | UPSTREAM | UPSTREAM_REPLY | PUBACK (QoS 1) |
+//! | SUBSCRIBE topic | SUBSCRIBE (+ a PING marker) | SUBSCRIBED + PONG | SUBACK |
+//! | UNSUBSCRIBE | UNSUBSCRIBE (+ a PING marker) | PONG | UNSUBACK |
+//! | PINGREQ | PING | PONG | PINGRESP |
+//! | DISCONNECT | CLOSE_SESSION | KICKED / BYE | DISCONNECT (5.0), close |
+//!
+//! Every reply the node sends goes through the connection task's own writes; only a refusal of
+//! the translator's own (a protocol error) is written here, before the stream reports EOF.
+//! Nothing here buffers without bound: the read side holds at most one MQTT packet
+//! (`max_packet`) and what one read produced; the write side holds what the connection task wrote
+//! in one batch.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io;
+use std::num::NonZeroU16;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, BytesMut};
+use herald_mqtt::{
+    Ack, ConnAck, Connect, DecodeError, Disconnect, Packet, Properties, Publish, QoS, ReasonCode, SubAck,
+    Subscribe, UnsubAck, Unsubscribe, Version,
+};
+use herald_proto::client::{self as pc, frame::Kind, ErrorCode, Frame, KickReason};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tracing::{debug, info};
+
+use super::{BROADCAST, MAX_NAME};
+
+/// The topic a user's mailbox (unicast pushes) arrives on.
+pub const INBOX: &str = "$herald/inbox";
+/// The topic the app's broadcasts arrive on (Herald's `*`).
+pub const BROADCAST_TOPIC: &str = "$herald/broadcast";
+/// The topic a client publishes to for the app's backend (the native UPSTREAM).
+pub const UPSTREAM: &str = "$herald/upstream";
+/// The session id of the one Herald session of an MQTT connection.
+const SID: u32 = 1;
+/// Marker kinds in the top byte of a native PING id (see [`MqttStream::marker`]).
+const MARK_PING: u64 = 1;
+const MARK_SUBACK: u64 = 2;
+const MARK_UNSUBACK: u64 = 3;
+
+/// Limits of the MQTT side, from the node's configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest MQTT packet accepted (and announced as Maximum Packet Size in 5.0).
+    pub max_packet: usize,
+    /// Largest native frame the connection task accepts.
+    pub max_frame: usize,
+    /// The node's client heartbeat bounds (ms): keep alive is clamped into them.
+    pub heartbeat_min_ms: u64,
+    pub heartbeat_max_ms: u64,
+}
+
+/// A SUBSCRIBE waiting for its native answers.
+struct PendingSub {
+    packet_id: NonZeroU16,
+    /// One reason per filter; `None` until the node answered that topic.
+    reasons: Vec<Option<ReasonCode>>,
+    /// Filter index by native topic, for the answers still missing.
+    waiting: HashMap<String, usize>,
+    /// The PING marker after the SUBSCRIBEs came back.
+    marked: bool,
+}
+
+/// What the translator knows about the session.
+#[derive(Default)]
+struct State {
+    version: Option<Version>,
+    /// CONNACK sent.
+    connected: bool,
+    /// The client identifier we assigned (empty client id with a clean start).
+    assigned_id: Option<String>,
+    /// Keep alive the client asked for, and what the node will enforce (seconds).
+    keep_alive: u16,
+    server_keep_alive: Option<u16>,
+    next_packet_id: u16,
+    /// Outbound QoS 1 inbox publishes not PUBACKed yet: packet id → mailbox seq.
+    inflight: BTreeMap<u16, u64>,
+    /// Mailbox seqs handed to the client and not acked yet.
+    unacked: BTreeSet<u64>,
+    /// Highest mailbox seq handed to the client (or passed over by a gap).
+    max_sent: u64,
+    /// Highest seq acked to the node (the native ACK is cumulative).
+    acked: u64,
+    broadcast: bool,
+    subs: Vec<PendingSub>,
+    /// UNSUBSCRIBEs waiting for their marker: packet id and filter count, oldest first.
+    unsubs: std::collections::VecDeque<(NonZeroU16, usize)>,
+    next_marker: u64,
+    next_request: u64,
+    /// Upstream requests: request id → the PUBLISH's packet id (QoS 1).
+    upstream: HashMap<u64, NonZeroU16>,
+}
+
+/// An MQTT connection as the client protocol's byte stream (see the module docs).
+pub struct MqttStream<S> {
+    inner: S,
+    limits: Limits,
+    /// MQTT bytes read from the socket, not a whole packet yet.
+    rbuf: BytesMut,
+    /// Native frames for the connection task.
+    native_in: BytesMut,
+    /// Native bytes the connection task wrote, not a whole frame yet.
+    native_out: BytesMut,
+    /// MQTT bytes for the socket.
+    wbuf: BytesMut,
+    /// The socket ended, or the translator ends the connection: after `native_in` and `wbuf`
+    /// are drained, reads return EOF.
+    eof: bool,
+    st: State,
+}
+
+impl<S> MqttStream<S> {
+    pub fn new(inner: S, limits: Limits) -> Self {
+        MqttStream {
+            inner,
+            limits,
+            rbuf: BytesMut::new(),
+            native_in: BytesMut::new(),
+            native_out: BytesMut::new(),
+            wbuf: BytesMut::new(),
+            eof: false,
+            st: State::default(),
+        }
+    }
+
+    fn send_node(&mut self, kind: Kind) {
+        herald_proto::frame::encode(&Frame { kind: Some(kind) }, &mut self.native_in);
+    }
+
+    fn send_client(&mut self, p: &Packet) {
+        let v = self.st.version.unwrap_or(Version::V311);
+        if let Err(e) = herald_mqtt::encode(p, v, &mut self.wbuf) {
+            // Only packets built here are encoded; one the version cannot carry is a bug here.
+            debug!(error = %e, ?v, "mqtt: packet not encodable; dropped");
+        }
+    }
+
+    /// A native PING whose PONG stands for `kind`'s answer.
+    fn marker(&mut self, kind: u64, value: u64) {
+        self.st.next_marker += 1;
+        let id = (kind << 56) | ((value & 0xffff) << 32) | (self.st.next_marker & 0xffff_ffff);
+        self.send_node(Kind::Ping(pc::Ping { id, interval_ms: 0 }));
+    }
+
+    /// Ends the connection: a 5.0 client is told why (`reason`), a 3.1.1 client is just closed.
+    fn close_with(&mut self, reason: ReasonCode, why: &str) {
+        debug!(?reason, why, "mqtt: closing the connection");
+        match (self.st.version, self.st.connected) {
+            (Some(Version::V5), true) => {
+                let d = Disconnect {
+                    reason,
+                    properties: Properties {
+                        reason_string: Some(why.to_string()),
+                        ..Properties::default()
+                    },
+                };
+                self.send_client(&Packet::Disconnect(d));
+            }
+            (Some(v), false) => {
+                let reason = if v == Version::V311 {
+                    v311_connack_code(reason)
+                } else {
+                    reason
+                };
+                self.send_client(&Packet::ConnAck(ConnAck {
+                    session_present: false,
+                    reason,
+                    properties: Properties::default(),
+                }));
+            }
+            _ => {}
+        }
+        self.eof = true;
+    }
+
+    fn decode_error(&mut self, e: DecodeError) {
+        info!(error = %e, "mqtt: bad packet from the client");
+        self.close_with(e.reason_code(), &e.to_string());
+    }
+
+    // --- client → node -------------------------------------------------------------------------
+
+    fn on_packet(&mut self, p: Packet) {
+        match p {
+            Packet::Connect(c) => self.on_connect(c),
+            Packet::Publish(p) => self.on_publish(p),
+            Packet::PubAck(a) => self.on_puback(a),
+            Packet::Subscribe(s) => self.on_subscribe(s),
+            Packet::Unsubscribe(u) => self.on_unsubscribe(u),
+            Packet::PingReq => self.marker(MARK_PING, 0),
+            Packet::Disconnect(_) => {
+                self.send_node(Kind::CloseSession(pc::CloseSession { session_id: SID }));
+                self.eof = true;
+            }
+            Packet::PubRec(_) | Packet::PubRel(_) | Packet::PubComp(_) => self.close_with(
+                ReasonCode::QOS_NOT_SUPPORTED,
+                "QoS 2 is not supported (the CONNACK's Maximum QoS is 1)",
+            ),
+            Packet::Auth(_) => self.close_with(
+                ReasonCode::BAD_AUTHENTICATION_METHOD,
+                "enhanced authentication is not supported; send the token as the password",
+            ),
+            other => self.close_with(
+                ReasonCode::PROTOCOL_ERROR,
+                &format!("a client must not send {:?}", other.packet_type()),
+            ),
+        }
+    }
+
+    fn on_connect(&mut self, c: Connect) {
+        self.st.version = Some(c.version);
+        self.st.keep_alive = c.keep_alive;
+        let mut device = c.client_id.clone();
+        if device.is_empty() {
+            if !c.clean_start {
+                return self.close_with(
+                    ReasonCode::CLIENT_IDENTIFIER_NOT_VALID,
+                    "a persistent session needs a client identifier (the device id)",
+                );
+            }
+            device = format!("mqtt-{:016x}", rand::random::<u64>());
+            self.st.assigned_id = Some(device.clone());
+        }
+        if device.len() > MAX_NAME {
+            return self.close_with(
+                ReasonCode::CLIENT_IDENTIFIER_NOT_VALID,
+                &format!("the client identifier (the device id) must be at most {MAX_NAME} bytes"),
+            );
+        }
+        let (Some(app), Some(password)) = (c.user_name.clone(), c.password.clone()) else {
+            return self.close_with(
+                ReasonCode::BAD_USER_NAME_OR_PASSWORD,
+                "the user name must be the app id and the password a Herald client token",
+            );
+        };
+        let Ok(token) = String::from_utf8(password.to_vec()) else {
+            return self.close_with(ReasonCode::BAD_USER_NAME_OR_PASSWORD, "the token is not UTF-8");
+        };
+        // The user is the token's subject; the node checks the rest of the token itself.
+        let Ok(user) = crate::token::peek(&token).map(|c| c.sub) else {
+            return self.close_with(
+                ReasonCode::BAD_USER_NAME_OR_PASSWORD,
+                "the password is not a Herald client token (a JWT)",
+            );
+        };
+        if c.will.is_some() {
+            info!(client = %c.client_id, "mqtt: will messages are not supported yet; this one is ignored");
+        }
+        let heartbeat_ms = if c.keep_alive == 0 {
+            0
+        } else {
+            // The node closes a connection silent for 2.5 heartbeats; MQTT allows 1.5 keep alives.
+            let want = u64::from(c.keep_alive) * 1000 * 3 / 5;
+            let got = want.clamp(self.limits.heartbeat_min_ms, self.limits.heartbeat_max_ms);
+            if got != want {
+                let ka = (got * 5 / 3).div_ceil(1000).min(u64::from(u16::MAX)) as u16;
+                self.st.server_keep_alive = Some(ka);
+            }
+            got as u32
+        };
+        self.send_node(Kind::Hello(pc::Hello {
+            version: herald_proto::PROTOCOL_VERSION,
+            client: "mqtt".into(),
+            heartbeat_ms,
+            session: Some(pc::OpenSession {
+                session_id: SID,
+                app,
+                user,
+                device,
+                platform: "mqtt".into(),
+                token,
+                last_acked_seq: 0,
+                topics: vec![],
+            }),
+        }));
+    }
+
+    fn on_publish(&mut self, p: Publish) {
+        if p.qos == QoS::ExactlyOnce {
+            return self.close_with(
+                ReasonCode::QOS_NOT_SUPPORTED,
+                "QoS 2 is not supported (the CONNACK's Maximum QoS is 1)",
+            );
+        }
+        if p.properties.topic_alias.is_some() {
+            // The CONNACK announced no Topic Alias Maximum, which means 0 [MQTT-3.3.2-8].
+            return self.close_with(ReasonCode::TOPIC_ALIAS_INVALID, "topic aliases are not supported");
+        }
+        if p.retain && self.st.version == Some(Version::V5) {
+            return self.close_with(
+                ReasonCode::RETAIN_NOT_SUPPORTED,
+                "retained messages are not supported",
+            );
+        }
+        if p.topic == UPSTREAM {
+            self.st.next_request += 1;
+            let id = self.st.next_request;
+            if let Some(pid) = p.packet_id {
+                self.st.upstream.insert(id, pid);
+            }
+            self.send_node(Kind::Upstream(pc::Upstream {
+                session_id: SID,
+                request_id: id,
+                payload: p.payload,
+            }));
+            return;
+        }
+        // Publishing to topics from clients is not offered yet. 5.0 says so in the PUBACK; 3.1.1
+        // has no way to refuse a PUBLISH but closing, so it is acknowledged and dropped.
+        info!(topic = %p.topic, "mqtt: client publish to a topic other than {UPSTREAM} dropped");
+        if let Some(pid) = p.packet_id {
+            let reason = match self.st.version {
+                Some(Version::V5) => ReasonCode::NOT_AUTHORIZED,
+                _ => ReasonCode::SUCCESS,
+            };
+            self.send_client(&Packet::PubAck(Ack {
+                packet_id: pid,
+                reason,
+                properties: Properties::default(),
+            }));
+        }
+    }
+
+    fn on_puback(&mut self, a: Ack) {
+        let Some(seq) = self.st.inflight.remove(&a.packet_id.get()) else {
+            debug!(packet_id = a.packet_id, "mqtt: PUBACK for no message in flight");
+            return;
+        };
+        self.st.unacked.remove(&seq);
+        self.ack_upto();
+    }
+
+    /// Acks to the node every seq below the oldest one the client still holds.
+    fn ack_upto(&mut self) {
+        let upto = match self.st.unacked.first() {
+            Some(first) => first - 1,
+            None => self.st.max_sent,
+        };
+        if upto > self.st.acked {
+            self.st.acked = upto;
+            self.send_node(Kind::Ack(pc::Ack {
+                session_id: SID,
+                seq: upto,
+            }));
+        }
+    }
+
+    fn on_subscribe(&mut self, s: Subscribe) {
+        let v5 = self.st.version == Some(Version::V5);
+        let refuse = |code: ReasonCode| if v5 { code } else { ReasonCode::UNSPECIFIED_ERROR };
+        let mut pending = PendingSub {
+            packet_id: s.packet_id,
+            reasons: Vec::with_capacity(s.subscriptions.len()),
+            waiting: HashMap::new(),
+            marked: false,
+        };
+        let mut native = Vec::new();
+        for (i, sub) in s.subscriptions.iter().enumerate() {
+            let f = sub.filter.as_str();
+            let granted_1 = if sub.options.qos == QoS::AtMostOnce {
+                ReasonCode::GRANTED_QOS_0
+            } else {
+                ReasonCode::GRANTED_QOS_1
+            };
+            let r = if f.starts_with("$share/") {
+                Some(refuse(ReasonCode::SHARED_SUBSCRIPTIONS_NOT_SUPPORTED))
+            } else if f.contains(['+', '#']) {
+                Some(refuse(ReasonCode::WILDCARD_SUBSCRIPTIONS_NOT_SUPPORTED))
+            } else if f == INBOX {
+                Some(granted_1)
+            } else if f == BROADCAST_TOPIC || f == BROADCAST {
+                self.st.broadcast = true;
+                Some(ReasonCode::GRANTED_QOS_0)
+            } else if f.starts_with('$') {
+                Some(refuse(ReasonCode::TOPIC_FILTER_INVALID))
+            } else {
+                pending.waiting.insert(f.to_string(), i);
+                native.push(f.to_string());
+                None
+            };
+            pending.reasons.push(r);
+        }
+        for topic in native {
+            self.send_node(Kind::Subscribe(pc::Subscribe {
+                session_id: SID,
+                topic,
+                last_seq: None,
+            }));
+        }
+        self.st.subs.push(pending);
+        self.marker(MARK_SUBACK, u64::from(s.packet_id.get()));
+    }
+
+    fn on_unsubscribe(&mut self, u: Unsubscribe) {
+        for f in &u.filters {
+            if f == BROADCAST_TOPIC || f == BROADCAST {
+                self.st.broadcast = false;
+            } else if !f.starts_with('$') && !f.contains(['+', '#']) {
+                self.send_node(Kind::Unsubscribe(pc::Unsubscribe {
+                    session_id: SID,
+                    topic: f.clone(),
+                }));
+            }
+        }
+        self.st.unsubs.push_back((u.packet_id, u.filters.len()));
+        self.marker(MARK_UNSUBACK, u64::from(u.packet_id.get()));
+    }
+
+    // --- node → client -------------------------------------------------------------------------
+
+    fn on_frame(&mut self, f: Frame) {
+        let Some(kind) = f.kind else { return };
+        match kind {
+            Kind::Welcome(w) => {
+                self.st.connected = true;
+                self.st.acked = w.acked_seq;
+                self.st.max_sent = w.acked_seq;
+                let mut props = Properties::default();
+                if self.st.version == Some(Version::V5) {
+                    props.maximum_qos = Some(QoS::AtLeastOnce);
+                    props.retain_available = Some(false);
+                    props.wildcard_subscription_available = Some(false);
+                    props.shared_subscription_available = Some(false);
+                    props.subscription_identifier_available = Some(false);
+                    props.maximum_packet_size = Some(self.limits.max_packet.min(u32::MAX as usize) as u32);
+                    props.assigned_client_identifier = self.st.assigned_id.clone();
+                    props.server_keep_alive = self.st.server_keep_alive;
+                }
+                // Herald keeps no MQTT session state of its own (subscriptions are not kept
+                // across connections), so the client must subscribe again: session present 0.
+                // The inbox is the user's mailbox and resumes at the device's ack cursor.
+                self.send_client(&Packet::ConnAck(ConnAck {
+                    session_present: false,
+                    reason: ReasonCode::SUCCESS,
+                    properties: props,
+                }));
+            }
+            Kind::Error(e) => {
+                let code = e.code();
+                let reason = error_reason(code);
+                self.close_with(reason, &e.message);
+            }
+            Kind::Push(p) => self.on_push(p),
+            Kind::Gap(g) if g.topic.is_empty() && g.to_seq > self.st.max_sent => {
+                self.st.max_sent = g.to_seq;
+                self.ack_upto();
+            }
+            Kind::Subscribed(s) => self.on_subscribed(s),
+            Kind::Pong(p) => self.on_pong(p.id),
+            Kind::UpstreamReply(r) => {
+                if let Some(pid) = self.st.upstream.remove(&r.request_id) {
+                    let reason = match (r.error(), self.st.version) {
+                        (ErrorCode::Unspecified, _) => ReasonCode::SUCCESS,
+                        (_, Some(Version::V5)) => ReasonCode::IMPLEMENTATION_SPECIFIC_ERROR,
+                        // 3.1.1's PUBACK carries no outcome; the message was delivered to us.
+                        _ => ReasonCode::SUCCESS,
+                    };
+                    self.send_client(&Packet::PubAck(Ack {
+                        packet_id: pid,
+                        reason,
+                        properties: Properties::default(),
+                    }));
+                }
+            }
+            Kind::Kicked(k) => {
+                let reason = match k.code() {
+                    KickReason::Replaced => ReasonCode::SESSION_TAKEN_OVER,
+                    KickReason::NodeDown => ReasonCode::USE_ANOTHER_SERVER,
+                    KickReason::TokenExpired => ReasonCode::NOT_AUTHORIZED,
+                    _ => ReasonCode::ADMINISTRATIVE_ACTION,
+                };
+                self.disconnect_with_reference(reason, &k.reason, k.redirect.first());
+            }
+            Kind::Bye(b) => {
+                let reason = if b.redirect.is_empty() {
+                    ReasonCode::SERVER_SHUTTING_DOWN
+                } else {
+                    ReasonCode::USE_ANOTHER_SERVER
+                };
+                self.disconnect_with_reference(reason, &b.reason, b.redirect.first());
+            }
+            Kind::SessionClosed(_) => self.eof = true,
+            _ => {}
+        }
+    }
+
+    fn disconnect_with_reference(&mut self, reason: ReasonCode, why: &str, to: Option<&String>) {
+        if self.st.version == Some(Version::V5) && self.st.connected {
+            self.send_client(&Packet::Disconnect(Disconnect {
+                reason,
+                properties: Properties {
+                    reason_string: Some(why.to_string()),
+                    server_reference: to.cloned(),
+                    ..Properties::default()
+                },
+            }));
+        }
+        self.eof = true;
+    }
+
+    fn on_push(&mut self, p: pc::Push) {
+        let qos1 = p.qos() == pc::Qos::AtLeastOnce;
+        let mut publish = Publish {
+            dup: false,
+            qos: QoS::AtMostOnce,
+            retain: false,
+            topic: String::new(),
+            packet_id: None,
+            properties: Properties::default(),
+            payload: p.payload,
+        };
+        if p.topic.is_empty() {
+            publish.topic = INBOX.to_string();
+            if p.seq > self.st.max_sent {
+                self.st.max_sent = p.seq;
+            }
+            if qos1 {
+                let Some(pid) = self.next_packet_id() else {
+                    return self.close_with(
+                        ReasonCode::RECEIVE_MAXIMUM_EXCEEDED,
+                        "65,535 messages in flight without a PUBACK",
+                    );
+                };
+                self.st.inflight.insert(pid.get(), p.seq);
+                self.st.unacked.insert(p.seq);
+                publish.qos = QoS::AtLeastOnce;
+                publish.packet_id = Some(pid);
+                // DUP stays 0: which of the replayed messages an earlier connection had sent
+                // is not recorded (only the ack cursor is), see docs/MQTT.md.
+            } else {
+                // QoS 0: delivered once handed over, nothing to wait for.
+                self.ack_upto();
+            }
+        } else if p.topic == BROADCAST {
+            if !self.st.broadcast {
+                return;
+            }
+            publish.topic = BROADCAST_TOPIC.to_string();
+        } else {
+            publish.topic = p.topic;
+        }
+        self.send_client(&Packet::Publish(publish));
+    }
+
+    fn next_packet_id(&mut self) -> Option<NonZeroU16> {
+        for _ in 0..=u16::MAX {
+            self.st.next_packet_id = self.st.next_packet_id.wrapping_add(1);
+            if let Some(id) = NonZeroU16::new(self.st.next_packet_id) {
+                if !self.st.inflight.contains_key(&id.get()) {
+                    return Some(id);
+                }
+            }
+        }
+        None
+    }
+
+    fn on_subscribed(&mut self, s: pc::Subscribed) {
+        let v5 = self.st.version == Some(Version::V5);
+        let Some(sub) = self.st.subs.iter_mut().find(|p| p.waiting.contains_key(&s.topic)) else {
+            return;
+        };
+        let i = sub.waiting.remove(&s.topic).unwrap_or_default();
+        let reason = match (s.error(), v5) {
+            (ErrorCode::Unspecified, _) => ReasonCode::GRANTED_QOS_0,
+            (_, false) => ReasonCode::UNSPECIFIED_ERROR,
+            (ErrorCode::PermissionDenied, true) => ReasonCode::NOT_AUTHORIZED,
+            (ErrorCode::BadRequest, true) => ReasonCode::TOPIC_FILTER_INVALID,
+            (ErrorCode::TooManySessions | ErrorCode::RateLimited, true) => ReasonCode::QUOTA_EXCEEDED,
+            (_, true) => ReasonCode::UNSPECIFIED_ERROR,
+        };
+        if let Some(slot) = sub.reasons.get_mut(i) {
+            *slot = Some(reason);
+        }
+        self.flush_subacks();
+    }
+
+    fn on_pong(&mut self, id: u64) {
+        match id >> 56 {
+            MARK_PING => self.send_client(&Packet::PingResp),
+            MARK_SUBACK => {
+                let pid = ((id >> 32) & 0xffff) as u16;
+                if let Some(s) = self.st.subs.iter_mut().find(|s| s.packet_id.get() == pid) {
+                    s.marked = true;
+                }
+                self.flush_subacks();
+            }
+            MARK_UNSUBACK => {
+                // The node answers in order, so the oldest UNSUBSCRIBE is the one answered.
+                let Some((pid, n)) = self.st.unsubs.pop_front() else {
+                    return;
+                };
+                let reasons = match self.st.version {
+                    Some(Version::V5) => vec![ReasonCode::SUCCESS; n],
+                    _ => Vec::new(),
+                };
+                self.send_client(&Packet::UnsubAck(UnsubAck {
+                    packet_id: pid,
+                    properties: Properties::default(),
+                    reasons,
+                }));
+            }
+            _ => {}
+        }
+    }
+
+    /// Sends the SUBACKs whose every answer is in, in the order the SUBSCRIBEs came.
+    fn flush_subacks(&mut self) {
+        while let Some(s) = self.st.subs.first() {
+            if !s.marked || !s.waiting.is_empty() {
+                break;
+            }
+            let s = self.st.subs.remove(0);
+            let reasons = s
+                .reasons
+                .into_iter()
+                .map(|r| r.unwrap_or(ReasonCode::UNSPECIFIED_ERROR))
+                .collect();
+            self.send_client(&Packet::SubAck(SubAck {
+                packet_id: s.packet_id,
+                properties: Properties::default(),
+                reasons,
+            }));
+        }
+    }
+}
+
+/// The CONNACK / DISCONNECT reason for a native error.
+fn error_reason(code: ErrorCode) -> ReasonCode {
+    match code {
+        ErrorCode::BadToken | ErrorCode::TokenExpired | ErrorCode::UnknownApp => {
+            ReasonCode::BAD_USER_NAME_OR_PASSWORD
+        }
+        ErrorCode::PermissionDenied => ReasonCode::NOT_AUTHORIZED,
+        ErrorCode::SessionExists => ReasonCode::CLIENT_IDENTIFIER_NOT_VALID,
+        ErrorCode::TooManySessions => ReasonCode::QUOTA_EXCEEDED,
+        ErrorCode::RateLimited => ReasonCode::CONNECTION_RATE_EXCEEDED,
+        ErrorCode::ServerBusy => ReasonCode::SERVER_BUSY,
+        ErrorCode::NotReady => ReasonCode::SERVER_UNAVAILABLE,
+        ErrorCode::AuthTimeout => ReasonCode::KEEP_ALIVE_TIMEOUT,
+        ErrorCode::FrameTooLarge => ReasonCode::PACKET_TOO_LARGE,
+        ErrorCode::SlowConsumer => ReasonCode::RECEIVE_MAXIMUM_EXCEEDED,
+        _ => ReasonCode::UNSPECIFIED_ERROR,
+    }
+}
+
+/// 3.1.1's CONNACK has six return codes; every refusal maps to one of them.
+fn v311_connack_code(r: ReasonCode) -> ReasonCode {
+    match r {
+        ReasonCode::SUCCESS
+        | ReasonCode::UNSUPPORTED_PROTOCOL_VERSION
+        | ReasonCode::CLIENT_IDENTIFIER_NOT_VALID
+        | ReasonCode::SERVER_UNAVAILABLE
+        | ReasonCode::BAD_USER_NAME_OR_PASSWORD
+        | ReasonCode::NOT_AUTHORIZED => r,
+        ReasonCode::SERVER_BUSY | ReasonCode::QUOTA_EXCEEDED | ReasonCode::CONNECTION_RATE_EXCEEDED => {
+            ReasonCode::SERVER_UNAVAILABLE
+        }
+        _ => ReasonCode::NOT_AUTHORIZED,
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> MqttStream<S> {
+    /// Writes `wbuf` to the socket.
+    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while !self.wbuf.is_empty() {
+            let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &self.wbuf))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.wbuf.advance(n);
+        }
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for MqttStream<S> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            if !this.native_in.is_empty() {
+                let n = this.native_in.len().min(buf.remaining());
+                buf.put_slice(&this.native_in[..n]);
+                this.native_in.advance(n);
+                return Poll::Ready(Ok(()));
+            }
+            if this.eof {
+                // What the translator wrote itself (a refusal) goes out before the EOF.
+                let _ = ready!(this.poll_drain(cx));
+                return Poll::Ready(Ok(()));
+            }
+            let mut chunk = [0u8; 8 * 1024];
+            let mut rb = ReadBuf::new(&mut chunk);
+            ready!(Pin::new(&mut this.inner).poll_read(cx, &mut rb))?;
+            if rb.filled().is_empty() {
+                this.eof = true;
+                continue;
+            }
+            this.rbuf.extend_from_slice(rb.filled());
+            while !this.eof {
+                match herald_mqtt::decode(&mut this.rbuf, this.st.version, this.limits.max_packet) {
+                    Ok(Some(p)) => this.on_packet(p),
+                    Ok(None) => break,
+                    Err(e) => this.decode_error(e),
+                }
+            }
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for MqttStream<S> {
+    fn poll_write(self: Pin<&mut Self>, _cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        this.native_out.extend_from_slice(data);
+        loop {
+            match herald_proto::frame::decode(&mut this.native_out, usize::MAX) {
+                Ok(Some(f)) => this.on_frame(f),
+                Ok(None) => break,
+                Err(e) => return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, e))),
+            }
+        }
+        Poll::Ready(Ok(data.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.get_mut().poll_drain(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_drain(cx))?;
+        Pin::new(&mut this.inner).poll_shutdown(cx)
+    }
+}

@@ -1,0 +1,289 @@
+//! The MQTT listener (`--mqtt-addr`, docs/MQTT.md) with clients nobody here wrote: Eclipse
+//! Mosquitto's `mosquitto_sub` (Debian's `mosquitto-clients`, which `scripts/test` installs),
+//! against a real 3-node cluster.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use herald_proto::v1 as pb;
+use parking_lot::Mutex;
+
+use crate::harness::{connect, free_port, App, Cluster};
+
+const INBOX: &str = "$herald/inbox";
+
+/// A 3-node cluster whose nodes all have an MQTT listener; returns it and each node's MQTT port.
+async fn cluster() -> (Cluster, Vec<u16>) {
+    let mut c = Cluster::new(3);
+    let mut ports = Vec::new();
+    for id in 1..=3 {
+        let p = free_port();
+        c.spec_mut(id)
+            .extra_args
+            .extend(["--mqtt-addr".into(), format!("127.0.0.1:{p}")]);
+        ports.push(p);
+    }
+    c.start_all();
+    c.wait_leader().await;
+    (c, ports)
+}
+
+fn mosquitto_sub() -> Command {
+    if Command::new("mosquitto_sub").arg("--help").output().is_err() {
+        panic!("mosquitto_sub is missing: install Debian's mosquitto-clients (scripts/test does)");
+    }
+    Command::new("mosquitto_sub")
+}
+
+/// A running `mosquitto_sub -d -v` and what it printed (stdout and stderr, in one list of lines).
+struct Sub {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Sub {
+    fn spawn(args: &[&str]) -> Sub {
+        mosquitto_sub(); // present, or a clear panic
+                         // Line-buffered: mosquitto_sub's stdio would hold its lines back in a pipe.
+        let mut child = Command::new("stdbuf")
+            .args(["-oL", "-eL", "mosquitto_sub"])
+            .args(args)
+            .args(["-d", "-v"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("mosquitto_sub starts");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        for out in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let lines = lines.clone();
+            std::thread::spawn(move || {
+                for l in BufReader::new(out).lines().map_while(Result::ok) {
+                    lines.lock().push(l);
+                }
+            });
+        }
+        Sub { child, lines }
+    }
+
+    fn text(&self) -> String {
+        self.lines.lock().join("\n")
+    }
+
+    /// Waits until a line contains `what`.
+    async fn wait_for(&self, what: &str, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while !self.lines.lock().iter().any(|l| l.contains(what)) {
+            assert!(
+                Instant::now() < deadline,
+                "mosquitto_sub never printed {what:?}; it printed:\n{}",
+                self.text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The inbox messages received, in order: (payload, the DUP flag of its PUBLISH).
+    fn inbox(&self) -> Vec<(String, bool)> {
+        let lines = self.lines.lock();
+        let dups: Vec<bool> = lines
+            .iter()
+            .filter(|l| l.contains("received PUBLISH"))
+            .map(|l| l.contains("(d1,"))
+            .collect();
+        let payloads: Vec<String> = lines
+            .iter()
+            .filter_map(|l| l.strip_prefix(&format!("{INBOX} ")))
+            .map(str::to_string)
+            .collect();
+        payloads
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| (p, dups.get(i).copied().unwrap_or(false)))
+            .collect()
+    }
+}
+
+impl Drop for Sub {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `mosquitto_sub` for `user`'s device `client_id`, persistent session, QoS 1, on `port`.
+fn inbox_sub(app: &App, user: &str, client_id: &str, port: u16, version: &str) -> Sub {
+    let token = app.token(user, None);
+    Sub::spawn(&[
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "-V",
+        version,
+        "-q",
+        "1",
+        "-c",
+        "-i",
+        client_id,
+        "-u",
+        &app.id,
+        "-P",
+        &token,
+        "-t",
+        INBOX,
+    ])
+}
+
+/// A persistent MQTT session's inbox survives the loss of the node the client was on: what was
+/// acknowledged (PUBACK) is not sent again, and what was pushed while the client was away arrives
+/// after it reconnects to another node, in order.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_persistent_mqtt_session_survives_kill_9_of_its_node() {
+    let (mut c, ports) = cluster().await;
+    let app = c.create_app("mqtt").await;
+    let leader = c.wait_leader().await;
+    let on = (1..=3).find(|id| *id != leader).unwrap();
+    let other = (1..=3).find(|id| *id != leader && *id != on).unwrap();
+
+    for (version, user) in [("mqttv5", "bob"), ("mqttv311", "carol")] {
+        let sub = inbox_sub(
+            &app,
+            user,
+            &format!("{user}-phone"),
+            ports[on as usize - 1],
+            version,
+        );
+        sub.wait_for("received SUBACK", Duration::from_secs(20)).await;
+        for m in ["m1", "m2"] {
+            app.push_acked(c.grpc_addr(leader), user, m, &format!("{user}-{m}"))
+                .await;
+        }
+        sub.wait_for(&format!("{INBOX} m2"), Duration::from_secs(20))
+            .await;
+        assert_eq!(
+            sub.inbox(),
+            vec![("m1".into(), false), ("m2".into(), false)],
+            "{version}: {}",
+            sub.text()
+        );
+        // The PUBACKs become the device's ack cursor (a Raft write).
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        drop(sub);
+        for m in ["m3", "m4"] {
+            app.push_acked(c.grpc_addr(leader), user, m, &format!("{user}-{m}"))
+                .await;
+        }
+        let again = inbox_sub(
+            &app,
+            user,
+            &format!("{user}-phone"),
+            ports[other as usize - 1],
+            version,
+        );
+        again
+            .wait_for(&format!("{INBOX} m4"), Duration::from_secs(20))
+            .await;
+        assert_eq!(
+            again.inbox(),
+            vec![("m3".into(), false), ("m4".into(), false)],
+            "{version}: {}",
+            again.text()
+        );
+    }
+
+    // Now kill -9 the node a connected persistent session is on, with a message in its inbox.
+    let user = "dave";
+    let sub = inbox_sub(&app, user, "dave-phone", ports[on as usize - 1], "mqttv5");
+    sub.wait_for("received SUBACK", Duration::from_secs(20)).await;
+    app.push_acked(c.grpc_addr(leader), user, "d1", "dave-d1").await;
+    sub.wait_for(&format!("{INBOX} d1"), Duration::from_secs(20))
+        .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    c.kill9(on);
+    drop(sub);
+    app.push_acked(c.grpc_addr(leader), user, "d2", "dave-d2").await;
+    let again = inbox_sub(&app, user, "dave-phone", ports[other as usize - 1], "mqttv5");
+    again
+        .wait_for(&format!("{INBOX} d2"), Duration::from_secs(30))
+        .await;
+    assert_eq!(again.inbox(), vec![("d2".into(), false)], "{}", again.text());
+
+    // A Herald topic: SUBSCRIBE over MQTT, publish through another node's gRPC API.
+    let news = Sub::spawn(&[
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &ports[other as usize - 1].to_string(),
+        "-V",
+        "mqttv5",
+        "-i",
+        "erin-phone",
+        "-u",
+        &app.id,
+        "-P",
+        &app.token("erin", None),
+        "-t",
+        "news",
+    ]);
+    news.wait_for("received SUBACK", Duration::from_secs(20)).await;
+    let mut grpc = connect(c.grpc_addr(leader)).await.unwrap();
+    grpc.publish_topic(app.request(pb::PublishRequest {
+        app: app.id.clone(),
+        topic: "news".into(),
+        payload: b"extra".to_vec().into(),
+        ..Default::default()
+    }))
+    .await
+    .unwrap();
+    news.wait_for("news extra", Duration::from_secs(20)).await;
+    c.assert_no_panics();
+}
+
+/// Bad credentials get the CONNACK code of each version, and the connection is closed.
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_mqtt_credentials_get_the_connack_code_of_each_version() {
+    let (c, ports) = cluster().await;
+    let app = c.create_app("mqttauth").await;
+    let port = ports[0].to_string();
+    let run = |version: &str, user: &str, password: &str| {
+        let out = mosquitto_sub()
+            .args(["-h", "127.0.0.1", "-p", &port, "-V", version, "-i", "x-phone"])
+            .args(["-u", user, "-P", password, "-t", INBOX, "-d", "-W", "10"])
+            .output()
+            .expect("mosquitto_sub runs");
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let good = app.token("frank", None);
+    let other_device = app.token("frank", Some("tablet"));
+    for (what, user, password, v311, v5) in [
+        ("not a token", app.id.as_str(), "not-a-token", 4, 134),
+        ("a token of another app", "no-such-app", good.as_str(), 4, 134),
+        (
+            "a token bound to another device",
+            app.id.as_str(),
+            other_device.as_str(),
+            5,
+            135,
+        ),
+    ] {
+        let (ok, out) = run("mqttv311", user, password);
+        assert!(!ok, "3.1.1, {what}: mosquitto_sub succeeded:\n{out}");
+        assert!(out.contains(&format!("CONNACK ({v311})")), "3.1.1, {what}: {out}");
+        let (ok, out) = run("mqttv5", user, password);
+        assert!(!ok, "5.0, {what}: mosquitto_sub succeeded:\n{out}");
+        assert!(out.contains(&format!("CONNACK ({v5})")), "5.0, {what}: {out}");
+    }
+    c.assert_no_panics();
+}
