@@ -56,6 +56,7 @@ pub mod env {
     pub const WS_ADDR: &str = "HERALD_WS_ADDR";
     pub const ADVERTISE_WS_ADDR: &str = "HERALD_ADVERTISE_WS_ADDR";
     pub const MQTT_ADDR: &str = "HERALD_MQTT_ADDR";
+    pub const MQTT_TLS_ADDR: &str = "HERALD_MQTT_TLS_ADDR";
     pub const ARCHIVE_URL: &str = "HERALD_ARCHIVE_URL";
     pub const ARCHIVE_BATCH: &str = "HERALD_ARCHIVE_BATCH";
 }
@@ -207,6 +208,10 @@ pub struct NodeOptions {
     /// client token, client id = device; see docs/MQTT.md; empty: disabled).
     #[arg(long, env = env::MQTT_ADDR)]
     pub mqtt_addr: Option<String>,
+    /// Listen address of the MQTT listener over TLS (the certificate of --tls-cert/--tls-key;
+    /// empty: disabled).
+    #[arg(long, env = env::MQTT_TLS_ADDR)]
+    pub mqtt_tls_addr: Option<String>,
     /// MySQL/MariaDB URL of the cold archive, e.g. mysql://user:pass@host:3306/herald (empty:
     /// no archive). Acked, expired and trimmed messages are written there by the leader.
     #[arg(long, env = env::ARCHIVE_URL, hide_env_values = true)]
@@ -272,6 +277,7 @@ impl NodeOptions {
             ws_addr,
             advertise_ws_addr,
             mqtt_addr,
+            mqtt_tls_addr,
             archive_url,
             archive_batch,
         )
@@ -356,6 +362,7 @@ pub struct NodeConfig {
     pub ws_listen: Option<SocketAddr>,
     pub ws_advertise: String,
     pub mqtt_listen: Option<SocketAddr>,
+    pub mqtt_tls_listen: Option<SocketAddr>,
     /// The cold archive's MySQL URL (validated as a mysql:// URL), if any.
     pub archive_url: Option<String>,
     pub archive_batch: usize,
@@ -482,6 +489,12 @@ impl NodeOptions {
         )?;
         let ws_listen = optional_addr("ws-addr", self.ws_addr)?;
         let mqtt_listen = optional_addr("mqtt-addr", self.mqtt_addr)?;
+        let mqtt_tls_listen = optional_addr("mqtt-tls-addr", self.mqtt_tls_addr)?;
+        if mqtt_tls_listen.is_some() && (self.tls_cert.is_none() || self.tls_key.is_none()) {
+            return Err(ConfigError(
+                "--mqtt-tls-addr needs --tls-cert and --tls-key".into(),
+            ));
+        }
         let ws_advertise = match ws_listen {
             Some(a) => advertise("ws", a, self.advertise_ws_addr)?,
             None => String::new(),
@@ -513,6 +526,7 @@ impl NodeOptions {
                 ("tls-addr", tls_listen),
                 ("ws-addr", ws_listen),
                 ("mqtt-addr", mqtt_listen),
+                ("mqtt-tls-addr", mqtt_tls_listen),
                 ("admin-addr", admin_listen),
             ];
             if let Some((flag, a)) = listeners
@@ -580,6 +594,7 @@ impl NodeOptions {
             ws_listen,
             ws_advertise,
             mqtt_listen,
+            mqtt_tls_listen,
             archive_url,
             archive_batch,
         })
@@ -1029,8 +1044,8 @@ mod tests {
                 assert!(c.ws_listen.is_none() && c.ws_advertise.is_empty());
                 None
             }
-            "mqtt_addr" => {
-                assert!(c.mqtt_listen.is_none());
+            "mqtt_addr" | "mqtt_tls_addr" => {
+                assert!(c.mqtt_listen.is_none() && c.mqtt_tls_listen.is_none());
                 None
             }
             "archive_url" => {

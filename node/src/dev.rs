@@ -20,7 +20,8 @@ pub struct DevArgs {
     pub data_dir: PathBuf,
     /// Node i listens for gRPC on base+i, plain TCP clients on base+10+i, TLS clients on base+20+i,
     /// admin HTTP (metrics, dashboard) on base+30+i, WebSocket clients on base+40+i, its cluster
-    /// plane (mutual TLS, other nodes only) on base+50+i and MQTT clients on base+60+i.
+    /// plane (mutual TLS, other nodes only) on base+50+i, MQTT clients on base+60+i and MQTT over
+    /// TLS on base+70+i.
     #[arg(long, default_value_t = 7400)]
     pub base_port: u16,
     /// The demo app's id.
@@ -59,6 +60,10 @@ pub fn ws_addr(base: u16, i: u64) -> String {
 
 pub fn mqtt_addr(base: u16, i: u64) -> String {
     format!("127.0.0.1:{}", base as u64 + 60 + i)
+}
+
+pub fn mqtt_tls_addr(base: u16, i: u64) -> String {
+    format!("127.0.0.1:{}", base as u64 + 70 + i)
 }
 
 pub fn cluster_addr(base: u16, i: u64) -> String {
@@ -106,6 +111,7 @@ pub async fn run(args: DevArgs) -> Result<(), CliError> {
             .args(["--admin-addr", &admin_addr(args.base_port, i)])
             .args(["--ws-addr", &ws_addr(args.base_port, i)])
             .args(["--mqtt-addr", &mqtt_addr(args.base_port, i)])
+            .args(["--mqtt-tls-addr", &mqtt_tls_addr(args.base_port, i)])
             .args(["--cluster-addr", &cluster_addr(args.base_port, i)])
             .arg("--cluster-ca")
             .arg(crate::certs::ca_paths(&certs).0)
@@ -178,6 +184,7 @@ pub async fn run(args: DevArgs) -> Result<(), CliError> {
         "admin": (1..=NODES).map(|i| admin_addr(args.base_port, i)).collect::<Vec<_>>(),
         "ws": (1..=NODES).map(|i| ws_addr(args.base_port, i)).collect::<Vec<_>>(),
         "mqtt": (1..=NODES).map(|i| mqtt_addr(args.base_port, i)).collect::<Vec<_>>(),
+        "mqtt_tls": (1..=NODES).map(|i| mqtt_tls_addr(args.base_port, i)).collect::<Vec<_>>(),
         "cluster": (1..=NODES).map(|i| cluster_addr(args.base_port, i)).collect::<Vec<_>>(),
         "cluster_ca": crate::certs::ca_paths(&certs).0.display().to_string(),
         "dashboard": format!("http://{}/", admin_addr(args.base_port, 1)),
@@ -240,6 +247,7 @@ fn print_summary(args: &DevArgs, s: &serde_json::Value) {
             .join(" ")
     );
     println!("  MQTT:         {}  (3.1.1 / 5.0; docs/MQTT.md)", list("mqtt"));
+    println!("  MQTT (TLS):   {}  (dev CA above)", list("mqtt_tls"));
     println!("  admin (HTTP): {}  (/metrics, /healthz, /readyz)", list("admin"));
     println!(
         "  cluster:      {}  (node-to-node only, mutual TLS; CA: {})",

@@ -37,8 +37,9 @@ pub struct Listeners {
     pub tls: Option<TcpListener>,
     /// WebSocket client listener.
     pub ws: Option<TcpListener>,
-    /// MQTT listener.
+    /// MQTT listener, plain and over TLS.
     pub mqtt: Option<TcpListener>,
+    pub mqtt_tls: Option<TcpListener>,
     /// Admin HTTP server (metrics, probes, dashboard).
     pub admin: Option<TcpListener>,
 }
@@ -84,6 +85,14 @@ impl Listeners {
             ),
             None => None,
         };
+        let mqtt_tls = match config.mqtt_tls_listen {
+            Some(a) => Some(
+                TcpListener::bind(a)
+                    .await
+                    .with_context(|| format!("cannot listen for MQTT clients over TLS on {a}"))?,
+            ),
+            None => None,
+        };
         let admin = match config.admin_listen {
             Some(a) => Some(
                 TcpListener::bind(a)
@@ -99,6 +108,7 @@ impl Listeners {
             tls,
             ws,
             mqtt,
+            mqtt_tls,
             admin,
         })
     }
@@ -192,7 +202,9 @@ pub async fn run(
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
     let tls = match (&config.tls_cert, &config.tls_key) {
-        (Some(c), Some(k)) if listeners.tls.is_some() => Some(crate::room::tls::server_config(c, k)?),
+        (Some(c), Some(k)) if listeners.tls.is_some() || listeners.mqtt_tls.is_some() => {
+            Some(crate::room::tls::server_config(c, k)?)
+        }
         _ => None,
     };
     let cluster_tls = match &config.cluster_tls {
@@ -397,6 +409,13 @@ pub async fn run(
             let acceptor = Acceptor::new(node.room().clone(), conn_tasks);
             if let Some(l) = listeners.client {
                 tokio::spawn(acceptor.clone().run(l, None, accept_stop.clone()));
+            }
+            if let (Some(l), Some(cfg)) = (listeners.mqtt_tls, tls.clone()) {
+                tokio::spawn(
+                    acceptor
+                        .clone()
+                        .run_wrapped(l, Wrap::MqttTls(cfg), accept_stop.clone()),
+                );
             }
             if let (Some(l), Some(cfg)) = (listeners.tls, tls) {
                 tokio::spawn(acceptor.clone().run(l, Some(cfg), accept_stop.clone()));

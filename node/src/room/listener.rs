@@ -31,6 +31,8 @@ pub enum Wrap {
     Ws,
     /// MQTT packets, translated to and from the client protocol (`mqtt::MqttStream`).
     Mqtt,
+    /// A TLS handshake, then MQTT.
+    MqttTls(Arc<rustls::ServerConfig>),
 }
 
 impl Wrap {
@@ -39,7 +41,7 @@ impl Wrap {
             Wrap::Plain => Transport::Tcp,
             Wrap::Tls(_) => Transport::Tls,
             Wrap::Ws => Transport::Ws,
-            Wrap::Mqtt => Transport::Mqtt,
+            Wrap::Mqtt | Wrap::MqttTls(_) => Transport::Mqtt,
         }
     }
 }
@@ -202,6 +204,10 @@ impl Acceptor {
                     self.tracker
                         .spawn(conn::serve(room, peer, Transport::Mqtt, s, Some(permit)));
                 }
+                Wrap::MqttTls(config) => {
+                    self.tracker
+                        .spawn(serve_mqtt_tls(room, config.clone(), stream, peer, permit));
+                }
             }
         }
     }
@@ -236,7 +242,7 @@ impl Acceptor {
                         }
                     }
                     // The MQTT version is not known before CONNECT: just close.
-                    Wrap::Mqtt => drop(stream),
+                    Wrap::Mqtt | Wrap::MqttTls(_) => drop(stream),
                     Wrap::Ws => {
                         if let Ok(s) =
                             tokio_tungstenite::accept_async_with_config(stream, Some(ws_config)).await
@@ -285,19 +291,74 @@ async fn serve_tls(
     }
 }
 
-/// A WebSocket connection: the HTTP upgrade, then the client protocol in binary messages.
-async fn serve_ws(
+/// An MQTT connection over TLS: the handshake, then MQTT.
+async fn serve_mqtt_tls(
     room: Arc<Room>,
+    config: Arc<rustls::ServerConfig>,
     stream: TcpStream,
     peer: SocketAddr,
     permit: tokio::sync::OwnedSemaphorePermit,
 ) {
     let handshake = Box::pin(tokio::time::timeout(
         room.config.auth_timeout,
-        tokio_tungstenite::accept_async_with_config(stream, Some(ws::config(room.config.max_frame))),
+        LeanTls::accept(stream, config),
     ));
-    match handshake.await.map(|r| r.map(|s| Box::new(ws::WsStream::new(s)))) {
-        Ok(Ok(s)) => conn::serve(room, peer, Transport::Ws, s, Some(permit)).await,
+    match handshake.await {
+        Ok(Ok(s)) => {
+            let s = Box::new(mqtt::MqttStream::new(s, mqtt_limits(&room)));
+            conn::serve(room, peer, Transport::Mqtt, s, Some(permit)).await
+        }
+        Ok(Err(e)) => debug!(%peer, error = %e, "mqtt tls handshake failed"),
+        Err(_) => debug!(%peer, "mqtt tls handshake timed out"),
+    }
+}
+
+/// A WebSocket connection: the HTTP upgrade, then the client protocol in binary messages; on
+/// the path `/mqtt`, MQTT (MQTT 5.0 §6: the `mqtt` subprotocol, packets in binary messages).
+async fn serve_ws(
+    room: Arc<Room>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+    let mut is_mqtt = false;
+    let pick = |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
+        if req.uri().path() == "/mqtt" {
+            is_mqtt = true;
+            let offered = req
+                .headers()
+                .get_all("sec-websocket-protocol")
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .any(|p| p.trim().eq_ignore_ascii_case("mqtt"));
+            if offered {
+                resp.headers_mut().insert(
+                    "sec-websocket-protocol",
+                    "mqtt".parse().expect("static header value"),
+                );
+            }
+        }
+        Ok(resp)
+    };
+    let handshake = Box::pin(tokio::time::timeout(
+        room.config.auth_timeout,
+        tokio_tungstenite::accept_hdr_async_with_config(
+            stream,
+            pick,
+            Some(ws::config(room.config.max_frame)),
+        ),
+    ));
+    match handshake.await {
+        Ok(Ok(s)) if is_mqtt => {
+            let s = Box::new(mqtt::MqttStream::new(ws::WsStream::new(s), mqtt_limits(&room)));
+            conn::serve(room, peer, Transport::Mqtt, s, Some(permit)).await
+        }
+        Ok(Ok(s)) => {
+            let s = Box::new(ws::WsStream::new(s));
+            conn::serve(room, peer, Transport::Ws, s, Some(permit)).await
+        }
         Ok(Err(e)) => debug!(%peer, error = %e, "websocket handshake failed"),
         Err(_) => debug!(%peer, "websocket handshake timed out"),
     }

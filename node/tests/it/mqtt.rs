@@ -287,3 +287,119 @@ async fn bad_mqtt_credentials_get_the_connack_code_of_each_version() {
     }
     c.assert_no_panics();
 }
+
+/// `--mqtt-tls-addr`: MQTT over TLS with the node's client certificate (here the dev CA's),
+/// verified by mosquitto_sub against the CA.
+#[tokio::test(flavor = "multi_thread")]
+async fn mqtt_over_tls_delivers_the_inbox() {
+    let pki_dir = tempfile::tempdir().unwrap();
+    let pki = herald_node::room::tls::dev_pki(pki_dir.path()).unwrap();
+    let mut c = Cluster::new(3);
+    let mut ports = Vec::new();
+    for id in 1..=3 {
+        let p = free_port();
+        c.spec_mut(id).extra_args.extend([
+            "--mqtt-tls-addr".into(),
+            format!("127.0.0.1:{p}"),
+            "--tls-cert".into(),
+            pki.cert.display().to_string(),
+            "--tls-key".into(),
+            pki.key.display().to_string(),
+        ]);
+        ports.push(p);
+    }
+    c.start_all();
+    let leader = c.wait_leader().await;
+    let app = c.create_app("mqtts").await;
+    let sub = Sub::spawn(&[
+        "-h",
+        "localhost",
+        "-p",
+        &ports[0].to_string(),
+        "--cafile",
+        &pki.ca.display().to_string(),
+        "-V",
+        "mqttv311",
+        "-q",
+        "1",
+        "-c",
+        "-i",
+        "gina-phone",
+        "-u",
+        &app.id,
+        "-P",
+        &app.token("gina", None),
+        "-t",
+        INBOX,
+    ]);
+    sub.wait_for("received SUBACK", Duration::from_secs(20)).await;
+    app.push_acked(c.grpc_addr(leader), "gina", "secret", "gina-1")
+        .await;
+    sub.wait_for(&format!("{INBOX} secret"), Duration::from_secs(20))
+        .await;
+    c.assert_no_panics();
+}
+
+/// Eclipse Paho (paho-mqtt from PyPI; `scripts/test` installs it) over TCP with MQTT 5.0, then
+/// over WebSocket (`/mqtt` on the WS listener, subprotocol `mqtt`) with 3.1.1 on another node:
+/// the inbox queued while the device was offline arrives, and what Paho PUBACKed is not sent
+/// again on the next connection.
+#[tokio::test(flavor = "multi_thread")]
+async fn paho_over_tcp_and_websocket_resumes_the_inbox() {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/paho_inbox.py");
+    let probe = Command::new("python3").args(["-c", "import paho.mqtt"]).output();
+    assert!(
+        probe.is_ok_and(|o| o.status.success()),
+        "python3 with paho-mqtt is missing: `python3 -m pip install paho-mqtt` (scripts/test does)"
+    );
+    let mut c = Cluster::new(3);
+    let (mut mqtt_ports, mut ws_ports) = (Vec::new(), Vec::new());
+    for id in 1..=3 {
+        let (m, w) = (free_port(), free_port());
+        c.spec_mut(id).extra_args.extend([
+            "--mqtt-addr".into(),
+            format!("127.0.0.1:{m}"),
+            "--ws-addr".into(),
+            format!("127.0.0.1:{w}"),
+        ]);
+        mqtt_ports.push(m);
+        ws_ports.push(w);
+    }
+    c.start_all();
+    let leader = c.wait_leader().await;
+    let app = c.create_app("paho").await;
+    let token = app.token("hank", None);
+    let paho = |transport: &str, version: &str, port: u16, count: u32| {
+        let out = Command::new("python3")
+            .arg(&script)
+            .args(["--transport", transport, "--version", version])
+            .args(["--port", &port.to_string(), "--count", &count.to_string()])
+            .args(["--app", &app.id, "--token", &token, "--client-id", "hank-phone"])
+            .output()
+            .expect("python3 runs");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let msgs: Vec<String> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("msg "))
+            .map(str::to_string)
+            .collect();
+        (out.status.success(), msgs, text)
+    };
+    for m in ["h1", "h2"] {
+        app.push_acked(c.grpc_addr(leader), "hank", m, &format!("hank-{m}"))
+            .await;
+    }
+    let (ok, msgs, text) = paho("tcp", "5", mqtt_ports[0], 2);
+    assert!(ok, "paho over TCP: {text}");
+    assert_eq!(msgs, vec!["0 h1", "0 h2"], "{text}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    app.push_acked(c.grpc_addr(leader), "hank", "h3", "hank-h3").await;
+    let (ok, msgs, text) = paho("websockets", "3", ws_ports[1], 1);
+    assert!(ok, "paho over WebSocket: {text}");
+    assert_eq!(msgs, vec!["0 h3"], "{text}");
+    c.assert_no_panics();
+}
