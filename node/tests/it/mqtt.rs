@@ -403,3 +403,71 @@ async fn paho_over_tcp_and_websocket_resumes_the_inbox() {
     assert_eq!(msgs, vec!["0 h3"], "{text}");
     c.assert_no_panics();
 }
+
+/// mqtt.js (npm `mqtt` 5.16; `scripts/test` installs it in node/tests/clients) with MQTT 5.0 over
+/// TCP, then 3.1.1 over WebSocket on another node, the way a browser connects.
+#[tokio::test(flavor = "multi_thread")]
+async fn mqtt_js_over_tcp_and_websocket_resumes_the_inbox() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients");
+    assert!(
+        dir.join("node_modules/mqtt").is_dir(),
+        "mqtt.js is missing: run `npm install` in {} (scripts/test does)",
+        dir.display()
+    );
+    let mut c = Cluster::new(3);
+    let (mut mqtt_ports, mut ws_ports) = (Vec::new(), Vec::new());
+    for id in 1..=3 {
+        let (m, w) = (free_port(), free_port());
+        c.spec_mut(id).extra_args.extend([
+            "--mqtt-addr".into(),
+            format!("127.0.0.1:{m}"),
+            "--ws-addr".into(),
+            format!("127.0.0.1:{w}"),
+        ]);
+        mqtt_ports.push(m);
+        ws_ports.push(w);
+    }
+    c.start_all();
+    let leader = c.wait_leader().await;
+    let app = c.create_app("mqttjs").await;
+    let token = app.token("ivy", None);
+    let js = |url: &str, count: u32, version: u32| {
+        let out = Command::new("node")
+            .current_dir(&dir)
+            .arg("mqttjs_inbox.mjs")
+            .args([
+                url,
+                &app.id,
+                &token,
+                "ivy-browser",
+                &count.to_string(),
+                &version.to_string(),
+            ])
+            .output()
+            .expect("node runs");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let msgs: Vec<String> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("msg "))
+            .map(str::to_string)
+            .collect();
+        (out.status.success(), msgs, text)
+    };
+    for m in ["i1", "i2"] {
+        app.push_acked(c.grpc_addr(leader), "ivy", m, &format!("ivy-{m}"))
+            .await;
+    }
+    let (ok, msgs, text) = js(&format!("mqtt://127.0.0.1:{}", mqtt_ports[0]), 2, 5);
+    assert!(ok, "mqtt.js over TCP: {text}");
+    assert_eq!(msgs, vec!["0 i1", "0 i2"], "{text}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    app.push_acked(c.grpc_addr(leader), "ivy", "i3", "ivy-i3").await;
+    let (ok, msgs, text) = js(&format!("ws://127.0.0.1:{}/mqtt", ws_ports[2]), 1, 4);
+    assert!(ok, "mqtt.js over WebSocket: {text}");
+    assert_eq!(msgs, vec!["0 i3"], "{text}");
+    c.assert_no_panics();
+}
