@@ -587,6 +587,19 @@ where
             return refuse(self, ErrorCode::BadRequest, "topic must be 1 to 256 bytes");
         }
         let is_broadcast = t.topic == BROADCAST;
+        let filter = super::is_filter(&t.topic);
+        if filter {
+            if let Err(e) = herald_mqtt::topic::validate_filter(&t.topic) {
+                return refuse(self, ErrorCode::BadRequest, &format!("bad topic filter: {e}"));
+            }
+            if t.last_seq.is_some() {
+                return refuse(
+                    self,
+                    ErrorCode::BadRequest,
+                    "a topic filter (+ or #) is live only: it takes no resume cursor",
+                );
+            }
+        }
         if !is_broadcast {
             if self.sessions[i].topics.len() >= MAX_TOPICS_PER_SESSION {
                 return refuse(self, ErrorCode::BadRequest, "too many topics for this session");
@@ -597,14 +610,17 @@ where
                 push_small(&mut self.sessions[i].topics, t.topic.clone());
             }
         }
-        let mut current = self
-            .room
-            .reader
-            .topic_meta(&app, &t.topic)
-            .ok()
-            .flatten()
-            .map(|m| m.next_seq - 1)
-            .unwrap_or(0);
+        let mut current = if filter {
+            0
+        } else {
+            self.room
+                .reader
+                .topic_meta(&app, &t.topic)
+                .ok()
+                .flatten()
+                .map(|m| m.next_seq - 1)
+                .unwrap_or(0)
+        };
         match t.last_seq {
             None => {
                 if is_broadcast {

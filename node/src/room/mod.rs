@@ -218,6 +218,9 @@ pub struct Room {
     users: Index<LocalSession>,
     /// (app, topic) -> local subscriptions; `*` holds every session of the app.
     topics: Index<TopicSub>,
+    /// app -> filter subscriptions (names with MQTT's `+` / `#`, see [`is_filter`]): matched
+    /// against every topic message of the app, live only.
+    filters: RwLock<HashMap<Box<str>, Vec<FilterSub>>>,
     /// Client addresses of the other nodes, for BYE/KICKED redirects (refreshed by the node).
     redirects: RwLock<Vec<String>>,
 }
@@ -243,6 +246,7 @@ impl Room {
             conns: RwLock::new(HashMap::new()),
             users: Index::new(),
             topics: Index::new(),
+            filters: RwLock::new(HashMap::new()),
             redirects: RwLock::new(Vec::new()),
         })
     }
@@ -353,8 +357,7 @@ impl Room {
         self.users
             .remove(app, user, |s| s.conn.id == conn && s.session_id == session_id);
         for t in topics.iter().map(String::as_str).chain([BROADCAST]) {
-            self.topics
-                .remove(app, t, |s| s.conn.id == conn && s.session_id == session_id);
+            self.unsubscribe(app, t, conn, session_id);
         }
         self.stats.sessions.fetch_sub(1, Ordering::Relaxed);
     }
@@ -370,6 +373,17 @@ impl Room {
         ready: bool,
         floor: u64,
     ) {
+        if is_filter(topic) {
+            let sub = TopicSub {
+                conn: conn.clone(),
+                session_id,
+                ready: true,
+                floor: 0,
+            };
+            let mut f = self.filters.write();
+            f.entry(app.into()).or_default().push((topic.into(), sub));
+            return;
+        }
         self.topics.insert(
             app,
             topic,
@@ -396,6 +410,16 @@ impl Room {
     }
 
     pub fn unsubscribe(&self, app: &str, topic: &str, conn: u64, session_id: u32) {
+        if is_filter(topic) {
+            let mut f = self.filters.write();
+            if let Some(v) = f.get_mut(app) {
+                v.retain(|(t, s)| !(&**t == topic && s.conn.id == conn && s.session_id == session_id));
+                if v.is_empty() {
+                    f.remove(app);
+                }
+            }
+            return;
+        }
         self.topics
             .remove(app, topic, |s| s.conn.id == conn && s.session_id == session_id);
     }
@@ -494,20 +518,33 @@ impl Room {
     pub fn fan_out(&self, app: &str, topic: &str, msg: &TopicMessage) -> usize {
         let body = topic_push_body(topic, msg);
         let mut n = 0;
+        let send = |s: &TopicSub, n: &mut usize| {
+            let (head, head_len) = shared_head(s.session_id, body.len());
+            if s.conn.push(Outbound::Shared {
+                head,
+                head_len,
+                body: body.clone(),
+            }) {
+                *n += 1;
+            } else {
+                self.stats.slow_consumers.fetch_add(1, Ordering::Relaxed);
+            }
+        };
         self.topics.with(app, topic, |subs| {
             for s in subs.iter().filter(|s| s.takes(msg.seq)) {
-                let (head, head_len) = shared_head(s.session_id, body.len());
-                if s.conn.push(Outbound::Shared {
-                    head,
-                    head_len,
-                    body: body.clone(),
-                }) {
-                    n += 1;
-                } else {
-                    self.stats.slow_consumers.fetch_add(1, Ordering::Relaxed);
-                }
+                send(s, &mut n);
             }
         });
+        // Filters: every filter subscription of the app is matched (cost: one match per filter
+        // subscription on this node per topic message). The broadcast topic has its own implicit
+        // subscription and is never matched by a filter.
+        if topic != BROADCAST {
+            if let Some(subs) = self.filters.read().get(app) {
+                for (_, s) in subs.iter().filter(|(f, _)| herald_mqtt::topic::matches(f, topic)) {
+                    send(s, &mut n);
+                }
+            }
+        }
         self.stats.deliveries.fetch_add(n as u64, Ordering::Relaxed);
         let lag = herald_raft::raft_node::now_ms().saturating_sub(msg.pushed_ms);
         self.stats.ops.delivery_latency.observe_n(lag, n as u64);
@@ -605,6 +642,15 @@ impl Room {
 
 /// The encoded `Frame { push: Push { .. } }` of a topic message, without length prefix and
 /// without a session id (each receiver's head adds it; protobuf merges the two `push` fields).
+/// A filter subscription: the filter and the subscription.
+type FilterSub = (Box<str>, TopicSub);
+
+/// Whether a subscription name is a filter (MQTT's syntax: `+` one level, `#` the rest, levels
+/// split by `/`) rather than a topic name.
+pub fn is_filter(topic: &str) -> bool {
+    topic.contains(['+', '#'])
+}
+
 pub fn topic_push_body(topic: &str, msg: &TopicMessage) -> Bytes {
     let f = Frame {
         kind: Some(Kind::Push(Push {

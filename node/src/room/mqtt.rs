@@ -9,7 +9,7 @@
 //! | CONNECT (user name = app, password = token, client id = device) | HELLO | WELCOME / ERROR | CONNACK |
 //! | PUBACK | ACK (cumulative, once every earlier inbox message is acked) | PUSH (mailbox) | PUBLISH `$herald/inbox`, QoS of the push |
 //! | PUBLISH `$herald/upstream` | UPSTREAM | UPSTREAM_REPLY | PUBACK (QoS 1) |
-//! | SUBSCRIBE topic | SUBSCRIBE (+ a PING marker) | SUBSCRIBED + PONG | SUBACK |
+//! | SUBSCRIBE topic or filter (`+`, `#`) | SUBSCRIBE (+ a PING marker) | SUBSCRIBED + PONG | SUBACK |
 //! | UNSUBSCRIBE | UNSUBSCRIBE (+ a PING marker) | PONG | UNSUBACK |
 //! | PINGREQ | PING | PONG | PINGRESP |
 //! | DISCONNECT | CLOSE_SESSION | KICKED / BYE | DISCONNECT (5.0), close |
@@ -376,8 +376,6 @@ impl<S> MqttStream<S> {
             };
             let r = if f.starts_with("$share/") {
                 Some(refuse(ReasonCode::SHARED_SUBSCRIPTIONS_NOT_SUPPORTED))
-            } else if f.contains(['+', '#']) {
-                Some(refuse(ReasonCode::WILDCARD_SUBSCRIPTIONS_NOT_SUPPORTED))
             } else if f == INBOX {
                 Some(granted_1)
             } else if f == BROADCAST_TOPIC || f == BROADCAST {
@@ -407,7 +405,7 @@ impl<S> MqttStream<S> {
         for f in &u.filters {
             if f == BROADCAST_TOPIC || f == BROADCAST {
                 self.st.broadcast = false;
-            } else if !f.starts_with('$') && !f.contains(['+', '#']) {
+            } else if !f.starts_with('$') {
                 self.send_node(Kind::Unsubscribe(pc::Unsubscribe {
                     session_id: SID,
                     topic: f.clone(),
@@ -431,7 +429,6 @@ impl<S> MqttStream<S> {
                 if self.st.version == Some(Version::V5) {
                     props.maximum_qos = Some(QoS::AtLeastOnce);
                     props.retain_available = Some(false);
-                    props.wildcard_subscription_available = Some(false);
                     props.shared_subscription_available = Some(false);
                     props.subscription_identifier_available = Some(false);
                     props.maximum_packet_size = Some(self.limits.max_packet.min(u32::MAX as usize) as u32);

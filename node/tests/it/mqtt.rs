@@ -213,7 +213,8 @@ async fn a_persistent_mqtt_session_survives_kill_9_of_its_node() {
         .await;
     assert_eq!(again.inbox(), vec![("d2".into(), false)], "{}", again.text());
 
-    // A Herald topic: SUBSCRIBE over MQTT, publish through another node's gRPC API.
+    // Herald topics: SUBSCRIBE over MQTT to a name and to filters with `+` and `#`, publish
+    // through another node's gRPC API.
     let news = Sub::spawn(&[
         "-h",
         "127.0.0.1",
@@ -229,18 +230,44 @@ async fn a_persistent_mqtt_session_survives_kill_9_of_its_node() {
         &app.token("erin", None),
         "-t",
         "news",
+        "-t",
+        "sport/+",
+        "-t",
+        "weather/#",
     ]);
     news.wait_for("received SUBACK", Duration::from_secs(20)).await;
     let mut grpc = connect(c.grpc_addr(leader)).await.unwrap();
-    grpc.publish_topic(app.request(pb::PublishRequest {
-        app: app.id.clone(),
-        topic: "news".into(),
-        payload: b"extra".to_vec().into(),
-        ..Default::default()
-    }))
-    .await
-    .unwrap();
-    news.wait_for("news extra", Duration::from_secs(20)).await;
+    for (topic, payload) in [
+        ("other", "not-subscribed"),
+        ("sport/football/live", "too-deep"),
+        ("news", "extra"),
+        ("sport/football", "goal"),
+        ("weather/eu/paris", "rain"),
+    ] {
+        grpc.publish_topic(app.request(pb::PublishRequest {
+            app: app.id.clone(),
+            topic: topic.into(),
+            payload: payload.as_bytes().to_vec().into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    }
+    news.wait_for("weather/eu/paris rain", Duration::from_secs(20))
+        .await;
+    let got: Vec<String> = news
+        .lines
+        .lock()
+        .iter()
+        .filter(|l| !l.starts_with("Client ") && !l.starts_with("Subscribed"))
+        .cloned()
+        .collect();
+    assert_eq!(
+        got,
+        vec!["news extra", "sport/football goal", "weather/eu/paris rain"],
+        "{}",
+        news.text()
+    );
     c.assert_no_panics();
 }
 
