@@ -75,6 +75,8 @@ pub struct Node {
     pub tls: Option<String>,
     /// Admin HTTP address (metrics), when started with [`ClusterOpts::admin`].
     pub admin: Option<String>,
+    /// MQTT listener address, when started with [`ClusterOpts::mqtt`].
+    pub mqtt: Option<String>,
     child: Option<Child>,
     args: Vec<String>,
     log: PathBuf,
@@ -101,6 +103,8 @@ pub struct ClusterOpts {
     pub tls: Option<(PathBuf, PathBuf)>,
     /// Nodes serve the admin HTTP endpoint (metrics) on base+250+i.
     pub admin: bool,
+    /// Nodes serve MQTT (`--mqtt-addr`) on base+230+i.
+    pub mqtt: bool,
     /// Plaintext cluster plane (`--insecure-cluster`) instead of mutual TLS, to measure what
     /// TLS between nodes costs. The cluster plane listens on base+50+i either way.
     pub insecure_cluster: bool,
@@ -114,6 +118,7 @@ impl ClusterOpts {
             extra: Vec::new(),
             tls: None,
             admin: false,
+            mqtt: false,
             insecure_cluster: false,
         }
     }
@@ -199,6 +204,12 @@ impl LocalCluster {
                 args.extend(["--admin-addr".into(), a.clone()]);
                 admin = Some(a);
             }
+            let mut mqtt = None;
+            if o.mqtt {
+                let a = format!("127.0.0.1:{}", base + 230 + i);
+                args.extend(["--mqtt-addr".into(), a.clone()]);
+                mqtt = Some(a);
+            }
             args.extend(BENCH_FLAGS.iter().map(|s| s.to_string()));
             args.extend(o.extra.iter().cloned());
             let log = dir.path().join(format!("node-{i}.log"));
@@ -208,6 +219,7 @@ impl LocalCluster {
                 client,
                 tls,
                 admin,
+                mqtt,
                 child: None,
                 args,
                 log,

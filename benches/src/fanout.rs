@@ -44,7 +44,7 @@ pub struct FanoutArgs {
     /// Generator processes holding the subscribers.
     #[arg(long, default_value_t = 2)]
     pub gens: usize,
-    /// herald-topic, herald-broadcast, mosquitto, nats.
+    /// herald-topic, herald-broadcast, herald-mqtt (subscribers over MQTT), mosquitto, nats.
     #[arg(
         long,
         default_value = "herald-topic,herald-broadcast,mosquitto,nats",
@@ -198,6 +198,28 @@ async fn start(
             };
             Ok((Server::Herald(Box::new(c)), pids, pid, spec, publisher))
         }
+        "herald-mqtt" => {
+            // Subscribers over Herald's MQTT listener (3.1.1, QoS 0 subscription to the Herald
+            // topic), the publisher through the gRPC API as for herald-topic.
+            let mut o = ClusterOpts::new(base_port);
+            o.mqtt = true;
+            let c = LocalCluster::start_with(o).await?;
+            let (app, key) = c.create_app("bench").await?;
+            let node = &c.nodes[0];
+            let mut spec = ConnSpec::peer(Proto::Mqtt, node.mqtt.clone().unwrap_or_default(), "", "", "u");
+            spec.apps = vec![app.clone()];
+            spec.topic = Some("bench".into());
+            let client = crate::cluster::connect(&node.grpc).await?;
+            let pids = c.pids();
+            let pid = node.pid().unwrap_or(0);
+            let publisher = Publisher::Herald {
+                client,
+                app: app.app.clone(),
+                key,
+                broadcast: false,
+            };
+            Ok((Server::Herald(Box::new(c)), pids, pid, spec, publisher))
+        }
         "mosquitto" => {
             let p = peers::mosquitto(base_port + 50, dir).await?;
             let mut spec = ConnSpec::peer(Proto::Mqtt, p.addr.clone(), peers::USER, peers::PASS, "c");
@@ -234,7 +256,9 @@ async fn start(
                 },
             ))
         }
-        other => bail!("unknown system {other:?} (herald-topic, herald-broadcast, mosquitto, nats)"),
+        other => {
+            bail!("unknown system {other:?} (herald-topic, herald-broadcast, herald-mqtt, mosquitto, nats)")
+        }
     }
 }
 

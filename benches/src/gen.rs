@@ -352,7 +352,12 @@ async fn herald_handshake(s: &mut Stream, spec: &ConnSpec, idx: usize) -> Result
 }
 
 async fn mqtt_handshake(s: &mut Stream, spec: &ConnSpec, idx: usize) -> Result<()> {
-    let mut out = wire::mqtt_connect(&format!("{}{idx}", spec.user_prefix), &spec.user, &spec.pass);
+    let client_id = format!("{}{idx}", spec.user_prefix);
+    let mut out = match spec.apps.first() {
+        // Herald's MQTT listener: user name = app, password = a token of user `client_id`.
+        Some(a) => wire::mqtt_connect(&client_id, &a.app, &token::mint(&a.app, &client_id, &a.secret)),
+        None => wire::mqtt_connect(&client_id, &spec.user, &spec.pass),
+    };
     if let Some(t) = &spec.topic {
         out.extend_from_slice(&wire::mqtt_subscribe(1, t));
     }

@@ -30,7 +30,7 @@ pub struct IdleArgs {
     /// Connection counts to sample at.
     #[arg(long, default_value = "2000,5000,10000,15000", value_delimiter = ',')]
     pub steps: Vec<usize>,
-    /// Servers: herald, herald-tls, mosquitto, nats.
+    /// Servers: herald, herald-tls, herald-mqtt (Herald's MQTT listener), mosquitto, nats.
     #[arg(
         long,
         default_value = "herald,herald-tls,mosquitto,nats",
@@ -131,6 +131,27 @@ pub async fn start(
             let admin = node.admin.clone();
             Ok((Server::Herald(Box::new(c)), pid, spec, note, admin))
         }
+        "herald-mqtt" => {
+            let mut o = ClusterOpts::new(base_port);
+            o.admin = true;
+            o.mqtt = true;
+            let c = LocalCluster::start_with(o).await?;
+            let (app, _key) = c.create_app("bench").await?;
+            let node = &c.nodes[0];
+            let pid = node.pid().unwrap_or(0);
+            let addr = node.mqtt.clone().unwrap_or_default();
+            let mut spec = ConnSpec::peer(Proto::Mqtt, addr, "", "", "u");
+            spec.apps = vec![app];
+            spec.topic = Some("bench".into());
+            let admin = node.admin.clone();
+            Ok((
+                Server::Herald(Box::new(c)),
+                pid,
+                spec,
+                "node 1 of 3, MQTT 3.1.1 (user = app, password = token), one QoS 0 subscription".into(),
+                admin,
+            ))
+        }
         "mosquitto" => {
             let p = peers::mosquitto(base_port + 50, dir).await?;
             let pid = p.pid();
@@ -157,7 +178,7 @@ pub async fn start(
                 None,
             ))
         }
-        other => bail!("unknown system {other:?} (herald, herald-tls, mosquitto, nats)"),
+        other => bail!("unknown system {other:?} (herald, herald-tls, herald-mqtt, mosquitto, nats)"),
     }
 }
 
