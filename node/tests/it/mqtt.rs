@@ -498,3 +498,85 @@ async fn mqtt_js_over_tcp_and_websocket_resumes_the_inbox() {
     assert_eq!(msgs, vec!["0 i3"], "{text}");
     c.assert_no_panics();
 }
+
+/// A PUBLISH to `$herald/upstream` reaches the app's backend like the native UPSTREAM (5.0: the
+/// PUBACK comes once the backend answered); a second connection with the same client id takes
+/// the session over and the first is told so (5.0: DISCONNECT 0x8E).
+#[tokio::test(flavor = "multi_thread")]
+async fn mqtt_upstream_reaches_the_backend_and_a_second_login_takes_over() {
+    use herald_node::coordinator::test_backend::TestBackend;
+    let backend = TestBackend::start().await.unwrap();
+    let (c, ports) = cluster().await;
+    let app = c.create_app("mqttup").await;
+    let mut admin = c.client(1).await;
+    let mut cfg = admin
+        .get_app(crate::harness::admin_request(pb::GetAppRequest {
+            id: app.id.clone(),
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .app
+        .unwrap();
+    cfg.callbacks = vec![backend.endpoint()];
+    admin
+        .update_app(crate::harness::admin_request(pb::UpdateAppRequest {
+            app: Some(cfg),
+        }))
+        .await
+        .unwrap();
+    for id in 1..=3 {
+        c.wait_caught_up(id).await;
+    }
+    let token = app.token("kim", None);
+    let port = ports[1].to_string();
+    let out = Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-V",
+            "mqttv5",
+            "-q",
+            "1",
+            "-i",
+            "kim-phone",
+        ])
+        .args([
+            "-u",
+            &app.id,
+            "-P",
+            &token,
+            "-t",
+            "$herald/upstream",
+            "-m",
+            "hello backend",
+            "-d",
+        ])
+        .output()
+        .expect("mosquitto_pub runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("received PUBACK"), "{text}");
+    let got: Vec<Vec<u8>> = backend
+        .upstreams()
+        .iter()
+        .map(|a| a.request.payload.to_vec())
+        .collect();
+    assert_eq!(got, vec![b"hello backend".to_vec()], "{text}");
+
+    let first = inbox_sub(&app, "kim", "kim-phone", ports[0], "mqttv5");
+    first.wait_for("received SUBACK", Duration::from_secs(20)).await;
+    let second = inbox_sub(&app, "kim", "kim-phone", ports[2], "mqttv5");
+    second.wait_for("received SUBACK", Duration::from_secs(20)).await;
+    // 0x8E = 142, Session taken over.
+    first
+        .wait_for("Received DISCONNECT (142)", Duration::from_secs(20))
+        .await;
+    c.assert_no_panics();
+}
