@@ -352,7 +352,7 @@ where
                 }
             }
             Kind::Upstream(u) => self.on_upstream(u),
-            Kind::RefreshToken(r) => self.on_refresh(r.session_id, &r.token),
+            Kind::RefreshToken(r) => Box::pin(self.on_refresh(r.session_id, &r.token)).await,
             Kind::Bye(_) => return Some(End::ClientClosed),
             // Frames only a server sends.
             _ => return Some(self.fail(ErrorCode::BadRequest, "unexpected frame from a client")),
@@ -542,14 +542,25 @@ where
         }
     }
 
-    fn on_refresh(&mut self, sid: u32, tok: &str) {
+    async fn on_refresh(&mut self, sid: u32, tok: &str) {
         let Some(i) = self.find(sid) else { return };
-        let s = &self.sessions[i];
-        let secrets = match self.room.reader.app(&s.app) {
-            Ok(Some(a)) => a.secrets,
-            _ => Vec::new(),
+        let check = |this: &Self| {
+            let s = &this.sessions[i];
+            let secrets = match this.room.reader.app(&s.app) {
+                Ok(Some(a)) => a.secrets,
+                _ => Vec::new(),
+            };
+            token::verify(tok, &secrets, &s.app, &s.user, &s.device, this.room.token_now_s())
         };
-        match token::verify(tok, &secrets, &s.app, &s.user, &s.device, self.room.token_now_s()) {
+        let mut verdict = check(self);
+        // A token signed with a secret added a moment ago on another node: catch up with the
+        // leader once before refusing (read-your-writes, as for HELLO).
+        if matches!(verdict, Err(token::TokenError::Signature))
+            && self.room.barrier.catch_up(&self.room.raft).await
+        {
+            verdict = check(self);
+        }
+        match verdict {
             Ok(c) => self.sessions[i].token_exp = c.exp,
             Err(e) => {
                 let s = self.sessions.swap_remove(i);
