@@ -510,13 +510,26 @@ impl<S> MqttStream<S> {
 
     fn on_push(&mut self, p: pc::Push) {
         let qos1 = p.qos() == pc::Qos::AtLeastOnce;
+        let mut properties = Properties::default();
+        if self.st.version == Some(Version::V5) {
+            // What Herald knows of the message, for a client that dedupes (DUP is not set).
+            let (name, seq) = if p.topic.is_empty() {
+                ("herald-seq", p.seq)
+            } else {
+                ("herald-topic-seq", p.topic_seq)
+            };
+            properties.user_properties = vec![
+                ("herald-msg-id".into(), p.msg_id.clone()),
+                (name.into(), seq.to_string()),
+            ];
+        }
         let mut publish = Publish {
             dup: false,
             qos: QoS::AtMostOnce,
             retain: false,
             topic: String::new(),
             packet_id: None,
-            properties: Properties::default(),
+            properties,
             payload: p.payload,
         };
         if p.topic.is_empty() {

@@ -5,6 +5,7 @@ flushed at once, until it has received --count messages or --timeout seconds pas
   connack <reason code>
   suback <granted>
   msg <dup 0|1> <payload>
+  prop <name>=<value>   (each MQTT 5.0 user property of that message)
 Exit status 0 when --count messages arrived, 1 otherwise.
 """
 
@@ -60,6 +61,9 @@ def main():
     def on_message(client, userdata, msg):
         got.append(msg.payload)
         out(f"msg {int(msg.dup)} {msg.payload.decode(errors='replace')}")
+        props = getattr(msg, "properties", None)
+        for k, v in getattr(props, "UserProperty", None) or []:
+            out(f"prop {k}={v}")
 
     c.on_connect = on_connect
     c.on_subscribe = on_subscribe

@@ -423,6 +423,12 @@ async fn paho_over_tcp_and_websocket_resumes_the_inbox() {
     let (ok, msgs, text) = paho("tcp", "5", mqtt_ports[0], 2);
     assert!(ok, "paho over TCP: {text}");
     assert_eq!(msgs, vec!["0 h1", "0 h2"], "{text}");
+    // 5.0: the mailbox seq travels as a user property.
+    let seqs: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("prop herald-seq="))
+        .collect();
+    assert_eq!(seqs, vec!["1", "2"], "{text}");
     tokio::time::sleep(Duration::from_secs(1)).await;
     app.push_acked(c.grpc_addr(leader), "hank", "h3", "hank-h3").await;
     let (ok, msgs, text) = paho("websockets", "3", ws_ports[1], 1);
