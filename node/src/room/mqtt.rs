@@ -346,7 +346,7 @@ impl<S> MqttStream<S> {
     /// Acks to the node every seq below the oldest one the client still holds.
     fn ack_upto(&mut self) {
         let upto = match self.st.unacked.first() {
-            Some(first) => first - 1,
+            Some(first) => first.saturating_sub(1),
             None => self.st.max_sent,
         };
         if upto > self.st.acked {
@@ -537,7 +537,8 @@ impl<S> MqttStream<S> {
             if p.seq > self.st.max_sent {
                 self.st.max_sent = p.seq;
             }
-            if qos1 {
+            // Seq 0 is an online-only message (not in the mailbox): nothing to ack.
+            if qos1 && p.seq > 0 {
                 let Some(pid) = self.next_packet_id() else {
                     return self.close_with(
                         ReasonCode::RECEIVE_MAXIMUM_EXCEEDED,
@@ -767,5 +768,182 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for MqttStream<S> {
         let this = self.get_mut();
         ready!(this.poll_drain(cx))?;
         Pin::new(&mut this.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use proptest::prelude::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    fn limits() -> Limits {
+        Limits {
+            max_packet: 64 * 1024,
+            max_frame: 64 * 1024,
+            heartbeat_min_ms: 1_000,
+            heartbeat_max_ms: 600_000,
+        }
+    }
+
+    fn connect(version: Version, password: Option<&str>) -> Vec<u8> {
+        let mut out = BytesMut::new();
+        let c = Connect {
+            version,
+            clean_start: false,
+            keep_alive: 30,
+            properties: Properties::default(),
+            client_id: "phone".into(),
+            will: None,
+            user_name: Some("demo".into()),
+            password: password.map(|p| Bytes::copy_from_slice(p.as_bytes())),
+        };
+        herald_mqtt::encode(&Packet::Connect(c), version, &mut out).unwrap();
+        out.to_vec()
+    }
+
+    fn token() -> String {
+        crate::token::mint(
+            &crate::token::Claims {
+                app: "demo".into(),
+                sub: "alice".into(),
+                dev: None,
+                iat: 1,
+                exp: u64::MAX / 2,
+            },
+            "secret",
+        )
+    }
+
+    /// Reads what the translator has for the connection task now (without waiting).
+    async fn native(s: &mut MqttStream<DuplexStream>) -> Vec<Frame> {
+        let mut got = BytesMut::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(50), s.read(&mut buf)).await {
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        let mut frames = Vec::new();
+        while let Some(f) = herald_proto::frame::decode(&mut got, usize::MAX).unwrap() {
+            frames.push(f);
+        }
+        frames
+    }
+
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn connect_becomes_hello_and_welcome_becomes_connack() {
+        for version in [Version::V311, Version::V5] {
+            let (mut client, server) = tokio::io::duplex(1 << 16);
+            let mut s = MqttStream::new(server, limits());
+            client.write_all(&connect(version, Some(&token()))).await.unwrap();
+            let frames = native(&mut s).await;
+            let Some(Kind::Hello(h)) = frames.first().and_then(|f| f.kind.clone()) else {
+                panic!("{version:?}: no HELLO: {frames:?}");
+            };
+            let o = h.session.unwrap();
+            assert_eq!(
+                (o.app.as_str(), o.user.as_str(), o.device.as_str()),
+                ("demo", "alice", "phone")
+            );
+            // The node's 2.5 heartbeats = MQTT's 1.5 keep alives.
+            assert_eq!(h.heartbeat_ms, 18_000);
+            let welcome = Frame {
+                kind: Some(Kind::Welcome(pc::Welcome {
+                    session_id: 1,
+                    ..Default::default()
+                })),
+            };
+            s.write_all(&herald_proto::frame::encode_to_bytes(&welcome))
+                .await
+                .unwrap();
+            s.flush().await.unwrap();
+            let mut buf = BytesMut::new();
+            client.read_buf(&mut buf).await.unwrap();
+            match herald_mqtt::decode(&mut buf, Some(version), 1 << 16).unwrap() {
+                Some(Packet::ConnAck(a)) => assert_eq!(a.reason, ReasonCode::SUCCESS),
+                other => panic!("{version:?}: {other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_password_that_is_not_a_token_is_refused_without_asking_the_node() {
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        let mut s = MqttStream::new(server, limits());
+        client
+            .write_all(&connect(Version::V311, Some("nope")))
+            .await
+            .unwrap();
+        assert!(native(&mut s).await.is_empty());
+        let mut buf = BytesMut::new();
+        client.read_buf(&mut buf).await.unwrap();
+        match herald_mqtt::decode(&mut buf, Some(Version::V311), 1 << 16).unwrap() {
+            Some(Packet::ConnAck(a)) => assert_eq!(a.reason, ReasonCode::BAD_USER_NAME_OR_PASSWORD),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Any bytes after a valid CONNECT: the translator never panics, and what it hands the
+        /// connection task is whole native frames.
+        #[test]
+        fn arbitrary_client_bytes_never_panic(
+            v5 in any::<bool>(),
+            tail in proptest::collection::vec(any::<u8>(), 0..512),
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let version = if v5 { Version::V5 } else { Version::V311 };
+                let (mut client, server) = tokio::io::duplex(1 << 16);
+                let mut s = MqttStream::new(server, limits());
+                let mut bytes = connect(version, Some(&token()));
+                bytes.extend_from_slice(&tail);
+                client.write_all(&bytes).await.unwrap();
+                drop(client);
+                let _ = native(&mut s).await;
+            });
+        }
+
+        /// Any native frames from the connection task: no panic.
+        #[test]
+        fn arbitrary_node_frames_never_panic(
+            v5 in any::<bool>(),
+            seqs in proptest::collection::vec((any::<u64>(), any::<bool>(), 0u8..6), 0..64),
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let version = if v5 { Version::V5 } else { Version::V311 };
+                let (mut client, server) = tokio::io::duplex(1 << 20);
+                let mut s = MqttStream::new(server, limits());
+                client.write_all(&connect(version, Some(&token()))).await.unwrap();
+                let _ = native(&mut s).await;
+                for (seq, qos1, kind) in seqs {
+                    let kind = match kind {
+                        0 => Kind::Push(pc::Push {
+                            session_id: 1,
+                            seq,
+                            qos: qos1 as i32,
+                            topic: if seq % 3 == 0 { "t".into() } else { String::new() },
+                            ..Default::default()
+                        }),
+                        1 => Kind::Gap(pc::Gap { session_id: 1, to_seq: seq, ..Default::default() }),
+                        2 => Kind::Pong(pc::Pong { id: seq }),
+                        3 => Kind::Subscribed(pc::Subscribed { topic: "t".into(), ..Default::default() }),
+                        4 => Kind::UpstreamReply(pc::UpstreamReply { request_id: seq, ..Default::default() }),
+                        _ => Kind::Welcome(pc::Welcome::default()),
+                    };
+                    let f = herald_proto::frame::encode_to_bytes(&Frame { kind: Some(kind) });
+                    s.write_all(&f).await.unwrap();
+                }
+                s.flush().await.unwrap();
+            });
+        }
     }
 }
