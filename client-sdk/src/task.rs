@@ -1903,5 +1903,7 @@ fn kind_name(k: &Kind) -> &'static str {
         Kind::CloseSession(_) => "CLOSE_SESSION",
         Kind::SessionClosed(_) => "SESSION_CLOSED",
         Kind::RefreshToken(_) => "REFRESH_TOKEN",
+        Kind::PublishTopic(_) => "PUBLISH_TOPIC",
+        Kind::TopicPublished(_) => "TOPIC_PUBLISHED",
     }
 }

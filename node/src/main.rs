@@ -171,6 +171,10 @@ enum AppsCmd {
         /// Backend callback endpoints (gRPC host:port), repeatable.
         #[arg(long = "callback")]
         callbacks: Vec<String>,
+        /// A topic (or MQTT filter such as `chat/+`) the app's clients may publish to themselves
+        /// (MQTT PUBLISH); repeatable. None by default.
+        #[arg(long = "client-publish")]
+        client_publish: Vec<String>,
     },
     /// List apps as JSON lines.
     List,
@@ -412,6 +416,7 @@ async fn apps(client: ClientOpts, cmd: AppsCmd) -> Result<(), CliError> {
             ttl_ms,
             max_per_platform,
             callbacks,
+            client_publish,
         } => {
             let limits = pb::AppLimits {
                 mailbox_cap: mailbox_cap.unwrap_or(0),
@@ -432,6 +437,7 @@ async fn apps(client: ClientOpts, cmd: AppsCmd) -> Result<(), CliError> {
                     max_per_user: 0,
                 }),
                 callbacks,
+                client_publish,
             };
             let app = c
                 .create_app(client.admin(req)?)

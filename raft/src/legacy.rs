@@ -29,6 +29,37 @@ pub struct AppLimitsV1 {
     pub max_payload: u32,
 }
 
+/// An app as written before [`AppConfig::client_publish`] existed: in `Op::PutAppV2` log entries
+/// and in the state machine's app records of that time (marker `u64::MAX`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppConfigV2 {
+    pub id: String,
+    pub name: String,
+    pub secrets: Vec<String>,
+    pub api_keys: Vec<String>,
+    pub limits: AppLimits,
+    pub policy: DevicePolicy,
+    pub callbacks: Vec<String>,
+    pub created_ms: u64,
+}
+
+impl From<AppConfigV2> for AppConfig {
+    /// An old app lets no client publish.
+    fn from(a: AppConfigV2) -> Self {
+        AppConfig {
+            id: a.id,
+            name: a.name,
+            secrets: a.secrets,
+            api_keys: a.api_keys,
+            limits: a.limits,
+            policy: a.policy,
+            callbacks: a.callbacks,
+            created_ms: a.created_ms,
+            client_publish: Vec::new(),
+        }
+    }
+}
+
 impl From<AppConfigV1> for AppConfig {
     /// An old app gets the standard value of every limit it did not have.
     fn from(a: AppConfigV1) -> Self {
@@ -48,6 +79,7 @@ impl From<AppConfigV1> for AppConfig {
             policy: a.policy,
             callbacks: a.callbacks,
             created_ms: a.created_ms,
+            client_publish: Vec::new(),
         }
     }
 }

@@ -156,13 +156,16 @@ pub enum Op {
     SetArchive { enabled: bool },
     /// Drop archive entries up to and including `upto` (they are in the cold archive).
     ArchiveDone { upto: u64 },
-    /// Create or replace an app.
-    PutApp(AppConfig),
+    /// Create or replace an app, as written before `AppConfig::client_publish` (read from old log
+    /// entries only; new ones are [`Op::PutApp`]).
+    PutAppV2(crate::legacy::AppConfigV2),
     /// [`Op::Register`] that must not replace a session of the device newer than the proposer
     /// saw: if the device's current session has an epoch above `seen_epoch` (0: none seen), the
     /// op changes nothing and yields [`OpResult::Superseded`]. A registration that commits late
     /// (its HELLO already failed) thus never ends the login that replaced it.
     RegisterSeen { register: Register, seen_epoch: u64 },
+    /// Create or replace an app.
+    PutApp(AppConfig),
 }
 
 /// What one op did.
@@ -220,6 +223,10 @@ pub struct AppConfig {
     pub callbacks: Vec<String>,
     /// Log time the app was first created.
     pub created_ms: u64,
+    /// Topics the app's clients may publish to themselves (MQTT PUBLISH, the native
+    /// PUBLISH_TOPIC): topic names or MQTT filters (`chat/+`, `rooms/#`). Empty: none; only the
+    /// app's backend publishes.
+    pub client_publish: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

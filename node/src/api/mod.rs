@@ -571,6 +571,7 @@ impl Herald for HeraldApi {
             }),
             callbacks: req.callbacks,
             created_ms: 0,
+            client_publish: req.client_publish,
         };
         validate_app(&app)?;
         self.put_app(app).await
@@ -594,6 +595,7 @@ impl Herald for HeraldApi {
             policy: app.policy.map(policy_from_pb).unwrap_or(current.policy),
             callbacks: app.callbacks,
             created_ms: current.created_ms,
+            client_publish: app.client_publish,
         };
         validate_app(&app)?;
         self.put_app(app).await
@@ -987,6 +989,15 @@ fn validate_app(app: &AppConfig) -> Result<(), ApiError> {
             "default_ttl_ms exceeds max_ttl_ms".into(),
         ));
     }
+    for f in &app.client_publish {
+        if f.len() > 256 || f.starts_with('$') || f == "*" {
+            return Err(ApiError::InvalidArgument(format!(
+                "client_publish entry {f:?}: a topic name or filter of at most 256 bytes, not `*` and not starting with `$`"
+            )));
+        }
+        herald_mqtt::topic::validate_filter(f)
+            .map_err(|e| ApiError::InvalidArgument(format!("client_publish entry {f:?}: {e}")))?;
+    }
     Ok(())
 }
 
@@ -1030,6 +1041,7 @@ fn app_to_pb(a: AppConfig) -> pb::App {
         }),
         callbacks: a.callbacks,
         created_ms: a.created_ms,
+        client_publish: a.client_publish,
     }
 }
 

@@ -221,5 +221,6 @@ pub fn app_json(a: &pb::App) -> serde_json::Value {
         })),
         "callbacks": a.callbacks,
         "created_ms": a.created_ms,
+        "client_publish": a.client_publish,
     })
 }

@@ -65,6 +65,7 @@ fn app(id: &str, callbacks: Vec<String>) -> AppConfig {
         },
         callbacks,
         created_ms: 0,
+        client_publish: Vec::new(),
     }
 }
 

@@ -352,6 +352,7 @@ where
                 }
             }
             Kind::Upstream(u) => self.on_upstream(u),
+            Kind::PublishTopic(p) => self.on_publish_topic(p),
             Kind::RefreshToken(r) => Box::pin(self.on_refresh(r.session_id, &r.token)).await,
             Kind::Bye(_) => return Some(End::ClientClosed),
             // Frames only a server sends.
@@ -540,6 +541,90 @@ where
                 &e.to_string(),
             )),
         }
+    }
+
+    /// A client's own publish to a topic the app allows (`AppConfig::client_publish`): committed
+    /// like the API's PublishTopic; the answer comes when it is (or why not).
+    fn on_publish_topic(&mut self, p: pc::PublishTopic) {
+        let (sid, rid) = (p.session_id, p.request_id);
+        let answer = move |seq: u64, code: ErrorCode, msg: String| pc::TopicPublished {
+            session_id: sid,
+            request_id: rid,
+            topic_seq: seq,
+            error: code as i32,
+            message: msg,
+        };
+        let Some(i) = self.find(sid) else {
+            return self.send(Kind::TopicPublished(answer(
+                0,
+                ErrorCode::UnknownSession,
+                "no such session".into(),
+            )));
+        };
+        let app = match self.room.reader.app(&self.sessions[i].app) {
+            Ok(Some(a)) => a,
+            _ => {
+                return self.send(Kind::TopicPublished(answer(
+                    0,
+                    ErrorCode::UnknownApp,
+                    "unknown app".into(),
+                )))
+            }
+        };
+        let t = p.topic.as_str();
+        let valid = !t.is_empty()
+            && t.len() <= MAX_NAME
+            && t != BROADCAST
+            && !t.starts_with('$')
+            && herald_mqtt::topic::validate_name(t).is_ok();
+        if !valid {
+            return self.send(Kind::TopicPublished(answer(
+                0,
+                ErrorCode::BadRequest,
+                "a topic name of 1 to 256 bytes, without + or # and not starting with $".into(),
+            )));
+        }
+        if !app
+            .client_publish
+            .iter()
+            .any(|f| herald_mqtt::topic::matches(f, t))
+        {
+            return self.send(Kind::TopicPublished(answer(
+                0,
+                ErrorCode::PermissionDenied,
+                format!("app {:?} does not let its clients publish to {t:?}", app.id),
+            )));
+        }
+        if p.payload.len() > app.limits.max_payload as usize {
+            return self.send(Kind::TopicPublished(answer(
+                0,
+                ErrorCode::BadRequest,
+                format!(
+                    "payload of {} bytes exceeds the app's limit of {}",
+                    p.payload.len(),
+                    app.limits.max_payload
+                ),
+            )));
+        }
+        let op = Op::Publish(herald_raft::Publish {
+            app: app.id,
+            topic: p.topic,
+            msg_id: format!("c{}-{:016x}", self.room.raft.id(), rand::random::<u64>()),
+            payload: p.payload,
+            idempotency_key: None,
+        });
+        let (raft, shared) = (self.room.raft.clone(), self.shared.clone());
+        tokio::spawn(async move {
+            let reply = match raft.write_one(op).await {
+                Ok((OpResult::Published(p), _)) => answer(p.seq, ErrorCode::Unspecified, String::new()),
+                Ok((OpResult::Rejected(r), _)) => answer(0, ErrorCode::BadRequest, r.to_string()),
+                Ok((other, _)) => answer(0, ErrorCode::Internal, format!("unexpected result {other:?}")),
+                Err(e) => answer(0, ErrorCode::NotReady, e.to_string()),
+            };
+            shared.push(super::outbox::Outbound::Frame(frame::encode_to_bytes(&Frame {
+                kind: Some(Kind::TopicPublished(reply)),
+            })));
+        });
     }
 
     async fn on_refresh(&mut self, sid: u32, tok: &str) {

@@ -200,7 +200,7 @@ impl Acceptor {
                     self.tracker.spawn(serve_ws(room, stream, peer, permit));
                 }
                 Wrap::Mqtt => {
-                    let s = mqtt::MqttStream::new(stream, mqtt_limits(&room));
+                    let s = mqtt::MqttStream::new(stream, mqtt_limits(&room)).with_room(room.clone());
                     self.tracker
                         .spawn(conn::serve(room, peer, Transport::Mqtt, s, Some(permit)));
                 }
@@ -305,7 +305,7 @@ async fn serve_mqtt_tls(
     ));
     match handshake.await {
         Ok(Ok(s)) => {
-            let s = Box::new(mqtt::MqttStream::new(s, mqtt_limits(&room)));
+            let s = Box::new(mqtt::MqttStream::new(s, mqtt_limits(&room)).with_room(room.clone()));
             conn::serve(room, peer, Transport::Mqtt, s, Some(permit)).await
         }
         Ok(Err(e)) => debug!(%peer, error = %e, "mqtt tls handshake failed"),
@@ -352,7 +352,9 @@ async fn serve_ws(
     ));
     match handshake.await {
         Ok(Ok(s)) if is_mqtt => {
-            let s = Box::new(mqtt::MqttStream::new(ws::WsStream::new(s), mqtt_limits(&room)));
+            let s = Box::new(
+                mqtt::MqttStream::new(ws::WsStream::new(s), mqtt_limits(&room)).with_room(room.clone()),
+            );
             conn::serve(room, peer, Transport::Mqtt, s, Some(permit)).await
         }
         Ok(Ok(s)) => {

@@ -101,12 +101,20 @@ struct State {
     next_request: u64,
     /// Upstream requests: request id → the PUBLISH's packet id (QoS 1).
     upstream: HashMap<u64, NonZeroU16>,
+    /// Client publishes to topics: request id → the PUBLISH's packet id (QoS 1).
+    publishes: HashMap<u64, NonZeroU16>,
+    /// The app (CONNECT's user name) and the will (topic, payload), published when the connection
+    /// ends any way but a normal DISCONNECT once the session was accepted.
+    app: String,
+    will: Option<(String, bytes::Bytes)>,
 }
 
 /// An MQTT connection as the client protocol's byte stream (see the module docs).
 pub struct MqttStream<S> {
     inner: S,
     limits: Limits,
+    /// Where a will is committed (none in unit tests).
+    room: Option<std::sync::Arc<super::Room>>,
     /// MQTT bytes read from the socket, not a whole packet yet.
     rbuf: BytesMut,
     /// Native frames for the connection task.
@@ -126,6 +134,7 @@ impl<S> MqttStream<S> {
         MqttStream {
             inner,
             limits,
+            room: None,
             rbuf: BytesMut::new(),
             native_in: BytesMut::new(),
             native_out: BytesMut::new(),
@@ -133,6 +142,12 @@ impl<S> MqttStream<S> {
             eof: false,
             st: State::default(),
         }
+    }
+
+    /// Lets the stream commit the client's will through `room` when the connection ends.
+    pub fn with_room(mut self, room: std::sync::Arc<super::Room>) -> Self {
+        self.room = Some(room);
+        self
     }
 
     fn send_node(&mut self, kind: Kind) {
@@ -200,7 +215,11 @@ impl<S> MqttStream<S> {
             Packet::Subscribe(s) => self.on_subscribe(s),
             Packet::Unsubscribe(u) => self.on_unsubscribe(u),
             Packet::PingReq => self.marker(MARK_PING, 0),
-            Packet::Disconnect(_) => {
+            Packet::Disconnect(d) => {
+                // A normal DISCONNECT discards the will; 5.0's 0x04 asks for it all the same.
+                if d.reason != ReasonCode::DISCONNECT_WITH_WILL_MESSAGE {
+                    self.st.will = None;
+                }
                 self.send_node(Kind::CloseSession(pc::CloseSession { session_id: SID }));
                 self.eof = true;
             }
@@ -255,8 +274,12 @@ impl<S> MqttStream<S> {
                 "the password is not a Herald client token (a JWT)",
             );
         };
-        if c.will.is_some() {
-            info!(client = %c.client_id, "mqtt: will messages are not supported yet; this one is ignored");
+        self.st.app = app.clone();
+        if let Some(w) = &c.will {
+            if w.retain {
+                info!(client = %c.client_id, "mqtt: a retained will is published as a plain message");
+            }
+            self.st.will = Some((w.topic.clone(), w.payload.clone()));
         }
         let heartbeat_ms = if c.keep_alive == 0 {
             // No keep alive: the longest heartbeat the node allows (an idle limit of 2.5 of it).
@@ -318,20 +341,18 @@ impl<S> MqttStream<S> {
             }));
             return;
         }
-        // Publishing to topics from clients is not offered yet. 5.0 says so in the PUBACK; 3.1.1
-        // has no way to refuse a PUBLISH but closing, so it is acknowledged and dropped.
-        info!(topic = %p.topic, "mqtt: client publish to a topic other than {UPSTREAM} dropped");
+        // A Herald topic: the node checks the app lets clients publish there.
+        self.st.next_request += 1;
+        let id = self.st.next_request;
         if let Some(pid) = p.packet_id {
-            let reason = match self.st.version {
-                Some(Version::V5) => ReasonCode::NOT_AUTHORIZED,
-                _ => ReasonCode::SUCCESS,
-            };
-            self.send_client(&Packet::PubAck(Ack {
-                packet_id: pid,
-                reason,
-                properties: Properties::default(),
-            }));
+            self.st.publishes.insert(id, pid);
         }
+        self.send_node(Kind::PublishTopic(pc::PublishTopic {
+            session_id: SID,
+            request_id: id,
+            topic: p.topic,
+            payload: p.payload,
+        }));
     }
 
     fn on_puback(&mut self, a: Ack) {
@@ -464,6 +485,27 @@ impl<S> MqttStream<S> {
                         (_, Some(Version::V5)) => ReasonCode::IMPLEMENTATION_SPECIFIC_ERROR,
                         // 3.1.1's PUBACK carries no outcome; the message was delivered to us.
                         _ => ReasonCode::SUCCESS,
+                    };
+                    self.send_client(&Packet::PubAck(Ack {
+                        packet_id: pid,
+                        reason,
+                        properties: Properties::default(),
+                    }));
+                }
+            }
+            Kind::TopicPublished(r) => {
+                if let Some(pid) = self.st.publishes.remove(&r.request_id) {
+                    let code = r.error();
+                    if code != ErrorCode::Unspecified {
+                        info!(error = ?code, reason = %r.message, "mqtt: client publish refused");
+                    }
+                    let reason = match (code, self.st.version) {
+                        (ErrorCode::Unspecified, _) => ReasonCode::SUCCESS,
+                        // 3.1.1's PUBACK carries no outcome (the refusal is logged).
+                        (_, Some(Version::V311) | None) => ReasonCode::SUCCESS,
+                        (ErrorCode::PermissionDenied, _) => ReasonCode::NOT_AUTHORIZED,
+                        (ErrorCode::BadRequest, _) => ReasonCode::TOPIC_NAME_INVALID,
+                        _ => ReasonCode::IMPLEMENTATION_SPECIFIC_ERROR,
                     };
                     self.send_client(&Packet::PubAck(Ack {
                         packet_id: pid,
@@ -645,6 +687,50 @@ impl<S> MqttStream<S> {
                 reasons,
             }));
         }
+    }
+}
+
+impl<S> Drop for MqttStream<S> {
+    /// The will goes out when the connection ends any way but a normal DISCONNECT (an I/O error,
+    /// a keep alive timeout, a protocol error, a kick or a drain), once the session was accepted.
+    fn drop(&mut self) {
+        let (Some(room), Some((topic, payload)), true) =
+            (self.room.take(), self.st.will.take(), self.st.connected)
+        else {
+            return;
+        };
+        let app = std::mem::take(&mut self.st.app);
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(publish_will(room, app, topic, payload));
+        }
+    }
+}
+
+/// Commits a will like a client publish: only to a topic the app lets its clients publish to.
+async fn publish_will(room: std::sync::Arc<super::Room>, app: String, topic: String, payload: bytes::Bytes) {
+    let Ok(Some(cfg)) = room.reader.app(&app) else {
+        return;
+    };
+    let allowed = herald_mqtt::topic::validate_name(&topic).is_ok()
+        && !topic.starts_with('$')
+        && topic != BROADCAST
+        && cfg
+            .client_publish
+            .iter()
+            .any(|f| herald_mqtt::topic::matches(f, &topic));
+    if !allowed || payload.len() > cfg.limits.max_payload as usize {
+        info!(app = %app, topic = %topic, "mqtt: will not published (the app does not let clients publish there, or too large)");
+        return;
+    }
+    let op = herald_raft::Op::Publish(herald_raft::Publish {
+        app,
+        topic,
+        msg_id: format!("w{}-{:016x}", room.raft.id(), rand::random::<u64>()),
+        payload,
+        idempotency_key: None,
+    });
+    if let Err(e) = room.raft.write_one(op).await {
+        info!(error = %e, "mqtt: will not committed");
     }
 }
 

@@ -586,3 +586,131 @@ async fn mqtt_upstream_reaches_the_backend_and_a_second_login_takes_over() {
         .await;
     c.assert_no_panics();
 }
+
+/// Clients publish to the topics their app allows (`client_publish`), to every subscriber on
+/// every node; elsewhere a 5.0 client gets PUBACK 0x87. A client that dies (kill -9) has its
+/// will published; one that disconnects normally does not.
+#[tokio::test(flavor = "multi_thread")]
+async fn clients_publish_where_the_app_allows_and_wills_are_published_on_abnormal_ends() {
+    let (c, ports) = cluster().await;
+    let app = c.create_app("mqttpub").await;
+    let mut admin = c.client(1).await;
+    let mut cfg = admin
+        .get_app(crate::harness::admin_request(pb::GetAppRequest {
+            id: app.id.clone(),
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .app
+        .unwrap();
+    cfg.client_publish = vec!["chat/+".into()];
+    admin
+        .update_app(crate::harness::admin_request(pb::UpdateAppRequest {
+            app: Some(cfg),
+        }))
+        .await
+        .unwrap();
+    for id in 1..=3 {
+        c.wait_caught_up(id).await;
+    }
+    let sub_args = |port: u16, id: &str, token: &str| {
+        vec![
+            "-h".to_string(),
+            "127.0.0.1".into(),
+            "-p".into(),
+            port.to_string(),
+            "-V".into(),
+            "mqttv5".into(),
+            "-i".into(),
+            id.into(),
+            "-u".into(),
+            app.id.clone(),
+            "-P".into(),
+            token.into(),
+            "-t".into(),
+            "chat/#".into(),
+        ]
+    };
+    let lisa = app.token("lisa", None);
+    let args = sub_args(ports[0], "lisa-phone", &lisa);
+    let listener = Sub::spawn(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    listener
+        .wait_for("received SUBACK", Duration::from_secs(20))
+        .await;
+
+    let publish = |port: u16, topic: &str, msg: &str| {
+        let out = Command::new("mosquitto_pub")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-V",
+                "mqttv5",
+                "-q",
+                "1",
+            ])
+            .args(["-i", "mo-phone", "-u", &app.id, "-P", &app.token("mo", None)])
+            .args(["-t", topic, "-m", msg, "-d"])
+            .output()
+            .expect("mosquitto_pub runs");
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    let out = publish(ports[2], "chat/lobby", "hi all");
+    assert!(
+        out.contains("received PUBACK") && !out.contains("rc:135"),
+        "{out}"
+    );
+    listener
+        .wait_for("chat/lobby hi all", Duration::from_secs(20))
+        .await;
+    let out = publish(ports[2], "news/lobby", "not allowed");
+    assert!(out.contains("135") || out.contains("Not authorized"), "{out}");
+
+    // A client with a will, killed: the will arrives; one that disconnects normally: nothing.
+    let nick = app.token("nick", None);
+    let mut args = sub_args(ports[1], "nick-phone", &nick);
+    args.extend(["--will-topic", "chat/lobby", "--will-payload", "nick is gone"].map(String::from));
+    let dying = Sub::spawn(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    dying.wait_for("received SUBACK", Duration::from_secs(20)).await;
+    drop(dying); // SIGKILL: the TCP connection just ends
+    listener
+        .wait_for("chat/lobby nick is gone", Duration::from_secs(20))
+        .await;
+    let olga = app.token("olga", None);
+    // -C 1: it leaves with a normal DISCONNECT after one message. (-W's timeout would send 5.0's
+    // "disconnect with will message", 0x04, which publishes the will on purpose.)
+    let mut args = sub_args(ports[1], "olga-phone", &olga);
+    args.extend(
+        [
+            "-C",
+            "1",
+            "--will-topic",
+            "chat/lobby",
+            "--will-payload",
+            "olga is gone",
+        ]
+        .map(String::from),
+    );
+    let leaving = Sub::spawn(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    leaving.wait_for("received SUBACK", Duration::from_secs(20)).await;
+    publish(ports[2], "chat/lobby", "bye olga");
+    leaving
+        .wait_for("chat/lobby bye olga", Duration::from_secs(20))
+        .await;
+    leaving
+        .wait_for("sending DISCONNECT", Duration::from_secs(20))
+        .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !listener.text().contains("olga is gone"),
+        "a normal DISCONNECT published the will: {}",
+        listener.text()
+    );
+    c.assert_no_panics();
+}

@@ -144,6 +144,7 @@ impl<'a> Applier<'a> {
         match op {
             Op::PutApp(cfg) => self.put_app(cfg),
             Op::PutAppV1(cfg) => self.put_app(&cfg.clone().into()),
+            Op::PutAppV2(cfg) => self.put_app(&cfg.clone().into()),
             Op::DeleteApp { app } => self.delete_app(app),
             Op::SetNode(info) => {
                 self.txn.put(Cf::Nodes, keys::node(info.id), info)?;

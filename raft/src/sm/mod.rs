@@ -695,6 +695,7 @@ mod app_cache_tests {
             },
             callbacks: Vec::new(),
             created_ms: 0,
+            client_publish: Vec::new(),
         }
     }
 

@@ -179,6 +179,7 @@ fn app() -> AppConfig {
         },
         callbacks: vec![],
         created_ms: 0,
+        client_publish: Vec::new(),
     }
 }
 

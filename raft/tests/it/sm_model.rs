@@ -73,6 +73,7 @@ fn app_config(id: &str, variant: u8) -> AppConfig {
         policy,
         callbacks,
         created_ms: 12345, // ignored: the store sets it
+        client_publish: Vec::new(),
     }
 }
 
@@ -265,6 +266,7 @@ impl Model {
     fn op(&mut self, op: &Op) -> OpResult {
         match op {
             Op::PutAppV1(old) => self.op(&Op::PutApp(old.clone().into())),
+            Op::PutAppV2(old) => self.op(&Op::PutApp(old.clone().into())),
             Op::PutApp(cfg) => {
                 let mut cfg = cfg.clone();
                 cfg.created_ms = self.apps.get(&cfg.id).map_or(self.log_time, |a| a.created_ms);
