@@ -37,6 +37,8 @@ pub const PROXY_PORT: u16 = 7402;
 pub const CLUSTER_PORT: u16 = 7501;
 pub const CLUSTER_PROXY_PORT: u16 = 7502;
 pub const CLIENT_PORT: u16 = 7411;
+/// Every node's MQTT listener (the `mqtt` workload).
+pub const MQTT_PORT: u16 = 7461;
 /// The admin token every node is started with.
 pub const ADMIN_TOKEN: &str = "herald-jepsen-admin-token-0123456789";
 
@@ -182,6 +184,10 @@ impl Cluster {
         format!("{}:{CLIENT_PORT}", self.ip(id))
     }
 
+    pub fn mqtt_addr(&self, id: u64) -> String {
+        format!("{}:{MQTT_PORT}", self.ip(id))
+    }
+
     pub fn client_addrs(&self) -> Vec<String> {
         self.ids.iter().map(|id| self.client_addr(*id)).collect()
     }
@@ -271,6 +277,8 @@ impl Cluster {
                 .to_string(),
             "--client-addr",
             &format!("{ip}:{CLIENT_PORT}"),
+            "--mqtt-addr",
+            &format!("{ip}:{MQTT_PORT}"),
             "--peers",
             &self.peers(),
             "--admin-token",

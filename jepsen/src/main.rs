@@ -71,7 +71,7 @@ struct RunArgs {
     /// damage, partition-kill, pause-kill, all, none.
     #[arg(long, default_value = "all")]
     nemesis: String,
-    /// Workloads, comma separated: qos1, offline, registry, storm, topics, all.
+    /// Workloads, comma separated: qos1, offline, registry, storm, topics, mqtt, all.
     #[arg(long, default_value = "all")]
     workload: String,
     /// Client operations per second, all workloads together.

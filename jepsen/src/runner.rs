@@ -176,6 +176,7 @@ async fn run_inner(
     } else {
         None
     };
+    let mut mqtt = has("mqtt").then(|| workload::mqtt::Mqtt::start(&ctx, 4, 3));
 
     // Faults for --time seconds; everything healed when it returns.
     let until = Instant::now() + Duration::from_secs(opts.time_s);
@@ -196,6 +197,9 @@ async fn run_inner(
         w.stopped(&ctx).await;
     }
     if let Some(w) = topics.as_mut() {
+        w.stopped().await;
+    }
+    if let Some(w) = mqtt.as_mut() {
         w.stopped().await;
     }
     rec.phase("workload-stopped");
@@ -230,6 +234,9 @@ async fn run_inner(
     }
     if let Some(w) = topics {
         w.close(&ctx).await;
+    }
+    if let Some(w) = mqtt {
+        w.close().await;
     }
     rec.phase("clients-closed");
     final_hashes(&cluster, &rec, Duration::from_secs(60)).await;

@@ -8,10 +8,12 @@
 //! | `registry` | connect, close, kick and status of a few devices per user | linearizable |
 //! | `storm` | reconnect storms: half the devices log in again at once on another node (session migration), the old sessions must be replaced | fencing, lost, order |
 //! | `topics` | topic publishes and broadcasts to subscribers | lost (per subscriber), unexpected, order |
+//! | `mqtt` | online users whose device is an MQTT 5.0 persistent session (QoS 1, PUBACK), reconnecting to another node on failure | lost, unexpected, duplicates, order, fencing |
 //!
 //! Every client instance (one SDK `Client`) is its own process in the history; its
 //! deliveries, gaps and connection events carry its id (`client`) and its dedupe `scope`.
 
+pub mod mqtt;
 pub mod offline;
 pub mod qos1;
 pub mod registry;
@@ -36,7 +38,7 @@ use crate::cluster::{AppCreds, Cluster};
 use crate::history::{Recorder, Type, Val, F};
 
 /// The workloads by name.
-pub const ALL: [&str; 5] = ["qos1", "offline", "registry", "storm", "topics"];
+pub const ALL: [&str; 6] = ["qos1", "offline", "registry", "storm", "topics", "mqtt"];
 
 /// How long a client waits for a gRPC reply before recording the call as indeterminate.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);

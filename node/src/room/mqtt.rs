@@ -456,6 +456,12 @@ impl<S> MqttStream<S> {
                     props.maximum_packet_size = Some(self.limits.max_packet.min(u32::MAX as usize) as u32);
                     props.assigned_client_identifier = self.st.assigned_id.clone();
                     props.server_keep_alive = self.st.server_keep_alive;
+                    // The session's registration: which node, and its epoch (newer logins of
+                    // the device get higher ones).
+                    props.user_properties = vec![
+                        ("herald-node".into(), w.node_id.to_string()),
+                        ("herald-epoch".into(), w.epoch.to_string()),
+                    ];
                 }
                 // Herald keeps no MQTT session state of its own (subscriptions are not kept
                 // across connections), so the client must subscribe again: session present 0.
