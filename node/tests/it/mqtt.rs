@@ -714,3 +714,91 @@ async fn clients_publish_where_the_app_allows_and_wills_are_published_on_abnorma
     );
     c.assert_no_panics();
 }
+
+/// Keep alive is enforced: a client that stops talking (SIGSTOP) is disconnected after 1.5 × its
+/// keep alive (clamped into the node's heartbeat bounds), and its will is published.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_silent_client_is_dropped_after_its_keep_alive_and_its_will_published() {
+    let (c, ports) = cluster().await;
+    let app = c.create_app("mqttka").await;
+    let mut admin = c.client(1).await;
+    let mut cfg = admin
+        .get_app(crate::harness::admin_request(pb::GetAppRequest {
+            id: app.id.clone(),
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .app
+        .unwrap();
+    cfg.client_publish = vec!["status/+".into()];
+    admin
+        .update_app(crate::harness::admin_request(pb::UpdateAppRequest {
+            app: Some(cfg),
+        }))
+        .await
+        .unwrap();
+    for id in 1..=3 {
+        c.wait_caught_up(id).await;
+    }
+    let watcher_token = app.token("pat", None);
+    let watcher = Sub::spawn(&[
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &ports[0].to_string(),
+        "-V",
+        "mqttv5",
+        "-i",
+        "pat-phone",
+        "-u",
+        &app.id,
+        "-P",
+        &watcher_token,
+        "-t",
+        "status/+",
+    ]);
+    watcher.wait_for("received SUBACK", Duration::from_secs(20)).await;
+    let quiet_token = app.token("quin", None);
+    let quiet = Sub::spawn(&[
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &ports[1].to_string(),
+        "-V",
+        "mqttv5",
+        "-i",
+        "quin-phone",
+        "-u",
+        &app.id,
+        "-P",
+        &quiet_token,
+        "-t",
+        "status/+",
+        "-k",
+        "5",
+        "--will-topic",
+        "status/quin",
+        "--will-payload",
+        "offline",
+    ]);
+    quiet.wait_for("received SUBACK", Duration::from_secs(20)).await;
+    let stopped = Instant::now();
+    let pid = quiet.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    watcher
+        .wait_for("status/quin offline", Duration::from_secs(60))
+        .await;
+    let took = stopped.elapsed();
+    let _ = Command::new("kill").args(["-CONT", &pid]).status();
+    // Keep alive 5 s: the node's idle limit is 2.5 heartbeats of 3 s (or of its minimum).
+    assert!(
+        took >= Duration::from_secs(5),
+        "dropped after {took:?}, before its keep alive"
+    );
+    c.assert_no_panics();
+}
