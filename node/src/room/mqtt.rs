@@ -99,10 +99,12 @@ struct State {
     unsubs: std::collections::VecDeque<(NonZeroU16, usize)>,
     next_marker: u64,
     next_request: u64,
-    /// Upstream requests: request id → the PUBLISH's packet id (QoS 1).
-    upstream: HashMap<u64, NonZeroU16>,
-    /// Client publishes to topics: request id → the PUBLISH's packet id (QoS 1).
-    publishes: HashMap<u64, NonZeroU16>,
+    /// Upstream requests: request id → the PUBLISH's packet id and QoS (1 or 2).
+    upstream: HashMap<u64, (NonZeroU16, QoS)>,
+    /// Client publishes to topics: request id → the PUBLISH's packet id and QoS (1 or 2).
+    publishes: HashMap<u64, (NonZeroU16, QoS)>,
+    /// 3.1.1 QoS 2 publishes received and not released (PUBREL) yet: packet id → PUBREC sent.
+    qos2: HashMap<u16, bool>,
     /// The app (CONNECT's user name) and the will (topic, payload), published when the connection
     /// ends any way but a normal DISCONNECT once the session was accepted.
     app: String,
@@ -223,6 +225,15 @@ impl<S> MqttStream<S> {
                 self.send_node(Kind::CloseSession(pc::CloseSession { session_id: SID }));
                 self.eof = true;
             }
+            Packet::PubRel(r) if self.st.version == Some(Version::V311) => {
+                // The publish was handed on when it arrived; release ends its exchange.
+                self.st.qos2.remove(&r.packet_id.get());
+                self.send_client(&Packet::PubComp(Ack {
+                    packet_id: r.packet_id,
+                    reason: ReasonCode::SUCCESS,
+                    properties: Properties::default(),
+                }));
+            }
             Packet::PubRec(_) | Packet::PubRel(_) | Packet::PubComp(_) => self.close_with(
                 ReasonCode::QOS_NOT_SUPPORTED,
                 "QoS 2 is not supported (the CONNACK's Maximum QoS is 1)",
@@ -313,10 +324,29 @@ impl<S> MqttStream<S> {
 
     fn on_publish(&mut self, p: Publish) {
         if p.qos == QoS::ExactlyOnce {
-            return self.close_with(
-                ReasonCode::QOS_NOT_SUPPORTED,
-                "QoS 2 is not supported (the CONNACK's Maximum QoS is 1)",
-            );
+            // 5.0 was told Maximum QoS 1 [MQTT-3.2.2-11]. 3.1.1 has no way to say it, so its
+            // QoS 2 publishes are taken exactly once: handed on when first received, PUBREC
+            // once the node answered, a retransmission before PUBREL handed on no second time.
+            if self.st.version != Some(Version::V311) {
+                return self.close_with(
+                    ReasonCode::QOS_NOT_SUPPORTED,
+                    "QoS 2 is not supported (the CONNACK's Maximum QoS is 1)",
+                );
+            }
+            let Some(pid) = p.packet_id else { return };
+            match self.st.qos2.get(&pid.get()) {
+                Some(true) => {
+                    return self.send_client(&Packet::PubRec(Ack {
+                        packet_id: pid,
+                        reason: ReasonCode::SUCCESS,
+                        properties: Properties::default(),
+                    }))
+                }
+                Some(false) => return,
+                None => {
+                    self.st.qos2.insert(pid.get(), false);
+                }
+            }
         }
         if p.properties.topic_alias.is_some() {
             // The CONNACK announced no Topic Alias Maximum, which means 0 [MQTT-3.3.2-8].
@@ -332,7 +362,7 @@ impl<S> MqttStream<S> {
             self.st.next_request += 1;
             let id = self.st.next_request;
             if let Some(pid) = p.packet_id {
-                self.st.upstream.insert(id, pid);
+                self.st.upstream.insert(id, (pid, p.qos));
             }
             self.send_node(Kind::Upstream(pc::Upstream {
                 session_id: SID,
@@ -345,7 +375,7 @@ impl<S> MqttStream<S> {
         self.st.next_request += 1;
         let id = self.st.next_request;
         if let Some(pid) = p.packet_id {
-            self.st.publishes.insert(id, pid);
+            self.st.publishes.insert(id, (pid, p.qos));
         }
         self.send_node(Kind::PublishTopic(pc::PublishTopic {
             session_id: SID,
@@ -485,22 +515,18 @@ impl<S> MqttStream<S> {
             Kind::Subscribed(s) => self.on_subscribed(s),
             Kind::Pong(p) => self.on_pong(p.id),
             Kind::UpstreamReply(r) => {
-                if let Some(pid) = self.st.upstream.remove(&r.request_id) {
+                if let Some((pid, qos)) = self.st.upstream.remove(&r.request_id) {
                     let reason = match (r.error(), self.st.version) {
                         (ErrorCode::Unspecified, _) => ReasonCode::SUCCESS,
                         (_, Some(Version::V5)) => ReasonCode::IMPLEMENTATION_SPECIFIC_ERROR,
                         // 3.1.1's PUBACK carries no outcome; the message was delivered to us.
                         _ => ReasonCode::SUCCESS,
                     };
-                    self.send_client(&Packet::PubAck(Ack {
-                        packet_id: pid,
-                        reason,
-                        properties: Properties::default(),
-                    }));
+                    self.answer_publish(pid, qos, reason);
                 }
             }
             Kind::TopicPublished(r) => {
-                if let Some(pid) = self.st.publishes.remove(&r.request_id) {
+                if let Some((pid, qos)) = self.st.publishes.remove(&r.request_id) {
                     let code = r.error();
                     if code != ErrorCode::Unspecified {
                         info!(error = ?code, reason = %r.message, "mqtt: client publish refused");
@@ -513,11 +539,7 @@ impl<S> MqttStream<S> {
                         (ErrorCode::BadRequest, _) => ReasonCode::TOPIC_NAME_INVALID,
                         _ => ReasonCode::IMPLEMENTATION_SPECIFIC_ERROR,
                     };
-                    self.send_client(&Packet::PubAck(Ack {
-                        packet_id: pid,
-                        reason,
-                        properties: Properties::default(),
-                    }));
+                    self.answer_publish(pid, qos, reason);
                 }
             }
             Kind::Kicked(k) => {
@@ -539,6 +561,23 @@ impl<S> MqttStream<S> {
             }
             Kind::SessionClosed(_) => self.eof = true,
             _ => {}
+        }
+    }
+
+    /// PUBACK (QoS 1) or PUBREC (3.1.1 QoS 2) for a client's PUBLISH the node answered.
+    fn answer_publish(&mut self, packet_id: NonZeroU16, qos: QoS, reason: ReasonCode) {
+        let ack = Ack {
+            packet_id,
+            reason,
+            properties: Properties::default(),
+        };
+        if qos == QoS::ExactlyOnce {
+            if let Some(answered) = self.st.qos2.get_mut(&packet_id.get()) {
+                *answered = true;
+            }
+            self.send_client(&Packet::PubRec(ack));
+        } else {
+            self.send_client(&Packet::PubAck(ack));
         }
     }
 

@@ -671,6 +671,34 @@ async fn clients_publish_where_the_app_allows_and_wills_are_published_on_abnorma
         .await;
     let out = publish(ports[2], "news/lobby", "not allowed");
     assert!(out.contains("135") || out.contains("Not authorized"), "{out}");
+    // 3.1.1 QoS 2: taken exactly once (PUBREC, PUBREL, PUBCOMP).
+    let out = Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &ports[0].to_string(),
+            "-V",
+            "mqttv311",
+            "-q",
+            "2",
+        ])
+        .args(["-i", "mo-tablet", "-u", &app.id, "-P", &app.token("mo", None)])
+        .args(["-t", "chat/lobby", "-m", "exactly once", "-d"])
+        .output()
+        .expect("mosquitto_pub runs");
+    let out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.contains("received PUBREC") && out.contains("received PUBCOMP"),
+        "{out}"
+    );
+    listener
+        .wait_for("chat/lobby exactly once", Duration::from_secs(20))
+        .await;
 
     // A client with a will, killed: the will arrives; one that disconnects normally: nothing.
     let nick = app.token("nick", None);
@@ -712,6 +740,13 @@ async fn clients_publish_where_the_app_allows_and_wills_are_published_on_abnorma
         "a normal DISCONNECT published the will: {}",
         listener.text()
     );
+    let once = listener
+        .lines
+        .lock()
+        .iter()
+        .filter(|l| *l == "chat/lobby exactly once")
+        .count();
+    assert_eq!(once, 1, "{}", listener.text());
     c.assert_no_panics();
 }
 
