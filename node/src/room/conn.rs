@@ -37,6 +37,8 @@ const PAGE: usize = 128;
 const TAKE: usize = 512;
 /// A write that makes no progress this long ends the connection.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Client publishes (PUBLISH_TOPIC) one connection may have waiting for their commit.
+const MAX_PUBLISHES_IN_FLIGHT: u32 = 256;
 /// How long a drained connection keeps reading acks after its BYE.
 const LINGER: Duration = Duration::from_secs(2);
 
@@ -606,6 +608,16 @@ where
                 ),
             )));
         }
+        // Bounded: each waits for a Raft commit in its own task.
+        let in_flight = &self.shared.publishes_in_flight;
+        if in_flight.fetch_add(1, Ordering::AcqRel) >= MAX_PUBLISHES_IN_FLIGHT {
+            in_flight.fetch_sub(1, Ordering::AcqRel);
+            return self.send(Kind::TopicPublished(answer(
+                0,
+                ErrorCode::RateLimited,
+                format!("at most {MAX_PUBLISHES_IN_FLIGHT} publishes waiting per connection"),
+            )));
+        }
         let op = Op::Publish(herald_raft::Publish {
             app: app.id,
             topic: p.topic,
@@ -621,6 +633,7 @@ where
                 Ok((other, _)) => answer(0, ErrorCode::Internal, format!("unexpected result {other:?}")),
                 Err(e) => answer(0, ErrorCode::NotReady, e.to_string()),
             };
+            shared.publishes_in_flight.fetch_sub(1, Ordering::AcqRel);
             shared.push(super::outbox::Outbound::Frame(frame::encode_to_bytes(&Frame {
                 kind: Some(Kind::TopicPublished(reply)),
             })));

@@ -194,7 +194,7 @@ impl Acceptor {
                 }
                 Wrap::Tls(config) => {
                     self.tracker
-                        .spawn(serve_tls(room, config.clone(), stream, peer, permit));
+                        .spawn(serve_tls(room, config.clone(), stream, peer, permit, false));
                 }
                 Wrap::Ws => {
                     self.tracker.spawn(serve_ws(room, stream, peer, permit));
@@ -206,7 +206,7 @@ impl Acceptor {
                 }
                 Wrap::MqttTls(config) => {
                     self.tracker
-                        .spawn(serve_mqtt_tls(room, config.clone(), stream, peer, permit));
+                        .spawn(serve_tls(room, config.clone(), stream, peer, permit, true));
                 }
             }
         }
@@ -270,13 +270,14 @@ fn mqtt_limits(room: &Room) -> mqtt::Limits {
     }
 }
 
-/// A TLS connection: the handshake, then the client protocol.
+/// A TLS connection: the handshake, then the client protocol, or MQTT when `mqtt`.
 async fn serve_tls(
     room: Arc<Room>,
     config: Arc<rustls::ServerConfig>,
     stream: TcpStream,
     peer: SocketAddr,
     permit: tokio::sync::OwnedSemaphorePermit,
+    mqtt: bool,
 ) {
     // The handshake and the stream it yields are boxed: the stream is as large as rustls's
     // connection state, which must not sit inline in the task's serving state.
@@ -285,31 +286,13 @@ async fn serve_tls(
         LeanTls::accept(stream, config),
     ));
     match handshake.await.map(|r| r.map(Box::new)) {
-        Ok(Ok(s)) => conn::serve(room, peer, Transport::Tls, s, Some(permit)).await,
-        Ok(Err(e)) => debug!(%peer, error = %e, "tls handshake failed"),
-        Err(_) => debug!(%peer, "tls handshake timed out"),
-    }
-}
-
-/// An MQTT connection over TLS: the handshake, then MQTT.
-async fn serve_mqtt_tls(
-    room: Arc<Room>,
-    config: Arc<rustls::ServerConfig>,
-    stream: TcpStream,
-    peer: SocketAddr,
-    permit: tokio::sync::OwnedSemaphorePermit,
-) {
-    let handshake = Box::pin(tokio::time::timeout(
-        room.config.auth_timeout,
-        LeanTls::accept(stream, config),
-    ));
-    match handshake.await {
-        Ok(Ok(s)) => {
+        Ok(Ok(s)) if mqtt => {
             let s = Box::new(mqtt::MqttStream::new(s, mqtt_limits(&room)).with_room(room.clone()));
             conn::serve(room, peer, Transport::Mqtt, s, Some(permit)).await
         }
-        Ok(Err(e)) => debug!(%peer, error = %e, "mqtt tls handshake failed"),
-        Err(_) => debug!(%peer, "mqtt tls handshake timed out"),
+        Ok(Ok(s)) => conn::serve(room, peer, Transport::Tls, s, Some(permit)).await,
+        Ok(Err(e)) => debug!(%peer, mqtt, error = %e, "tls handshake failed"),
+        Err(_) => debug!(%peer, mqtt, "tls handshake timed out"),
     }
 }
 
@@ -408,7 +391,7 @@ mod task_size {
                 TcpStream,
                 SocketAddr,
                 tokio::sync::OwnedSemaphorePermit,
-            )| serve_tls(r, c, s, p, pm),
+            )| serve_tls(r, c, s, p, pm, false),
         );
         eprintln!("plain connection future {plain} bytes, tls {tls} bytes");
         assert!(plain <= 400, "plain connection future grew to {plain} bytes");

@@ -132,6 +132,8 @@ pub struct ConnShared {
     pub opened_at: u64,
     /// Frames allowed in the queue before the client counts as a slow consumer.
     limit: u32,
+    /// The connection's client publishes (PUBLISH_TOPIC) waiting for their commit.
+    pub publishes_in_flight: AtomicU32,
 }
 
 impl ConnShared {
@@ -148,6 +150,7 @@ impl ConnShared {
             token_deadline: AtomicU32::new(0),
             opened_at: now,
             limit: saturate(limit as u64),
+            publishes_in_flight: AtomicU32::new(0),
         }
     }
 
