@@ -26,13 +26,13 @@ use tracing::{debug, info, warn};
 
 use crate::clock::ClusterClock;
 use crate::error::{StoreError, WriteError};
-use crate::log_store::LogStore;
+use crate::log_store::{LogEngine, LogStore};
 use crate::network::{
-    AllowedPeers, ClusterTls, Network, NetworkOptions, PeerClients, PeerGuard, RaftServiceHooks,
+    AllowedPeers, ClusterTls, Network, NetworkOptions, PeerClients, PeerGuard, RaftRouter, RaftServiceHooks,
 };
 use crate::sm::{StateMachine, StateReader};
 use crate::tuning::Tuning;
-use crate::types::{typ, ApplyObserver, NodeId, Op, OpResult, Request};
+use crate::types::{typ, ApplyObserver, GroupId, NodeId, Op, OpResult, Request};
 
 /// What a member needs to run. Built by the node's config layer (validated there).
 #[derive(Debug, Clone)]
@@ -215,6 +215,10 @@ pub struct RaftNode {
 
 struct Inner {
     config: RaftConfig,
+    /// This member's Raft group (0 on a single-group node).
+    group: GroupId,
+    /// The node's raft server, where this group's handler is mounted.
+    router: RaftRouter,
     raft: typ::Raft,
     reader: StateReader,
     /// A handle on the log store openraft owns, for its memory figures.
@@ -227,7 +231,8 @@ struct Inner {
     /// Extra probe fields from the node layer (e.g. its connection count).
     load: watch::Sender<u64>,
     /// The members' clocks as their probe replies report them: what entries are stamped with.
-    clock: ClusterClock,
+    /// The host's: a node's clock reports serve all its groups (any group's probes feed it).
+    clock: Arc<ClusterClock>,
     /// After a rejoin, the log id this node must hold before it grants votes.
     vote_hold: Option<typ::LogId>,
     cancel: CancellationToken,
@@ -235,9 +240,23 @@ struct Inner {
 }
 
 impl RaftNode {
-    /// Opens the stores under `config.data_dir` and starts the member. The raft gRPC service must be
-    /// served by the caller ([`RaftNode::grpc_service`]) on `config.grpc_addr`.
+    /// Opens the stores under `config.data_dir` and starts the member of a single-group node
+    /// (group 0 of a [`RaftHost`] of its own). The raft gRPC service must be served by the caller
+    /// ([`RaftNode::grpc_service`]) on `config.grpc_addr`.
     pub async fn start(config: RaftConfig, observer: Arc<dyn ApplyObserver>) -> Result<RaftNode, StartError> {
+        let host = RaftHost::open(&config)?;
+        Self::start_group(config, observer, &host, 0).await
+    }
+
+    /// Starts this node's member of Raft group `group` on the node's shared [`RaftHost`]: its log
+    /// in the host's engine, its state machine in its own dir (`sm/` for group 0,
+    /// `groups/<group>/sm/` for the others), its RPCs over the host's connections and server.
+    pub async fn start_group(
+        config: RaftConfig,
+        observer: Arc<dyn ApplyObserver>,
+        host: &RaftHost,
+        group: GroupId,
+    ) -> Result<RaftNode, StartError> {
         if !config.peers.contains_key(&config.node_id) {
             return Err(StartError::Config(format!(
                 "node id {} is not in the peer list {:?}",
@@ -247,30 +266,19 @@ impl RaftNode {
         }
         let tuning = Tuning::for_node(config.node_id);
         let me = config.node_id;
-        let (log_dir, sm_dir) = (config.data_dir.join(LOG_DIR), config.data_dir.join(SM_DIR));
-        let (log_store, rejoined) = match LogStore::open_tuned(&log_dir, tuning) {
+        let sm_dir = group_sm_dir(&config.data_dir, group);
+        let (log_store, rejoined) = match host.engine.group(group) {
             Err(StoreError::Damaged { path, detail }) if config.rejoin => {
-                warn!(node_id = me, %path, %detail, "raft log damaged: rejoining (wiping raft state)");
-                for dir in [&log_dir, &sm_dir] {
-                    match std::fs::remove_dir_all(dir) {
-                        Ok(()) => {}
-                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                        Err(e) => {
-                            return Err(StoreError::Io {
-                                path: dir.display().to_string(),
-                                source: e,
-                            }
-                            .into())
-                        }
-                    }
-                }
-                (LogStore::open_tuned(&log_dir, tuning)?, true)
+                warn!(node_id = me, group, %path, %detail, "raft log damaged: rejoining (wiping this group's raft state)");
+                host.engine.wipe_group(group)?;
+                remove_dir_if_there(&sm_dir)?;
+                (host.engine.group(group)?, true)
             }
-            other => (other?, false),
+            other => (other?, host.wiped),
         };
         let mut sm = StateMachine::open_tuned(&sm_dir, observer, tuning)?;
         let reader = sm.reader();
-        let clients = PeerClients::new(config.node_id, config.network.clone(), config.tls.clone());
+        let clients = host.clients.clone();
         // Entries this node applied but no longer has: the log's unsynced tail was lost (a crash
         // or power cut after the state machine's write reached the disk, which apply can do
         // before the log's fsync), or the log's end was damaged. Everything applied was
@@ -291,9 +299,9 @@ impl RaftNode {
             info!(node_id = me, %old, %new, "led before the restart: standing again in a new term");
         }
         if rejoined {
-            rejoin_vote_floor(&config, &clients, &log_store).await?;
+            rejoin_vote_floor(&config, group, &clients, &log_store).await?;
         }
-        let network = Network::new(clients.clone());
+        let network = Network::for_group(clients.clone(), group);
         let raft_config = openraft::Config {
             cluster_name: "herald".into(),
             heartbeat_interval: config.heartbeat_ms,
@@ -353,6 +361,8 @@ impl RaftNode {
         let (load, _) = watch::channel(0);
         let inner = Arc::new(Inner {
             config,
+            group,
+            router: host.router.clone(),
             raft,
             reader,
             log,
@@ -360,12 +370,13 @@ impl RaftNode {
             clients,
             proposals: tx,
             load,
-            clock: ClusterClock::new(),
+            clock: host.clock.clone(),
             vote_hold,
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
         });
         let node = RaftNode { inner };
+        host.router.insert(group, node.grpc_handler());
         if initialized {
             node.hold_elections_after_restart();
         }
@@ -436,17 +447,27 @@ impl RaftNode {
         self.inner.load.send_replace(connections);
     }
 
-    /// The raft transport service to mount on this node's gRPC server.
+    /// The raft transport service to mount on this node's gRPC server: the node's one server for
+    /// all its groups (the host's), this group's handler already mounted in it.
     pub fn grpc_service(
         &self,
     ) -> herald_proto::raft::raft_service_server::RaftServiceServer<
         impl herald_proto::raft::raft_service_server::RaftService,
     > {
+        self.inner.router.clone().into_server()
+    }
+
+    /// This group's handler of the raft service.
+    fn grpc_handler(&self) -> crate::network::RaftGrpc {
         crate::network::RaftGrpc::new(self.id(), self.inner.raft.clone(), Arc::new(Hooks(self.clone())))
             .campaign_after(Duration::from_millis(self.inner.config.election_timeout_min_ms))
             .with_last_append(self.inner.last_append.clone())
             .with_vote_hold(self.inner.vote_hold)
-            .into_server()
+    }
+
+    /// This member's Raft group.
+    pub fn group(&self) -> GroupId {
+        self.inner.group
     }
 
     /// A node restarted on its data dir stands for election only once it heard from a leader,
@@ -548,6 +569,7 @@ impl RaftNode {
                     from: me.id(),
                     target: id,
                     want_state_hash: true,
+                    group: me.group(),
                     ..Default::default()
                 };
                 let r = match me.inner.clients.probe(id, &addr, req, timeout).await {
@@ -703,7 +725,7 @@ impl RaftNode {
                     let left = deadline.saturating_duration_since(Instant::now());
                     self.inner
                         .clients
-                        .forward(id, &addr, &ops, left)
+                        .forward_in(self.group(), id, &addr, &ops, left)
                         .await
                         .map(|(results, log_index)| Committed { results, log_index })
                 }
@@ -876,6 +898,7 @@ impl RaftNode {
                 from: me,
                 target: *id,
                 peers: peers.clone().into_iter().collect(),
+                group: self.group(),
                 ..Default::default()
             };
             match self
@@ -1077,6 +1100,7 @@ impl RaftNode {
                     let req = ProbeRequest {
                         from: me.id(),
                         target: id,
+                        group: me.group(),
                         ..Default::default()
                     };
                     let sent = Instant::now();
@@ -1121,6 +1145,7 @@ impl RaftNode {
 
     /// Stops the proposer and openraft. Queued writes fail with `Shutdown`.
     pub async fn shutdown(&self) {
+        self.inner.router.remove(self.inner.group);
         self.inner.cancel.cancel();
         self.inner.tasks.close();
         if let Err(e) = self.inner.raft.shutdown().await {
@@ -1130,9 +1155,92 @@ impl RaftNode {
     }
 }
 
-/// Subdirs of the data dir: the log store and the state machine.
+/// Subdirs of the data dir: the log engine (every group's log), group 0's state machine, and the
+/// dirs of the other groups (`groups/<id>/sm`).
 const LOG_DIR: &str = "raft-log";
 const SM_DIR: &str = "sm";
+const GROUPS_DIR: &str = "groups";
+
+/// Where group `group`'s state machine lives under the data dir.
+fn group_sm_dir(data_dir: &std::path::Path, group: GroupId) -> PathBuf {
+    match group {
+        0 => data_dir.join(SM_DIR),
+        g => data_dir.join(GROUPS_DIR).join(g.to_string()).join(SM_DIR),
+    }
+}
+
+fn remove_dir_if_there(dir: &std::path::Path) -> Result<(), StoreError> {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(StoreError::Io {
+            path: dir.display().to_string(),
+            source: e,
+        }),
+    }
+}
+
+/// What all the Raft groups of one node share: one log engine (one RocksDB, one WAL and one fsync
+/// thread for every group's log), one pool of peer connections (one channel per peer carries
+/// every group's RPCs), one raft server routing each request to its group's handler, and one
+/// record of the members' clocks. Cheap to clone.
+#[derive(Clone)]
+pub struct RaftHost {
+    engine: LogEngine,
+    clients: PeerClients,
+    router: RaftRouter,
+    /// The members' wall clocks as probes report them, one set for all groups (see `crate::clock`).
+    clock: Arc<ClusterClock>,
+    /// The engine's WAL was damaged and everything was wiped (`--rejoin`): every group rejoins.
+    wiped: bool,
+}
+
+impl RaftHost {
+    /// Opens the node's log engine under `config.data_dir`. A damaged WAL (the engine's, so every
+    /// group's) refuses to open with [`StoreError::Damaged`], or with `config.rejoin` wipes the
+    /// node's whole raft state (`raft-log/`, `sm/`, `groups/`) and starts empty: every group then
+    /// rejoins (see `rejoin_vote_floor`).
+    pub fn open(config: &RaftConfig) -> Result<RaftHost, StartError> {
+        let tuning = Tuning::for_node(config.node_id);
+        let log_dir = config.data_dir.join(LOG_DIR);
+        let (engine, wiped) = match LogEngine::open(&log_dir, tuning) {
+            Err(StoreError::Damaged { path, detail }) if config.rejoin => {
+                warn!(node_id = config.node_id, %path, %detail, "raft log damaged: rejoining (wiping raft state)");
+                for dir in [LOG_DIR, SM_DIR, GROUPS_DIR] {
+                    remove_dir_if_there(&config.data_dir.join(dir))?;
+                }
+                (LogEngine::open(&log_dir, tuning)?, true)
+            }
+            other => (other?, false),
+        };
+        Ok(RaftHost {
+            engine,
+            clients: PeerClients::new(config.node_id, config.network.clone(), config.tls.clone()),
+            router: RaftRouter::new(config.node_id),
+            clock: Arc::new(ClusterClock::new()),
+            wiped,
+        })
+    }
+
+    /// The node's log engine.
+    pub fn engine(&self) -> &LogEngine {
+        &self.engine
+    }
+
+    /// The node's pool of cluster connections.
+    pub fn clients(&self) -> &PeerClients {
+        &self.clients
+    }
+
+    /// The raft service of every group started on this host, to mount on the cluster server.
+    pub fn grpc_service(
+        &self,
+    ) -> herald_proto::raft::raft_service_server::RaftServiceServer<
+        impl herald_proto::raft::raft_service_server::RaftService,
+    > {
+        self.router.clone().into_server()
+    }
+}
 
 /// A wiped node forgot its votes, so it could grant a vote below one it granted before the wipe.
 /// openraft orders votes by (term, node id) (its "advanced" leader ids: a term may see several
@@ -1156,6 +1264,7 @@ const SM_DIR: &str = "sm";
 /// covered (a window of one apply).
 async fn rejoin_vote_floor(
     config: &RaftConfig,
+    group: GroupId,
     clients: &PeerClients,
     log: &LogStore,
 ) -> Result<(), StartError> {
@@ -1172,6 +1281,7 @@ async fn rejoin_vote_floor(
                 let req = ProbeRequest {
                     from: me,
                     target: *id,
+                    group,
                     ..Default::default()
                 };
                 clients.probe(*id, addr, req, Duration::from_secs(1))

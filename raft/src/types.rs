@@ -14,6 +14,10 @@ use serde::{Deserialize, Serialize};
 /// A Raft member's id (stable for the life of its data dir).
 pub type NodeId = u64;
 
+/// A Raft group's id within a node's log engine. Group 0 is the one a single-group node runs (and
+/// keeps the data-dir layout of the time before groups).
+pub type GroupId = u32;
+
 openraft::declare_raft_types!(
     /// openraft type configuration for Herald.
     pub TypeConfig:

@@ -59,6 +59,7 @@ pub(crate) async fn internal_rpcs(channel: &Channel) -> Vec<(&'static str, Code)
         from: 9,
         target: 1,
         payload: b"forged".to_vec().into(),
+        group: 0,
     };
     let code = |r: Result<tonic::Code, tonic::Status>| r.unwrap_or_else(|s| s.code());
     vec![
@@ -82,6 +83,7 @@ pub(crate) async fn internal_rpcs(channel: &Channel) -> Vec<(&'static str, Code)
                     from: 9,
                     target: 1,
                     ops: b"forged".to_vec().into(),
+                    group: 0,
                 })
                 .await
                 .map(|_| Code::Ok),

@@ -18,7 +18,7 @@ use super::codec;
 use super::tls::ClusterTls;
 use super::MAX_MESSAGE_BYTES;
 use crate::error::WriteError;
-use crate::types::{NodeId, Op, OpResult};
+use crate::types::{GroupId, NodeId, Op, OpResult};
 
 /// Tuning of the raft transport's client side. Build it from [`NetworkOptions::standard`] and
 /// override what a deployment needs; there is deliberately no `Default`.
@@ -288,6 +288,18 @@ impl PeerClients {
         ops: &[Op],
         timeout: Duration,
     ) -> Result<(Vec<OpResult>, u64), WriteError> {
+        self.forward_in(0, target, addr, ops, timeout).await
+    }
+
+    /// [`PeerClients::forward`] for the Raft group `group`.
+    pub async fn forward_in(
+        &self,
+        group: GroupId,
+        target: NodeId,
+        addr: &str,
+        ops: &[Op],
+        timeout: Duration,
+    ) -> Result<(Vec<OpResult>, u64), WriteError> {
         if timeout.is_zero() {
             // No time to even try: nothing is sent, so the caller may still retry elsewhere.
             return Err(WriteError::Unavailable { leader: None });
@@ -301,6 +313,7 @@ impl PeerClients {
             from: self.self_id(),
             target,
             ops: payload,
+            group,
         });
         req.set_timeout(timeout);
         let timed_out = || {
@@ -343,6 +356,9 @@ impl PeerClients {
             warn!(target_node = target, %addr, error = %status.message(), "peer is not the node it should be");
             return WriteError::Unavailable { leader: None };
         }
+        if is_unknown_group(&status) {
+            return WriteError::Unavailable { leader: None };
+        }
         match status.code() {
             // Refused while decoding, before anything was proposed.
             Code::InvalidArgument => WriteError::Invalid(status.message().to_string()),
@@ -354,8 +370,8 @@ impl PeerClients {
         }
     }
 
-    /// Asks the peer `target` at `addr` for its identity and progress. `req.from` and `req.target`
-    /// are filled in here. A peer with another node id answers `FAILED_PRECONDITION` (see
+    /// Asks the peer `target` at `addr` for its identity and progress (in the group `req.group`).
+    /// `req.from` and `req.target` are filled in here. A peer with another node id answers `FAILED_PRECONDITION` (see
     /// [`is_node_id_mismatch`]); a timeout is `DEADLINE_EXCEEDED`; no connection is `UNAVAILABLE`.
     pub async fn probe(
         &self,
@@ -419,4 +435,10 @@ fn caused_by<E: std::error::Error + 'static>(status: &Status) -> bool {
 /// mis-wired address or a peer whose data dir belongs to another node).
 pub fn is_node_id_mismatch(status: &Status) -> bool {
     status.code() == Code::FailedPrecondition && status.message().starts_with(super::server::ID_MISMATCH)
+}
+
+/// True when the peer refused the call because it is not a member of the call's Raft group (not
+/// yet: a replica being added; or no more: one being removed). Nothing was done there.
+pub fn is_unknown_group(status: &Status) -> bool {
+    status.code() == Code::NotFound && status.message().starts_with(super::server::UNKNOWN_GROUP)
 }

@@ -3,12 +3,14 @@
 //! - [`PeerClients`]: a pool of lazily connected channels to peers (one per address for raft RPCs,
 //!   another for snapshot streams), with the node's direct calls: write forwarding and probes.
 //! - [`Network`] / [`PeerConnection`]: openraft's `RaftNetworkFactory` / `RaftNetwork` over it.
-//! - [`raft_server`] / [`RaftGrpc`]: the `herald.raft.v1.RaftService` every node serves.
+//! - [`RaftRouter`] / [`RaftGrpc`]: the `herald.raft.v1.RaftService` every node serves, one
+//!   server for all of the node's Raft groups (each request names its group), one handler a group.
 //! - [`snapshot`]: snapshot directories streamed file by file with crc32 checks.
 //! - [`codec`]: openraft's messages and Herald's ops as bincode inside the protobuf messages.
 //!
-//! Every request carries the sender's and the intended receiver's node id; a node refuses requests
-//! meant for another id with `FAILED_PRECONDITION`, which callers treat as "peer unreachable".
+//! Every request carries the sender's and the intended receiver's node id and its Raft group; a
+//! node refuses requests meant for another id with `FAILED_PRECONDITION` and requests for a group
+//! it does not have with `NOT_FOUND`, which callers treat as "peer unreachable".
 //!
 //! Architecture Invariant: nothing here buffers without bound for a peer that is down. openraft
 //! makes one call at a time per peer, channels queue at most `request_buffer` requests, and a call
@@ -29,9 +31,11 @@ mod server;
 pub mod snapshot;
 pub mod tls;
 
-pub use client::{is_connect_error, is_node_id_mismatch, InvalidAddr, NetworkOptions, PeerClients};
+pub use client::{
+    is_connect_error, is_node_id_mismatch, is_unknown_group, InvalidAddr, NetworkOptions, PeerClients,
+};
 pub use raft_network::{Network, PeerConnection};
-pub use server::{raft_server, RaftApi, RaftGrpc, SNAPSHOT_IDLE_TIMEOUT};
+pub use server::{raft_server, RaftApi, RaftGrpc, RaftRouter, SNAPSHOT_IDLE_TIMEOUT};
 pub use tls::{node_name, AllowedPeers, ClusterTls, PeerGuard, PeerNode, TlsFilesError};
 
 /// Largest gRPC message the raft service sends or accepts (AppendEntries batches, snapshot chunks).

@@ -26,24 +26,34 @@ use tonic::transport::Channel;
 use tonic::Status;
 use tracing::{debug, warn};
 
-use super::client::{is_connect_error, is_deadline, is_node_id_mismatch, InvalidAddr, Lane, PeerClients};
+use super::client::{
+    is_connect_error, is_deadline, is_node_id_mismatch, is_unknown_group, InvalidAddr, Lane, PeerClients,
+};
 use super::codec::{self, CodecError};
 use super::snapshot::{self, SendError};
 use crate::runtime::RPC_TIMEOUT_FLOOR;
-use crate::types::{typ, NodeId, TypeConfig};
+use crate::types::{typ, GroupId, NodeId, TypeConfig};
 
 type RpcResult<T> = Result<T, RPCError<NodeId, BasicNode, RaftError<NodeId>>>;
 
-/// openraft's [`RaftNetworkFactory`]: hands out a [`PeerConnection`] per target, all sharing one
-/// [`PeerClients`] pool (openraft asks for a new client per election round; that must be cheap).
+/// openraft's [`RaftNetworkFactory`] of one Raft group: hands out a [`PeerConnection`] per target,
+/// all sharing one [`PeerClients`] pool (openraft asks for a new client per election round; that
+/// must be cheap). The groups of a node share that pool too: one connection per peer carries every
+/// group's RPCs, each request naming its group.
 #[derive(Clone)]
 pub struct Network {
     clients: PeerClients,
+    group: GroupId,
 }
 
 impl Network {
+    /// The network of group 0.
     pub fn new(clients: PeerClients) -> Self {
-        Network { clients }
+        Self::for_group(clients, 0)
+    }
+
+    pub fn for_group(clients: PeerClients, group: GroupId) -> Self {
+        Network { clients, group }
     }
 }
 
@@ -53,6 +63,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerConnection {
         PeerConnection {
             clients: self.clients.clone(),
+            group: self.group,
             target,
             node: node.clone(),
         }
@@ -63,6 +74,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 /// so a peer never has more than one replication RPC in flight from here.
 pub struct PeerConnection {
     clients: PeerClients,
+    group: GroupId,
     target: NodeId,
     /// The peer's gRPC `host:port` in `node.addr`, as committed in the membership.
     node: BasicNode,
@@ -153,6 +165,10 @@ impl PeerConnection {
             warn!(target_node = target, %addr, error = %status.message(), "peer is not the node it should be");
             return CallError::Unreachable(status.message().to_string());
         }
+        if is_unknown_group(&status) {
+            debug!(target_node = target, %addr, group = self.group, "peer has no such raft group (yet)");
+            return CallError::Unreachable(status.message().to_string());
+        }
         debug!(target_node = target, %addr, rpc = %what, code = ?status.code(), error = %status.message(), "raft rpc failed");
         CallError::Network(format!(
             "{what} to node {target} at {addr}: {}: {}",
@@ -173,6 +189,7 @@ impl PeerConnection {
             from: self.clients.self_id(),
             target: self.target,
             payload,
+            group: self.group,
         });
         req.set_timeout(timeout);
         let call = async {
@@ -275,6 +292,7 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
             meta: codec::encode("snapshot meta", &snapshot.meta)
                 .map_err(|e| CallError::from(e).into_streaming(from, target))?,
             files: Vec::new(),
+            group: self.group,
         };
         let mut client = self
             .client(Lane::Snapshot)

@@ -1,5 +1,6 @@
 //! The server side of the raft service: every node serves it on its gRPC address.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,7 +15,7 @@ use herald_proto::raft::{
     SnapshotChunk,
 };
 use openraft::error::RaftError;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, instrument, warn};
 
@@ -22,10 +23,13 @@ use super::codec;
 use super::snapshot::{receive_snapshot_files, validate_file_list};
 use super::{Hooks, MAX_MESSAGE_BYTES};
 use crate::error::WriteError;
-use crate::types::{typ, NodeId, Op, SnapshotDir};
+use crate::types::{typ, GroupId, NodeId, Op, SnapshotDir};
 
 /// Start of the message a node sends when a request is addressed to another node id.
 pub(crate) const ID_MISMATCH: &str = "node id mismatch";
+
+/// Start of the message a node sends when a request is for a Raft group it does not have.
+pub(crate) const UNKNOWN_GROUP: &str = "unknown raft group";
 
 /// Longest the receiver waits for the next snapshot chunk before giving the transfer up.
 pub const SNAPSHOT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -106,12 +110,82 @@ impl RaftApi for typ::Raft {
     }
 }
 
-/// The raft service of node `node_id`, ready to mount on a tonic server.
-pub fn raft_server(node_id: NodeId, raft: typ::Raft, hooks: Hooks) -> RaftServiceServer<RaftGrpc<typ::Raft>> {
+/// The raft service of node `node_id` with one group (0), ready to mount on a tonic server.
+pub fn raft_server(
+    node_id: NodeId,
+    raft: typ::Raft,
+    hooks: Hooks,
+) -> RaftServiceServer<RaftRouter<typ::Raft>> {
     RaftGrpc::new(node_id, raft, hooks).into_server()
 }
 
-/// Implementation of the raft gRPC service over openraft (`R`) and the node's [`Hooks`].
+/// The raft gRPC service of a node: one server (one connection per peer) for all the Raft groups
+/// the node is a member of, each request routed by its `group` to that group's [`RaftGrpc`]. A
+/// request for a group the node does not have is `NOT_FOUND` ([`UNKNOWN_GROUP`]), which callers
+/// treat as "peer unreachable" (it may not have created the group yet).
+pub struct RaftRouter<R = typ::Raft> {
+    node_id: NodeId,
+    groups: Arc<RwLock<HashMap<GroupId, Arc<RaftGrpc<R>>>>>,
+}
+
+impl<R> Clone for RaftRouter<R> {
+    fn clone(&self) -> Self {
+        RaftRouter {
+            node_id: self.node_id,
+            groups: self.groups.clone(),
+        }
+    }
+}
+
+impl<R: RaftApi> RaftRouter<R> {
+    /// A router of node `node_id` with no group yet.
+    pub fn new(node_id: NodeId) -> Self {
+        RaftRouter {
+            node_id,
+            groups: Arc::new(RwLock::new(HashMap::new())),
+        }
+    }
+
+    /// Routes `group`'s requests to `handler` from now on (replacing an earlier handler).
+    pub fn insert(&self, group: GroupId, handler: RaftGrpc<R>) {
+        self.groups.write().insert(group, Arc::new(handler));
+    }
+
+    /// Stops routing `group`'s requests (the node left the group).
+    pub fn remove(&self, group: GroupId) {
+        self.groups.write().remove(&group);
+    }
+
+    /// The groups requests are routed to, in order.
+    pub fn groups(&self) -> Vec<GroupId> {
+        let mut groups: Vec<GroupId> = self.groups.read().keys().copied().collect();
+        groups.sort_unstable();
+        groups
+    }
+
+    fn handler(&self, group: GroupId) -> Result<Arc<RaftGrpc<R>>, Status> {
+        self.groups.read().get(&group).cloned().ok_or_else(|| {
+            debug!(
+                node_id = self.node_id,
+                group, "request for a raft group this node does not have"
+            );
+            Status::not_found(format!(
+                "{UNKNOWN_GROUP}: node {} has no raft group {group}",
+                self.node_id
+            ))
+        })
+    }
+
+    /// Wraps the service with message limits raised for raft traffic.
+    pub fn into_server(self) -> RaftServiceServer<Self> {
+        RaftServiceServer::new(self)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+}
+
+/// Implementation of one Raft group's side of the raft gRPC service over openraft (`R`) and the
+/// node's [`Hooks`]; mounted through a [`RaftRouter`].
 pub struct RaftGrpc<R = typ::Raft> {
     /// This node's id: requests addressed to another id are refused, so a mis-wired address or a
     /// peer with the wrong data dir never mixes two nodes' Raft state.
@@ -237,11 +311,11 @@ impl<R: RaftApi> RaftGrpc<R> {
         self
     }
 
-    /// Wraps the service with message limits raised for raft traffic.
-    pub fn into_server(self) -> RaftServiceServer<Self> {
-        RaftServiceServer::new(self)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    /// A server with this handler as group 0 and no other group (a single-group node).
+    pub fn into_server(self) -> RaftServiceServer<RaftRouter<R>> {
+        let router = RaftRouter::new(self.node_id);
+        router.insert(0, self);
+        router.into_server()
     }
 
     fn check_target(&self, from: NodeId, target: NodeId) -> Result<(), Status> {
@@ -349,11 +423,9 @@ fn remove_dir(path: &std::path::Path) {
     }
 }
 
-#[tonic::async_trait]
-impl<R: RaftApi> RaftService for RaftGrpc<R> {
+impl<R: RaftApi> RaftGrpc<R> {
     #[instrument(level = "trace", skip_all)]
-    async fn append_entries(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
-        let req = request.into_inner();
+    async fn append_entries(&self, req: RaftRequest) -> Result<RaftReply, Status> {
         self.check_target(req.from, req.target)?;
         let rpc: typ::AppendEntriesRequest =
             codec::decode("append entries request", &req.payload).map_err(invalid)?;
@@ -361,12 +433,11 @@ impl<R: RaftApi> RaftService for RaftGrpc<R> {
         if matches!(&res, Ok(r) if r.is_success()) {
             *self.last_append.lock() = Some(Instant::now());
         }
-        reply_payload("append entries reply", &res).map(Response::new)
+        reply_payload("append entries reply", &res)
     }
 
     #[instrument(level = "trace", skip_all)]
-    async fn vote(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
-        let req = request.into_inner();
+    async fn vote(&self, req: RaftRequest) -> Result<RaftReply, Status> {
         self.check_target(req.from, req.target)?;
         let rpc: typ::VoteRequest = codec::decode("vote request", &req.payload).map_err(invalid)?;
         if let Some(why) = self.vote_held(rpc.last_log_id) {
@@ -386,36 +457,21 @@ impl<R: RaftApi> RaftService for RaftGrpc<R> {
                 self.campaign(req.from);
             }
         }
-        reply_payload("vote reply", &res).map(Response::new)
+        reply_payload("vote reply", &res)
     }
 
     #[instrument(level = "debug", skip_all)]
     async fn install_snapshot(
         &self,
-        request: Request<Streaming<SnapshotChunk>>,
-    ) -> Result<Response<RaftReply>, Status> {
-        let mut stream = request.into_inner();
-        let header = match stream.next().await {
-            Some(Ok(SnapshotChunk {
-                body: Some(Body::Header(header)),
-            })) => header,
-            Some(Ok(_)) => {
-                return Err(Status::invalid_argument(
-                    "a snapshot stream must start with its header",
-                ))
-            }
-            Some(Err(status)) => return Err(status),
-            None => return Err(Status::invalid_argument("empty snapshot stream")),
-        };
+        header: herald_proto::raft::SnapshotHeader,
+        mut stream: Streaming<SnapshotChunk>,
+    ) -> Result<RaftReply, Status> {
         self.check_target(header.from, header.target)?;
-        self.receive_and_install(header, &mut stream)
-            .await
-            .map(Response::new)
+        self.receive_and_install(header, &mut stream).await
     }
 
     #[instrument(level = "debug", skip_all)]
-    async fn forward(&self, request: Request<ForwardRequest>) -> Result<Response<ForwardReply>, Status> {
-        let req = request.into_inner();
+    async fn forward(&self, req: ForwardRequest) -> Result<ForwardReply, Status> {
         self.check_target(req.from, req.target)?;
         let ops: Vec<Op> = codec::decode("ops", &req.ops).map_err(invalid)?;
         let reply = match self.hooks.forward(ops).await {
@@ -443,13 +499,60 @@ impl<R: RaftApi> RaftService for RaftGrpc<R> {
                 log_index: 0,
             },
         };
-        Ok(Response::new(reply))
+        Ok(reply)
     }
 
     #[instrument(level = "debug", skip_all)]
+    async fn probe(&self, req: ProbeRequest) -> Result<ProbeReply, Status> {
+        self.check_target(req.from, req.target)?;
+        Ok(self.hooks.probe(req))
+    }
+}
+
+#[tonic::async_trait]
+impl<R: RaftApi> RaftService for RaftRouter<R> {
+    async fn append_entries(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+        let req = request.into_inner();
+        let handler = self.handler(req.group)?;
+        handler.append_entries(req).await.map(Response::new)
+    }
+
+    async fn vote(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+        let req = request.into_inner();
+        let handler = self.handler(req.group)?;
+        handler.vote(req).await.map(Response::new)
+    }
+
+    async fn install_snapshot(
+        &self,
+        request: Request<Streaming<SnapshotChunk>>,
+    ) -> Result<Response<RaftReply>, Status> {
+        let mut stream = request.into_inner();
+        let header = match stream.next().await {
+            Some(Ok(SnapshotChunk {
+                body: Some(Body::Header(header)),
+            })) => header,
+            Some(Ok(_)) => {
+                return Err(Status::invalid_argument(
+                    "a snapshot stream must start with its header",
+                ))
+            }
+            Some(Err(status)) => return Err(status),
+            None => return Err(Status::invalid_argument("empty snapshot stream")),
+        };
+        let handler = self.handler(header.group)?;
+        handler.install_snapshot(header, stream).await.map(Response::new)
+    }
+
+    async fn forward(&self, request: Request<ForwardRequest>) -> Result<Response<ForwardReply>, Status> {
+        let req = request.into_inner();
+        let handler = self.handler(req.group)?;
+        handler.forward(req).await.map(Response::new)
+    }
+
     async fn probe(&self, request: Request<ProbeRequest>) -> Result<Response<ProbeReply>, Status> {
         let req = request.into_inner();
-        self.check_target(req.from, req.target)?;
-        Ok(Response::new(self.hooks.probe(req)))
+        let handler = self.handler(req.group)?;
+        handler.probe(req).await.map(Response::new)
     }
 }

@@ -10,6 +10,9 @@ use openraft::testing::{StoreBuilder, Suite};
 use openraft::{CommittedLeaderId, EntryPayload, RaftLogReader, RaftSnapshotBuilder};
 use tempfile::TempDir;
 
+/// The column families of a log engine (a direct RocksDB open must name them all).
+const LOG_CFS: [&str; 4] = ["logs", "meta", "glogs", "gmeta"];
+
 struct Builder;
 
 impl StoreBuilder<TypeConfig, LogStore, StateMachine, TempDir> for Builder {
@@ -212,7 +215,7 @@ async fn install_rejects_mismatched_meta_and_keeps_state() -> anyhow::Result<()>
 
 /// Overwrites one value in a closed log store's RocksDB.
 fn poke(path: &Path, cf: &str, key: &[u8], value: &[u8]) -> anyhow::Result<()> {
-    let db = rocksdb::DB::open_cf(&rocksdb::Options::default(), path, ["logs", "meta"])?;
+    let db = rocksdb::DB::open_cf(&rocksdb::Options::default(), path, LOG_CFS)?;
     let handle = db.cf_handle(cf).ok_or_else(|| anyhow::anyhow!("no cf {cf}"))?;
     db.put_cf(handle, key, value)?;
     Ok(())
@@ -352,7 +355,7 @@ async fn a_hole_at_the_start_or_a_lost_vote_is_damage() -> anyhow::Result<()> {
     drop(LogStore::open(&path)?);
     // Entry 0 gone, nothing purged.
     {
-        let db = rocksdb::DB::open_cf(&rocksdb::Options::default(), &path, ["logs", "meta"])?;
+        let db = rocksdb::DB::open_cf(&rocksdb::Options::default(), &path, LOG_CFS)?;
         let logs = db.cf_handle("logs").expect("logs cf");
         db.delete_cf(logs, 0u64.to_be_bytes())?;
     }
@@ -386,5 +389,121 @@ async fn a_restarted_leader_stands_in_a_new_term_and_a_follower_keeps_its_vote()
     // A committed id past the log's end (a lost tail) is read as the log's end.
     store.truncate(log_id(3, 3)).await?;
     assert_eq!(store.read_committed().await?, Some(log_id(3, 2)));
+    Ok(())
+}
+
+/// Every group of a node keeps its log in one engine: what one group appends, truncates, purges
+/// or votes never shows in another; all survive a reopen; group 0 is the layout `LogStore::open`
+/// has always read; a wiped group leaves the others as they were; concurrent appends of several
+/// groups share fsyncs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn groups_in_one_engine_stay_apart_and_share_fsyncs() -> anyhow::Result<()> {
+    use herald_raft::{LogEngine, Tuning};
+    let dir = TempDir::new()?;
+    let path = dir.path().join("log");
+    {
+        let engine = LogEngine::open(&path, Tuning::default())?;
+        let (mut g0, mut g1, mut g7) = (engine.group(0)?, engine.group(1)?, engine.group(7)?);
+        g0.blocking_append((0..=9).map(|i| blank(1, i)).collect::<Vec<_>>())
+            .await?;
+        g1.blocking_append((0..=19).map(|i| blank(2, i)).collect::<Vec<_>>())
+            .await?;
+        g7.blocking_append((0..=29).map(|i| blank(3, i)).collect::<Vec<_>>())
+            .await?;
+        g0.save_vote(&Vote::new_committed(1, 1)).await?;
+        g1.save_vote(&Vote::new(2, 2)).await?;
+        g7.save_vote(&Vote::new_committed(3, 3)).await?;
+        g1.truncate(log_id(2, 15)).await?;
+        g7.purge(log_id(3, 9)).await?;
+        // The same group asked for twice is the same store (one in-memory tail).
+        let again = engine.group(1)?;
+        assert_eq!(again.group(), 1);
+
+        // Appends of four groups at once: every one completes, and fsyncs are shared.
+        let (syncs_before, done_before) = engine.sync_counts();
+        let mut tasks = Vec::new();
+        for g in 10..14u32 {
+            let mut store = engine.group(g)?;
+            tasks.push(tokio::spawn(async move {
+                for i in 0..30u64 {
+                    store.blocking_append(vec![blank(1, i)]).await?;
+                }
+                Ok::<_, StorageError>(())
+            }));
+        }
+        for t in tasks {
+            t.await??;
+        }
+        let (syncs, done) = engine.sync_counts();
+        let (syncs, done) = (syncs - syncs_before, done - done_before);
+        assert_eq!(done, 120, "every append completed once");
+        assert!(syncs < done, "{done} appends of four groups took {syncs} fsyncs");
+    }
+    let engine = LogEngine::open(&path, Tuning::default())?;
+    let (mut g0, mut g1, mut g7) = (engine.group(0)?, engine.group(1)?, engine.group(7)?);
+    let ids = |v: Vec<Entry>| v.iter().map(|e| e.log_id).collect::<Vec<_>>();
+    assert_eq!(
+        ids(g0.try_get_log_entries(0..100).await?),
+        (0..=9).map(|i| log_id(1, i)).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        ids(g1.try_get_log_entries(0..100).await?),
+        (0..15).map(|i| log_id(2, i)).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        ids(g7.try_get_log_entries(0..100).await?),
+        (10..=29).map(|i| log_id(3, i)).collect::<Vec<_>>()
+    );
+    assert_eq!(g0.read_vote().await?, Some(Vote::new_committed(1, 1)));
+    assert_eq!(g1.read_vote().await?, Some(Vote::new(2, 2)));
+    let state = g7.get_log_state().await?;
+    assert_eq!(state.last_purged_log_id, Some(log_id(3, 9)));
+    assert_eq!(state.last_log_id, Some(log_id(3, 29)));
+    let empty = engine.group(5)?.get_log_state().await?;
+    assert_eq!((empty.last_purged_log_id, empty.last_log_id), (None, None));
+
+    // A group is wiped only while nobody uses it; the others keep everything.
+    assert!(engine.wipe_group(7).is_err(), "group 7's store is open");
+    drop(g7);
+    engine.wipe_group(7)?;
+    let mut g7 = engine.group(7)?;
+    let state = g7.get_log_state().await?;
+    assert_eq!((state.last_purged_log_id, state.last_log_id), (None, None));
+    assert_eq!(g7.read_vote().await?, None);
+    assert_eq!(g1.try_get_log_entries(0..100).await?.len(), 15);
+    drop((g0, g1, g7, engine));
+
+    // Group 0 is what a single-group node's `LogStore::open` reads.
+    let mut single = LogStore::open(&path)?;
+    assert_eq!(single.try_get_log_entries(0..100).await?.len(), 10);
+    assert_eq!(single.read_vote().await?, Some(Vote::new_committed(1, 1)));
+    Ok(())
+}
+
+/// A hole in one group's log is damage of that group: the others open.
+#[tokio::test]
+async fn a_damaged_group_is_refused_alone() -> anyhow::Result<()> {
+    use herald_raft::{LogEngine, Tuning};
+    let dir = TempDir::new()?;
+    let path = dir.path().join("log");
+    {
+        let engine = LogEngine::open(&path, Tuning::default())?;
+        for g in [0u32, 3] {
+            let mut s = engine.group(g)?;
+            s.save_vote(&Vote::new_committed(1, 1)).await?;
+            s.blocking_append((0..=5).map(|i| blank(1, i)).collect::<Vec<_>>())
+                .await?;
+        }
+    }
+    {
+        let db = rocksdb::DB::open_cf(&rocksdb::Options::default(), &path, LOG_CFS)?;
+        let logs = db.cf_handle("glogs").expect("glogs cf");
+        let mut key = 3u32.to_be_bytes().to_vec();
+        key.extend_from_slice(&0u64.to_be_bytes());
+        db.delete_cf(logs, key)?;
+    }
+    let engine = LogEngine::open(&path, Tuning::default())?;
+    is_damaged(engine.group(3), "hole at the start of group 3");
+    assert_eq!(engine.group(0)?.try_get_log_entries(0..10).await?.len(), 6);
     Ok(())
 }

@@ -253,6 +253,7 @@ fn header(from: NodeId, target: NodeId, files: Vec<SnapshotFile>) -> Result<Snap
             vote: codec::encode("vote", &Vote::new_committed(3, from))?,
             meta: codec::encode("meta", &meta())?,
             files,
+            group: 0,
         })),
     })
 }
