@@ -3,7 +3,7 @@
 //!
 //! | bug | feature | where | what the suite must report |
 //! |---|---|---|---|
-//! | `ack-before-commit` | `bug-ack-before-commit` | node/src/api/mod.rs `push` | `lost` (acknowledged pushes that never committed, under partitions) |
+//! | `ack-before-commit` | `bug-ack-before-commit` | node/src/api/push.rs `push_one` | `lost` (acknowledged pushes that never committed, under partitions) |
 //! | `skip-fsync` | `bug-skip-fsync` (raft) | raft/src/log_store.rs | `lost` / `convergence` / `raft` after power loss |
 //! | `stale-registry` | `bug-stale-registry` | node/src/room/observer.rs | `fencing` (a replaced session still gets messages) |
 //! | `leader-clock` | `bug-leader-clock` (raft) | raft/src/clock.rs | `lost` (`expired-early`: a leader hours ahead expires messages with TTLs of minutes) |

@@ -157,7 +157,10 @@ mod tests {
             6,
             "every node is the preferred leader of a shard: {firsts:?}"
         );
-        assert!(replicas.values().all(|r| *r == 4), "24 replicas on 6 nodes: {replicas:?}");
+        assert!(
+            replicas.values().all(|r| *r == 4),
+            "24 replicas on 6 nodes: {replicas:?}"
+        );
         assert_eq!(
             place(8, &[1, 2, 3, 4, 5, 6], 3),
             p,

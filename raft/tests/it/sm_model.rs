@@ -109,7 +109,7 @@ struct Model {
     kept_expiry: BTreeSet<(u64, String, String, String, u64)>,
 }
 
-/// The store's archive outbox cap (raft/src/sm/apply.rs); the model applies the same bound.
+/// The store's archive outbox cap (raft/src/sm/apply/archive.rs); the model applies the same bound.
 const ARCHIVE_CAP: u64 = 100_000;
 
 fn dk(app: &str, user: &str, device: &str) -> DevKey {
