@@ -607,7 +607,7 @@ async fn forged_node_to_node_calls_without_this_clusters_certificate_never_reach
             Err(_) => {}
             Ok(ch) => {
                 let answers = crate::planes::internal_rpcs(&ch).await;
-                assert_eq!(answers.len(), 8);
+                assert_eq!(answers.len(), 9);
                 for (rpc, code) in &answers {
                     assert!(
                         refused_by_the_handshake(*code),

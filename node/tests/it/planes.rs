@@ -8,7 +8,7 @@ use std::time::Duration;
 use herald_proto::peer::peer_client::PeerClient;
 use herald_proto::peer::{AppliedIndexRequest, DeliverRequest, RatesRequest};
 use herald_proto::raft::raft_service_client::RaftServiceClient;
-use herald_proto::raft::{ForwardRequest, ProbeRequest, RaftRequest, SnapshotChunk};
+use herald_proto::raft::{ForwardRequest, ProbeRequest, RaftBatch, RaftRequest, SnapshotChunk};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use tonic::Code;
 
@@ -68,6 +68,16 @@ pub(crate) async fn internal_rpcs(channel: &Channel) -> Vec<(&'static str, Code)
             code(raft.append_entries(req()).await.map(|_| Code::Ok)),
         ),
         ("Vote", code(raft.vote(req()).await.map(|_| Code::Ok))),
+        (
+            "AppendEntriesBatch",
+            code(
+                raft.append_entries_batch(RaftBatch {
+                    requests: vec![req()],
+                })
+                .await
+                .map(|_| Code::Ok),
+            ),
+        ),
         (
             "InstallSnapshot",
             code(
@@ -130,7 +140,7 @@ async fn internal_rpcs_on_the_public_port_are_unimplemented_and_not_advertised()
     let leader = c.wait_leader().await;
     let public = plain(c.grpc_addr(leader)).await;
     let answers = internal_rpcs(&public).await;
-    assert_eq!(answers.len(), 8);
+    assert_eq!(answers.len(), 9);
     for (rpc, code) in &answers {
         assert_eq!(
             *code,

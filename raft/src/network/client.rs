@@ -3,18 +3,19 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use herald_proto::raft::forward_reply;
 use herald_proto::raft::raft_service_client::RaftServiceClient;
-use herald_proto::raft::{ForwardRequest, ProbeReply, ProbeRequest};
+use herald_proto::raft::{ForwardRequest, ProbeReply, ProbeRequest, RaftRequest};
 use parking_lot::Mutex;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 use tracing::{debug, info, warn};
 
 use super::codec;
+use super::heartbeats::Beats;
 use super::tls::ClusterTls;
 use super::MAX_MESSAGE_BYTES;
 use crate::error::WriteError;
@@ -126,6 +127,8 @@ struct Peer {
     snapshot: Channel,
     /// Last known reachability, so "peer unreachable" is logged once per outage, not per retry.
     down: AtomicBool,
+    /// The heartbeat lane of every group's entry-less AppendEntries (started on first use).
+    beats: OnceLock<Beats>,
 }
 
 /// A pool of gRPC channels to peers, keyed by address. Cheap to clone; clones share the pool.
@@ -195,6 +198,7 @@ impl PeerClients {
             raft: endpoint.connect_lazy(),
             snapshot: endpoint.clone().http2_adaptive_window(true).connect_lazy(),
             down: AtomicBool::new(false),
+            beats: OnceLock::new(),
         });
         peers.insert(addr.to_string(), peer.clone());
         Ok(peer)
@@ -236,14 +240,37 @@ impl PeerClients {
         lane: Lane,
     ) -> Result<RaftServiceClient<Channel>, InvalidAddr> {
         let peer = self.peer(target, addr)?;
+        Ok(self.client_of(&peer, lane))
+    }
+
+    fn client_of(&self, peer: &Peer, lane: Lane) -> RaftServiceClient<Channel> {
         let channel = match lane {
             Lane::Raft => peer.raft.clone(),
             Lane::Snapshot => peer.snapshot.clone(),
         };
         let max = self.inner.opts.max_message_bytes;
-        Ok(RaftServiceClient::new(channel)
+        RaftServiceClient::new(channel)
             .max_decoding_message_size(max)
-            .max_encoding_message_size(max))
+            .max_encoding_message_size(max)
+    }
+
+    /// Sends an entry-less AppendEntries to node `target` at `addr` through the peer's heartbeat
+    /// lane, with whatever other groups' heartbeats are waiting (see `heartbeats.rs`). `Ok(None)`:
+    /// the lane cannot take it (the peer predates batches, or the lane is full): send it unary.
+    pub(crate) async fn heartbeat(
+        &self,
+        target: NodeId,
+        addr: &str,
+        req: RaftRequest,
+    ) -> Result<Option<Result<bytes::Bytes, Status>>, InvalidAddr> {
+        let peer = self.peer(target, addr)?;
+        let beats = peer
+            .beats
+            .get_or_init(|| Beats::spawn(self.client_of(&peer, Lane::Raft)));
+        if beats.unsupported() {
+            return Ok(None);
+        }
+        Ok(beats.send(req).await)
     }
 
     /// Records that a call to `addr` could not connect; logs once per outage.

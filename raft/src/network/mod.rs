@@ -5,6 +5,7 @@
 //! - [`Network`] / [`PeerConnection`]: openraft's `RaftNetworkFactory` / `RaftNetwork` over it.
 //! - [`RaftRouter`] / [`RaftGrpc`]: the `herald.raft.v1.RaftService` every node serves, one
 //!   server for all of the node's Raft groups (each request names its group), one handler a group.
+//! - `heartbeats`: every group's entry-less AppendEntries to one peer coalesced into batch calls.
 //! - [`snapshot`]: snapshot directories streamed file by file with crc32 checks.
 //! - [`codec`]: openraft's messages and Herald's ops as bincode inside the protobuf messages.
 //!
@@ -26,6 +27,7 @@ use crate::types::{Op, OpResult};
 
 mod client;
 pub mod codec;
+mod heartbeats;
 mod raft_network;
 mod server;
 pub mod snapshot;

@@ -23,7 +23,7 @@ use openraft::network::{Backoff, RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::{BasicNode, RPCTypes};
 use rand::Rng;
 use tonic::transport::Channel;
-use tonic::Status;
+use tonic::{Code, Status};
 use tracing::{debug, warn};
 
 use super::client::{
@@ -177,20 +177,43 @@ impl PeerConnection {
         ))
     }
 
-    /// One unary raft call with `payload`, bounded by `timeout`. Returns the reply payload.
+    /// One raft call with `payload`, bounded by `timeout`. Returns the reply payload. A
+    /// `heartbeat` (an AppendEntries without entries) goes through the peer's heartbeat lane with
+    /// the other groups' (see `heartbeats.rs`), unless the peer predates it.
     async fn unary(
         &mut self,
         what: RPCTypes,
         payload: bytes::Bytes,
         timeout: Duration,
+        heartbeat: bool,
     ) -> Result<bytes::Bytes, CallError> {
-        let mut client = self.client(Lane::Raft)?;
-        let mut req = tonic::Request::new(RaftRequest {
+        let body = RaftRequest {
             from: self.clients.self_id(),
             target: self.target,
             payload,
             group: self.group,
-        });
+        };
+        if heartbeat {
+            let lane = self.clients.heartbeat(self.target, self.addr(), body.clone());
+            match tokio::time::timeout(timeout, lane).await {
+                Err(_) => return Err(CallError::Timeout(timeout)),
+                Ok(lane) => match lane? {
+                    // Not taken, or the peer does not know the batch call: unary below.
+                    None => {}
+                    Some(Err(status)) if status.code() == Code::Unimplemented => {}
+                    Some(Err(status)) if is_deadline(&status) || status.code() == Code::DeadlineExceeded => {
+                        return Err(CallError::Timeout(timeout))
+                    }
+                    Some(Err(status)) => return Err(self.status_error(what, status)),
+                    Some(Ok(reply)) => {
+                        self.clients.mark_up(self.target, self.addr());
+                        return Ok(reply);
+                    }
+                },
+            }
+        }
+        let mut client = self.client(Lane::Raft)?;
+        let mut req = tonic::Request::new(body);
         req.set_timeout(timeout);
         let call = async {
             match what {
@@ -219,13 +242,14 @@ impl PeerConnection {
         what: RPCTypes,
         payload: Result<bytes::Bytes, CodecError>,
         timeout: Duration,
+        heartbeat: bool,
     ) -> RpcResult<Resp>
     where
         Resp: serde::de::DeserializeOwned,
     {
         let (from, target) = (self.clients.self_id(), self.target);
         let result = async {
-            let reply = self.unary(what, payload?, timeout).await?;
+            let reply = self.unary(what, payload?, timeout, heartbeat).await?;
             Ok::<_, CallError>(codec::decode::<Result<Resp, typ::RaftError>>(
                 "raft reply",
                 &reply,
@@ -259,7 +283,8 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
                 return Err(RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(hint)));
             }
         }
-        self.call(RPCTypes::AppendEntries, payload, rpc_timeout(&option))
+        let heartbeat = rpc.entries.is_empty();
+        self.call(RPCTypes::AppendEntries, payload, rpc_timeout(&option), heartbeat)
             .await
     }
 
@@ -268,6 +293,7 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
             RPCTypes::Vote,
             codec::encode("vote request", &rpc),
             rpc_timeout(&option),
+            false,
         )
         .await
     }

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,8 +11,8 @@ use futures::StreamExt;
 use herald_proto::raft::raft_service_server::{RaftService, RaftServiceServer};
 use herald_proto::raft::snapshot_chunk::Body;
 use herald_proto::raft::{
-    forward_reply, ForwardReply, ForwardRequest, NotLeader, ProbeReply, ProbeRequest, RaftReply, RaftRequest,
-    SnapshotChunk,
+    forward_reply, ForwardReply, ForwardRequest, NotLeader, ProbeReply, ProbeRequest, RaftBatch,
+    RaftBatchReply, RaftReply, RaftRequest, SnapshotChunk,
 };
 use openraft::error::RaftError;
 use parking_lot::{Mutex, RwLock};
@@ -20,6 +20,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, instrument, warn};
 
 use super::codec;
+use super::heartbeats::{item_from, MAX_BATCH};
 use super::snapshot::{receive_snapshot_files, validate_file_list};
 use super::{Hooks, MAX_MESSAGE_BYTES};
 use crate::error::WriteError;
@@ -126,6 +127,8 @@ pub fn raft_server(
 pub struct RaftRouter<R = typ::Raft> {
     node_id: NodeId,
     groups: Arc<RwLock<HashMap<GroupId, Arc<RaftGrpc<R>>>>>,
+    /// `AppendEntriesBatch` calls taken and the requests they carried.
+    batches: Arc<[AtomicU64; 2]>,
 }
 
 impl<R> Clone for RaftRouter<R> {
@@ -133,6 +136,7 @@ impl<R> Clone for RaftRouter<R> {
         RaftRouter {
             node_id: self.node_id,
             groups: self.groups.clone(),
+            batches: self.batches.clone(),
         }
     }
 }
@@ -143,7 +147,16 @@ impl<R: RaftApi> RaftRouter<R> {
         RaftRouter {
             node_id,
             groups: Arc::new(RwLock::new(HashMap::new())),
+            batches: Arc::new([AtomicU64::new(0), AtomicU64::new(0)]),
         }
+    }
+
+    /// (`AppendEntriesBatch` calls taken, entry-less AppendEntries they carried) so far.
+    pub fn batch_counts(&self) -> (u64, u64) {
+        (
+            self.batches[0].load(Ordering::Relaxed),
+            self.batches[1].load(Ordering::Relaxed),
+        )
     }
 
     /// Routes `group`'s requests to `handler` from now on (replacing an earlier handler).
@@ -554,5 +567,32 @@ impl<R: RaftApi> RaftService for RaftRouter<R> {
         let req = request.into_inner();
         let handler = self.handler(req.group)?;
         handler.probe(req).await.map(Response::new)
+    }
+
+    async fn append_entries_batch(
+        &self,
+        request: Request<RaftBatch>,
+    ) -> Result<Response<RaftBatchReply>, Status> {
+        let requests = request.into_inner().requests;
+        if requests.len() > MAX_BATCH {
+            return Err(Status::invalid_argument(format!(
+                "a batch of {} requests (at most {MAX_BATCH})",
+                requests.len()
+            )));
+        }
+        self.batches[0].fetch_add(1, Ordering::Relaxed);
+        self.batches[1].fetch_add(requests.len() as u64, Ordering::Relaxed);
+        // Every group's handler at once: one slow group does not hold the others' answers back
+        // more than the call itself does.
+        let answers = requests.into_iter().map(|req| async move {
+            let handler = self.handler(req.group)?;
+            handler.append_entries(req).await.map(|r| r.payload)
+        });
+        let replies = futures::future::join_all(answers)
+            .await
+            .into_iter()
+            .map(item_from)
+            .collect();
+        Ok(Response::new(RaftBatchReply { replies }))
     }
 }

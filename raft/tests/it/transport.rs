@@ -18,7 +18,7 @@ use herald_proto::raft::{
 };
 use herald_raft::network::{
     codec, is_node_id_mismatch, snapshot, Hooks, Network, NetworkOptions, PeerClients, RaftApi, RaftGrpc,
-    RaftServiceHooks,
+    RaftRouter, RaftServiceHooks,
 };
 use herald_raft::{typ, NodeId, Op, OpResult, SnapshotDir, WriteError};
 use openraft::error::{RPCError, ReplicationClosed, StreamingError};
@@ -889,6 +889,71 @@ async fn raft_rpcs_round_trip() -> Result<()> {
         AppendEntriesResponse::Success
     );
     assert_eq!(server.raft.rpcs(), 2);
+    Ok(())
+}
+
+/// Entry-less AppendEntries (heartbeats) of many groups to one peer leave in shared batch calls,
+/// each answered by its own group's handler; a group the peer lacks is unreachable, not served by
+/// another group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn heartbeats_of_many_groups_to_one_peer_share_calls() -> Result<()> {
+    const GROUPS: u32 = 40;
+    let dir = tempfile::tempdir()?;
+    let router = RaftRouter::new(2);
+    let mut rafts = Vec::new();
+    for g in 0..GROUPS {
+        let raft = FakeRaft::new(dir.path());
+        router.insert(g, RaftGrpc::new(2, raft.clone(), FakeHooks::new(2) as Hooks));
+        rafts.push(raft);
+    }
+    let svc = router.clone().into_server();
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let node = BasicNode {
+        addr: listener.local_addr()?.to_string(),
+    };
+    let task = tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming(TcpListenerStream::new(listener))
+            .await;
+    });
+    let heartbeat = || openraft::raft::AppendEntriesRequest {
+        vote: Vote::new_committed(5, 1),
+        prev_log_id: None,
+        leader_commit: None,
+        entries: vec![],
+    };
+    let clients = PeerClients::new(1, opts(), None);
+    for _round in 0..3 {
+        let beats = (0..GROUPS).map(|g| {
+            let (clients, node) = (clients.clone(), node.clone());
+            async move {
+                let mut conn = Network::for_group(clients, g).new_client(2, &node).await;
+                conn.append_entries(heartbeat(), RPCOption::new(Duration::from_secs(2)))
+                    .await
+            }
+        });
+        for r in futures::future::join_all(beats).await {
+            assert_eq!(r?, AppendEntriesResponse::Success);
+        }
+    }
+    for (g, raft) in rafts.iter().enumerate() {
+        assert_eq!(raft.rpcs(), 3, "group {g} took its own three heartbeats");
+    }
+    let (calls, carried) = router.batch_counts();
+    assert_eq!(carried, 3 * u64::from(GROUPS));
+    assert!(calls < carried, "{carried} heartbeats took {calls} calls");
+
+    let mut stranger = Network::for_group(clients.clone(), 99).new_client(2, &node).await;
+    match stranger
+        .append_entries(heartbeat(), RPCOption::new(Duration::from_secs(2)))
+        .await
+    {
+        Err(RPCError::Unreachable(_)) => {}
+        other => anyhow::bail!("a heartbeat of a group the peer lacks answered {other:?}"),
+    }
+    assert_eq!(rafts.iter().map(|r| r.rpcs()).sum::<u64>(), 3 * u64::from(GROUPS));
+    task.abort();
     Ok(())
 }
 
