@@ -14,6 +14,10 @@
 //! | PINGREQ | PING | PONG | PINGRESP |
 //! | DISCONNECT | CLOSE_SESSION | KICKED / BYE | DISCONNECT (5.0), close |
 //!
+//! MQTT 5.0 topic aliases live here, per connection, in both directions: a client's alias is
+//! resolved before its PUBLISH is translated, and the node's own aliases are put on the PUBLISHes
+//! it sends (docs/MQTT.md, "Topic aliases").
+//!
 //! Every reply the node sends goes through the connection task's own writes; only a refusal of
 //! the translator's own (a protocol error) is written here, before the stream reports EOF.
 //! Nothing here buffers without bound: the read side holds at most one MQTT packet
@@ -49,6 +53,12 @@ const SID: u32 = 1;
 const MARK_PING: u64 = 1;
 const MARK_SUBACK: u64 = 2;
 const MARK_UNSUBACK: u64 = 3;
+/// Topic aliases a 5.0 client may set towards the node (its CONNACK's Topic Alias Maximum). Each
+/// holds a topic name of at most [`MAX_NAME`] bytes, so a connection's inbound map stays small.
+pub const TOPIC_ALIAS_MAX: u16 = 32;
+/// Most topic aliases the node sets towards a 5.0 client (fewer if the client's CONNECT allows
+/// fewer): the first topics it sends get one, later ones are sent by name.
+pub const OUT_ALIAS_MAX: u16 = 32;
 
 /// Limits of the MQTT side, from the node's configuration.
 #[derive(Debug, Clone, Copy)]
@@ -109,6 +119,19 @@ struct State {
     /// ends any way but a normal DISCONNECT once the session was accepted.
     app: String,
     will: Option<(String, bytes::Bytes)>,
+    /// 5.0 topic aliases of this connection (both directions); allocated on first use.
+    aliases: Option<Box<Aliases>>,
+    /// The Topic Alias Maximum the client's CONNECT allowed the node (capped at [`OUT_ALIAS_MAX`]).
+    out_alias_max: u16,
+}
+
+/// A connection's topic aliases (5.0 §3.3.2.3.4): they live as long as the network connection.
+#[derive(Default)]
+struct Aliases {
+    /// Set by the client: alias → topic name.
+    inbound: HashMap<u16, String>,
+    /// Set by the node: topic name → alias, for the first topics it sent.
+    outbound: HashMap<String, u16>,
 }
 
 /// An MQTT connection as the client protocol's byte stream (see the module docs).
@@ -252,6 +275,8 @@ impl<S> MqttStream<S> {
     fn on_connect(&mut self, c: Connect) {
         self.st.version = Some(c.version);
         self.st.keep_alive = c.keep_alive;
+        // 0 or absent: the node must not send topic aliases [MQTT-3.1.2-26].
+        self.st.out_alias_max = c.properties.topic_alias_maximum.unwrap_or(0).min(OUT_ALIAS_MAX);
         let mut device = c.client_id.clone();
         if device.is_empty() {
             if !c.clean_start {
@@ -348,10 +373,10 @@ impl<S> MqttStream<S> {
                 }
             }
         }
-        if p.properties.topic_alias.is_some() {
-            // The CONNACK announced no Topic Alias Maximum, which means 0 [MQTT-3.3.2-8].
-            return self.close_with(ReasonCode::TOPIC_ALIAS_INVALID, "topic aliases are not supported");
-        }
+        let Some(topic) = self.resolve_alias(&p) else {
+            return;
+        };
+        let p = Publish { topic, ..p };
         if p.retain && self.st.version == Some(Version::V5) {
             return self.close_with(
                 ReasonCode::RETAIN_NOT_SUPPORTED,
@@ -383,6 +408,67 @@ impl<S> MqttStream<S> {
             topic: p.topic,
             payload: p.payload,
         }));
+    }
+
+    /// The topic name of a client's PUBLISH: its own, which also (re)sets its Topic Alias if it
+    /// carries one, or the one its alias stands for. `None` when the connection is being closed:
+    /// an alias above the CONNACK's Topic Alias Maximum (0x94 [MQTT-3.3.2-9]), an empty name with
+    /// an alias never set (0x82, a protocol error: the codec already refuses an empty name
+    /// without an alias), or a name no Herald topic can have set as an alias.
+    fn resolve_alias(&mut self, p: &Publish) -> Option<String> {
+        let Some(alias) = p.properties.topic_alias else {
+            return Some(p.topic.clone());
+        };
+        if alias == 0 || alias > TOPIC_ALIAS_MAX {
+            self.close_with(
+                ReasonCode::TOPIC_ALIAS_INVALID,
+                &format!(
+                    "topic alias {alias} is not in 1..={TOPIC_ALIAS_MAX} (the CONNACK's Topic Alias Maximum)"
+                ),
+            );
+            return None;
+        }
+        let aliases = self.st.aliases.get_or_insert_with(Box::default);
+        if p.topic.is_empty() {
+            let topic = aliases.inbound.get(&alias).cloned();
+            if topic.is_none() {
+                self.close_with(
+                    ReasonCode::PROTOCOL_ERROR,
+                    &format!("topic alias {alias} was never set on this connection"),
+                );
+            }
+            return topic;
+        }
+        if p.topic.len() > MAX_NAME {
+            // No Herald topic has such a name (the publish would be refused); not kept, so an
+            // inbound map holds at most TOPIC_ALIAS_MAX short names.
+            self.close_with(
+                ReasonCode::TOPIC_NAME_INVALID,
+                &format!("a topic alias may only stand for a name of at most {MAX_NAME} bytes"),
+            );
+            return None;
+        }
+        aliases.inbound.insert(alias, p.topic.clone());
+        Some(p.topic.clone())
+    }
+
+    /// Gives an outbound PUBLISH a topic alias when the client allows them: the first PUBLISH of
+    /// a topic carries its name and a new alias, later ones the alias and an empty name. Once the
+    /// client's maximum is used up, new topics go by name (no alias is ever re-mapped).
+    fn alias_outbound(&mut self, publish: &mut Publish) {
+        if self.st.out_alias_max == 0 || self.st.version != Some(Version::V5) {
+            return;
+        }
+        let max = self.st.out_alias_max;
+        let aliases = self.st.aliases.get_or_insert_with(Box::default);
+        if let Some(&alias) = aliases.outbound.get(&publish.topic) {
+            publish.topic.clear();
+            publish.properties.topic_alias = Some(alias);
+        } else if aliases.outbound.len() < usize::from(max) {
+            let alias = aliases.outbound.len() as u16 + 1;
+            aliases.outbound.insert(publish.topic.clone(), alias);
+            publish.properties.topic_alias = Some(alias);
+        }
     }
 
     fn on_puback(&mut self, a: Ack) {
@@ -484,6 +570,7 @@ impl<S> MqttStream<S> {
                     props.shared_subscription_available = Some(false);
                     props.subscription_identifier_available = Some(false);
                     props.maximum_packet_size = Some(self.limits.max_packet.min(u32::MAX as usize) as u32);
+                    props.topic_alias_maximum = Some(TOPIC_ALIAS_MAX);
                     props.assigned_client_identifier = self.st.assigned_id.clone();
                     props.server_keep_alive = self.st.server_keep_alive;
                     // The session's registration: which node, and its epoch (newer logins of
@@ -650,6 +737,7 @@ impl<S> MqttStream<S> {
         } else {
             publish.topic = p.topic;
         }
+        self.alias_outbound(&mut publish);
         self.send_client(&Packet::Publish(publish));
     }
 
@@ -1019,8 +1107,302 @@ mod tests {
         }
     }
 
+    /// A 5.0 (or 3.1.1) translator past CONNECT (with `props`) and WELCOME (with `acked`), its
+    /// CONNACK read; the HELLO went to the node.
+    async fn connected(
+        version: Version,
+        props: Properties,
+        welcome: pc::Welcome,
+    ) -> (DuplexStream, MqttStream<DuplexStream>, ConnAck) {
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        let mut s = MqttStream::new(server, limits());
+        let mut out = BytesMut::new();
+        let c = Connect {
+            version,
+            clean_start: false,
+            keep_alive: 30,
+            properties: props,
+            client_id: "phone".into(),
+            will: None,
+            user_name: Some("demo".into()),
+            password: Some(Bytes::from(token())),
+        };
+        herald_mqtt::encode(&Packet::Connect(c), version, &mut out).unwrap();
+        client.write_all(&out).await.unwrap();
+        let _ = native(&mut s).await;
+        node_says(
+            &mut s,
+            Kind::Welcome(pc::Welcome {
+                session_id: 1,
+                ..welcome
+            }),
+        )
+        .await;
+        let Some(Packet::ConnAck(ack)) = client_reads(&mut client, version).await.pop() else {
+            panic!("no CONNACK");
+        };
+        (client, s, ack)
+    }
+
+    /// Hands the translator frames as the connection task would write them.
+    async fn node_says(s: &mut MqttStream<DuplexStream>, kind: Kind) {
+        s.write_all(&herald_proto::frame::encode_to_bytes(&Frame { kind: Some(kind) }))
+            .await
+            .unwrap();
+        s.flush().await.unwrap();
+    }
+
+    /// The MQTT packets the client has received now (without waiting for more).
+    async fn client_reads(client: &mut DuplexStream, version: Version) -> Vec<Packet> {
+        let mut got = BytesMut::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(50), client.read(&mut buf)).await {
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        let mut packets = Vec::new();
+        while let Some(p) = herald_mqtt::decode(&mut got, Some(version), 1 << 20).unwrap() {
+            packets.push(p);
+        }
+        packets
+    }
+
+    async fn client_sends(client: &mut DuplexStream, p: Packet) {
+        let mut out = BytesMut::new();
+        herald_mqtt::encode(&p, Version::V5, &mut out).unwrap();
+        client.write_all(&out).await.unwrap();
+    }
+
+    fn publish(topic: &str, alias: Option<u16>, payload: &'static str) -> Packet {
+        Packet::Publish(Publish {
+            dup: false,
+            qos: QoS::AtMostOnce,
+            retain: false,
+            topic: topic.into(),
+            packet_id: None,
+            properties: Properties {
+                topic_alias: alias,
+                ..Properties::default()
+            },
+            payload: Bytes::from_static(payload.as_bytes()),
+        })
+    }
+
+    fn topic_push(topic: &str, seq: u64) -> Kind {
+        Kind::Push(pc::Push {
+            session_id: 1,
+            topic: topic.into(),
+            topic_seq: seq,
+            payload: Bytes::from_static(b"x"),
+            ..Default::default()
+        })
+    }
+
+    /// The topics of the client PUBLISHes the node was handed (PUBLISH_TOPIC).
+    fn published_topics(frames: &[Frame]) -> Vec<String> {
+        frames
+            .iter()
+            .filter_map(|f| match &f.kind {
+                Some(Kind::PublishTopic(p)) => Some(p.topic.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_client_sets_and_uses_topic_aliases_up_to_the_connacks_maximum() {
+        let (mut client, mut s, ack) =
+            connected(Version::V5, Properties::default(), pc::Welcome::default()).await;
+        assert_eq!(ack.properties.topic_alias_maximum, Some(TOPIC_ALIAS_MAX));
+        client_sends(&mut client, publish("chat/a", Some(3), "one")).await;
+        client_sends(&mut client, publish("", Some(3), "two")).await;
+        client_sends(&mut client, publish("chat/b", Some(TOPIC_ALIAS_MAX), "three")).await;
+        // Re-mapping an alias is allowed.
+        client_sends(&mut client, publish("chat/c", Some(3), "four")).await;
+        client_sends(&mut client, publish("", Some(3), "five")).await;
+        client_sends(&mut client, publish("", Some(TOPIC_ALIAS_MAX), "six")).await;
+        let frames = native(&mut s).await;
+        assert_eq!(
+            published_topics(&frames),
+            ["chat/a", "chat/a", "chat/b", "chat/c", "chat/c", "chat/b"]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_bad_topic_alias_closes_the_connection_with_its_reason_code() {
+        for (p, reason) in [
+            (publish("", Some(4), "never set"), ReasonCode::PROTOCOL_ERROR),
+            (
+                publish("chat/a", Some(TOPIC_ALIAS_MAX + 1), "too high"),
+                ReasonCode::TOPIC_ALIAS_INVALID,
+            ),
+            (
+                publish("", Some(TOPIC_ALIAS_MAX + 1), "too high"),
+                ReasonCode::TOPIC_ALIAS_INVALID,
+            ),
+            (
+                publish(&"x".repeat(MAX_NAME + 1), Some(1), "long"),
+                ReasonCode::TOPIC_NAME_INVALID,
+            ),
+        ] {
+            let (mut client, mut s, _) =
+                connected(Version::V5, Properties::default(), pc::Welcome::default()).await;
+            client_sends(&mut client, p).await;
+            let frames = native(&mut s).await;
+            assert!(published_topics(&frames).is_empty(), "{frames:?}");
+            assert!(s.eof, "the connection is ended");
+            match client_reads(&mut client, Version::V5).await.pop() {
+                Some(Packet::Disconnect(d)) => assert_eq!(d.reason, reason),
+                other => panic!("expected DISCONNECT {reason:?}, got {other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn the_node_uses_aliases_only_when_the_client_allows_them() {
+        let allow = |n| Properties {
+            topic_alias_maximum: n,
+            ..Properties::default()
+        };
+        for (version, props, want) in [
+            (
+                Version::V5,
+                allow(Some(2)),
+                vec![
+                    ("t1", Some(1)),
+                    ("", Some(1)),
+                    ("t2", Some(2)),
+                    ("t3", None),
+                    ("", Some(2)),
+                ],
+            ),
+            (
+                Version::V5,
+                allow(None),
+                vec![
+                    ("t1", None),
+                    ("t1", None),
+                    ("t2", None),
+                    ("t3", None),
+                    ("t2", None),
+                ],
+            ),
+            (
+                Version::V311,
+                Properties::default(),
+                vec![
+                    ("t1", None),
+                    ("t1", None),
+                    ("t2", None),
+                    ("t3", None),
+                    ("t2", None),
+                ],
+            ),
+        ] {
+            let (mut client, mut s, _) = connected(version, props, pc::Welcome::default()).await;
+            for (i, t) in ["t1", "t1", "t2", "t3", "t2"].into_iter().enumerate() {
+                node_says(&mut s, topic_push(t, i as u64 + 1)).await;
+            }
+            let got: Vec<(String, Option<u16>)> = client_reads(&mut client, version)
+                .await
+                .into_iter()
+                .filter_map(|p| match p {
+                    Packet::Publish(p) => Some((p.topic, p.properties.topic_alias)),
+                    _ => None,
+                })
+                .collect();
+            let want: Vec<(String, Option<u16>)> =
+                want.into_iter().map(|(t, a)| (t.to_string(), a)).collect();
+            assert_eq!(got, want, "{version:?}");
+        }
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Outbound aliases against a receiver that resolves them as 5.0 §3.3.2.3.4 says: every
+        /// PUBLISH resolves to the topic the node meant, and no alias exceeds the client's maximum.
+        #[test]
+        fn outbound_aliases_always_resolve_to_the_topic_sent(
+            max in 0u16..6,
+            topics in proptest::collection::vec(0u8..10, 1..40),
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let props = Properties { topic_alias_maximum: Some(max), ..Properties::default() };
+                let (mut client, mut s, _) = connected(Version::V5, props, pc::Welcome::default()).await;
+                let names: Vec<String> = topics.iter().map(|t| format!("t/{t}")).collect();
+                for (i, t) in names.iter().enumerate() {
+                    node_says(&mut s, topic_push(t, i as u64 + 1)).await;
+                }
+                let mut map: HashMap<u16, String> = HashMap::new();
+                let mut resolved = Vec::new();
+                for p in client_reads(&mut client, Version::V5).await {
+                    let Packet::Publish(p) = p else { continue };
+                    let topic = match p.properties.topic_alias {
+                        Some(a) => {
+                            assert!(a >= 1 && a <= max, "alias {a} above the maximum {max}");
+                            if p.topic.is_empty() {
+                                map.get(&a).cloned().expect("alias set before use")
+                            } else {
+                                map.insert(a, p.topic.clone());
+                                p.topic
+                            }
+                        }
+                        None => p.topic,
+                    };
+                    resolved.push(topic);
+                }
+                assert_eq!(resolved, names);
+            });
+        }
+
+        /// Inbound aliases against a model map: the node gets the topic the model resolves, and
+        /// the first alias use the model cannot resolve ends the connection with 0x82 or 0x94.
+        #[test]
+        fn inbound_aliases_resolve_like_the_spec_or_end_the_connection(
+            sends in proptest::collection::vec((0u8..4, proptest::option::of(1u16..36)), 1..30),
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let (mut client, mut s, _) =
+                    connected(Version::V5, Properties::default(), pc::Welcome::default()).await;
+                let mut model: HashMap<u16, String> = HashMap::new();
+                let mut want = Vec::new();
+                let mut want_close = None;
+                for (t, alias) in &sends {
+                    // Topic 0 stands for an empty name (only valid with an alias).
+                    if *t == 0 && alias.is_none() {
+                        continue;
+                    }
+                    let name = if *t == 0 { String::new() } else { format!("chat/{t}") };
+                    client_sends(&mut client, publish(&name, *alias, "p")).await;
+                    match alias {
+                        Some(a) if *a > TOPIC_ALIAS_MAX => {
+                            want_close = Some(ReasonCode::TOPIC_ALIAS_INVALID);
+                            break;
+                        }
+                        Some(a) if name.is_empty() => match model.get(a) {
+                            Some(n) => want.push(n.clone()),
+                            None => {
+                                want_close = Some(ReasonCode::PROTOCOL_ERROR);
+                                break;
+                            }
+                        },
+                        Some(a) => {
+                            model.insert(*a, name.clone());
+                            want.push(name);
+                        }
+                        None => want.push(name),
+                    }
+                }
+                let frames = native(&mut s).await;
+                assert_eq!(published_topics(&frames), want);
+                assert_eq!(s.eof, want_close.is_some());
+            });
+        }
 
         /// Any bytes after a valid CONNECT: the translator never panics, and what it hands the
         /// connection task is whole native frames.

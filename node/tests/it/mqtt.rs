@@ -837,3 +837,147 @@ async fn a_silent_client_is_dropped_after_its_keep_alive_and_its_will_published(
     );
     c.assert_no_panics();
 }
+
+/// Lets the app's clients publish to `filters` (`client_publish`) and waits until every node
+/// applied it.
+async fn allow_client_publish(c: &Cluster, app: &App, filters: &[&str]) {
+    let mut admin = c.client(1).await;
+    let mut cfg = admin
+        .get_app(crate::harness::admin_request(pb::GetAppRequest {
+            id: app.id.clone(),
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .app
+        .unwrap();
+    cfg.client_publish = filters.iter().map(|f| f.to_string()).collect();
+    admin
+        .update_app(crate::harness::admin_request(pb::UpdateAppRequest {
+            app: Some(cfg),
+        }))
+        .await
+        .unwrap();
+    for id in 1..=3 {
+        c.wait_caught_up(id).await;
+    }
+}
+
+/// The directory of the Node.js clients, with mqtt.js installed.
+fn js_clients() -> std::path::PathBuf {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients");
+    assert!(
+        dir.join("node_modules/mqtt").is_dir(),
+        "mqtt.js is missing: run `npm install` in {} (scripts/test does)",
+        dir.display()
+    );
+    dir
+}
+
+/// Runs `python3 <script> <args>` from tests/clients (Paho installed); its success and output.
+fn paho(script: &str, args: &[&str]) -> (bool, String) {
+    let probe = Command::new("python3").args(["-c", "import paho.mqtt"]).output();
+    assert!(
+        probe.is_ok_and(|o| o.status.success()),
+        "python3 with paho-mqtt is missing: `python3 -m pip install paho-mqtt` (scripts/test does)"
+    );
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/clients")
+        .join(script);
+    let out = Command::new("python3")
+        .arg(path)
+        .args(args)
+        .output()
+        .expect("python3 runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// The lines of `text` that start with `prefix`, without it.
+fn lines_after<'a>(text: &'a str, prefix: &str) -> Vec<&'a str> {
+    text.lines().filter_map(|l| l.strip_prefix(prefix)).collect()
+}
+
+/// MQTT 5.0 topic aliases both ways, with mqtt.js: the CONNACK offers a Topic Alias Maximum,
+/// mqtt.js publishes its first message with the topic and an alias and the next ones with the
+/// alias alone, and the node, told by mqtt.js's CONNECT that it may, sends the topic once and then
+/// only the alias. Paho sends the aliases the node must refuse: one never set (DISCONNECT 0x82)
+/// and one above the maximum (0x94).
+#[tokio::test(flavor = "multi_thread")]
+async fn topic_aliases_work_both_ways_and_bad_ones_end_the_connection() {
+    let dir = js_clients();
+    let (c, ports) = cluster().await;
+    let app = c.create_app("mqttalias").await;
+    allow_client_publish(&c, &app, &["chat/+"]).await;
+    let token = app.token("rae", None);
+    let out = Command::new("node")
+        .current_dir(&dir)
+        .arg("mqttjs_alias.mjs")
+        .args([
+            &format!("mqtt://127.0.0.1:{}", ports[0]),
+            &app.id,
+            &token,
+            "rae-browser",
+            "chat/alias",
+            "3",
+        ])
+        .output()
+        .expect("node runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert_eq!(lines_after(&text, "connack "), vec!["0 alias-max 32"], "{text}");
+    let sent = lines_after(&text, "send ");
+    assert_eq!(sent.len(), 3, "{text}");
+    let alias = sent[0]
+        .strip_prefix("\"chat/alias\" alias ")
+        .unwrap_or_else(|| panic!("first publish without topic and alias: {text}"));
+    assert_ne!(alias, "-", "{text}");
+    for s in &sent[1..] {
+        assert_eq!(*s, format!("\"\" alias {alias}"), "{text}");
+    }
+    assert_eq!(lines_after(&text, "puback "), vec!["0", "0", "0"], "{text}");
+    let recv: Vec<String> = lines_after(&text, "recv ")
+        .into_iter()
+        .map(|l| l.split(" dup ").next().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        recv,
+        vec!["\"chat/alias\" alias 1", "\"\" alias 1", "\"\" alias 1"],
+        "{text}"
+    );
+    assert_eq!(
+        lines_after(&text, "msg "),
+        vec!["chat/alias m1", "chat/alias m2", "chat/alias m3"],
+        "{text}"
+    );
+
+    let port = ports[1].to_string();
+    let token = app.token("sam", None);
+    let base = ["--port", &port, "--app", &app.id, "--token", &token];
+    let (ok, text) = paho(
+        "paho_alias.py",
+        &[&base[..], &["--client-id", "sam-phone", "--case", "unknown"]].concat(),
+    );
+    assert!(ok, "{text}");
+    assert_eq!(lines_after(&text, "disconnect "), vec!["130"], "{text}");
+    let (ok, text) = paho(
+        "paho_alias.py",
+        &[
+            &base[..],
+            &["--client-id", "sam-tablet", "--case", "above", "--alias", "33"],
+        ]
+        .concat(),
+    );
+    assert!(ok, "{text}");
+    assert_eq!(lines_after(&text, "connack "), vec!["0 alias-max 32"], "{text}");
+    assert_eq!(lines_after(&text, "disconnect "), vec!["148"], "{text}");
+    c.assert_no_panics();
+}
