@@ -231,6 +231,7 @@ mod tests {
                             payload: p.into(),
                             qos,
                             pushed_at_ms,
+                            expires_at_ms: pushed_at_ms.wrapping_add(seq),
                         })
                     },
                 )
@@ -366,6 +367,7 @@ mod tests {
                     payload: payload.clone().into(),
                     qos: Qos::AtLeastOnce as i32,
                     pushed_at_ms: u64::MAX,
+                    expires_at_ms: u64::MAX,
                 })),
             };
             let reply = Frame {

@@ -799,6 +799,7 @@ where
                     payload: m.payload.clone(),
                     qos: Qos::AtLeastOnce as i32,
                     pushed_at_ms: m.pushed_ms,
+                    expires_at_ms: 0,
                 }));
                 cursor = m.seq;
             }
@@ -886,6 +887,7 @@ where
                     payload: m.payload,
                     qos: Qos::AtLeastOnce as i32,
                     pushed_at_ms: m.pushed_ms,
+                    expires_at_ms: m.expires_ms,
                 }));
                 frames += 1;
                 pushed.push(m.pushed_ms);

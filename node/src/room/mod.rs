@@ -577,6 +577,7 @@ impl Room {
                         payload: payload.clone(),
                         qos: Qos::AtMostOnce as i32,
                         pushed_at_ms: at_ms,
+                        expires_at_ms: 0,
                     })),
                 };
                 if s.conn
@@ -662,6 +663,7 @@ pub fn topic_push_body(topic: &str, msg: &TopicMessage) -> Bytes {
             payload: msg.payload.clone(),
             qos: Qos::AtLeastOnce as i32,
             pushed_at_ms: msg.pushed_ms,
+            expires_at_ms: 0,
         })),
     };
     let mut b = BytesMut::with_capacity(f.encoded_len());

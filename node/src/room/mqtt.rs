@@ -7,7 +7,7 @@
 //! | client → node | becomes | node → client | becomes |
 //! |---|---|---|---|
 //! | CONNECT (user name = app, password = token, client id = device) | HELLO | WELCOME / ERROR | CONNACK |
-//! | PUBACK | ACK (cumulative, once every earlier inbox message is acked) | PUSH (mailbox) | PUBLISH `$herald/inbox`, QoS of the push |
+//! | PUBACK | ACK (cumulative, once every earlier inbox message is acked) | PUSH (mailbox) | PUBLISH `$herald/inbox`, QoS of the push, 5.0: Message Expiry Interval = the TTL left |
 //! | PUBLISH `$herald/upstream` | UPSTREAM | UPSTREAM_REPLY | PUBACK (QoS 1) |
 //! | SUBSCRIBE topic or filter (`+`, `#`) | SUBSCRIBE (+ a PING marker) | SUBSCRIBED + PONG | SUBACK |
 //! | UNSUBSCRIBE | UNSUBSCRIBE (+ a PING marker) | PONG | UNSUBACK |
@@ -123,6 +123,8 @@ struct State {
     aliases: Option<Box<Aliases>>,
     /// The Topic Alias Maximum the client's CONNECT allowed the node (capped at [`OUT_ALIAS_MAX`]).
     out_alias_max: u16,
+    /// Cluster time (ms) read for the batch of frames being translated (message expiry).
+    now_ms: Option<u64>,
 }
 
 /// A connection's topic aliases (5.0 §3.3.2.3.4): they live as long as the network connection.
@@ -682,10 +684,27 @@ impl<S> MqttStream<S> {
         self.eof = true;
     }
 
+    /// Cluster time (ms), read once per batch of frames: log time as the members' clocks tell
+    /// it, which is what a message's expiry is judged by.
+    fn now_ms(&mut self) -> u64 {
+        if let Some(t) = self.st.now_ms {
+            return t;
+        }
+        let t = match &self.room {
+            Some(room) => room.raft.cluster_now_ms(),
+            None => herald_raft::raft_node::now_ms(),
+        };
+        self.st.now_ms = Some(t);
+        t
+    }
+
     fn on_push(&mut self, p: pc::Push) {
         let qos1 = p.qos() == pc::Qos::AtLeastOnce;
         let mut properties = Properties::default();
         if self.st.version == Some(Version::V5) {
+            if p.expires_at_ms > 0 {
+                properties.message_expiry_interval = Some(expiry_interval(p.expires_at_ms, self.now_ms()));
+            }
             // What Herald knows of the message, for a client that dedupes (DUP is not set).
             let (name, seq) = if p.topic.is_empty() {
                 ("herald-seq", p.seq)
@@ -867,6 +886,15 @@ async fn publish_will(room: std::sync::Arc<super::Room>, app: String, topic: Str
     }
 }
 
+/// A mailbox message's Message Expiry Interval (seconds): what is left of its TTL at `now_ms`,
+/// rounded up. At least 1: a message the state machine still holds is delivered, even when this
+/// node's estimate of log time is already past its expiry (the leader's expiry has not removed it
+/// yet), and 0 would not say "expires now" to every client.
+fn expiry_interval(expires_at_ms: u64, now_ms: u64) -> u32 {
+    let left = expires_at_ms.saturating_sub(now_ms).div_ceil(1000);
+    left.clamp(1, u64::from(u32::MAX)) as u32
+}
+
 /// The CONNACK / DISCONNECT reason for a native error.
 fn error_reason(code: ErrorCode) -> ReasonCode {
     match code {
@@ -967,6 +995,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for MqttStream<S> {
 impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for MqttStream<S> {
     fn poll_write(self: Pin<&mut Self>, _cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        this.st.now_ms = None;
         this.native_out.extend_from_slice(data);
         loop {
             match herald_proto::frame::decode(&mut this.native_out, usize::MAX) {
@@ -1315,6 +1344,59 @@ mod tests {
                 .collect();
             let want: Vec<(String, Option<u16>)> =
                 want.into_iter().map(|(t, a)| (t.to_string(), a)).collect();
+            assert_eq!(got, want, "{version:?}");
+        }
+    }
+
+    #[test]
+    fn the_message_expiry_interval_is_the_ttl_left_rounded_up_and_never_0() {
+        let now = 1_790_000_000_000;
+        assert_eq!(expiry_interval(now + 90_000, now), 90);
+        assert_eq!(expiry_interval(now + 89_001, now), 90);
+        assert_eq!(expiry_interval(now + 1, now), 1);
+        assert_eq!(expiry_interval(now, now), 1);
+        assert_eq!(expiry_interval(now - 5_000, now), 1);
+        assert_eq!(expiry_interval(u64::MAX, 0), u32::MAX);
+    }
+
+    #[tokio::test]
+    async fn a_mailbox_message_carries_its_expiry_to_5_0_clients_only() {
+        let inbox = |seq, expires_at_ms| {
+            Kind::Push(pc::Push {
+                session_id: 1,
+                seq,
+                qos: pc::Qos::AtLeastOnce as i32,
+                payload: Bytes::from_static(b"x"),
+                expires_at_ms,
+                ..Default::default()
+            })
+        };
+        for version in [Version::V5, Version::V311] {
+            let (mut client, mut s, _) =
+                connected(version, Properties::default(), pc::Welcome::default()).await;
+            let now = herald_raft::raft_node::now_ms();
+            node_says(&mut s, inbox(1, now + 3_600_000)).await;
+            node_says(&mut s, inbox(2, 0)).await;
+            node_says(&mut s, topic_push("t", 1)).await;
+            let got: Vec<Option<u32>> = client_reads(&mut client, version)
+                .await
+                .into_iter()
+                .filter_map(|p| match p {
+                    Packet::Publish(p) => Some(p.properties.message_expiry_interval),
+                    _ => None,
+                })
+                .collect();
+            let want = match version {
+                // Allow for the seconds this test may take.
+                Version::V5 => {
+                    assert!(
+                        matches!(got[0], Some(s) if (3_590..=3_600).contains(&s)),
+                        "{got:?}"
+                    );
+                    vec![got[0], None, None]
+                }
+                Version::V311 => vec![None, None, None],
+            };
             assert_eq!(got, want, "{version:?}");
         }
     }

@@ -5,6 +5,7 @@ flushed at once, until it has received --count messages or --timeout seconds pas
   connack <reason code>
   suback <granted>
   msg <dup 0|1> <payload>
+  expiry <seconds>      (its MQTT 5.0 Message Expiry Interval, when it has one)
   prop <name>=<value>   (each MQTT 5.0 user property of that message)
 Exit status 0 when --count messages arrived, 1 otherwise.
 """
@@ -62,6 +63,9 @@ def main():
         got.append(msg.payload)
         out(f"msg {int(msg.dup)} {msg.payload.decode(errors='replace')}")
         props = getattr(msg, "properties", None)
+        expiry = getattr(props, "MessageExpiryInterval", None)
+        if expiry is not None:
+            out(f"expiry {expiry}")
         for k, v in getattr(props, "UserProperty", None) or []:
             out(f"prop {k}={v}")
 

@@ -944,6 +944,13 @@ async fn topic_aliases_work_both_ways_and_bad_ones_end_the_connection() {
         assert_eq!(*s, format!("\"\" alias {alias}"), "{text}");
     }
     assert_eq!(lines_after(&text, "puback "), vec!["0", "0", "0"], "{text}");
+    // A topic message has no expiry in Herald (a topic keeps its last messages by count).
+    assert!(
+        lines_after(&text, "recv ")
+            .iter()
+            .all(|l| l.ends_with("expiry -")),
+        "{text}"
+    );
     let recv: Vec<String> = lines_after(&text, "recv ")
         .into_iter()
         .map(|l| l.split(" dup ").next().unwrap().to_string())
@@ -979,5 +986,39 @@ async fn topic_aliases_work_both_ways_and_bad_ones_end_the_connection() {
     assert!(ok, "{text}");
     assert_eq!(lines_after(&text, "connack "), vec!["0 alias-max 32"], "{text}");
     assert_eq!(lines_after(&text, "disconnect "), vec!["148"], "{text}");
+    c.assert_no_panics();
+}
+
+/// MQTT 5.0 message expiry, with Paho: an inbox message's PUBLISH carries the part of its TTL
+/// that is left as its Message Expiry Interval (a push's own TTL, or the app's default).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_inbox_message_carries_the_rest_of_its_ttl_as_message_expiry() {
+    let (c, ports) = cluster().await;
+    let app = c.create_app("mqttexp").await;
+    let leader = c.wait_leader().await;
+    let mut grpc = connect(c.grpc_addr(leader)).await.unwrap();
+    for (payload, ttl_ms) in [("short", 90_000), ("default", 0)] {
+        let mut req = app.push_request("uma", payload, &format!("uma-{payload}"));
+        req.get_mut().ttl_ms = ttl_ms;
+        grpc.push(req).await.unwrap();
+    }
+    let port = ports[2].to_string();
+    let token = app.token("uma", None);
+    let args = ["--port", &port, "--app", &app.id, "--token", &token];
+    let (ok, text) = paho(
+        "paho_inbox.py",
+        &[&args[..], &["--client-id", "uma-phone", "--count", "2"]].concat(),
+    );
+    assert!(ok, "{text}");
+    assert_eq!(lines_after(&text, "msg "), vec!["0 short", "0 default"], "{text}");
+    let expiry: Vec<u64> = lines_after(&text, "expiry ")
+        .iter()
+        .map(|e| e.parse().unwrap())
+        .collect();
+    assert_eq!(expiry.len(), 2, "{text}");
+    // Seconds left, rounded up; the test's own seconds pass meanwhile.
+    assert!((60..=90).contains(&expiry[0]), "{text}");
+    // The app's default TTL (days), less the seconds since the push.
+    assert!(expiry[1] > 24 * 3600, "{text}");
     c.assert_no_panics();
 }
