@@ -186,6 +186,7 @@ fn welcome(sid: u32, heartbeat_ms: u32, acked_seq: u64) -> Kind {
         max_frame: 65_536,
         version: 1,
         acked_seq,
+        redelivery_upto: 0,
     })
 }
 

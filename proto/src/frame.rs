@@ -212,6 +212,7 @@ mod tests {
                         max_frame: g,
                         version: h,
                         acked_seq: i,
+                        redelivery_upto: i.wrapping_add(b),
                     })
                 })
                 .boxed(),

@@ -984,14 +984,25 @@ where
             .unindex_session(&s.app, &s.user, self.shared.id, s.id, &s.topics);
         if unregister {
             let raft = self.room.raft.clone();
-            let op = Op::Unregister {
-                app: s.app.to_string(),
-                user: s.user.to_string(),
-                device: s.device.to_string(),
-                epoch: s.epoch,
-            };
+            // The session's last delivery cursor goes in the same entry as its end, so a later
+            // login that finds the session ended knows everything it wrote (redelivery_bound).
+            let ops = vec![
+                Op::Cursors(vec![herald_raft::CursorUpdate {
+                    app: s.app.to_string(),
+                    user: s.user.to_string(),
+                    device: s.device.to_string(),
+                    delivered: s.delivered,
+                    acked: s.acked,
+                }]),
+                Op::Unregister {
+                    app: s.app.to_string(),
+                    user: s.user.to_string(),
+                    device: s.device.to_string(),
+                    epoch: s.epoch,
+                },
+            ];
             tokio::spawn(async move {
-                if let Err(e) = raft.write_one(op).await {
+                if let Err(e) = raft.write(ops).await {
                     debug!(error = %e, "unregister not committed");
                 }
             });
@@ -1253,6 +1264,7 @@ async fn register(
     if claimed > registered.acked_seq {
         room.acks.record(&app_id, &user, &device, acked, acked);
     }
+    let redelivery_upto = redelivery_bound(&room, &o, &registered, head);
     let c = &room.config;
     let welcome = pc::Welcome {
         session_id: o.session_id,
@@ -1264,6 +1276,7 @@ async fn register(
         max_frame: c.max_frame as u32,
         version: herald_proto::PROTOCOL_VERSION,
         acked_seq: registered.acked_seq,
+        redelivery_upto,
     };
     info!(conn = shared.id, app = %o.app, user = %o.user, device = %o.device, epoch = registered.epoch, kicked = registered.kicked.len(), "session open");
     let session = Session {
@@ -1278,6 +1291,33 @@ async fn register(
         topics: Vec::new(),
     };
     Ok((session, welcome, o.topics))
+}
+
+/// The highest mailbox seq an earlier connection of the device may have written
+/// (`Welcome.redelivery_upto`, MQTT's DUP flag), from what the state machine holds once this
+/// registration is applied (`head` is the mailbox's last seq then):
+///
+/// - The registration displaced a live session of the device (a takeover, a node killed and not
+///   yet declared down, a client back before its old connection ended): that connection may have
+///   written anything stored until now, so `head`.
+/// - Otherwise the earlier session ended first, and its end was committed together with its last
+///   delivery cursor (`Conn::drop_session`), so the device's replicated delivery cursor bounds
+///   what any earlier connection wrote, except when the earlier session's node died with its last
+///   cursor batch uncommitted and was declared down before this login (then up to one batch of
+///   `acks::FLUSH_EVERY` is resent as if new), or a kick ended it just before.
+fn redelivery_bound(room: &Room, o: &OpenSession, registered: &herald_raft::Registered, head: u64) -> u64 {
+    let same_device = |k: &herald_raft::Session| k.app == o.app && k.user == o.user && k.device == o.device;
+    if registered.kicked.iter().any(same_device) {
+        return head;
+    }
+    match room.reader.devices(&o.app, &o.user) {
+        Ok(devices) => devices
+            .into_iter()
+            .find(|(d, _)| *d == o.device)
+            .map_or(0, |(_, s)| s.delivered.min(head)),
+        // Unknown: everything may have been sent.
+        Err(_) => head,
+    }
 }
 
 /// Pushes growing a short vector one slot at a time: a connection's sessions and a session's

@@ -103,6 +103,9 @@ struct State {
     max_sent: u64,
     /// Highest seq acked to the node (the native ACK is cumulative).
     acked: u64,
+    /// Inbox seqs up to this one may have been sent by an earlier connection of the device
+    /// (WELCOME's `redelivery_upto`): their PUBLISH has DUP set.
+    redelivery_upto: u64,
     broadcast: bool,
     subs: Vec<PendingSub>,
     /// UNSUBSCRIBEs waiting for their marker: packet id and filter count, oldest first.
@@ -565,6 +568,7 @@ impl<S> MqttStream<S> {
                 self.st.connected = true;
                 self.st.acked = w.acked_seq;
                 self.st.max_sent = w.acked_seq;
+                self.st.redelivery_upto = w.redelivery_upto;
                 let mut props = Properties::default();
                 if self.st.version == Some(Version::V5) {
                     props.maximum_qos = Some(QoS::AtLeastOnce);
@@ -705,7 +709,7 @@ impl<S> MqttStream<S> {
             if p.expires_at_ms > 0 {
                 properties.message_expiry_interval = Some(expiry_interval(p.expires_at_ms, self.now_ms()));
             }
-            // What Herald knows of the message, for a client that dedupes (DUP is not set).
+            // What Herald knows of the message, for a client that dedupes by id.
             let (name, seq) = if p.topic.is_empty() {
                 ("herald-seq", p.seq)
             } else {
@@ -727,24 +731,35 @@ impl<S> MqttStream<S> {
         };
         if p.topic.is_empty() {
             publish.topic = INBOX.to_string();
-            if p.seq > self.st.max_sent {
-                self.st.max_sent = p.seq;
-            }
             // Seq 0 is an online-only message (not in the mailbox): nothing to ack.
             if qos1 && p.seq > 0 {
-                let Some(pid) = self.next_packet_id() else {
-                    return self.close_with(
-                        ReasonCode::RECEIVE_MAXIMUM_EXCEEDED,
-                        "65,535 messages in flight without a PUBACK",
-                    );
-                };
-                self.st.inflight.insert(pid.get(), p.seq);
-                self.st.unacked.insert(p.seq);
                 publish.qos = QoS::AtLeastOnce;
-                publish.packet_id = Some(pid);
-                // DUP stays 0: which of the replayed messages an earlier connection had sent
-                // is not recorded (only the ack cursor is), see docs/MQTT.md.
+                if p.seq <= self.st.max_sent {
+                    // Sent before on this connection (or acked, or passed over by a gap): sent
+                    // again only while the client has not PUBACKed it, under its packet id, DUP.
+                    let Some((&pid, _)) = self.st.inflight.iter().find(|(_, s)| **s == p.seq) else {
+                        return;
+                    };
+                    publish.packet_id = NonZeroU16::new(pid);
+                    publish.dup = true;
+                } else {
+                    self.st.max_sent = p.seq;
+                    let Some(pid) = self.next_packet_id() else {
+                        return self.close_with(
+                            ReasonCode::RECEIVE_MAXIMUM_EXCEEDED,
+                            "65,535 messages in flight without a PUBACK",
+                        );
+                    };
+                    self.st.inflight.insert(pid.get(), p.seq);
+                    self.st.unacked.insert(p.seq);
+                    publish.packet_id = Some(pid);
+                    // An earlier connection of the device may have sent it (docs/MQTT.md, DUP).
+                    publish.dup = p.seq <= self.st.redelivery_upto;
+                }
             } else {
+                if p.seq > self.st.max_sent {
+                    self.st.max_sent = p.seq;
+                }
                 // QoS 0: delivered once handed over, nothing to wait for.
                 self.ack_upto();
             }
@@ -1348,6 +1363,68 @@ mod tests {
         }
     }
 
+    fn inbox_push(seq: u64) -> Kind {
+        Kind::Push(pc::Push {
+            session_id: 1,
+            seq,
+            qos: pc::Qos::AtLeastOnce as i32,
+            payload: Bytes::from_static(b"x"),
+            ..Default::default()
+        })
+    }
+
+    /// (packet id, DUP) of the QoS 1 PUBLISHes the client got.
+    async fn inbox_publishes(client: &mut DuplexStream, version: Version) -> Vec<(u16, bool)> {
+        client_reads(client, version)
+            .await
+            .into_iter()
+            .filter_map(|p| match p {
+                Packet::Publish(p) if p.qos == QoS::AtLeastOnce => Some((p.packet_id.unwrap().get(), p.dup)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn dup_is_set_up_to_the_welcomes_redelivery_bound_and_on_a_resend() {
+        for version in [Version::V5, Version::V311] {
+            let welcome = pc::Welcome {
+                acked_seq: 2,
+                redelivery_upto: 4,
+                ..Default::default()
+            };
+            let (mut client, mut s, _) = connected(version, Properties::default(), welcome).await;
+            for seq in [3, 4, 5] {
+                node_says(&mut s, inbox_push(seq)).await;
+            }
+            assert_eq!(
+                inbox_publishes(&mut client, version).await,
+                [(1, true), (2, true), (3, false)],
+                "{version:?}"
+            );
+            // Sent again on this connection before its PUBACK: same packet id, DUP.
+            node_says(&mut s, inbox_push(5)).await;
+            assert_eq!(
+                inbox_publishes(&mut client, version).await,
+                [(3, true)],
+                "{version:?}"
+            );
+            // PUBACKed, or at or below the ack cursor: not sent again.
+            let mut out = BytesMut::new();
+            let ack = Ack {
+                packet_id: NonZeroU16::new(3).unwrap(),
+                reason: ReasonCode::SUCCESS,
+                properties: Properties::default(),
+            };
+            herald_mqtt::encode(&Packet::PubAck(ack), version, &mut out).unwrap();
+            client.write_all(&out).await.unwrap();
+            let _ = native(&mut s).await;
+            node_says(&mut s, inbox_push(5)).await;
+            node_says(&mut s, inbox_push(2)).await;
+            assert_eq!(inbox_publishes(&mut client, version).await, [], "{version:?}");
+        }
+    }
+
     #[test]
     fn the_message_expiry_interval_is_the_ttl_left_rounded_up_and_never_0() {
         let now = 1_790_000_000_000;
@@ -1438,6 +1515,38 @@ mod tests {
                     resolved.push(topic);
                 }
                 assert_eq!(resolved, names);
+            });
+        }
+
+        /// Inbox pushes in any order, repeats included, against a model: a seq is published
+        /// at most once with a new packet id, with DUP exactly when it is at or below the
+        /// WELCOME's redelivery bound; a repeat of a seq in flight goes out again with its packet
+        /// id and DUP; anything at or below the ack cursor is not sent.
+        #[test]
+        fn dup_follows_the_redelivery_bound_and_resends(
+            acked in 0u64..5,
+            upto in 0u64..12,
+            seqs in proptest::collection::vec(1u64..12, 0..40),
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let welcome = pc::Welcome { acked_seq: acked, redelivery_upto: upto, ..Default::default() };
+                let (mut client, mut s, _) = connected(Version::V5, Properties::default(), welcome).await;
+                let mut want = Vec::new();
+                let mut pid_of: HashMap<u64, u16> = HashMap::new();
+                let mut max_sent = acked;
+                for &seq in &seqs {
+                    node_says(&mut s, inbox_push(seq)).await;
+                    if seq > max_sent {
+                        max_sent = seq;
+                        let pid = pid_of.len() as u16 + 1;
+                        pid_of.insert(seq, pid);
+                        want.push((pid, seq <= upto));
+                    } else if let Some(&pid) = pid_of.get(&seq) {
+                        want.push((pid, true));
+                    }
+                }
+                assert_eq!(inbox_publishes(&mut client, Version::V5).await, want);
             });
         }
 
