@@ -73,6 +73,8 @@ pub struct RoomStats {
     pub rejected_auth: AtomicU64,
     pub rejected_rate: AtomicU64,
     pub rejected_busy: AtomicU64,
+    /// MQTT wills waiting for their Will Delay Interval on this node (bounded, see `mqtt.rs`).
+    pub mqtt_delayed_wills: AtomicU64,
     /// Latency histogram, per-transport gauges, API push counters, load samples (admin metrics).
     pub ops: crate::admin::metrics::OpsStats,
 }

@@ -28,6 +28,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io;
 use std::num::NonZeroU16;
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, BytesMut};
@@ -121,7 +122,7 @@ struct State {
     /// The app (CONNECT's user name) and the will (topic, payload), published when the connection
     /// ends any way but a normal DISCONNECT once the session was accepted.
     app: String,
-    will: Option<(String, bytes::Bytes)>,
+    will: Option<Box<WillMsg>>,
     /// 5.0 topic aliases of this connection (both directions); allocated on first use.
     aliases: Option<Box<Aliases>>,
     /// The Topic Alias Maximum the client's CONNECT allowed the node (capped at [`OUT_ALIAS_MAX`]).
@@ -129,6 +130,31 @@ struct State {
     /// Cluster time (ms) read for the batch of frames being translated (message expiry).
     now_ms: Option<u64>,
 }
+
+/// A client's will and what deciding when (and whether) to publish it needs.
+struct WillMsg {
+    topic: String,
+    payload: bytes::Bytes,
+    /// Will Delay Interval (5.0), seconds: 0 publishes as soon as the connection ends.
+    delay_s: u32,
+    /// The session's expiry interval (5.0: CONNECT's, changed by DISCONNECT's), seconds: a will
+    /// goes out when the session ends if that comes before its delay [MQTT-3.1.3-9].
+    session_expiry_s: u32,
+    /// Who the session is (the token's user, the client id) and when the device last registered
+    /// (log time, read at WELCOME): a later registration means the client id came back.
+    user: String,
+    device: String,
+    registered_ms: u64,
+}
+
+/// How long after the connection ends a will goes out: its delay, unless the session (which
+/// ends with the connection when its expiry interval is 0) ends first. 3.1.1 has neither: 0.
+fn will_delay_s(delay_s: u32, session_expiry_s: u32) -> u32 {
+    delay_s.min(session_expiry_s)
+}
+
+/// Delayed wills one node holds at once; past it, a will is published when its connection ends.
+const MAX_DELAYED_WILLS: u64 = 10_000;
 
 /// A connection's topic aliases (5.0 §3.3.2.3.4): they live as long as the network connection.
 #[derive(Default)]
@@ -250,6 +276,13 @@ impl<S> MqttStream<S> {
                 if d.reason != ReasonCode::DISCONNECT_WITH_WILL_MESSAGE {
                     self.st.will = None;
                 }
+                // 5.0's DISCONNECT may change when the session ends (not from 0: that is a
+                // protocol error, ignored here).
+                if let (Some(w), Some(e)) = (&mut self.st.will, d.properties.session_expiry_interval) {
+                    if w.session_expiry_s > 0 {
+                        w.session_expiry_s = e;
+                    }
+                }
                 self.send_node(Kind::CloseSession(pc::CloseSession { session_id: SID }));
                 self.eof = true;
             }
@@ -320,7 +353,15 @@ impl<S> MqttStream<S> {
             if w.retain {
                 info!(client = %c.client_id, "mqtt: a retained will is published as a plain message");
             }
-            self.st.will = Some((w.topic.clone(), w.payload.clone()));
+            self.st.will = Some(Box::new(WillMsg {
+                topic: w.topic.clone(),
+                payload: w.payload.clone(),
+                delay_s: w.properties.will_delay_interval.unwrap_or(0),
+                session_expiry_s: c.properties.session_expiry_interval.unwrap_or(0),
+                user: user.clone(),
+                device: device.clone(),
+                registered_ms: 0,
+            }));
         }
         let heartbeat_ms = if c.keep_alive == 0 {
             // No keep alive: the longest heartbeat the node allows (an idle limit of 2.5 of it).
@@ -569,6 +610,7 @@ impl<S> MqttStream<S> {
                 self.st.acked = w.acked_seq;
                 self.st.max_sent = w.acked_seq;
                 self.st.redelivery_upto = w.redelivery_upto;
+                self.note_registration();
                 let mut props = Properties::default();
                 if self.st.version == Some(Version::V5) {
                     props.maximum_qos = Some(QoS::AtLeastOnce);
@@ -686,6 +728,22 @@ impl<S> MqttStream<S> {
             }));
         }
         self.eof = true;
+    }
+
+    /// For a delayed will: the log time of the device's registration this session is, so a
+    /// later login of the client id can be told from it when the delay is over.
+    fn note_registration(&mut self) {
+        let (Some(room), Some(w)) = (&self.room, &mut self.st.will) else {
+            return;
+        };
+        if will_delay_s(w.delay_s, w.session_expiry_s) == 0 {
+            return;
+        }
+        if let Ok(devices) = room.reader.devices(&self.st.app, &w.user) {
+            if let Some((_, d)) = devices.into_iter().find(|(d, _)| *d == w.device) {
+                w.registered_ms = d.last_seen_ms;
+            }
+        }
     }
 
     /// Cluster time (ms), read once per batch of frames: log time as the members' clocks tell
@@ -861,20 +919,52 @@ impl<S> Drop for MqttStream<S> {
     /// The will goes out when the connection ends any way but a normal DISCONNECT (an I/O error,
     /// a keep alive timeout, a protocol error, a kick or a drain), once the session was accepted.
     fn drop(&mut self) {
-        let (Some(room), Some((topic, payload)), true) =
-            (self.room.take(), self.st.will.take(), self.st.connected)
+        let (Some(room), Some(will), true) = (self.room.take(), self.st.will.take(), self.st.connected)
         else {
             return;
         };
         let app = std::mem::take(&mut self.st.app);
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(publish_will(room, app, topic, payload));
+            rt.spawn(publish_will(room, app, will));
         }
     }
 }
 
+/// Publishes a will once its delay is over, unless the client id logged in again meanwhile
+/// (anywhere in the cluster) [MQTT-3.1.3-9]. A delayed will waits in this node's memory: it is
+/// lost if the node stops first.
+async fn publish_will(room: std::sync::Arc<super::Room>, app: String, will: Box<WillMsg>) {
+    let delay = will_delay_s(will.delay_s, will.session_expiry_s);
+    if delay == 0 {
+        return commit_will(&room, app, will.topic, will.payload).await;
+    }
+    let waiting = &room.stats.mqtt_delayed_wills;
+    if waiting.fetch_add(1, Ordering::AcqRel) >= MAX_DELAYED_WILLS {
+        waiting.fetch_sub(1, Ordering::AcqRel);
+        info!(app = %app, topic = %will.topic, "mqtt: too many delayed wills on this node; published now");
+        return commit_will(&room, app, will.topic, will.payload).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_secs(u64::from(delay))).await;
+    waiting.fetch_sub(1, Ordering::AcqRel);
+    // A login the leader applied is seen here too.
+    room.barrier.catch_up(&room.raft).await;
+    let live = room.reader.session(&app, &will.user, &will.device);
+    let devices = room.reader.devices(&app, &will.user);
+    let (Ok(live), Ok(devices)) = (live, devices) else {
+        return info!(app = %app, "mqtt: cannot read the registry; delayed will not published");
+    };
+    let last_login = devices
+        .into_iter()
+        .find(|(d, _)| *d == will.device)
+        .map_or(0, |(_, d)| d.last_seen_ms);
+    if live.is_some() || last_login > will.registered_ms {
+        return debug!(app = %app, device = %will.device, "mqtt: the client came back; delayed will dropped");
+    }
+    commit_will(&room, app, will.topic, will.payload).await
+}
+
 /// Commits a will like a client publish: only to a topic the app lets its clients publish to.
-async fn publish_will(room: std::sync::Arc<super::Room>, app: String, topic: String, payload: bytes::Bytes) {
+async fn commit_will(room: &super::Room, app: String, topic: String, payload: bytes::Bytes) {
     let Ok(Some(cfg)) = room.reader.app(&app) else {
         return;
     };
@@ -1423,6 +1513,15 @@ mod tests {
             node_says(&mut s, inbox_push(2)).await;
             assert_eq!(inbox_publishes(&mut client, version).await, [], "{version:?}");
         }
+    }
+
+    #[test]
+    fn a_will_waits_for_its_delay_or_the_end_of_the_session_whichever_is_first() {
+        assert_eq!(will_delay_s(0, u32::MAX), 0);
+        assert_eq!(will_delay_s(30, u32::MAX), 30);
+        assert_eq!(will_delay_s(30, 10), 10);
+        // Session Expiry 0 (or absent): the session ends with the connection.
+        assert_eq!(will_delay_s(30, 0), 0);
     }
 
     #[test]

@@ -1084,3 +1084,123 @@ async fn a_message_sent_to_an_earlier_connection_comes_again_with_dup() {
     }
     c.assert_no_panics();
 }
+
+/// MQTT 5.0 Will Delay Interval, with mosquitto_sub: a killed client that logs in again (to
+/// another node) within its will's delay has no will published; killed for good, its will comes
+/// after the delay. A will whose session ends with the connection (Session Expiry 0) goes out at
+/// once whatever its delay.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_delayed_will_waits_and_is_dropped_when_the_client_comes_back() {
+    let (c, ports) = cluster().await;
+    let app = c.create_app("mqttwill").await;
+    allow_client_publish(&c, &app, &["status/+"]).await;
+    let watcher_token = app.token("yara", None);
+    let watcher = Sub::spawn(&[
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &ports[0].to_string(),
+        "-V",
+        "mqttv5",
+        "-i",
+        "yara-phone",
+        "-u",
+        &app.id,
+        "-P",
+        &watcher_token,
+        "-t",
+        "status/+",
+    ]);
+    watcher.wait_for("received SUBACK", Duration::from_secs(20)).await;
+    let token = app.token("zed", None);
+    let client = |port: u16, session: &[&str]| {
+        let mut args: Vec<String> = [
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-V",
+            "mqttv5",
+            "-i",
+            "zed-phone",
+            "-u",
+            &app.id,
+            "-P",
+            &token,
+            "-t",
+            "status/none",
+            "--will-topic",
+            "status/zed",
+            "--will-payload",
+            "zed is gone",
+            "-D",
+            "will",
+            "will-delay-interval",
+            "4",
+        ]
+        .map(String::from)
+        .to_vec();
+        args.extend(session.iter().map(|s| s.to_string()));
+        Sub::spawn(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let persistent = ["-c", "-x", "60"];
+
+    let first = client(ports[1], &persistent);
+    first.wait_for("received SUBACK", Duration::from_secs(20)).await;
+    drop(first); // SIGKILL
+    let killed = Instant::now();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let back = client(ports[2], &persistent);
+    back.wait_for("received SUBACK", Duration::from_secs(20)).await;
+    // The first connection's delay runs out while the client is back: no will.
+    tokio::time::sleep(Duration::from_secs(6).saturating_sub(killed.elapsed())).await;
+    assert!(
+        !watcher.text().contains("zed is gone"),
+        "a will was published though the client came back: {}",
+        watcher.text()
+    );
+    drop(back);
+    let killed = Instant::now();
+    watcher
+        .wait_for("status/zed zed is gone", Duration::from_secs(20))
+        .await;
+    let took = killed.elapsed();
+    assert!(
+        took >= Duration::from_millis(3_500),
+        "the will came after {took:?}"
+    );
+    let wills = watcher
+        .lines
+        .lock()
+        .iter()
+        .filter(|l| l.as_str() == "status/zed zed is gone")
+        .count();
+    assert_eq!(wills, 1, "{}", watcher.text());
+
+    // Session Expiry 0: the session ends with the connection, and the will goes out then.
+    let short = client(ports[1], &[]);
+    short.wait_for("received SUBACK", Duration::from_secs(20)).await;
+    drop(short);
+    let killed = Instant::now();
+    eventually_count(&watcher, "status/zed zed is gone", 2).await;
+    let took = killed.elapsed();
+    assert!(took < Duration::from_secs(3), "the will came after {took:?}");
+    c.assert_no_panics();
+}
+
+/// Waits (20 s at most) until `sub` printed the line `line` `n` times.
+async fn eventually_count(sub: &Sub, line: &str, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = sub.lines.lock().iter().filter(|l| l.as_str() == line).count();
+        if got >= n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{line:?} printed {got} times, not {n}:\n{}",
+            sub.text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
