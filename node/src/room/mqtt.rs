@@ -210,11 +210,16 @@ impl<S> MqttStream<S> {
         herald_proto::frame::encode(&Frame { kind: Some(kind) }, &mut self.native_in);
     }
 
-    fn send_client(&mut self, p: &Packet) {
+    /// Appends `p` for the client; false if it could not be encoded (and was dropped).
+    fn send_client(&mut self, p: &Packet) -> bool {
         let v = self.st.version.unwrap_or(Version::V311);
-        if let Err(e) = herald_mqtt::encode(p, v, &mut self.wbuf) {
-            // Only packets built here are encoded; one the version cannot carry is a bug here.
-            debug!(error = %e, ?v, "mqtt: packet not encodable; dropped");
+        match herald_mqtt::encode(p, v, &mut self.wbuf) {
+            Ok(()) => true,
+            Err(e) => {
+                // Only packets built here are encoded; one the version cannot carry is a bug here.
+                debug!(error = %e, ?v, "mqtt: packet not encodable; dropped");
+                false
+            }
         }
     }
 
@@ -407,11 +412,12 @@ impl<S> MqttStream<S> {
             let Some(pid) = p.packet_id else { return };
             match self.st.qos2.get(&pid.get()) {
                 Some(true) => {
-                    return self.send_client(&Packet::PubRec(Ack {
+                    self.send_client(&Packet::PubRec(Ack {
                         packet_id: pid,
                         reason: ReasonCode::SUCCESS,
                         properties: Properties::default(),
-                    }))
+                    }));
+                    return;
                 }
                 Some(false) => return,
                 None => {
@@ -501,19 +507,33 @@ impl<S> MqttStream<S> {
     /// Gives an outbound PUBLISH a topic alias when the client allows them: the first PUBLISH of
     /// a topic carries its name and a new alias, later ones the alias and an empty name. Once the
     /// client's maximum is used up, new topics go by name (no alias is ever re-mapped).
-    fn alias_outbound(&mut self, publish: &mut Publish) {
+    /// Returns the topic whose alias this PUBLISH sets, if it sets one: should the PUBLISH not
+    /// go out, the caller takes the alias back ([`Self::unalias`]), or the client would get
+    /// the alias without its name.
+    fn alias_outbound(&mut self, publish: &mut Publish) -> Option<String> {
         if self.st.out_alias_max == 0 || self.st.version != Some(Version::V5) {
-            return;
+            return None;
         }
         let max = self.st.out_alias_max;
         let aliases = self.st.aliases.get_or_insert_with(Box::default);
         if let Some(&alias) = aliases.outbound.get(&publish.topic) {
             publish.topic.clear();
             publish.properties.topic_alias = Some(alias);
+            None
         } else if aliases.outbound.len() < usize::from(max) {
             let alias = aliases.outbound.len() as u16 + 1;
             aliases.outbound.insert(publish.topic.clone(), alias);
             publish.properties.topic_alias = Some(alias);
+            Some(publish.topic.clone())
+        } else {
+            None
+        }
+    }
+
+    /// Takes back the alias just set for `topic` (the newest, so the next topic gets its number).
+    fn unalias(&mut self, topic: &str) {
+        if let Some(a) = &mut self.st.aliases {
+            a.outbound.remove(topic);
         }
     }
 
@@ -829,8 +849,12 @@ impl<S> MqttStream<S> {
         } else {
             publish.topic = p.topic;
         }
-        self.alias_outbound(&mut publish);
-        self.send_client(&Packet::Publish(publish));
+        let aliased = self.alias_outbound(&mut publish);
+        if !self.send_client(&Packet::Publish(publish)) {
+            if let Some(topic) = aliased {
+                self.unalias(&topic);
+            }
+        }
     }
 
     fn next_packet_id(&mut self) -> Option<NonZeroU16> {
@@ -867,7 +891,9 @@ impl<S> MqttStream<S> {
 
     fn on_pong(&mut self, id: u64) {
         match id >> 56 {
-            MARK_PING => self.send_client(&Packet::PingResp),
+            MARK_PING => {
+                self.send_client(&Packet::PingResp);
+            }
             MARK_SUBACK => {
                 let pid = ((id >> 32) & 0xffff) as u16;
                 if let Some(s) = self.st.subs.iter_mut().find(|s| s.packet_id.get() == pid) {
@@ -944,8 +970,15 @@ async fn publish_will(room: std::sync::Arc<super::Room>, app: String, will: Box<
         info!(app = %app, topic = %will.topic, "mqtt: too many delayed wills on this node; published now");
         return commit_will(&room, app, will.topic, will.payload).await;
     }
+    // While it waits the will does not keep the room (and its stores) alive: a node that stops
+    // meanwhile loses it.
+    let weak = std::sync::Arc::downgrade(&room);
+    drop(room);
     tokio::time::sleep(std::time::Duration::from_secs(u64::from(delay))).await;
-    waiting.fetch_sub(1, Ordering::AcqRel);
+    let Some(room) = weak.upgrade() else {
+        return debug!(app = %app, "mqtt: the node stopped; delayed will lost");
+    };
+    room.stats.mqtt_delayed_wills.fetch_sub(1, Ordering::AcqRel);
     // A login the leader applied is seen here too.
     room.barrier.catch_up(&room.raft).await;
     let live = room.reader.session(&app, &will.user, &will.device);
