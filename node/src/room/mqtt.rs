@@ -127,6 +127,8 @@ struct State {
     aliases: Option<Box<Aliases>>,
     /// The Topic Alias Maximum the client's CONNECT allowed the node (capped at [`OUT_ALIAS_MAX`]).
     out_alias_max: u16,
+    /// The client's Maximum Packet Size (5.0 CONNECT): a PUBLISH larger than it is not sent.
+    out_max_packet: Option<u32>,
     /// Cluster time (ms) read for the batch of frames being translated (message expiry).
     now_ms: Option<u64>,
 }
@@ -320,6 +322,7 @@ impl<S> MqttStream<S> {
         self.st.keep_alive = c.keep_alive;
         // 0 or absent: the node must not send topic aliases [MQTT-3.1.2-26].
         self.st.out_alias_max = c.properties.topic_alias_maximum.unwrap_or(0).min(OUT_ALIAS_MAX);
+        self.st.out_max_packet = c.properties.maximum_packet_size;
         let mut device = c.client_id.clone();
         if device.is_empty() {
             if !c.clean_start {
@@ -850,7 +853,26 @@ impl<S> MqttStream<S> {
             publish.topic = p.topic;
         }
         let aliased = self.alias_outbound(&mut publish);
-        if !self.send_client(&Packet::Publish(publish)) {
+        let packet_id = publish.packet_id;
+        let before = self.wbuf.len();
+        let sent = self.send_client(&Packet::Publish(publish));
+        let size = self.wbuf.len() - before;
+        let too_large = sent && self.st.out_max_packet.is_some_and(|max| size > max as usize);
+        if too_large {
+            // Larger than the client said it accepts: discarded without sending, and handled as
+            // if sent [MQTT-3.1.2-25]; a QoS 1 inbox message then counts as PUBACKed.
+            self.wbuf.truncate(before);
+            debug!(
+                size,
+                max = self.st.out_max_packet,
+                "mqtt: a PUBLISH over the client's Maximum Packet Size was discarded"
+            );
+            if let Some(seq) = packet_id.and_then(|pid| self.st.inflight.remove(&pid.get())) {
+                self.st.unacked.remove(&seq);
+                self.ack_upto();
+            }
+        }
+        if !sent || too_large {
             if let Some(topic) = aliased {
                 self.unalias(&topic);
             }

@@ -1204,3 +1204,66 @@ async fn eventually_count(sub: &Sub, line: &str, n: usize) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// MQTT 5.0 Maximum Packet Size, with mosquitto_sub: an inbox message larger than the client
+/// accepts is not sent and counts as delivered [MQTT-3.1.2-25]; the messages around it arrive,
+/// and a later connection of the device does not get it again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_over_the_clients_maximum_packet_size_is_discarded_as_if_sent() {
+    let (c, ports) = cluster().await;
+    let app = c.create_app("mqttmax").await;
+    let leader = c.wait_leader().await;
+    let addr = c.grpc_addr(leader);
+    let (user, device) = ("max", "max-phone");
+    let limited = |port: u16| {
+        let token = app.token(user, None);
+        Sub::spawn(&[
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-V",
+            "mqttv5",
+            "-q",
+            "1",
+            "-c",
+            "-x",
+            "3600",
+            "-i",
+            device,
+            "-u",
+            &app.id,
+            "-P",
+            &token,
+            "-D",
+            "connect",
+            "maximum-packet-size",
+            "400",
+            "-t",
+            INBOX,
+        ])
+    };
+    let sub = limited(ports[0]);
+    sub.wait_for("received SUBACK", Duration::from_secs(20)).await;
+    let big = "x".repeat(600);
+    app.push_acked(addr, user, "small-1", "max-1").await;
+    app.push_acked(addr, user, &big, "max-big").await;
+    app.push_acked(addr, user, "small-2", "max-2").await;
+    sub.wait_for(&format!("{INBOX} small-2"), Duration::from_secs(20))
+        .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let got: Vec<String> = sub.inbox().into_iter().map(|(p, _)| p).collect();
+    assert_eq!(got, vec!["small-1", "small-2"], "{}", sub.text());
+    drop(sub);
+    // The device again, on another node: the big message was delivered as far as Herald knows.
+    let again = limited(ports[1]);
+    again.wait_for("received SUBACK", Duration::from_secs(20)).await;
+    app.push_acked(addr, user, "small-3", "max-3").await;
+    again
+        .wait_for(&format!("{INBOX} small-3"), Duration::from_secs(20))
+        .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let got: Vec<String> = again.inbox().into_iter().map(|(p, _)| p).collect();
+    assert_eq!(got, vec!["small-3"], "{}", again.text());
+    c.assert_no_panics();
+}
