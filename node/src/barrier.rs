@@ -10,13 +10,17 @@
 //! question could miss a write acknowledged in between). So a burst of QoS-0 pushes to offline
 //! users, or of refused API keys, costs the leader one `Peer/AppliedIndex` per round trip from
 //! this node, not one per request.
+//!
+//! Each Raft group has its own leader and log, so each has its own question in flight: a catch-up
+//! names the group whose state the caller is about to read (the metadata group for apps, the
+//! user's shard for sessions).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use herald_proto::peer::peer_client::PeerClient;
 use herald_proto::peer::AppliedIndexRequest;
-use herald_raft::RaftNode;
+use herald_raft::{GroupId, RaftNode};
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 use tracing::debug;
@@ -24,10 +28,10 @@ use tracing::debug;
 /// Longest one catch-up takes (the leader's answer plus the local apply).
 pub const CATCH_UP_LIMIT: Duration = Duration::from_secs(1);
 
-/// One node's shared read barrier (kept by the [`crate::room::Room`]).
+/// One node's shared read barriers, one per Raft group (kept by the [`crate::room::Room`]).
 #[derive(Default, Clone)]
 pub struct Barrier {
-    shared: Arc<Shared>,
+    groups: Arc<Mutex<std::collections::HashMap<GroupId, Arc<Shared>>>>,
 }
 
 #[derive(Default)]
@@ -79,20 +83,21 @@ impl Barrier {
         caught_up
     }
 
-    /// Questions sent to the leader so far.
+    /// Questions sent to the leaders so far (all groups).
     pub fn asked(&self) -> u64 {
-        self.shared.state.lock().asked
+        self.groups.lock().values().map(|g| g.state.lock().asked).sum()
     }
 
     /// The leader's applied index, from a question sent at or after `since`: a shared one if
     /// there is one, else a new one.
     async fn leader_applied(&self, raft: &RaftNode, since: Instant) -> Option<u64> {
         let deadline = tokio::time::Instant::from_std(since + CATCH_UP_LIMIT);
+        let shared = self.groups.lock().entry(raft.group()).or_default().clone();
         loop {
-            let answered = self.shared.answered.notified();
+            let answered = shared.answered.notified();
             tokio::pin!(answered);
             {
-                let mut st = self.shared.state.lock();
+                let mut st = shared.state.lock();
                 if let Some((sent, index)) = st.answer {
                     if sent >= since {
                         return index;
@@ -104,7 +109,7 @@ impl Barrier {
                     let sent = Instant::now();
                     st.asking = Some(sent);
                     st.asked += 1;
-                    let (shared, raft) = (self.shared.clone(), raft.clone());
+                    let (shared, raft) = (shared.clone(), raft.clone());
                     tokio::spawn(async move {
                         let index = ask_leader(&raft).await;
                         let mut st = shared.state.lock();
@@ -132,7 +137,7 @@ async fn ask_leader(raft: &RaftNode) -> Option<u64> {
     }
     let channel = raft.peer_channel(leader).ok()?;
     let mut client = PeerClient::new(channel);
-    let mut req = tonic::Request::new(AppliedIndexRequest {});
+    let mut req = tonic::Request::new(AppliedIndexRequest { group: raft.group() });
     req.set_timeout(CATCH_UP_LIMIT);
     match tokio::time::timeout(CATCH_UP_LIMIT, client.applied_index(req)).await {
         Ok(Ok(r)) => {

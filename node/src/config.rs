@@ -37,6 +37,7 @@ pub mod env {
     pub const ELECTION_TIMEOUT_MS: &str = "HERALD_ELECTION_TIMEOUT_MS";
     pub const SNAPSHOT_EVERY: &str = "HERALD_SNAPSHOT_EVERY";
     pub const REJOIN: &str = "HERALD_REJOIN";
+    pub const SHARDS: &str = "HERALD_SHARDS";
     pub const WRITE_TIMEOUT_MS: &str = "HERALD_WRITE_TIMEOUT_MS";
     pub const CLIENT_HEARTBEAT_MS: &str = "HERALD_CLIENT_HEARTBEAT_MS";
     pub const CLIENT_HEARTBEAT_MIN_MS: &str = "HERALD_CLIENT_HEARTBEAT_MIN_MS";
@@ -146,6 +147,11 @@ pub struct NodeOptions {
     /// up from the cluster instead of refusing to start; an intact log is kept [default: false].
     #[arg(long, env = env::REJOIN, num_args = 0..=1, default_missing_value = "true")]
     pub rejoin: Option<bool>,
+    /// Shard groups holding users and topics, beside the metadata group (0: one Raft group holds
+    /// everything). Fixed when the cluster is created: every node of a cluster names the same,
+    /// and a data dir refuses another (docs/SCALING.md) [default: 0].
+    #[arg(long, env = env::SHARDS)]
+    pub shards: Option<u32>,
     /// How long a write waits for a leader and commit before it is reported indeterminate [default: 5000].
     #[arg(long, env = env::WRITE_TIMEOUT_MS)]
     pub write_timeout_ms: Option<u64>,
@@ -258,6 +264,7 @@ impl NodeOptions {
             election_timeout_ms,
             snapshot_every,
             rejoin,
+            shards,
             write_timeout_ms,
             client_heartbeat_ms,
             client_heartbeat_min_ms,
@@ -304,6 +311,9 @@ pub struct ClusterTlsFiles {
 #[error("{0}")]
 pub struct ConfigError(pub String);
 
+/// Most shard groups a cluster may have (each costs every replica a state machine and a timer).
+pub const MAX_SHARDS: u32 = 256;
+
 /// A PEM certificate chain and its private key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsFiles {
@@ -344,6 +354,7 @@ pub struct NodeConfig {
     pub election_timeout: Duration,
     pub snapshot_every: u64,
     pub rejoin: bool,
+    pub shards: u32,
     pub write_timeout: Duration,
     pub client_heartbeat: Duration,
     pub client_heartbeat_min: Duration,
@@ -571,6 +582,10 @@ impl NodeOptions {
             election_timeout,
             snapshot_every: positive("snapshot-every", self.snapshot_every, 50_000)?,
             rejoin: self.rejoin.unwrap_or(false),
+            shards: match self.shards.unwrap_or(0) {
+                n @ 0..=MAX_SHARDS => n,
+                n => return Err(ConfigError(format!("--shards {n}: at most {MAX_SHARDS}"))),
+            },
             write_timeout: Duration::from_millis(positive("write-timeout-ms", self.write_timeout_ms, 5_000)?),
             client_heartbeat: Duration::from_millis(client_heartbeat),
             client_heartbeat_min: Duration::from_millis(client_heartbeat_min),
@@ -974,6 +989,7 @@ mod tests {
             "election_timeout_ms" => ms(c.election_timeout),
             "snapshot_every" => Some(c.snapshot_every.to_string()),
             "rejoin" => Some(c.rejoin.to_string()),
+            "shards" => Some(c.shards.to_string()),
             "write_timeout_ms" => ms(c.write_timeout),
             "client_heartbeat_ms" => ms(c.client_heartbeat),
             "client_heartbeat_min_ms" => ms(c.client_heartbeat_min),
@@ -1080,7 +1096,7 @@ mod tests {
             );
             checked += usize::from(documented.is_some());
         }
-        assert_eq!(checked, 18, "options with a default");
+        assert_eq!(checked, 19, "options with a default");
         // The two defaults that follow another option, as their help says.
         let low = NodeOptions {
             client_heartbeat_ms: Some(1_000),

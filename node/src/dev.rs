@@ -33,6 +33,10 @@ pub struct DevArgs {
     /// Give every node this cold archive (mysql://user:pass@host:port/database).
     #[arg(long)]
     pub archive_url: Option<String>,
+    /// Shard groups of the cluster (`herald node --shards`; 0: one Raft group). Fixed when the
+    /// data dir is created: a second run must give the same.
+    #[arg(long, default_value_t = 0)]
+    pub shards: u32,
 }
 
 const NODES: u64 = 3;
@@ -124,6 +128,7 @@ pub async fn run(args: DevArgs) -> Result<(), CliError> {
             .arg("--tls-key")
             .arg(&pki.key)
             .args(["--peers", &peers])
+            .args(["--shards", &args.shards.to_string()])
             .env(crate::config::env::ADMIN_TOKEN, &admin_token)
             .stdout(log)
             .stderr(log2)

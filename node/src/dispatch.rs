@@ -29,8 +29,8 @@ pub fn hrw(user: &str, node: u64) -> u64 {
 }
 
 pub fn order(node: &Node, user: &str, transport: &str) -> Result<Vec<pb::DispatchNode>, StoreError> {
-    let infos = node.raft().reader().nodes()?;
-    let members: Vec<u64> = node.raft().member_ids();
+    let infos = node.groups().meta().reader().nodes()?;
+    let members: Vec<u64> = node.groups().meta().member_ids();
     let states = node.peers().states();
     let me = node.config().id;
     let mut candidates = Vec::new();

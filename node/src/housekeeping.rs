@@ -1,8 +1,9 @@
-//! Work the leader does on a timer: delete what expired by log time.
+//! Work a group's leader does on a timer: delete what expired by log time (in every group this
+//! node leads).
 
 use std::time::Duration;
 
-use herald_raft::{Op, OpResult};
+use herald_raft::{Op, OpResult, RaftNode};
 use tracing::{debug, info};
 
 use crate::node::Node;
@@ -18,29 +19,28 @@ pub async fn run(node: Node) {
             _ = node.cancel_token().cancelled() => return,
             _ = tick.tick() => {}
         }
-        if !node.raft().is_leader() {
-            continue;
-        }
-        expire_due(&node).await;
+        let leading = node.groups().all().iter().filter(|g| g.is_leader());
+        futures::future::join_all(leading.map(expire_due)).await;
     }
 }
 
-async fn expire_due(node: &Node) {
+async fn expire_due(raft: &RaftNode) {
+    let group = raft.group();
     loop {
-        let due = match node.raft().reader().next_expiry_ms() {
+        let due = match raft.reader().next_expiry_ms() {
             // Due by cluster time (what the Expire entry will be stamped with), not this
             // node's clock: a leader's clock running ahead would only propose empty Expires.
-            Ok(Some(t)) => t <= node.raft().cluster_now_ms(),
+            Ok(Some(t)) => t <= raft.cluster_now_ms(),
             Ok(None) => false,
             Err(e) => {
-                debug!(error = %e, "cannot read the expiry index");
+                debug!(group, error = %e, "cannot read the expiry index");
                 false
             }
         };
         if !due {
             return;
         }
-        match node.raft().write_one(Op::Expire { max: EXPIRE_BATCH }).await {
+        match raft.write_one(Op::Expire { max: EXPIRE_BATCH }).await {
             Ok((
                 OpResult::Expired {
                     messages,
@@ -49,14 +49,17 @@ async fn expire_due(node: &Node) {
                 },
                 log_index,
             )) => {
-                info!(messages, topic_entries, keys, log_index, "expired by log time");
+                info!(
+                    group,
+                    messages, topic_entries, keys, log_index, "expired by log time"
+                );
                 if messages + topic_entries + keys < EXPIRE_BATCH {
                     return;
                 }
             }
             Ok(_) => return,
             Err(e) => {
-                debug!(error = %e, "expire not committed");
+                debug!(group, error = %e, "expire not committed");
                 return;
             }
         }

@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod api;
+pub mod app_copies;
 pub mod archive;
 pub mod barrier;
 pub mod certs;

@@ -1,5 +1,6 @@
-//! A Herald node: one Raft member plus the gRPC API (and, on top, the room server), started by
-//! [`run`] on listeners the caller bound, stopped by one cancellation token.
+//! A Herald node: a member of each of the cluster's Raft groups plus the gRPC API (and, on top,
+//! the room server), started by [`run`] on listeners the caller bound, stopped by one
+//! cancellation token.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -10,7 +11,7 @@ use anyhow::Context;
 use herald_proto::v1::herald_client::HeraldClient;
 use herald_raft::network::ClusterTls;
 use herald_raft::raft_node::now_ms;
-use herald_raft::{NodeInfo, Op, RaftConfig, RaftNode};
+use herald_raft::{Groups, NodeInfo, Op, RaftConfig};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -122,7 +123,7 @@ pub struct Node {
 
 struct NodeInner {
     config: NodeConfig,
-    raft: RaftNode,
+    groups: Groups,
     room: Arc<Room>,
     peers: Arc<PeerMonitor>,
     /// Makes message ids unique per node process: `<node>-<boot>-<counter>`.
@@ -137,8 +138,9 @@ impl Node {
         &self.inner.config
     }
 
-    pub fn raft(&self) -> &RaftNode {
-        &self.inner.raft
+    /// The node's Raft groups (see [`Groups`]).
+    pub fn groups(&self) -> &Groups {
+        &self.inner.groups
     }
 
     pub fn room(&self) -> &Arc<Room> {
@@ -169,7 +171,12 @@ impl Node {
         F: FnOnce(HeraldClient<Channel>, Request<Req>) -> Fut,
         Fut: Future<Output = Result<Response<Rep>, Status>>,
     {
-        let Some((leader, addr)) = self.raft().leader().filter(|(id, _)| *id != self.config().id) else {
+        let Some((leader, addr)) = self
+            .groups()
+            .meta()
+            .leader()
+            .filter(|(id, _)| *id != self.config().id)
+        else {
             return Err(ApiError::Unavailable {
                 msg: "no leader is known right now; retry".into(),
                 leader: None,
@@ -178,7 +185,8 @@ impl Node {
         };
         // Over the cluster plane (mutual TLS), where every node also serves the API for this.
         let channel = self
-            .raft()
+            .groups()
+            .meta()
             .peer_channel(leader)
             .map_err(|e| ApiError::Unavailable {
                 msg: format!("leader node {leader} at {addr} unreachable: {e}"),
@@ -233,10 +241,17 @@ pub async fn run(
     raft_config.snapshot_every = config.snapshot_every;
     raft_config.write_timeout = config.write_timeout;
     raft_config.rejoin = config.rejoin;
-    let observer = Arc::new(NodeObserver::default());
-    let raft = RaftNode::start(raft_config, observer.clone())
-        .await
-        .with_context(|| format!("cannot start raft on {}", config.data_dir.display()))?;
+    raft_config.shards = config.shards;
+    let observers: Vec<Arc<NodeObserver>> = (0..=config.shards)
+        .map(|g| Arc::new(NodeObserver::new(g)))
+        .collect();
+    let groups = Groups::start(raft_config, |g| {
+        let o: Arc<dyn herald_raft::ApplyObserver> = observers[g as usize].clone();
+        o
+    })
+    .await
+    .with_context(|| format!("cannot start raft on {}", config.data_dir.display()))?;
+    let raft = groups.meta().clone();
 
     // Background work stops on `background` (after the drain), the rest on `shutdown`.
     let background = CancellationToken::new();
@@ -254,15 +269,17 @@ pub async fn run(
             max_connections: config.max_connections,
             accept_rate_per_ip: config.accept_rate_per_ip,
         },
-        raft.clone(),
+        groups.clone(),
         coordinator.clone(),
     );
-    observer.attach(room.clone());
-    let peers = PeerMonitor::new(raft.clone(), room.clone(), config.node_down_timeout);
+    for o in &observers {
+        o.attach(room.clone());
+    }
+    let peers = PeerMonitor::new(groups.clone(), room.clone(), config.node_down_timeout);
     let node = Node {
         inner: Arc::new(NodeInner {
             config: config.clone(),
-            raft: raft.clone(),
+            groups: groups.clone(),
             room: room.clone(),
             peers: peers.clone(),
             boot: rand::random::<u32>() as u64,
@@ -354,16 +371,23 @@ pub async fn run(
 
     let tasks = &node.inner.tasks;
     tasks.spawn(crate::housekeeping::run(node.clone()));
+    tasks.spawn(crate::app_copies::reconcile(node.clone()));
     tasks.spawn(room.acks.clone().run(background.clone()));
     tasks.spawn(peers.clone().run(background.clone()));
     tasks.spawn(crate::admin::run_sampler(node.clone(), background.clone()));
-    match &archive {
-        Some(a) => {
-            tasks.spawn(a.clone().run(raft.clone(), background.clone()));
+    // The outboxes (cold archive, session events) are per group holding users: each group's
+    // leader drains its own.
+    for g in groups.data() {
+        match &archive {
+            Some(a) => {
+                tasks.spawn(a.clone().run(g.clone(), background.clone()));
+            }
+            None => {
+                tasks.spawn(crate::archive::keep_disabled(g.clone(), background.clone()));
+            }
         }
-        None => {
-            tasks.spawn(crate::archive::keep_disabled(raft.clone(), background.clone()));
-        }
+        let (c, r, stop) = (coordinator.clone(), g.clone(), background.clone());
+        tasks.spawn(async move { c.run_event_sender(r, stop).await });
     }
     // The admin server runs until the very end (probes answer "not ready" while draining).
     let admin_stop = CancellationToken::new();
@@ -375,10 +399,6 @@ pub async fn run(
         });
         tokio::spawn(crate::admin::serve(l, state, admin_tls, admin_stop.clone()))
     });
-    {
-        let (c, r, stop) = (coordinator.clone(), raft.clone(), background.clone());
-        tasks.spawn(async move { c.run_event_sender(r, stop).await });
-    }
     {
         let room = room.clone();
         let stop = background.clone();
@@ -433,7 +453,7 @@ pub async fn run(
     // stop like a SIGTERM (clients get BYE with redirects) and exit non-zero for the supervisor.
     let fatal = tokio::select! {
         _ = shutdown.cancelled() => None,
-        reason = raft.wait_fatal() => Some(reason),
+        reason = groups.wait_fatal() => Some(reason),
     };
     match &fatal {
         None => info!(node_id = config.id, "shutting down"),
@@ -463,7 +483,7 @@ pub async fn run(
     node.inner.tasks.close();
     let stop = async {
         node.inner.tasks.wait().await;
-        raft.shutdown().await;
+        groups.shutdown().await;
         grpc_shutdown.cancel();
         let _ = grpc_task.await;
         let _ = cluster_task.await;
@@ -531,9 +551,19 @@ async fn drain(node: &Node, conn_tasks: &TaskTracker) {
     }
     room.acks.flush().await;
     if n > 0 {
-        let write = node.raft().write_one(Op::NodeDown {
-            node: node.config().id,
+        // Every group holding users: a session's registration lives in its user's group.
+        let writes = node.groups().data().iter().map(|g| {
+            g.write_one(Op::NodeDown {
+                node: node.config().id,
+            })
         });
+        let write = async {
+            futures::future::join_all(writes)
+                .await
+                .into_iter()
+                .find_map(Result::err)
+                .map_or(Ok(()), Err)
+        };
         match tokio::time::timeout(Duration::from_secs(3), write).await {
             Ok(Ok(_)) => info!(connections = n, "drained; sessions unregistered"),
             Ok(Err(e)) => warn!(error = %e, "could not unregister this node's sessions"),
@@ -554,22 +584,40 @@ async fn announce(node: Node) -> bool {
         ws_addr: c.ws_advertise.clone(),
     };
     let mut delay = Duration::from_millis(100);
+    let groups = node.groups();
     loop {
-        let ops = vec![Op::SetNode(info.clone()), Op::NodeDown { node: c.id }];
-        match node.raft().write(ops).await {
-            Ok(done) => {
+        // The addresses in the metadata group, the clean-up in every group holding sessions
+        // (with no shards, one entry does both). Both are idempotent: a retry repeats them all.
+        let writes = groups.all().iter().filter_map(|g| {
+            let mut ops = Vec::new();
+            if g.group() == herald_raft::shard::META_GROUP {
+                ops.push(Op::SetNode(info.clone()));
+            }
+            if groups.shards() == 0 || g.group() != herald_raft::shard::META_GROUP {
+                ops.push(Op::NodeDown { node: c.id });
+            }
+            (!ops.is_empty()).then_some(async move { (g, g.write(ops).await) })
+        });
+        let mut failed = None;
+        for (g, r) in futures::future::join_all(writes).await {
+            match r {
+                // Serve from a state that includes the clean-up.
+                Ok(done) => g.reader().wait_applied(done.log_index).await,
+                Err(e) => failed = Some((g.group(), e)),
+            }
+        }
+        match failed {
+            None => {
                 info!(
                     node_id = c.id,
-                    log_index = done.log_index,
+                    groups = groups.all().len(),
                     at_ms = now_ms(),
                     "node announced"
                 );
-                // Serve from a state that includes the clean-up.
-                node.raft().reader().wait_applied(done.log_index).await;
                 return true;
             }
-            Err(e) => {
-                tracing::debug!(node_id = c.id, error = %e, "announce not committed yet; retrying");
+            Some((group, e)) => {
+                tracing::debug!(node_id = c.id, group, error = %e, "announce not committed yet; retrying");
             }
         }
         tokio::select! {

@@ -1,5 +1,6 @@
 //! What a node knows about the other members: reachability and load (probed every
-//! [`PROBE_EVERY`]), used by Dispatch, redirects and — on the leader — to declare a member down.
+//! [`PROBE_EVERY`]), used by Dispatch, redirects and — on each group's leader — to declare a member
+//! down in that group.
 //! Also the node-to-node `herald.peer.v1.Peer` service for online-only (QoS 0) delivery.
 
 use std::collections::{HashMap, HashSet};
@@ -11,7 +12,7 @@ use herald_proto::peer::peer_server::{Peer, PeerServer};
 use herald_proto::peer::{
     AppliedIndexReply, AppliedIndexRequest, DeliverReply, DeliverRequest, RatesReply, RatesRequest,
 };
-use herald_raft::{NodeId, Op, RaftNode};
+use herald_raft::{GroupId, Groups, NodeId, Op};
 use parking_lot::RwLock;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
@@ -33,7 +34,7 @@ pub struct PeerState {
 
 /// Reachability and load of every member, as this node sees them.
 pub struct PeerMonitor {
-    raft: RaftNode,
+    groups: Groups,
     room: Arc<Room>,
     node_down_timeout: Duration,
     states: RwLock<HashMap<NodeId, PeerState>>,
@@ -43,9 +44,9 @@ pub struct PeerMonitor {
 const PEER_CALL_TIMEOUT: Duration = Duration::from_secs(3);
 
 impl PeerMonitor {
-    pub fn new(raft: RaftNode, room: Arc<Room>, node_down_timeout: Duration) -> Arc<PeerMonitor> {
+    pub fn new(groups: Groups, room: Arc<Room>, node_down_timeout: Duration) -> Arc<PeerMonitor> {
         Arc::new(PeerMonitor {
-            raft,
+            groups,
             room,
             node_down_timeout,
             states: RwLock::new(HashMap::new()),
@@ -63,14 +64,15 @@ impl PeerMonitor {
     /// A gRPC channel to member `node` on the cluster plane (mutual TLS unless
     /// `--insecure-cluster`); the connection its raft RPCs use.
     pub fn channel(&self, node: NodeId) -> Result<Channel, Status> {
-        self.raft.peer_channel(node).map_err(Status::unavailable)
+        self.groups.meta().peer_channel(node).map_err(Status::unavailable)
     }
 
-    /// Probes every member each second; on the leader, declares members down that stayed
-    /// unreachable past the timeout while holding sessions.
+    /// Probes every member each second; in each group holding users that this node leads,
+    /// declares members down that stayed unreachable past the timeout while holding sessions of
+    /// that group.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
-        let mut declared: HashSet<NodeId> = HashSet::new();
-        let mut was_leader = false;
+        let mut declared: HashMap<GroupId, HashSet<NodeId>> = HashMap::new();
+        let mut leading: HashSet<GroupId> = HashSet::new();
         let mut tick = tokio::time::interval(PROBE_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -78,56 +80,65 @@ impl PeerMonitor {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            let leader = self.observe(!was_leader).await;
-            was_leader = leader;
+            let now_leading: HashSet<GroupId> = self
+                .groups
+                .data()
+                .iter()
+                .filter(|g| g.is_leader())
+                .map(|g| g.group())
+                .collect();
+            // A new leader of a group gives every member a fresh grace period.
+            let fresh = now_leading.iter().any(|g| !leading.contains(g));
+            self.observe(fresh).await;
+            leading = now_leading;
+            declared.retain(|g, _| leading.contains(g));
             let now = Instant::now();
-            if !leader {
-                declared.clear();
-                continue;
-            }
+            let me = self.groups.id();
             let down: Vec<NodeId> = self
                 .states
                 .read()
                 .iter()
                 .filter(|(id, s)| {
-                    **id != self.raft.id()
-                        && !s.reachable
-                        && now.duration_since(s.last_ok) > self.node_down_timeout
+                    **id != me && !s.reachable && now.duration_since(s.last_ok) > self.node_down_timeout
                 })
                 .map(|(id, _)| *id)
                 .collect();
-            declared.retain(|id| down.contains(id));
-            for id in down {
-                if declared.contains(&id) {
+            for group in &leading {
+                let Some(raft) = self.groups.get(*group) else {
                     continue;
-                }
-                let holds = self
-                    .raft
-                    .reader()
-                    .sessions_on_node(id)
-                    .map(|s| !s.is_empty())
-                    .unwrap_or(false);
-                if !holds {
-                    continue;
-                }
-                match self.raft.write_one(Op::NodeDown { node: id }).await {
-                    Ok((r, idx)) => {
-                        info!(node_id = id, log_index = idx, result = ?r, "member unreachable past the timeout: declared down");
-                        declared.insert(id);
+                };
+                let done = declared.entry(*group).or_default();
+                done.retain(|id| down.contains(id));
+                for &id in &down {
+                    if done.contains(&id) {
+                        continue;
                     }
-                    Err(e) => warn!(node_id = id, error = %e, "could not declare member down"),
+                    let holds = raft
+                        .reader()
+                        .sessions_on_node(id)
+                        .map(|s| !s.is_empty())
+                        .unwrap_or(false);
+                    if !holds {
+                        continue;
+                    }
+                    match raft.write_one(Op::NodeDown { node: id }).await {
+                        Ok((r, idx)) => {
+                            info!(node_id = id, group, log_index = idx, result = ?r, "member unreachable past the timeout: declared down");
+                            done.insert(id);
+                        }
+                        Err(e) => warn!(node_id = id, group, error = %e, "could not declare member down"),
+                    }
                 }
             }
         }
     }
 
-    /// Probes every member now: updates their states and the redirect list; returns whether
-    /// this node leads. `fresh_grace` (a new leader) restarts every member's grace period.
-    async fn observe(&self, fresh_grace: bool) -> bool {
-        self.raft.set_load(self.room.connections());
-        let view = self.raft.cluster_view().await;
+    /// Probes every member now: updates their states and the redirect list. `fresh_grace` (a new
+    /// leader) restarts every member's grace period.
+    async fn observe(&self, fresh_grace: bool) {
+        self.groups.set_load(self.room.connections());
+        let view = self.groups.meta().cluster_view().await;
         let now = Instant::now();
-        let leader = view.leader == Some(self.raft.id());
         {
             let mut st = self.states.write();
             st.retain(|id, _| view.members.iter().any(|m| m.node_id == *id));
@@ -143,15 +154,13 @@ impl PeerMonitor {
                     e.connections = m.probe.as_ref().map(|p| p.connections).unwrap_or(0);
                 }
             }
-            if leader && fresh_grace {
-                // A new leader gives every member a fresh grace period.
+            if fresh_grace {
                 for e in st.values_mut() {
                     e.last_ok = now;
                 }
             }
         }
         self.refresh_redirects();
-        leader
     }
 
     /// Probes the members once more (bounded by `limit`) so a drain right after start-up, before
@@ -164,11 +173,11 @@ impl PeerMonitor {
 
     /// Client addresses of the other reachable members, fewest connections first.
     fn refresh_redirects(&self) {
-        let nodes = self.raft.reader().nodes().unwrap_or_default();
+        let nodes = self.groups.meta().reader().nodes().unwrap_or_default();
         let st = self.states.read();
         let mut others: Vec<(u64, String)> = nodes
             .into_iter()
-            .filter(|n| n.id != self.raft.id() && !n.client_addr.is_empty())
+            .filter(|n| n.id != self.groups.id() && !n.client_addr.is_empty())
             .filter_map(|n| {
                 st.get(&n.id)
                     .filter(|s| s.reachable)
@@ -234,9 +243,12 @@ impl Peer for PeerService {
 
     async fn applied_index(
         &self,
-        _request: Request<AppliedIndexRequest>,
+        request: Request<AppliedIndexRequest>,
     ) -> Result<Response<AppliedIndexReply>, Status> {
-        let raft = &self.room.raft;
+        let group = request.into_inner().group;
+        let Some(raft) = self.room.groups.get(group) else {
+            return Err(Status::not_found(format!("unknown raft group {group}")));
+        };
         Ok(Response::new(AppliedIndexReply {
             node_id: raft.id(),
             leader: raft.is_leader(),

@@ -14,6 +14,7 @@
 
 pub mod clock;
 pub mod error;
+pub mod groups;
 pub mod legacy;
 pub mod log_store;
 pub mod network;
@@ -25,6 +26,7 @@ pub mod tuning;
 pub mod types;
 
 pub use error::{StoreError, WriteError};
+pub use groups::Groups;
 pub use log_store::{LogEngine, LogStore};
 pub use raft_node::{RaftConfig, RaftHost, RaftNode};
 pub use sm::{SnapshotStats, StateMachine, StateReader};

@@ -68,6 +68,9 @@ pub struct RaftConfig {
     /// reached, to catch up from the leader (by snapshot once the log was purged). Without it
     /// such a node refuses to start. An intact log is used as it is, so the flag may stay set.
     pub rejoin: bool,
+    /// Shard groups of the cluster (`--shards`; 0: one group holds everything). Fixed when the
+    /// cluster is created: the data dir records it, and nodes that disagree do not bootstrap.
+    pub shards: u32,
 }
 
 impl RaftConfig {
@@ -96,6 +99,7 @@ impl RaftConfig {
             write_timeout: Duration::from_secs(5),
             network: NetworkOptions::standard(),
             rejoin: false,
+            shards: 0,
         }
     }
 }
@@ -219,6 +223,8 @@ struct Inner {
     group: GroupId,
     /// The node's raft server, where this group's handler is mounted.
     router: RaftRouter,
+    /// What this node's groups share (for [`crate::Groups`]).
+    host: RaftHost,
     raft: typ::Raft,
     reader: StateReader,
     /// A handle on the log store openraft owns, for its memory figures.
@@ -363,6 +369,7 @@ impl RaftNode {
             config,
             group,
             router: host.router.clone(),
+            host: host.clone(),
             raft,
             reader,
             log,
@@ -463,6 +470,11 @@ impl RaftNode {
             .campaign_after(Duration::from_millis(self.inner.config.election_timeout_min_ms))
             .with_last_append(self.inner.last_append.clone())
             .with_vote_hold(self.inner.vote_hold)
+    }
+
+    /// The host this member runs on, shared with the node's other groups.
+    pub fn host(&self) -> &RaftHost {
+        &self.inner.host
     }
 
     /// This member's Raft group.
@@ -899,6 +911,7 @@ impl RaftNode {
                 target: *id,
                 peers: peers.clone().into_iter().collect(),
                 group: self.group(),
+                shards: self.inner.config.shards,
                 ..Default::default()
             };
             match self
@@ -918,6 +931,13 @@ impl RaftNode {
                     if theirs != *peers {
                         return Err(format!(
                             "node {id} is configured with peers {theirs:?}, this node with {peers:?}"
+                        ));
+                    }
+                    if reply.shards != self.inner.config.shards {
+                        return Err(format!(
+                            "node {id} is configured with {} shards, this node with {} (--shards \
+                             must be the same on every node)",
+                            reply.shards, self.inner.config.shards
                         ));
                     }
                     if reply.initialized {
@@ -1068,6 +1088,7 @@ impl RaftNode {
             state_hash: 0,
             state_hash_index: 0,
             now_ms: now_ms(),
+            shards: self.inner.config.shards,
         }
     }
 
@@ -1201,6 +1222,7 @@ impl RaftHost {
     /// node's whole raft state (`raft-log/`, `sm/`, `groups/`) and starts empty: every group then
     /// rejoins (see `rejoin_vote_floor`).
     pub fn open(config: &RaftConfig) -> Result<RaftHost, StartError> {
+        check_shard_count(&config.data_dir, config.shards)?;
         let tuning = Tuning::for_node(config.node_id);
         let log_dir = config.data_dir.join(LOG_DIR);
         let (engine, wiped) = match LogEngine::open(&log_dir, tuning) {
@@ -1239,6 +1261,52 @@ impl RaftHost {
         impl herald_proto::raft::raft_service_server::RaftService,
     > {
         self.router.clone().into_server()
+    }
+}
+
+/// The file under the data dir recording the cluster's shard count.
+const SHARDS_FILE: &str = "shards";
+
+/// A data dir belongs to a cluster of one shard count for its whole life: the first start records
+/// `shards` in it, later starts must name the same. A data dir from before shards (group 0's state
+/// machine there, no record) is a cluster of 0 shards: it cannot become sharded in place.
+fn check_shard_count(data_dir: &std::path::Path, shards: u32) -> Result<(), StartError> {
+    let file = data_dir.join(SHARDS_FILE);
+    let io = |e: std::io::Error| {
+        StartError::Store(StoreError::Io {
+            path: file.display().to_string(),
+            source: e,
+        })
+    };
+    let recorded = match std::fs::read_to_string(&file) {
+        Ok(text) => Some(text.trim().parse::<u32>().map_err(|_| {
+            StartError::Config(format!(
+                "{} holds {:?}, not a shard count: it is not a Herald data dir, or it was damaged",
+                file.display(),
+                text.trim()
+            ))
+        })?),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => data_dir.join(SM_DIR).is_dir().then_some(0),
+        Err(e) => return Err(io(e)),
+    };
+    match recorded {
+        Some(n) if n != shards && n == 0 => Err(StartError::Config(format!(
+            "{} holds a cluster of one Raft group (created without --shards); it cannot be \
+             sharded in place (migration is not supported): keep starting it with --shards 0, or \
+             create a new cluster with --shards {shards} on empty data dirs and recreate the apps \
+             (their users reconnect and re-register there; undelivered messages stay here)",
+            data_dir.display()
+        ))),
+        Some(n) if n != shards => Err(StartError::Config(format!(
+            "{} belongs to a cluster of {n} shards: start the node with --shards {n} (the shard \
+             count is fixed when a cluster is created)",
+            data_dir.display()
+        ))),
+        Some(_) => Ok(()),
+        None => {
+            std::fs::create_dir_all(data_dir).map_err(io)?;
+            std::fs::write(&file, format!("{shards}\n")).map_err(io)
+        }
     }
 }
 

@@ -24,10 +24,13 @@ pub const META_GROUP: GroupId = 0;
 
 /// 64-bit FNV-1a of (app, user).
 pub fn key_hash(app: &str, user: &str) -> u64 {
+    fnv1a(app.as_bytes().iter().chain(&[0xff]).chain(user.as_bytes()))
+}
+
+fn fnv1a<'a>(bytes: impl Iterator<Item = &'a u8>) -> u64 {
     const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
     const PRIME: u64 = 0x0000_0100_0000_01b3;
     let mut h = OFFSET;
-    let bytes = app.as_bytes().iter().chain(&[0xff]).chain(user.as_bytes());
     for b in bytes {
         h ^= u64::from(*b);
         h = h.wrapping_mul(PRIME);
@@ -57,6 +60,17 @@ pub fn shard_of(app: &str, user: &str, shards: u32) -> GroupId {
         return META_GROUP;
     }
     1 + jump_bucket(key_hash(app, user), shards)
+}
+
+/// The shard group holding topic `topic` of `app` (the app's broadcast is its topic `*`); 0 with
+/// no shards. Hashed like a user with a 0xfe byte in front of the name, which no UTF-8 user id
+/// holds, so a topic and a user of the same name are independent keys.
+pub fn topic_shard(app: &str, topic: &str, shards: u32) -> GroupId {
+    if shards == 0 {
+        return META_GROUP;
+    }
+    let h = fnv1a(app.as_bytes().iter().chain(&[0xff, 0xfe]).chain(topic.as_bytes()));
+    1 + jump_bucket(h, shards)
 }
 
 /// Where each shard's replicas go: `replicas` distinct nodes (at most all of them) per shard, the
@@ -132,6 +146,29 @@ mod tests {
             assert!((9_000..11_000).contains(&c), "{counts:?}");
         }
         assert_eq!(shard_of("app", "u", 0), META_GROUP);
+    }
+
+    #[test]
+    fn topics_spread_over_shards_apart_from_users_of_the_same_name() {
+        let shards = 8;
+        let mut counts = [0u32; 8];
+        let mut same = 0;
+        for i in 0..8_000 {
+            let name = format!("t-{i}");
+            let g = topic_shard("app", &name, shards);
+            assert!((1..=shards).contains(&g));
+            counts[(g - 1) as usize] += 1;
+            same += u32::from(g == shard_of("app", &name, shards));
+        }
+        for c in counts {
+            assert!((800..1_200).contains(&c), "{counts:?}");
+        }
+        // Independent keys: about 1 in 8 land together, not all of them.
+        assert!(
+            (700..1_300).contains(&same),
+            "{same} of 8000 topics share their user's shard"
+        );
+        assert_eq!(topic_shard("app", "*", 0), META_GROUP);
     }
 
     #[test]

@@ -188,11 +188,9 @@ async fn metrics_handler(State(h): State<Arc<Http>>) -> Response {
 }
 
 async fn healthz(State(h): State<Arc<Http>>) -> Response {
-    let s = &h.state;
-    let m = s.node.raft().metrics().borrow().clone();
-    match &m.running_state {
-        Ok(()) => (StatusCode::OK, "ok\n").into_response(),
-        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("raft stopped: {e}\n")).into_response(),
+    match h.state.node.groups().fatal() {
+        None => (StatusCode::OK, "ok\n").into_response(),
+        Some(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("raft stopped: {e}\n")).into_response(),
     }
 }
 
@@ -239,20 +237,30 @@ pub fn not_ready_reasons(i: &ReadyInputs) -> Vec<String> {
     why
 }
 
-/// Why this node is not ready (empty = ready).
+/// Why this node is not ready (empty = ready): every one of its Raft groups must be running,
+/// have it as a member, know a leader and be applied (the furthest behind group is reported).
 pub fn readiness(s: &AdminState) -> Vec<String> {
     let node = &s.node;
-    let m = node.raft().metrics().borrow().clone();
-    not_ready_reasons(&ReadyInputs {
-        raft_stopped: node.raft().fatal(),
-        member: m
+    let (mut member, mut leader_known, mut last_log, mut applied) = (true, true, 0u64, 0u64);
+    for g in node.groups().all() {
+        let m = g.metrics().borrow().clone();
+        member &= m
             .membership_config
             .membership()
             .get_node(&node.config().id)
-            .is_some(),
-        leader_known: m.current_leader.is_some(),
-        last_log: m.last_log_index.unwrap_or(0),
-        applied: node.raft().reader().applied_index(),
+            .is_some();
+        leader_known &= m.current_leader.is_some();
+        let (last, done) = (m.last_log_index.unwrap_or(0), g.reader().applied_index());
+        if last.saturating_sub(done) >= last_log.saturating_sub(applied) {
+            (last_log, applied) = (last, done);
+        }
+    }
+    not_ready_reasons(&ReadyInputs {
+        raft_stopped: node.groups().fatal(),
+        member,
+        leader_known,
+        last_log,
+        applied,
         announced: s.announced.load(Ordering::Relaxed),
         accepting: node.room().accepting(),
     })
@@ -277,8 +285,9 @@ async fn api_cluster(State(h): State<Arc<Http>>, headers: HeaderMap) -> Response
     }
     let s = &h.state;
     let node = &s.node;
-    let view = node.raft().cluster_view().await;
-    let infos = node.raft().reader().nodes().unwrap_or_default();
+    let meta = node.groups().meta();
+    let view = meta.cluster_view().await;
+    let infos = meta.reader().nodes().unwrap_or_default();
     let newest = view
         .members
         .iter()
@@ -311,15 +320,17 @@ async fn api_cluster(State(h): State<Arc<Http>>, headers: HeaderMap) -> Response
             })
         })
         .collect();
-    let archive = node.raft().reader().archive_state().ok();
+    let archive = node.groups().data()[0].reader().archive_state().ok();
     Json(json!({
         "node_id": view.node_id,
         "leader_id": view.leader,
         "term": view.term,
         "applied_index": view.committed_index,
-        "log_time_ms": node.raft().reader().log_time_ms(),
+        "log_time_ms": meta.reader().log_time_ms(),
         "ready": readiness(s).is_empty(),
         "members": members,
+        "shards": node.groups().shards(),
+        "groups": groups_json(node),
         "archive": archive.map(|a| json!({
             "enabled": a.enabled,
             "pending": a.next_id - a.first,
@@ -335,8 +346,7 @@ async fn api_apps(State(h): State<Arc<Http>>, headers: HeaderMap) -> Response {
         return r;
     }
     let s = &h.state;
-    let reader = s.node.raft().reader();
-    let apps = match reader.apps() {
+    let apps = match s.node.room().meta().apps() {
         Ok(a) => a,
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
     };
@@ -344,7 +354,7 @@ async fn api_apps(State(h): State<Arc<Http>>, headers: HeaderMap) -> Response {
     let list: Vec<Value> = apps
         .into_iter()
         .map(|a| {
-            let c = reader.counters(&a.id).unwrap_or_default();
+            let c = app_counters(&s.node, &a.id);
             json!({
                 "id": a.id,
                 "name": a.name,
@@ -375,9 +385,9 @@ async fn api_user(State(h): State<Arc<Http>>, headers: HeaderMap, Query(q): Para
     let (Some(app), Some(user)) = (q.get("app"), q.get("user")) else {
         return error(StatusCode::BAD_REQUEST, "needs ?app=<app id>&user=<user>");
     };
-    let reader = s.node.raft().reader();
+    let reader = s.node.room().user_state(app, user);
     let found = (|| {
-        let exists = reader.app(app)?.is_some();
+        let exists = s.node.room().meta().app(app)?.is_some();
         let sessions = reader.sessions(app, user)?;
         let devices = reader.devices(app, user)?;
         let meta = reader.mailbox_meta(app, user)?.unwrap_or_default();
@@ -424,7 +434,8 @@ async fn api_rates(State(h): State<Arc<Http>>, headers: HeaderMap) -> Response {
     let node = &s.node;
     let me = node.config().id;
     let members: Vec<(u64, String)> = node
-        .raft()
+        .groups()
+        .meta()
         .metrics()
         .borrow()
         .membership_config
@@ -485,7 +496,13 @@ pub fn render_metrics(s: &AdminState) -> String {
         "1 when /readyz answers ready (member, caught up, accepting).",
         if readiness(s).is_empty() { 1.0 } else { 0.0 },
     );
-    let (state_mem, log_mem) = node.raft().memtable_bytes();
+    let (state_mem, log_mem) = node
+        .groups()
+        .all()
+        .iter()
+        .map(|g| g.memtable_bytes())
+        // One log engine for every group: its figure once, the state machines' summed.
+        .fold((0, 0), |(s, _), (gs, gl)| (s + gs, gl));
     e.labeled(
         "herald_rocksdb_memtable_bytes",
         "gauge",
@@ -592,11 +609,10 @@ pub fn render_metrics(s: &AdminState) -> String {
     );
 
     // Replicated message counters (the same on every replica).
-    let reader = node.raft().reader();
-    let apps = reader.apps().unwrap_or_default();
+    let apps = node.room().meta().apps().unwrap_or_default();
     let counters: Vec<(String, herald_raft::AppCounters)> = apps
         .iter()
-        .map(|a| (a.id.clone(), reader.counters(&a.id).unwrap_or_default()))
+        .map(|a| (a.id.clone(), app_counters(node, &a.id)))
         .collect();
     type Pick = fn(&herald_raft::AppCounters) -> u64;
     let families: [(&str, &str, Pick); 4] = [
@@ -631,8 +647,22 @@ pub fn render_metrics(s: &AdminState) -> String {
         );
     }
 
-    // Raft.
-    let m = node.raft().metrics().borrow().clone();
+    // Raft: the metadata group (the only group without shards); the shards' leaders below.
+    let leads: Vec<(String, f64)> = node
+        .groups()
+        .all()
+        .iter()
+        .map(|g| (g.group().to_string(), if g.is_leader() { 1.0 } else { 0.0 }))
+        .collect();
+    e.labeled(
+        "herald_raft_group_is_leader",
+        "gauge",
+        "1 for each Raft group this node leads (group 0: the metadata group, then the shards).",
+        "group",
+        leads.iter().map(|(g, v)| (g.as_str(), *v)),
+    );
+    let reader = node.groups().meta().reader();
+    let m = node.groups().meta().metrics().borrow().clone();
     let last = m.last_log_index.unwrap_or(0);
     let applied = reader.applied_index();
     let commit = match &m.replication {
@@ -849,6 +879,42 @@ pub fn render_metrics(s: &AdminState) -> String {
         );
     }
     e.finish()
+}
+
+/// An app's replicated counters, summed over the groups holding its users and topics.
+fn app_counters(node: &crate::node::Node, app: &str) -> herald_raft::AppCounters {
+    let mut sum = herald_raft::AppCounters::default();
+    for g in node.groups().data() {
+        let c = g.reader().counters(app).unwrap_or_default();
+        sum.stored += c.stored;
+        sum.acked += c.acked;
+        sum.expired += c.expired;
+        sum.trimmed += c.trimmed;
+        sum.published += c.published;
+        sum.topic_trimmed += c.topic_trimmed;
+    }
+    sum
+}
+
+/// Every Raft group as this node sees it: its leader, term, applied index and members.
+fn groups_json(node: &crate::node::Node) -> Vec<Value> {
+    node.groups()
+        .all()
+        .iter()
+        .map(|g| {
+            let m = g.metrics().borrow().clone();
+            let membership = m.membership_config.membership();
+            json!({
+                "group": g.group(),
+                "role": if g.group() == herald_raft::shard::META_GROUP { "meta" } else { "shard" },
+                "leader_id": m.current_leader,
+                "term": m.current_term,
+                "applied_index": g.reader().applied_index(),
+                "voters": membership.voter_ids().collect::<Vec<_>>(),
+                "learners": membership.learner_ids().collect::<Vec<_>>(),
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -16,15 +16,9 @@ pub(super) async fn create_app(
     let req = request.into_inner();
     validate_app_id(&req.id)?;
     // Read what every earlier admin write did before deciding the app is new.
-    api.node.room().barrier.catch_up(api.node.raft()).await;
-    if api
-        .node
-        .raft()
-        .reader()
-        .app(&req.id)
-        .map_err(ApiError::from)?
-        .is_some()
-    {
+    let meta = api.node.groups().meta();
+    api.node.room().barrier.catch_up(meta).await;
+    if meta.reader().app(&req.id).map_err(ApiError::from)?.is_some() {
         return Err(ApiError::AlreadyExists(format!("app {:?} already exists", req.id)).into());
     }
     let app = AppConfig {
@@ -99,8 +93,9 @@ pub(super) async fn list_apps(
     request: Request<pb::ListAppsRequest>,
 ) -> Reply<pb::ListAppsReply> {
     auth::admin(&api.node, &request)?;
-    api.node.room().barrier.catch_up(api.node.raft()).await;
-    let apps = api.node.raft().reader().apps().map_err(ApiError::from)?;
+    let meta = api.node.groups().meta();
+    api.node.room().barrier.catch_up(meta).await;
+    let apps = meta.reader().apps().map_err(ApiError::from)?;
     Ok(Response::new(pb::ListAppsReply {
         apps: apps.into_iter().map(app_to_pb).collect(),
     }))
@@ -112,27 +107,31 @@ pub(super) async fn delete_app(
 ) -> Reply<pb::DeleteAppReply> {
     auth::admin(&api.node, &request)?;
     let id = request.into_inner().id;
-    let (result, _) = api
-        .node
-        .raft()
-        .write_one(Op::DeleteApp { app: id })
+    let groups = api.node.groups();
+    let (result, _) = groups
+        .meta()
+        .write_one(Op::DeleteApp { app: id.clone() })
         .await
         .map_err(ApiError::from)?;
-    match result {
-        OpResult::Rejected(r) => Err(ApiError::from(r).into()),
-        _ => Ok(Response::new(pb::DeleteAppReply {})),
+    if let OpResult::Rejected(r) = result {
+        return Err(ApiError::from(r).into());
     }
+    crate::app_copies::delete_everywhere(groups, &id)
+        .await
+        .map_err(|e| half_done(&id, "deleted", e))?;
+    Ok(Response::new(pb::DeleteAppReply {}))
 }
 
 impl HeraldApi {
     /// App `id` from this node's state, after catching up with the leader if it is not there
     /// (read-your-writes: an app created through another node is found).
     async fn app_after_catch_up(&self, id: &str) -> Result<Option<AppConfig>, ApiError> {
-        let reader = self.node.raft().reader();
+        let meta = self.node.groups().meta();
+        let reader = meta.reader();
         if let Some(app) = reader.app(id)? {
             return Ok(Some(app));
         }
-        if !self.node.room().barrier.catch_up(self.node.raft()).await {
+        if !self.node.room().barrier.catch_up(meta).await {
             return Ok(None);
         }
         Ok(reader.app(id)?)
@@ -140,9 +139,9 @@ impl HeraldApi {
 
     async fn put_app(&self, app: AppConfig) -> Reply<pb::AppReply> {
         let id = app.id.clone();
-        let (result, index) = self
-            .node
-            .raft()
+        let groups = self.node.groups();
+        let (result, index) = groups
+            .meta()
             .write_one(Op::PutApp(app))
             .await
             .map_err(ApiError::from)?;
@@ -150,14 +149,31 @@ impl HeraldApi {
             return Err(ApiError::from(r).into());
         }
         // Read our own write: wait until this node applied it, then answer from the state.
-        self.node.raft().reader().wait_applied(index).await;
-        match self.node.raft().reader().app(&id).map_err(ApiError::from)? {
-            Some(app) => Ok(Response::new(pb::AppReply {
-                app: Some(app_to_pb(app)),
-            })),
-            None => Err(ApiError::Internal(format!("app {id:?} missing after commit")).into()),
-        }
+        let reader = groups.meta().reader();
+        reader.wait_applied(index).await;
+        let Some(app) = reader.app(&id).map_err(ApiError::from)? else {
+            return Err(ApiError::Internal(format!("app {id:?} missing after commit")).into());
+        };
+        crate::app_copies::put_everywhere(groups, &app)
+            .await
+            .map_err(|e| half_done(&id, "saved", e))?;
+        Ok(Response::new(pb::AppReply {
+            app: Some(app_to_pb(app)),
+        }))
     }
+}
+
+/// An app change committed in the metadata group but not (yet) in every shard: the call failed,
+/// and the metadata group's leader finishes it (`app_copies::reconcile`); a retry is safe.
+fn half_done(id: &str, what: &str, e: herald_raft::WriteError) -> tonic::Status {
+    ApiError::Unavailable {
+        msg: format!(
+            "app {id:?} was {what} in the metadata group but not yet in every shard ({e}); the \
+             metadata group's leader copies it into the shards left behind within seconds"
+        ),
+        leader: None,
+    }
+    .into()
 }
 
 fn validate_app_id(id: &str) -> Result<(), ApiError> {

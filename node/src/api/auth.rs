@@ -40,7 +40,7 @@ pub fn app_credentials<T>(req: &Request<T>) -> Result<(String, String), ApiError
 /// already returned is known on every node (read-your-writes).
 pub async fn app_by_key(node: &Node, app_id: &str, key: &str) -> Result<AppConfig, ApiError> {
     match app_by_key_here(node, app_id, key) {
-        Err(ApiError::Unauthenticated(_)) if node.room().barrier.catch_up(node.raft()).await => {
+        Err(ApiError::Unauthenticated(_)) if node.room().barrier.catch_up(node.groups().meta()).await => {
             app_by_key_here(node, app_id, key)
         }
         r => r,
@@ -50,8 +50,8 @@ pub async fn app_by_key(node: &Node, app_id: &str, key: &str) -> Result<AppConfi
 /// [`app_by_key`] from this node's state machine as it is.
 fn app_by_key_here(node: &Node, app_id: &str, key: &str) -> Result<AppConfig, ApiError> {
     let app = node
-        .raft()
-        .reader()
+        .room()
+        .meta()
         .app(app_id)?
         .ok_or_else(|| ApiError::Unauthenticated(format!("unknown app {app_id:?}")))?;
     if !any_ct_eq(&app.api_keys, key) {

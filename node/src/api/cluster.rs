@@ -4,6 +4,8 @@
 use std::collections::BTreeSet;
 
 use herald_proto::v1 as pb;
+use herald_proto::v1::herald_client::HeraldClient;
+use tonic::transport::Channel;
 use tonic::{Request, Response};
 
 use super::error::ApiError;
@@ -40,8 +42,9 @@ pub(super) async fn verify_replicas(
 }
 
 pub(super) async fn cluster_status(api: &HeraldApi) -> Reply<pb::ClusterStatusReply> {
-    let view = api.node.raft().cluster_view().await;
-    let nodes = api.node.raft().reader().nodes().map_err(ApiError::from)?;
+    let meta = api.node.groups().meta();
+    let view = meta.cluster_view().await;
+    let nodes = meta.reader().nodes().map_err(ApiError::from)?;
     let members = view
         .members
         .into_iter()
@@ -82,12 +85,17 @@ pub(super) async fn add_node(
     request: Request<pb::AddNodeRequest>,
 ) -> Reply<pb::MembershipReply> {
     auth::admin(&api.node, &request)?;
-    if !api.node.raft().is_leader() {
-        return api
-            .node
-            .forward_admin(request, |mut c, r| async move { c.add_node(r).await })
-            .await;
-    }
+    let group = match for_group(api, &request)? {
+        Some(g) => g,
+        None if !api.node.groups().meta().is_leader() => {
+            return api
+                .node
+                .forward_admin(request, |mut c, r| async move { c.add_node(r).await })
+                .await;
+        }
+        None => api.node.groups().meta().clone(),
+    };
+    let sharded = request.metadata().get(GROUP_METADATA).is_none() && api.node.groups().shards() > 0;
     let req = request.into_inner();
     tracing::Span::current().record("node_id", req.node_id);
     if req.node_id == 0 {
@@ -105,13 +113,25 @@ pub(super) async fn add_node(
             ApiError::InvalidArgument(format!("{:?} is not a host:port address", req.cluster_addr)).into(),
         );
     }
-    let index = api
-        .node
-        .raft()
-        .add_node(req.node_id, req.cluster_addr, req.learner_only)
+    // The metadata group first (its members are who the cluster plane lets in), then every
+    // shard at its own leader.
+    let index = group
+        .add_node(req.node_id, req.cluster_addr.clone(), req.learner_only)
         .await
         .map_err(ApiError::from)?;
-    Ok(Response::new(api.membership_reply(index)))
+    if sharded {
+        for shard in api.node.groups().data() {
+            on_shard(
+                api,
+                shard,
+                req.clone(),
+                |mut c, r| async move { c.add_node(r).await },
+                |g, r| async move { g.add_node(r.node_id, r.cluster_addr, r.learner_only).await },
+            )
+            .await?;
+        }
+    }
+    Ok(Response::new(membership_reply(&group, index)))
 }
 
 pub(super) async fn remove_node(
@@ -119,32 +139,124 @@ pub(super) async fn remove_node(
     request: Request<pb::RemoveNodeRequest>,
 ) -> Reply<pb::MembershipReply> {
     auth::admin(&api.node, &request)?;
-    if !api.node.raft().is_leader() {
-        return api
-            .node
-            .forward_admin(request, |mut c, r| async move { c.remove_node(r).await })
-            .await;
-    }
+    let group = match for_group(api, &request)? {
+        Some(g) => g,
+        None if !api.node.groups().meta().is_leader() => {
+            return api
+                .node
+                .forward_admin(request, |mut c, r| async move { c.remove_node(r).await })
+                .await;
+        }
+        None => api.node.groups().meta().clone(),
+    };
+    let sharded = request.metadata().get(GROUP_METADATA).is_none() && api.node.groups().shards() > 0;
     let req = request.into_inner();
     tracing::Span::current().record("node_id", req.node_id);
-    let index = api
-        .node
-        .raft()
-        .remove_node(req.node_id)
-        .await
-        .map_err(ApiError::from)?;
-    Ok(Response::new(api.membership_reply(index)))
+    // Every shard first, at its own leader, then the metadata group (which keeps the node a
+    // member of the cluster plane until its shard replicas are gone).
+    if sharded {
+        for shard in api.node.groups().data() {
+            on_shard(
+                api,
+                shard,
+                req,
+                |mut c, r| async move { c.remove_node(r).await },
+                |g, r| async move {
+                    match g.remove_node(r.node_id).await {
+                        // Already out of this shard (an earlier attempt): go on.
+                        Err(herald_raft::raft_node::MembershipError::Refused(m))
+                            if m.contains("is not a member") =>
+                        {
+                            Ok(0)
+                        }
+                        other => other,
+                    }
+                },
+            )
+            .await?;
+        }
+    }
+    let index = group.remove_node(req.node_id).await.map_err(ApiError::from)?;
+    Ok(Response::new(membership_reply(&group, index)))
 }
 
-impl HeraldApi {
-    fn membership_reply(&self, log_index: u64) -> pb::MembershipReply {
-        let m = self.node.raft().metrics().borrow().membership_config.clone();
-        let voters: BTreeSet<u64> = m.membership().voter_ids().collect();
-        let learners = m.membership().learner_ids().collect();
-        pb::MembershipReply {
-            voters: voters.into_iter().collect(),
-            learners,
-            log_index,
+/// Metadata on a membership change forwarded to one shard's leader: the group to change.
+const GROUP_METADATA: &str = "x-herald-group";
+
+/// The group a forwarded membership change names (this node must lead it), or None for a call
+/// from a client (the whole cluster).
+fn for_group<T>(api: &HeraldApi, request: &Request<T>) -> Result<Option<herald_raft::RaftNode>, ApiError> {
+    let Some(v) = request.metadata().get(GROUP_METADATA) else {
+        return Ok(None);
+    };
+    let group = v.to_str().ok().and_then(|v| v.parse::<u32>().ok());
+    let Some(g) = group.and_then(|g| api.node.groups().get(g)) else {
+        return Err(ApiError::InvalidArgument(format!(
+            "{GROUP_METADATA}: no such raft group here"
+        )));
+    };
+    if !g.is_leader() {
+        return Err(ApiError::Unavailable {
+            msg: format!("not the leader of raft group {} any more; retry", g.group()),
+            leader: g.leader(),
+        });
+    }
+    Ok(Some(g.clone()))
+}
+
+/// Runs a membership change on `shard`: here when this node leads it (`local`), else at its
+/// leader (`remote`, over the cluster plane, naming the group).
+async fn on_shard<Req, Rep, R, RF, L, LF>(
+    api: &HeraldApi,
+    shard: &herald_raft::RaftNode,
+    req: Req,
+    remote: R,
+    local: L,
+) -> Result<(), tonic::Status>
+where
+    R: FnOnce(HeraldClient<Channel>, Request<Req>) -> RF,
+    RF: std::future::Future<Output = Result<Response<Rep>, tonic::Status>>,
+    L: FnOnce(herald_raft::RaftNode, Req) -> LF,
+    LF: std::future::Future<Output = Result<u64, herald_raft::raft_node::MembershipError>>,
+{
+    match shard.leader() {
+        Some((id, _)) if id == api.node.config().id => {
+            local(shard.clone(), req).await.map_err(ApiError::from)?;
+            Ok(())
         }
+        Some((id, addr)) => {
+            let channel = shard.peer_channel(id).map_err(|e| ApiError::Unavailable {
+                msg: format!(
+                    "leader node {id} of raft group {} at {addr} unreachable: {e}",
+                    shard.group()
+                ),
+                leader: Some((id, addr.clone())),
+            })?;
+            let mut call = Request::new(req);
+            call.metadata_mut().insert(GROUP_METADATA, shard.group().into());
+            if let Some(token) = &api.node.config().admin_token {
+                if let Ok(v) = format!("Bearer {token}").parse() {
+                    call.metadata_mut().insert("authorization", v);
+                }
+            }
+            remote(HeraldClient::new(channel), call).await?;
+            Ok(())
+        }
+        None => Err(ApiError::Unavailable {
+            msg: format!("raft group {} has no leader right now; retry", shard.group()),
+            leader: None,
+        }
+        .into()),
+    }
+}
+
+fn membership_reply(raft: &herald_raft::RaftNode, log_index: u64) -> pb::MembershipReply {
+    let m = raft.metrics().borrow().membership_config.clone();
+    let voters: BTreeSet<u64> = m.membership().voter_ids().collect();
+    let learners = m.membership().learner_ids().collect();
+    pb::MembershipReply {
+        voters: voters.into_iter().collect(),
+        learners,
+        log_index,
     }
 }

@@ -94,53 +94,95 @@ impl HeraldApi {
                 log_index: 0,
             });
         }
-        let op = Op::Enqueue(Enqueue {
+        let enqueue = Enqueue {
             app: app.id.clone(),
             msg_id,
-            targets: req
-                .targets
-                .into_iter()
-                .map(|t| Target {
-                    user: t.user,
-                    devices: t.devices,
-                })
-                .collect(),
+            targets: Vec::new(),
             payload: req.payload,
             ttl_ms: req.ttl_ms,
             idempotency_key: Some(req.idempotency_key).filter(|k| !k.is_empty()),
+        };
+        let order: std::collections::HashMap<String, usize> = req
+            .targets
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.user.clone(), i))
+            .collect();
+        let targets = req.targets.into_iter().map(|t| Target {
+            user: t.user,
+            devices: t.devices,
         });
+        // One Enqueue per group holding some of the targets (with no shards, one).
+        let parts = split_by_group(self.node.groups(), &app.id, targets)
+            .into_iter()
+            .map(|(group, targets)| {
+                let op = Op::Enqueue(Enqueue {
+                    targets,
+                    ..enqueue.clone()
+                });
+                (group, op)
+            })
+            .collect::<Vec<_>>();
         // BUG INJECTION (test-only cargo feature `bug-ack-before-commit`, for the jepsen suite):
         // answer the pusher as soon as the write is proposed, before it commits.
         #[cfg(feature = "bug-ack-before-commit")]
         {
-            let msg_id = match &op {
-                Op::Enqueue(e) => e.msg_id.clone(),
-                _ => String::new(),
-            };
-            let raft = self.node.raft().clone();
-            tokio::spawn(async move { raft.write_one(op).await });
+            for (group, op) in parts {
+                tokio::spawn(async move { group.write_one(op).await });
+            }
             return Ok(pb::PushReply {
-                msg_id,
+                msg_id: enqueue.msg_id,
                 ..Default::default()
             });
         }
         #[allow(unreachable_code)]
-        let (result, log_index) = self.node.raft().write_one(op).await.map_err(ApiError::from)?;
-        match result {
-            OpResult::Enqueued(e) => Ok(pb::PushReply {
-                msg_id: e.msg_id,
-                seqs: e
-                    .seqs
-                    .into_iter()
-                    .map(|(user, seq)| pb::UserSeq { user, seq })
-                    .collect(),
-                duplicate: e.duplicate,
-                delivered: 0,
-                dropped: 0,
-                log_index,
-            }),
-            OpResult::Rejected(r) => Err(ApiError::from(r).into()),
-            other => Err(ApiError::Internal(format!("unexpected result {other:?}")).into()),
+        let writes = parts
+            .into_iter()
+            .map(|(group, op)| async move { group.write_one(op).await });
+        let mut reply = pb::PushReply {
+            msg_id: enqueue.msg_id,
+            ..Default::default()
+        };
+        // Every part is waited for, so a failure of one never hides that others committed.
+        let mut failure: Option<tonic::Status> = None;
+        for done in futures::future::join_all(writes).await {
+            let outcome = match done {
+                Ok((OpResult::Enqueued(e), log_index)) => {
+                    // A duplicate answers the msg id the first attempt had (each part stored it).
+                    reply.msg_id = e.msg_id;
+                    reply
+                        .seqs
+                        .extend(e.seqs.into_iter().map(|(user, seq)| pb::UserSeq { user, seq }));
+                    reply.duplicate |= e.duplicate;
+                    reply.log_index = reply.log_index.max(log_index);
+                    Ok(())
+                }
+                Ok((OpResult::Rejected(r), _)) => Err(ApiError::from(r).into()),
+                Ok((other, _)) => Err(ApiError::Internal(format!("unexpected result {other:?}")).into()),
+                Err(e) => Err(tonic::Status::from(ApiError::from(e))),
+            };
+            if let Err(status) = outcome {
+                failure.get_or_insert(status);
+            }
+        }
+        // In target order, as one group's answer has them.
+        reply
+            .seqs
+            .sort_by_key(|s| order.get(&s.user).copied().unwrap_or(usize::MAX));
+        match failure {
+            None => Ok(reply),
+            Some(status) if reply.seqs.is_empty() => Err(status),
+            // Stored for the users of some shards only: the caller must not take it for a
+            // refusal of the whole push (a retry with the same idempotency key completes it).
+            Some(status) => Err(tonic::Status::new(
+                status.code(),
+                format!(
+                    "{} (stored for {} of the users, in the shards that took it; retry with the same \
+                     idempotency key to complete it)",
+                    status.message(),
+                    reply.seqs.len()
+                ),
+            )),
         }
     }
 
@@ -219,10 +261,10 @@ impl HeraldApi {
         let me = self.node.config().id;
         let at = herald_raft::raft_node::now_ms();
         let (mut delivered, mut dropped) = (0u32, 0u32);
+        let groups = self.node.groups();
         let holders = |t: &pb::Target| {
-            let sessions = self
-                .node
-                .raft()
+            let sessions = groups
+                .of_user(app, &t.user)
                 .reader()
                 .sessions(app, &t.user)
                 .unwrap_or_default();
@@ -239,7 +281,17 @@ impl HeraldApi {
         // A target that looks offline here may have logged in (WELCOME sent) on another node
         // whose registration this node has not applied yet: catch up with the leader once, then
         // look again (read-your-writes, ARCHITECTURE.md).
-        if routes.iter().any(Vec::is_empty) && self.node.room().barrier.catch_up(self.node.raft()).await {
+        let mut behind: Vec<&herald_raft::RaftNode> = targets
+            .iter()
+            .zip(&routes)
+            .filter(|(_, nodes)| nodes.is_empty())
+            .map(|(t, _)| groups.of_user(app, &t.user))
+            .collect();
+        behind.sort_by_key(|g| g.group());
+        behind.dedup_by_key(|g| g.group());
+        let barrier = &self.node.room().barrier;
+        let caught_up = futures::future::join_all(behind.iter().map(|g| barrier.catch_up(g))).await;
+        if caught_up.contains(&true) {
             for (t, nodes) in targets.iter().zip(routes.iter_mut()) {
                 if nodes.is_empty() {
                     *nodes = holders(t);
@@ -282,6 +334,23 @@ impl HeraldApi {
             .fetch_add(dropped as u64, std::sync::atomic::Ordering::Relaxed);
         (delivered, dropped)
     }
+}
+
+/// The targets grouped by the Raft group holding each user, each group's in request order.
+fn split_by_group(
+    groups: &herald_raft::Groups,
+    app: &str,
+    targets: impl Iterator<Item = Target>,
+) -> Vec<(herald_raft::RaftNode, Vec<Target>)> {
+    let mut parts: Vec<(herald_raft::RaftNode, Vec<Target>)> = Vec::new();
+    for t in targets {
+        let g = groups.of_user(app, &t.user);
+        match parts.iter_mut().find(|(p, _)| p.group() == g.group()) {
+            Some((_, list)) => list.push(t),
+            None => parts.push((g.clone(), vec![t])),
+        }
+    }
+    parts
 }
 
 /// One target per user, in first-seen order: a user listed more than once gets the message once,

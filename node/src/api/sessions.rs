@@ -3,7 +3,7 @@
 
 use herald_proto::v1 as pb;
 use herald_proto::v1::herald_client::HeraldClient;
-use herald_raft::{AppConfig, Op, OpResult};
+use herald_raft::{AppConfig, Op, OpResult, RaftNode, StateReader};
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
@@ -17,6 +17,7 @@ pub(super) async fn kick(api: &HeraldApi, request: Request<pb::KickRequest>) -> 
     if r.user.is_empty() {
         return Err(ApiError::InvalidArgument("kick needs a user".into()).into());
     }
+    let group = api.node.groups().of_user(&app.id, &r.user).clone();
     let op = Op::Kick {
         app: app.id,
         user: r.user,
@@ -27,7 +28,7 @@ pub(super) async fn kick(api: &HeraldApi, request: Request<pb::KickRequest>) -> 
             r.reason
         },
     };
-    let (result, _) = api.node.raft().write_one(op).await.map_err(ApiError::from)?;
+    let (result, _) = group.write_one(op).await.map_err(ApiError::from)?;
     match result {
         OpResult::Dropped { sessions } => Ok(Response::new(pb::KickReply { kicked: sessions })),
         OpResult::Rejected(r) => Err(ApiError::from(r).into()),
@@ -36,11 +37,17 @@ pub(super) async fn kick(api: &HeraldApi, request: Request<pb::KickRequest>) -> 
 }
 
 pub(super) async fn status(api: &HeraldApi, request: Request<pb::StatusRequest>) -> Reply<pb::StatusReply> {
-    let (app, r) = match begin_read(api, request, |r| &r.app).await? {
+    let app = auth::app_caller(&api.node, &request).await?;
+    let group = api
+        .node
+        .groups()
+        .of_user(&app.id, &request.get_ref().user)
+        .clone();
+    let (app, r) = match begin_read(api, app, &group, request, |r| &r.app).await? {
         Read::Here(app, r) => (app, r),
         Read::Leader(mut leader, call) => return leader.status(call).await,
     };
-    let reader = api.node.raft().reader();
+    let reader = group.reader();
     let sessions = reader.sessions(&app.id, &r.user).map_err(ApiError::from)?;
     let devices = reader.devices(&app.id, &r.user).map_err(ApiError::from)?;
     let meta = reader
@@ -72,36 +79,91 @@ pub(super) async fn status(api: &HeraldApi, request: Request<pb::StatusRequest>)
     }))
 }
 
+/// DeliveryStatus: a message's users may be in any shard, so each group holding users is read
+/// (linearizably, at its leader) and the answers are merged. A call forwarded for one group
+/// ([`GROUP_METADATA`]) answers that group's part only.
 pub(super) async fn delivery_status(
     api: &HeraldApi,
     request: Request<pb::DeliveryStatusRequest>,
 ) -> Reply<pb::DeliveryStatusReply> {
-    let (app, r) = match begin_read(api, request, |r| &r.app).await? {
-        Read::Here(app, r) => (app, r),
-        Read::Leader(mut leader, call) => return leader.delivery_status(call).await,
+    let app = auth::app_caller(&api.node, &request).await?;
+    let groups = api.node.groups().clone();
+    let asked_for = match request.metadata().get(GROUP_METADATA) {
+        None => None,
+        Some(v) => {
+            let g = v.to_str().ok().and_then(|v| v.parse().ok());
+            match g.and_then(|g| groups.get(g)) {
+                Some(g) => Some(g.clone()),
+                None => {
+                    return Err(ApiError::InvalidArgument(format!(
+                        "{GROUP_METADATA}: no such raft group here"
+                    ))
+                    .into())
+                }
+            }
+        }
     };
-    let reader = api.node.raft().reader();
-    let locations = reader.msg_locations(&app.id, &r.msg_id).map_err(ApiError::from)?;
-    if locations.is_empty() {
+    let parts: Vec<RaftNode> = match asked_for {
+        Some(g) => vec![g],
+        None => groups.data().to_vec(),
+    };
+    let md = request.metadata().clone();
+    let r = request.into_inner();
+    same_app(&app, &r.app)?;
+    let sharded = groups.shards() > 0;
+    let reads = parts.iter().map(|g| {
+        let call = with_metadata(&md, r.clone());
+        let app = app.clone();
+        async move {
+            match begin_read(api, app, g, call, |r| &r.app).await? {
+                Read::Here(app, r) => delivery_part(g.reader(), &app.id, &r.msg_id),
+                Read::Leader(mut leader, mut call) => {
+                    if sharded {
+                        call.metadata_mut().insert(GROUP_METADATA, g.group().into());
+                    }
+                    match leader.delivery_status(call).await {
+                        Ok(reply) => Ok(reply.into_inner().users),
+                        // The leader's part has no such message.
+                        Err(s) if s.code() == tonic::Code::NotFound => Ok(Vec::new()),
+                        Err(s) => Err(s),
+                    }
+                }
+            }
+        }
+    });
+    let mut users = Vec::new();
+    for part in futures::future::join_all(reads).await {
+        users.extend(part?);
+    }
+    if users.is_empty() {
         return Err(ApiError::NotFound(format!(
             "message {:?} is unknown, or its TTL has passed",
             r.msg_id
         ))
         .into());
     }
+    Ok(Response::new(pb::DeliveryStatusReply {
+        msg_id: r.msg_id,
+        users,
+    }))
+}
+
+/// Where message `msg_id` of `app` is held in one group, per user and device.
+fn delivery_part(reader: &StateReader, app: &str, msg_id: &str) -> Result<Vec<pb::UserDelivery>, Status> {
+    let locations = reader.msg_locations(app, msg_id).map_err(ApiError::from)?;
     let mut users = Vec::new();
     for (user, seq) in locations {
         let held = reader
-            .mailbox_since(&app.id, &user, seq.saturating_sub(1), 1)
+            .mailbox_since(app, &user, seq.saturating_sub(1), 1)
             .map_err(ApiError::from)?
             .into_iter()
             .find(|m| m.seq == seq);
         let meta = reader
-            .mailbox_meta(&app.id, &user)
+            .mailbox_meta(app, &user)
             .map_err(ApiError::from)?
             .unwrap_or_default();
         let devices = reader
-            .devices(&app.id, &user)
+            .devices(app, &user)
             .map_err(ApiError::from)?
             .into_iter()
             .filter(|(d, state)| match &held {
@@ -136,12 +198,12 @@ pub(super) async fn delivery_status(
             devices,
         });
     }
-    Ok(Response::new(pb::DeliveryStatusReply {
-        msg_id: r.msg_id,
-        users,
-    }))
+    Ok(users)
 }
 
+/// Metadata on a DeliveryStatus forwarded to one group's leader: the Raft group whose part it
+/// asks for (a node of a sharded cluster asks every shard's leader).
+const GROUP_METADATA: &str = "x-herald-group";
 /// Metadata on a read another node forwarded here: it is answered here or refused, never
 /// forwarded again.
 const FORWARDED_METADATA: &str = "x-herald-forwarded";
@@ -164,15 +226,16 @@ enum Read<T> {
     Leader(HeraldClient<Channel>, Request<T>),
 }
 
-/// Authenticates the caller of a linearizable read, checks it asks about its own app
-/// (`app_of`) and finds where the read is answered.
+/// For the authenticated `app`'s linearizable read in Raft `group`: checks it asks about its own
+/// app (`app_of`) and finds where the read is answered.
 async fn begin_read<T>(
     api: &HeraldApi,
+    app: AppConfig,
+    group: &RaftNode,
     request: Request<T>,
     app_of: fn(&T) -> &str,
 ) -> Result<Read<T>, Status> {
-    let app = auth::app_caller(&api.node, &request).await?;
-    let at = api.read_point(&request).await?;
+    let at = api.read_point(group, &request).await?;
     let md = request.metadata().clone();
     let r = request.into_inner();
     same_app(&app, app_of(&r))?;
@@ -180,6 +243,13 @@ async fn begin_read<T>(
         ReadAt::Here => Read::Here(app, r),
         ReadAt::Leader(leader) => Read::Leader(leader, forwarded(&md, r)),
     })
+}
+
+/// The call with the caller's metadata (credentials, the forwarded and group marks).
+fn with_metadata<M>(md: &tonic::metadata::MetadataMap, msg: M) -> Request<M> {
+    let mut r = Request::new(msg);
+    *r.metadata_mut() = md.clone();
+    r
 }
 
 /// The same call for the leader, with the caller's credentials.
@@ -205,8 +275,7 @@ impl HeraldApi {
     /// its state machine applied the commit index seen at the start); a follower forwards the
     /// call to the leader once. A follower's local state machine may lag, so it is never read
     /// for these answers.
-    async fn read_point<T>(&self, req: &Request<T>) -> Result<ReadAt, ApiError> {
-        let raft = self.node.raft();
+    async fn read_point<T>(&self, raft: &RaftNode, req: &Request<T>) -> Result<ReadAt, ApiError> {
         match raft.leader() {
             Some((id, _)) if id == self.node.config().id => {
                 let unavailable = |msg: String| ApiError::Unavailable { msg, leader: None };

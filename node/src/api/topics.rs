@@ -60,6 +60,8 @@ impl HeraldApi {
         } else {
             msg_id
         };
+        // The topic's home: a shard chosen by (app, topic), the one group without shards.
+        let group = self.node.groups().of_topic(&app.id, &topic).clone();
         let op = Op::Publish(Publish {
             app: app.id,
             topic,
@@ -67,7 +69,7 @@ impl HeraldApi {
             payload,
             idempotency_key: Some(idempotency_key).filter(|k| !k.is_empty()),
         });
-        let (result, log_index) = self.node.raft().write_one(op).await.map_err(ApiError::from)?;
+        let (result, log_index) = group.write_one(op).await.map_err(ApiError::from)?;
         match result {
             OpResult::Published(p) => Ok(Response::new(pb::PublishReply {
                 msg_id: p.msg_id,

@@ -61,51 +61,80 @@ fn judge(digests: &[Digest]) -> Round {
     }
 }
 
-/// Asks until the members are comparable or `timeout_ms` passed.
+/// Asks until the members are comparable or `timeout_ms` passed, group by group (each Raft
+/// group's replicas are compared with each other): "consistent" only when every group is.
 pub async fn verify(node: &Node, timeout_ms: u64) -> pb::VerifyReplicasReply {
     let timeout = match timeout_ms {
         0 => DEFAULT_TIMEOUT,
         ms => Duration::from_millis(ms).min(MAX_TIMEOUT),
     };
     let deadline = Instant::now() + timeout;
-    loop {
-        let digests = node.raft().state_hashes(PER_MEMBER).await;
-        let round = judge(&digests);
-        let (verdict, detail) = match round {
-            Round::Consistent => ("consistent", String::new()),
-            Round::Diverged => (
-                "diverged",
-                "members at the same applied index hold different state".to_string(),
-            ),
-            Round::NotYet(why) if Instant::now() >= deadline => ("unknown", why),
-            Round::NotYet(_) => {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
-            }
-        };
+    let mut reply = pb::VerifyReplicasReply {
+        verdict: "consistent".into(),
+        ..Default::default()
+    };
+    let sharded = node.groups().shards() > 0;
+    for raft in node.groups().all() {
+        let (verdict, detail, digests) = verify_group(raft, deadline).await;
+        let group = raft.group();
         if verdict == "diverged" {
-            tracing::error!(?digests, "replicas diverged");
+            tracing::error!(group, ?digests, "replicas diverged");
         }
-        return pb::VerifyReplicasReply {
-            verdict: verdict.into(),
-            detail,
-            replicas: digests
-                .into_iter()
-                .map(|(id, r)| match r {
-                    Ok((index, hash)) => pb::ReplicaDigest {
-                        node_id: id,
-                        applied_index: index,
-                        digest: format!("{hash:016x}"),
-                        error: String::new(),
-                    },
-                    Err(e) => pb::ReplicaDigest {
-                        node_id: id,
-                        error: e,
-                        ..Default::default()
-                    },
-                })
-                .collect(),
+        // The worst verdict wins: diverged, then unknown, then consistent.
+        let rank = |v: &str| match v {
+            "diverged" => 2,
+            "unknown" => 1,
+            _ => 0,
         };
+        if rank(verdict) > rank(&reply.verdict) {
+            reply.verdict = verdict.into();
+        }
+        if !detail.is_empty() {
+            let detail = if sharded {
+                format!("group {group}: {detail}")
+            } else {
+                detail
+            };
+            if !reply.detail.is_empty() {
+                reply.detail.push_str("; ");
+            }
+            reply.detail.push_str(&detail);
+        }
+        reply.replicas.extend(digests.into_iter().map(|(id, r)| match r {
+            Ok((index, hash)) => pb::ReplicaDigest {
+                node_id: id,
+                applied_index: index,
+                digest: format!("{hash:016x}"),
+                error: String::new(),
+                group,
+            },
+            Err(e) => pb::ReplicaDigest {
+                node_id: id,
+                error: e,
+                group,
+                ..Default::default()
+            },
+        }));
+    }
+    reply
+}
+
+/// One group's verdict, why (when not consistent) and its members' digests.
+async fn verify_group(
+    raft: &herald_raft::RaftNode,
+    deadline: Instant,
+) -> (&'static str, String, Vec<Digest>) {
+    loop {
+        let digests = raft.state_hashes(PER_MEMBER).await;
+        match judge(&digests) {
+            Round::Consistent => return ("consistent", String::new(), digests),
+            Round::Diverged => {
+                let why = "members at the same applied index hold different state".to_string();
+                return ("diverged", why, digests);
+            }
+            Round::NotYet(why) if Instant::now() >= deadline => return ("unknown", why, digests),
+            Round::NotYet(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
     }
 }
 

@@ -30,14 +30,17 @@ enum AppSend {
 }
 
 impl Coordinator {
-    /// Sends session events from the replicated outbox while this node leads, until `shutdown`.
+    /// Sends session events from Raft group `raft`'s replicated outbox while this node leads the
+    /// group, until `shutdown`.
     ///
-    /// Wakes on [`Coordinator::events_pending`] and polls every `events_poll` as a fallback (also
-    /// to notice that this node became leader). Spawn it once per node.
+    /// Wakes on [`Coordinator::events_pending_in`] and polls every `events_poll` as a fallback
+    /// (also to notice that this node became leader). Spawn it once per node and group holding
+    /// users.
     pub async fn run_event_sender(&self, raft: RaftNode, shutdown: CancellationToken) {
         let inner = &self.inner;
         let cfg = &inner.config;
         let reader = raft.reader().clone();
+        let wake = inner.events_wake(raft.group());
         // Events up to here are known done (an EventsDone this node committed).
         let mut done_upto = 0u64;
         let mut dropped_seen: Option<u64> = None;
@@ -49,7 +52,7 @@ impl Coordinator {
             if wait {
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
-                    _ = inner.events_wake.notified() => {}
+                    _ = wake.notified() => {}
                     _ = tokio::time::sleep(cfg.events_poll) => {}
                 }
             }
@@ -113,6 +116,11 @@ impl Coordinator {
 }
 
 impl Inner {
+    /// The wake-up of group `group`'s event sender.
+    pub(super) fn events_wake(&self, group: herald_raft::GroupId) -> std::sync::Arc<tokio::sync::Notify> {
+        self.events_wake.lock().entry(group).or_default().clone()
+    }
+
     fn check_dropped(&self, reader: &StateReader, seen: &mut Option<u64>) {
         match reader.events_dropped() {
             Ok(total) => {
@@ -143,7 +151,7 @@ impl Inner {
         // Per app, in order of first appearance; each app's events in outbox order.
         let mut pending: Vec<(String, Vec<pb::SessionEvent>)> = Vec::new();
         for e in events {
-            let wire = to_wire(e);
+            let wire = to_wire(raft.group(), e);
             match pending.iter_mut().find(|(app, _)| *app == e.app) {
                 Some((_, list)) => list.push(wire),
                 None => pending.push((e.app.clone(), vec![wire])),
@@ -256,14 +264,14 @@ impl Inner {
 }
 
 /// The event as the backend sees it; `key` is the dedupe key, stable across retries and leaders.
-fn to_wire(e: &SessionEvent) -> pb::SessionEvent {
+fn to_wire(group: herald_raft::GroupId, e: &SessionEvent) -> pb::SessionEvent {
     let kind = if e.online {
         pb::SessionEventKind::Online
     } else {
         pb::SessionEventKind::Offline
     };
     pb::SessionEvent {
-        key: event_key(&e.app, e.id),
+        key: event_key(&e.app, group, e.id),
         app: e.app.clone(),
         user: e.user.clone(),
         device: e.device.clone(),
@@ -275,7 +283,12 @@ fn to_wire(e: &SessionEvent) -> pb::SessionEvent {
     }
 }
 
-/// The dedupe key of outbox event `id` of `app`.
-pub fn event_key(app: &str, id: u64) -> String {
-    format!("{app}:{id}")
+/// The dedupe key of event `id` of `app` in Raft group `group`'s outbox: `<app>:<id>` in group 0
+/// (the only group of an unsharded cluster, so its keys stay what they were), `<app>:<group>.<id>`
+/// in a shard (each shard numbers its outbox on its own).
+pub fn event_key(app: &str, group: herald_raft::GroupId, id: u64) -> String {
+    match group {
+        0 => format!("{app}:{id}"),
+        g => format!("{app}:{g}.{id}"),
+    }
 }

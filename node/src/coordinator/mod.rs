@@ -197,8 +197,8 @@ pub(crate) struct Inner {
     /// Per-app upstream queues and member lists, created on an app's first use.
     groups: RwLock<HashMap<String, Arc<AppGroup>>>,
     stats: CoordinatorStats,
-    /// Wakes the event sender when the outbox grew.
-    events_wake: Notify,
+    /// Wakes the event sender of a Raft group when its outbox grew (one sender per group).
+    events_wake: parking_lot::Mutex<HashMap<herald_raft::GroupId, Arc<Notify>>>,
     /// Ends per-user upstream tasks; upstream is refused once it is cancelled.
     shutdown: CancellationToken,
     /// The per-user upstream tasks, so shutdown can wait for them.
@@ -226,7 +226,7 @@ impl Coordinator {
                 backends: Backends::new(policy),
                 groups: RwLock::new(HashMap::new()),
                 stats: CoordinatorStats::default(),
-                events_wake: Notify::new(),
+                events_wake: Default::default(),
                 shutdown,
                 tasks: TaskTracker::new(),
             }),
@@ -258,7 +258,12 @@ impl Coordinator {
     /// Tells the event sender the outbox grew (call on `ApplyEvent::EventsPending`). Cheap, never
     /// blocks; wake-ups coalesce.
     pub fn events_pending(&self) {
-        self.inner.events_wake.notify_one();
+        self.events_pending_in(herald_raft::shard::META_GROUP);
+    }
+
+    /// [`Coordinator::events_pending`] for the outbox of Raft group `group`.
+    pub fn events_pending_in(&self, group: herald_raft::GroupId) {
+        self.inner.events_wake(group).notify_one();
     }
 
     /// The counters, live.

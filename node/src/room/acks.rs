@@ -2,14 +2,15 @@
 //!
 //! Connections record (app, user, device) -> (delivered, acked); records for the same device
 //! coalesce (max of each), so the pending map is bounded by the number of local devices whatever
-//! the ack rate. A flusher commits the map as one `Op::Cursors` and waits for it before the next,
-//! so at most one batch is in flight.
+//! the ack rate. A flusher commits the map as one `Op::Cursors` per Raft group holding some of
+//! its users (the shards commit at once) and waits for them before the next, so at most one batch
+//! per group is in flight.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use herald_raft::{CursorUpdate, Op, RaftNode};
+use herald_raft::{CursorUpdate, GroupId, Groups, Op};
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -26,17 +27,17 @@ pub struct AckBatcher {
 }
 
 struct Inner {
-    raft: RaftNode,
+    groups: Groups,
     pending: Mutex<HashMap<Key, (u64, u64)>>,
     /// Wakes the flusher early (shutdown drain).
     wake: Notify,
 }
 
 impl AckBatcher {
-    pub fn new(raft: RaftNode) -> Self {
+    pub fn new(groups: Groups) -> Self {
         AckBatcher {
             inner: Arc::new(Inner {
-                raft,
+                groups,
                 pending: Mutex::new(HashMap::new()),
                 wake: Notify::new(),
             }),
@@ -59,29 +60,51 @@ impl AckBatcher {
 
     /// Commits whatever is pending now.
     pub async fn flush(&self) {
-        let batch: Vec<CursorUpdate> = {
+        let groups = &self.inner.groups;
+        let mut batches: HashMap<GroupId, (&herald_raft::RaftNode, Vec<CursorUpdate>)> = HashMap::new();
+        {
             let mut p = self.inner.pending.lock();
             if p.is_empty() {
                 return;
             }
-            std::mem::take(&mut *p)
-                .into_iter()
-                .map(|((app, user, device), (delivered, acked))| CursorUpdate {
-                    app: app.to_string(),
-                    user: user.to_string(),
-                    device: device.to_string(),
-                    delivered,
-                    acked,
-                })
-                .collect()
-        };
+            for ((app, user, device), (delivered, acked)) in std::mem::take(&mut *p) {
+                let raft = groups.of_user(&app, &user);
+                batches
+                    .entry(raft.group())
+                    .or_insert_with(|| (raft, Vec::new()))
+                    .1
+                    .push(CursorUpdate {
+                        app: app.to_string(),
+                        user: user.to_string(),
+                        device: device.to_string(),
+                        delivered,
+                        acked,
+                    });
+            }
+        }
+        let writes = batches.into_iter().map(|(group, (raft, batch))| async move {
+            let r = raft.write_one(Op::Cursors(batch.clone())).await;
+            (group, batch, r)
+        });
+        for (group, batch, r) in futures::future::join_all(writes).await {
+            self.settle(group, batch, r);
+        }
+    }
+
+    /// After one group's cursor write: on failure the updates go back for the next round.
+    fn settle(
+        &self,
+        group: GroupId,
+        batch: Vec<CursorUpdate>,
+        r: Result<(herald_raft::OpResult, u64), herald_raft::WriteError>,
+    ) {
         let n = batch.len();
-        match self.inner.raft.write_one(Op::Cursors(batch.clone())).await {
-            Ok(_) => debug!(devices = n, "cursors committed"),
+        match r {
+            Ok(_) => debug!(devices = n, group, "cursors committed"),
             Err(e) => {
                 // Put them back (merged with newer records) for the next round; nothing is lost
                 // while the node lives, and a client re-acks after reconnecting anyway.
-                warn!(devices = n, error = %e, "cursor batch not committed; will retry");
+                warn!(devices = n, group, error = %e, "cursor batch not committed; will retry");
                 let mut p = self.inner.pending.lock();
                 for u in batch {
                     let e = p

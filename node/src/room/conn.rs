@@ -480,7 +480,7 @@ where
             return;
         };
         let s = &self.sessions[i];
-        let app = match self.room.reader.app(&s.app) {
+        let app = match self.room.meta().app(&s.app) {
             Ok(Some(a)) => a,
             _ => {
                 self.send(upstream_error(
@@ -563,7 +563,7 @@ where
                 "no such session".into(),
             )));
         };
-        let app = match self.room.reader.app(&self.sessions[i].app) {
+        let app = match self.room.meta().app(&self.sessions[i].app) {
             Ok(Some(a)) => a,
             _ => {
                 return self.send(Kind::TopicPublished(answer(
@@ -618,14 +618,15 @@ where
                 format!("at most {MAX_PUBLISHES_IN_FLIGHT} publishes waiting per connection"),
             )));
         }
+        let raft = self.room.groups.of_topic(&app.id, &p.topic).clone();
         let op = Op::Publish(herald_raft::Publish {
             app: app.id,
             topic: p.topic,
-            msg_id: format!("c{}-{:016x}", self.room.raft.id(), rand::random::<u64>()),
+            msg_id: format!("c{}-{:016x}", self.room.groups.id(), rand::random::<u64>()),
             payload: p.payload,
             idempotency_key: None,
         });
-        let (raft, shared) = (self.room.raft.clone(), self.shared.clone());
+        let shared = self.shared.clone();
         tokio::spawn(async move {
             let reply = match raft.write_one(op).await {
                 Ok((OpResult::Published(p), _)) => answer(p.seq, ErrorCode::Unspecified, String::new()),
@@ -644,7 +645,7 @@ where
         let Some(i) = self.find(sid) else { return };
         let check = |this: &Self| {
             let s = &this.sessions[i];
-            let secrets = match this.room.reader.app(&s.app) {
+            let secrets = match this.room.meta().app(&s.app) {
                 Ok(Some(a)) => a.secrets,
                 _ => Vec::new(),
             };
@@ -654,7 +655,7 @@ where
         // A token signed with a secret added a moment ago on another node: catch up with the
         // leader once before refusing (read-your-writes, as for HELLO).
         if matches!(verdict, Err(token::TokenError::Signature))
-            && self.room.barrier.catch_up(&self.room.raft).await
+            && self.room.barrier.catch_up(self.room.groups.meta()).await
         {
             verdict = check(self);
         }
@@ -723,7 +724,7 @@ where
             0
         } else {
             self.room
-                .reader
+                .topic_state(&app, &t.topic)
                 .topic_meta(&app, &t.topic)
                 .ok()
                 .flatten()
@@ -773,7 +774,11 @@ where
     /// Writes retained topic messages after `cursor` into the output; returns the new cursor.
     fn replay_topic(&mut self, sid: u32, app: &str, topic: &str, mut cursor: u64) -> u64 {
         loop {
-            let page = match self.room.reader.topic_since(app, topic, cursor, PAGE) {
+            let page = match self
+                .room
+                .topic_state(app, topic)
+                .topic_since(app, topic, cursor, PAGE)
+            {
                 Ok(p) => p,
                 Err(e) => {
                     warn!(error = %e, "cannot read topic log");
@@ -817,7 +822,7 @@ where
             let s = &self.sessions[i];
             (s.app.clone(), s.user.clone(), s.device.clone())
         };
-        let reader = &self.room.reader;
+        let reader = self.room.user_state(&app, &user);
         // Read the bound before the page, so a message stored in between is never taken for a hole.
         let before = match reader.mailbox_meta(&app, &user) {
             Ok(m) => m.unwrap_or_default(),
@@ -983,7 +988,7 @@ where
         self.room
             .unindex_session(&s.app, &s.user, self.shared.id, s.id, &s.topics);
         if unregister {
-            let raft = self.room.raft.clone();
+            let raft = self.room.user_group(&s.app, &s.user).clone();
             // The session's last delivery cursor goes in the same entry as its end, so a later
             // login that finds the session ended knows everything it wrote (redelivery_bound).
             let ops = vec![
@@ -1109,7 +1114,7 @@ where
 
 /// The session's app and its token's claims, from this node's state machine as it is.
 fn check_token(room: &Room, o: &OpenSession) -> Result<token::Claims, (ErrorCode, String)> {
-    let app: AppConfig = match room.reader.app(&o.app) {
+    let app: AppConfig = match room.meta().app(&o.app) {
         Ok(Some(a)) => a,
         Ok(None) => return Err((ErrorCode::UnknownApp, format!("unknown app {:?}", o.app))),
         Err(e) => return Err((ErrorCode::Internal, e.to_string())),
@@ -1143,7 +1148,9 @@ async fn register(
     // An unknown app or a token no secret of the app signed may be an admin write this node has
     // not applied yet: catch up with the leader once before refusing (read-your-writes).
     let claims = match check_token(&room, &o) {
-        Err((ErrorCode::UnknownApp | ErrorCode::BadToken, _)) if room.barrier.catch_up(&room.raft).await => {
+        Err((ErrorCode::UnknownApp | ErrorCode::BadToken, _))
+            if room.barrier.catch_up(room.groups.meta()).await =>
+        {
             check_token(&room, &o)?
         }
         r => r?,
@@ -1160,7 +1167,9 @@ async fn register(
     // The registration names the device's newest session this node knows of: one registered
     // after it (a login of the device elsewhere) makes it a no-op. So a registration that commits
     // after its HELLO failed never replaces the login that followed (issue 26).
-    let mut seen_epoch = match room.reader.session(&o.app, &o.user, &o.device) {
+    // The user's group: its registry, mailbox and epochs.
+    let group = room.user_group(&o.app, &o.user);
+    let mut seen_epoch = match group.reader().session(&o.app, &o.user, &o.device) {
         Ok(s) => s.map_or(0, |s| s.epoch),
         Err(e) => return Err((ErrorCode::Internal, e.to_string())),
     };
@@ -1172,7 +1181,7 @@ async fn register(
             register: register.clone(),
             seen_epoch,
         };
-        let (result, index) = room.raft.write_one(op).await.map_err(|e| match e {
+        let (result, index) = group.write_one(op).await.map_err(|e| match e {
             WriteError::Invalid(m) => (ErrorCode::BadRequest, m),
             other => (
                 ErrorCode::NotReady,
@@ -1187,8 +1196,8 @@ async fn register(
             // once, naming that session. A registration whose call is over is never re-proposed.
             OpResult::Superseded { epoch } if !retried => {
                 retried = true;
-                room.barrier.catch_up(&room.raft).await;
-                seen_epoch = match room.reader.session(&o.app, &o.user, &o.device) {
+                room.barrier.catch_up(group).await;
+                seen_epoch = match group.reader().session(&o.app, &o.user, &o.device) {
                     Ok(s) => s.map_or(0, |s| s.epoch).max(epoch),
                     Err(e) => return Err((ErrorCode::Internal, e.to_string())),
                 };
@@ -1203,7 +1212,7 @@ async fn register(
             other => return Err((ErrorCode::Internal, format!("unexpected result {other:?}"))),
         }
     };
-    if tokio::time::timeout(Duration::from_secs(10), room.reader.wait_applied(index))
+    if tokio::time::timeout(Duration::from_secs(10), group.reader().wait_applied(index))
         .await
         .is_err()
     {
@@ -1227,7 +1236,7 @@ async fn register(
     );
     attempt.taken(registered.epoch);
     // A login that raced ours and won may have been applied before we were indexed: check.
-    match room.reader.session(&o.app, &o.user, &o.device) {
+    match group.reader().session(&o.app, &o.user, &o.device) {
         Ok(Some(s)) if s.epoch != registered.epoch => shared.kick(Kick {
             session_id: o.session_id,
             epoch: registered.epoch,
@@ -1238,7 +1247,7 @@ async fn register(
         // node was declared down — then the client must move to another node (a NODE_DOWN kick
         // with redirects), not give up (the fault suite saw a device stop for good here).
         Ok(None) => {
-            let (code, reason) = if room.ended_by_node_down(registered.epoch).await {
+            let (code, reason) = if room.ended_by_node_down(&o.app, &o.user, registered.epoch).await {
                 (KickReason::NodeDown, "node declared down")
             } else {
                 (KickReason::Admin, "session ended")
@@ -1255,7 +1264,7 @@ async fn register(
     // The client's cursor counts as an ack of everything up to it, but never beyond the mailbox's
     // head (applied above): a cursor past it would make the session skip the seqs new messages
     // get up to the cursor (the store clamps its record the same way).
-    let head = match room.reader.mailbox_meta(&o.app, &o.user) {
+    let head = match group.reader().mailbox_meta(&o.app, &o.user) {
         Ok(meta) => meta.map_or(0, |m| m.next_seq.saturating_sub(1)),
         Err(e) => return Err((ErrorCode::Internal, e.to_string())),
     };
@@ -1310,7 +1319,7 @@ fn redelivery_bound(room: &Room, o: &OpenSession, registered: &herald_raft::Regi
     if registered.kicked.iter().any(same_device) {
         return head;
     }
-    match room.reader.devices(&o.app, &o.user) {
+    match room.user_state(&o.app, &o.user).devices(&o.app, &o.user) {
         Ok(devices) => devices
             .into_iter()
             .find(|(d, _)| *d == o.device)

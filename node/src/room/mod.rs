@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use herald_proto::client::{frame::Kind, ErrorCode, Frame, KickReason, Push, Qos};
-use herald_raft::{RaftNode, StateReader, TopicMessage};
+use herald_raft::{GroupId, Groups, RaftNode, StateReader, TopicMessage};
 use parking_lot::RwLock;
 use prost::Message;
 use tracing::{debug, info};
@@ -183,10 +183,15 @@ impl<T: Clone> Index<T> {
     }
 
     fn all(&self) -> Vec<T> {
+        self.all_where(|_, _| true)
+    }
+
+    /// The entries whose (app, key) passes `keep`.
+    fn all_where(&self, keep: impl Fn(&str, &str) -> bool) -> Vec<T> {
         let mut out = Vec::new();
         for s in &self.shards {
-            for m in s.read().values() {
-                for v in m.values() {
+            for (app, m) in s.read().iter() {
+                for (_, v) in m.iter().filter(|(key, _)| keep(app, key)) {
                     out.extend(v.iter().cloned());
                 }
             }
@@ -198,8 +203,8 @@ impl<T: Clone> Index<T> {
 /// The room server of one node.
 pub struct Room {
     pub config: RoomConfig,
-    pub raft: RaftNode,
-    pub reader: StateReader,
+    /// The node's Raft groups: the metadata group (apps, nodes) and the shards (users, topics).
+    pub groups: Groups,
     pub stats: RoomStats,
     pub acks: AckBatcher,
     pub coordinator: Coordinator,
@@ -207,11 +212,12 @@ pub struct Room {
     pub registrations: registrations::Registrations,
     /// The shared read barrier (read-your-writes before answering "does not exist").
     pub barrier: crate::barrier::Barrier,
-    /// The last log index whose events the observer has handled.
-    observed_index: AtomicU64,
-    /// The highest `upto_epoch` of a NodeDown of this node the observer has handled: every
-    /// registration of this node at or below it was ended by that NodeDown.
-    declared_down_upto: AtomicU64,
+    /// Per group (index = group id): the last log index whose events the observer has handled.
+    observed_index: Vec<AtomicU64>,
+    /// Per group: the highest `upto_epoch` of a NodeDown of this node the observer has handled:
+    /// every registration of this node in that group at or below it was ended by that NodeDown
+    /// (epochs count per group).
+    declared_down_upto: Vec<AtomicU64>,
     started: Instant,
     next_conn: AtomicU64,
     accepting: AtomicBool,
@@ -228,20 +234,19 @@ pub struct Room {
 }
 
 impl Room {
-    pub fn new(config: RoomConfig, raft: RaftNode, coordinator: Coordinator) -> Arc<Room> {
-        let reader = raft.reader().clone();
-        let acks = AckBatcher::new(raft.clone());
+    pub fn new(config: RoomConfig, groups: Groups, coordinator: Coordinator) -> Arc<Room> {
+        let acks = AckBatcher::new(groups.clone());
+        let per_group = || (0..groups.all().len()).map(|_| AtomicU64::new(0)).collect();
         Arc::new(Room {
             config,
-            reader,
-            raft,
+            observed_index: per_group(),
+            declared_down_upto: per_group(),
+            groups,
             stats: RoomStats::default(),
             acks,
             coordinator,
             registrations: Default::default(),
             barrier: Default::default(),
-            observed_index: AtomicU64::new(0),
-            declared_down_upto: AtomicU64::new(0),
             started: Instant::now(),
             next_conn: AtomicU64::new(1),
             accepting: AtomicBool::new(true),
@@ -253,25 +258,50 @@ impl Room {
         })
     }
 
-    /// Called by the observer after it handled the events of `index`.
-    pub(crate) fn observed(&self, index: u64) {
-        self.observed_index.fetch_max(index, Ordering::AcqRel);
+    /// Called by group `group`'s observer after it handled the events of `index`.
+    pub(crate) fn observed(&self, group: GroupId, index: u64) {
+        if let Some(o) = self.observed_index.get(group as usize) {
+            o.fetch_max(index, Ordering::AcqRel);
+        }
     }
 
-    /// Called by the observer for a NodeDown of this node.
-    pub(crate) fn declared_down(&self, upto_epoch: u64) {
-        self.declared_down_upto.fetch_max(upto_epoch, Ordering::AcqRel);
+    /// Called by group `group`'s observer for a NodeDown of this node.
+    pub(crate) fn declared_down(&self, group: GroupId, upto_epoch: u64) {
+        if let Some(d) = self.declared_down_upto.get(group as usize) {
+            d.fetch_max(upto_epoch, Ordering::AcqRel);
+        }
     }
 
-    /// Whether a NodeDown of this node ended the registration with `epoch`, as far as the
-    /// observer has seen; waits (up to 2 s) until it has handled everything applied now.
-    pub(crate) async fn ended_by_node_down(&self, epoch: u64) -> bool {
-        let target = self.reader.applied_index();
+    /// Whether a NodeDown of this node ended the registration with `epoch` in `user`'s group, as
+    /// far as the observer has seen; waits (up to 2 s) until it has handled everything applied now.
+    pub(crate) async fn ended_by_node_down(&self, app: &str, user: &str, epoch: u64) -> bool {
+        let group = self.groups.group_of_user(app, user) as usize;
+        let target = self.groups.of_user(app, user).reader().applied_index();
         let deadline = Instant::now() + Duration::from_secs(2);
-        while self.observed_index.load(Ordering::Acquire) < target && Instant::now() < deadline {
+        while self.observed_index[group].load(Ordering::Acquire) < target && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        self.declared_down_upto.load(Ordering::Acquire) >= epoch
+        self.declared_down_upto[group].load(Ordering::Acquire) >= epoch
+    }
+
+    /// The metadata group's state (apps, nodes).
+    pub fn meta(&self) -> &StateReader {
+        self.groups.meta().reader()
+    }
+
+    /// The group holding `user` of `app` (sessions, devices, mailbox).
+    pub fn user_group(&self, app: &str, user: &str) -> &RaftNode {
+        self.groups.of_user(app, user)
+    }
+
+    /// The state of the group holding `user` of `app`.
+    pub fn user_state(&self, app: &str, user: &str) -> &StateReader {
+        self.groups.of_user(app, user).reader()
+    }
+
+    /// The state of the group holding topic `topic` of `app`.
+    pub fn topic_state(&self, app: &str, topic: &str) -> &StateReader {
+        self.groups.of_topic(app, topic).reader()
     }
 
     /// Coarse clock: ms since the room started.
@@ -285,7 +315,7 @@ impl Room {
     /// suite's two-hour run lost its QoS-1 clients so) and accept expired ones; one hours ahead
     /// would end sessions early.
     pub fn token_now_s(&self) -> u64 {
-        self.raft.cluster_now_ms() / 1000
+        self.groups.meta().cluster_now_ms() / 1000
     }
 
     pub fn accepting(&self) -> bool {
@@ -434,7 +464,7 @@ impl Room {
         let mut ok = false;
         self.topics.update(app, topic, |subs| {
             let current = self
-                .reader
+                .topic_state(app, topic)
                 .topic_meta(app, topic)
                 .ok()
                 .flatten()
@@ -502,6 +532,16 @@ impl Room {
     /// All local sessions (drain, node down).
     pub fn all_sessions(&self) -> Vec<LocalSession> {
         self.users.all()
+    }
+
+    /// The local sessions of the users Raft group `group` holds.
+    pub fn sessions_of_group(&self, group: GroupId) -> Vec<LocalSession> {
+        match self.groups.shards() {
+            0 => self.users.all(),
+            _ => self
+                .users
+                .all_where(|app, user| self.groups.group_of_user(app, user) == group),
+        }
     }
 
     /// Wakes the local sessions of `user` whose device the message is for.

@@ -762,7 +762,10 @@ impl<S> MqttStream<S> {
         if will_delay_s(w.delay_s, w.session_expiry_s) == 0 {
             return;
         }
-        if let Ok(devices) = room.reader.devices(&self.st.app, &w.user) {
+        if let Ok(devices) = room
+            .user_state(&self.st.app, &w.user)
+            .devices(&self.st.app, &w.user)
+        {
             if let Some((_, d)) = devices.into_iter().find(|(d, _)| *d == w.device) {
                 w.registered_ms = d.last_seen_ms;
             }
@@ -776,7 +779,7 @@ impl<S> MqttStream<S> {
             return t;
         }
         let t = match &self.room {
-            Some(room) => room.raft.cluster_now_ms(),
+            Some(room) => room.groups.meta().cluster_now_ms(),
             None => herald_raft::raft_node::now_ms(),
         };
         self.st.now_ms = Some(t);
@@ -1002,9 +1005,10 @@ async fn publish_will(room: std::sync::Arc<super::Room>, app: String, will: Box<
     };
     room.stats.mqtt_delayed_wills.fetch_sub(1, Ordering::AcqRel);
     // A login the leader applied is seen here too.
-    room.barrier.catch_up(&room.raft).await;
-    let live = room.reader.session(&app, &will.user, &will.device);
-    let devices = room.reader.devices(&app, &will.user);
+    let group = room.user_group(&app, &will.user);
+    room.barrier.catch_up(group).await;
+    let live = group.reader().session(&app, &will.user, &will.device);
+    let devices = group.reader().devices(&app, &will.user);
     let (Ok(live), Ok(devices)) = (live, devices) else {
         return info!(app = %app, "mqtt: cannot read the registry; delayed will not published");
     };
@@ -1020,7 +1024,7 @@ async fn publish_will(room: std::sync::Arc<super::Room>, app: String, will: Box<
 
 /// Commits a will like a client publish: only to a topic the app lets its clients publish to.
 async fn commit_will(room: &super::Room, app: String, topic: String, payload: bytes::Bytes) {
-    let Ok(Some(cfg)) = room.reader.app(&app) else {
+    let Ok(Some(cfg)) = room.meta().app(&app) else {
         return;
     };
     let allowed = herald_mqtt::topic::validate_name(&topic).is_ok()
@@ -1034,14 +1038,15 @@ async fn commit_will(room: &super::Room, app: String, topic: String, payload: by
         info!(app = %app, topic = %topic, "mqtt: will not published (the app does not let clients publish there, or too large)");
         return;
     }
+    let raft = room.groups.of_topic(&app, &topic).clone();
     let op = herald_raft::Op::Publish(herald_raft::Publish {
         app,
         topic,
-        msg_id: format!("w{}-{:016x}", room.raft.id(), rand::random::<u64>()),
+        msg_id: format!("w{}-{:016x}", room.groups.id(), rand::random::<u64>()),
         payload,
         idempotency_key: None,
     });
-    if let Err(e) = room.raft.write_one(op).await {
+    if let Err(e) = raft.write_one(op).await {
         info!(error = %e, "mqtt: will not committed");
     }
 }

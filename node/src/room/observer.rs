@@ -4,19 +4,28 @@
 use std::sync::{Arc, OnceLock};
 
 use herald_proto::client::KickReason;
-use herald_raft::{ApplyEvent, ApplyObserver};
+use herald_raft::{ApplyEvent, ApplyObserver, GroupId};
 use tracing::info;
 
 use super::Room;
 
-/// The node's observer. Created before the room (Raft must exist first), connected to it with
-/// [`NodeObserver::attach`]; events applied before that (start-up replay) concern no connection.
+/// The observer of one of the node's Raft groups. Created before the room (Raft must exist
+/// first), connected to it with [`NodeObserver::attach`]; events applied before that (start-up
+/// replay) concern no connection.
 #[derive(Default)]
 pub struct NodeObserver {
+    group: GroupId,
     room: OnceLock<Arc<Room>>,
 }
 
 impl NodeObserver {
+    pub fn new(group: GroupId) -> NodeObserver {
+        NodeObserver {
+            group,
+            room: OnceLock::new(),
+        }
+    }
+
     pub fn attach(&self, room: Arc<Room>) {
         let _ = self.room.set(room);
     }
@@ -25,12 +34,12 @@ impl NodeObserver {
 impl ApplyObserver for NodeObserver {
     fn applied(&self, log_index: u64, events: Vec<ApplyEvent>) {
         let Some(room) = self.room.get() else { return };
-        handle(room, events);
-        room.observed(log_index);
+        handle(room, self.group, events);
+        room.observed(self.group, log_index);
     }
 }
 
-fn handle(room: &Arc<Room>, events: Vec<ApplyEvent>) {
+fn handle(room: &Arc<Room>, group: GroupId, events: Vec<ApplyEvent>) {
     let me = room.config.node_id;
     for e in events {
         match e {
@@ -69,8 +78,9 @@ fn handle(room: &Arc<Room>, events: Vec<ApplyEvent>) {
                 }
             }
             ApplyEvent::NodeDown { node, upto_epoch } if node == me => {
-                room.declared_down(upto_epoch);
-                let local = room.all_sessions();
+                room.declared_down(group, upto_epoch);
+                // Epochs count per group: only the sessions registered in this one.
+                let local = room.sessions_of_group(group);
                 let mut n = 0;
                 for s in local.iter().filter(|s| s.epoch <= upto_epoch) {
                     room.kick_local(
@@ -83,10 +93,13 @@ fn handle(room: &Arc<Room>, events: Vec<ApplyEvent>) {
                     n += 1;
                 }
                 if n > 0 {
-                    info!(sessions = n, "this node was declared down; its sessions end");
+                    info!(
+                        sessions = n,
+                        group, "this node was declared down; its sessions end"
+                    );
                 }
             }
-            ApplyEvent::EventsPending => room.coordinator.events_pending(),
+            ApplyEvent::EventsPending => room.coordinator.events_pending_in(group),
             ApplyEvent::NodeDown { .. }
             | ApplyEvent::Unregistered { .. }
             | ApplyEvent::AppChanged { .. }

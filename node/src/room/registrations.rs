@@ -146,7 +146,10 @@ impl Room {
                 .sessions_of(&c.app, &c.user)
                 .iter()
                 .any(|l| l.conn.id == conn && l.session_id == sid && l.epoch == epoch);
-            let held = match self.reader.session(&c.app, &c.user, &c.device) {
+            let held = match self
+                .user_state(&c.app, &c.user)
+                .session(&c.app, &c.user, &c.device)
+            {
                 Ok(Some(s)) => s.epoch == epoch,
                 Ok(None) => false,
                 // Cannot tell now: look again on the next sweep.
@@ -177,7 +180,7 @@ impl Room {
                 device: c.device.clone(),
                 epoch: c.epoch,
             };
-            let raft = self.raft.clone();
+            let raft = self.user_group(&c.app, &c.user).clone();
             tokio::spawn(async move {
                 if let Err(e) = raft.write_one(op).await {
                     debug!(error = %e, "orphan unregister not committed; retried later");

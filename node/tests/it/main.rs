@@ -30,5 +30,6 @@ mod proxy;
 mod raw;
 mod room;
 mod sdk;
+mod shards;
 mod shutdown;
 mod storage;

@@ -129,7 +129,11 @@ pub(crate) async fn internal_rpcs(channel: &Channel) -> Vec<(&'static str, Code)
         ("Rates", code(peer.rates(RatesRequest {}).await.map(|_| Code::Ok))),
         (
             "AppliedIndex",
-            code(peer.applied_index(AppliedIndexRequest {}).await.map(|_| Code::Ok)),
+            code(
+                peer.applied_index(AppliedIndexRequest::default())
+                    .await
+                    .map(|_| Code::Ok),
+            ),
         ),
     ]
 }

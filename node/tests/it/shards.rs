@@ -1,0 +1,279 @@
+//! A cluster created with `--shards S` (issue 27): users and topics spread over S Raft groups
+//! beside the metadata group, and every feature answers across them. Real node processes, the
+//! SDK as the client.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use herald_proto::v1 as pb;
+use herald_raft::shard::{shard_of, topic_shard};
+
+use crate::harness::{admin_request, connect, eventually, herald_with, App, Cluster, NODE_WAIT};
+use crate::sdk::{client, Inbox, CLIENT_WAIT};
+
+const SHARDS: u32 = 4;
+
+async fn sharded(n: u64) -> Cluster {
+    let mut c = Cluster::new(n).node_args(&["--shards", &SHARDS.to_string()]);
+    c.start_all();
+    c.wait_leader().await;
+    c
+}
+
+/// A push to users of many shards through one node: one answer with a seq per user, in target
+/// order; each user's device gets it; a retry with the same idempotency key answers the first
+/// result; Status, DeliveryStatus and Kick are answered by each user's shard; topics and the
+/// broadcast number their messages from their own shard; every group's replicas agree.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_feature_answers_across_shards() {
+    let c = sharded(3).await;
+    let app = c.create_app("sharded").await;
+    let users: Vec<String> = (0..8).map(|i| format!("user-{i}")).collect();
+    let homes: BTreeSet<u32> = users.iter().map(|u| shard_of(&app.id, u, SHARDS)).collect();
+    assert!(homes.len() >= 3, "the users span several shards: {homes:?}");
+
+    // One client per user, on nodes in turn.
+    let mut inboxes = Vec::new();
+    let mut clients = Vec::new();
+    for (i, u) in users.iter().enumerate() {
+        let node = c.ids()[i % 3];
+        let (cl, events) = client(&app, u)
+            .nodes([c.client_addr(node).to_string()])
+            .connect()
+            .await
+            .unwrap();
+        let mut inbox = Inbox::new(events);
+        inbox.connected(CLIENT_WAIT).await;
+        clients.push(cl);
+        inboxes.push(inbox);
+    }
+
+    let push = |payload: &str, key: &str| {
+        app.request(pb::PushRequest {
+            app: app.id.clone(),
+            targets: users
+                .iter()
+                .rev()
+                .map(|u| pb::Target {
+                    user: u.clone(),
+                    devices: vec![],
+                })
+                .collect(),
+            payload: payload.as_bytes().to_vec().into(),
+            qos: pb::Qos::AtLeastOnce as i32,
+            ttl_ms: 0,
+            idempotency_key: key.into(),
+            msg_id: String::new(),
+        })
+    };
+    let mut api = connect(c.grpc_addr(2)).await.unwrap();
+    let first = api.push(push("one", "k1")).await.unwrap().into_inner();
+    let second = api.push(push("two", "k2")).await.unwrap().into_inner();
+    let order: Vec<&str> = first.seqs.iter().map(|s| s.user.as_str()).collect();
+    let want: Vec<&str> = users.iter().rev().map(String::as_str).collect();
+    assert_eq!(order, want, "one seq per user, in target order");
+    assert!(first.seqs.iter().all(|s| s.seq == 1), "{first:?}");
+    assert!(second.seqs.iter().all(|s| s.seq == 2), "{second:?}");
+    assert!(!first.duplicate);
+    let again = api.push(push("one", "k1")).await.unwrap().into_inner();
+    assert!(again.duplicate, "the retry answers the first result: {again:?}");
+    assert_eq!(again.seqs, first.seqs);
+    assert_eq!(again.msg_id, first.msg_id);
+
+    for (u, inbox) in users.iter().zip(inboxes.iter_mut()) {
+        inbox.messages(2, CLIENT_WAIT).await;
+        assert_eq!(inbox.payloads(), ["one", "two"], "user {u}");
+        assert_eq!(inbox.seqs(), [1, 2], "user {u}");
+    }
+
+    // Linearizable reads at each user's shard leader, asked through any node.
+    for (i, u) in users.iter().enumerate() {
+        let mut via = connect(c.grpc_addr(c.ids()[i % 3])).await.unwrap();
+        let st = via
+            .status(app.request(pb::StatusRequest {
+                app: app.id.clone(),
+                user: u.clone(),
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(st.online, "user {u}: {st:?}");
+        assert_eq!(st.next_seq, 3, "user {u}: {st:?}");
+    }
+    let ds = eventually("every user's devices to have acked", NODE_WAIT, || async {
+        let mut via = connect(c.grpc_addr(3)).await?;
+        let r = via
+            .delivery_status(app.request(pb::DeliveryStatusRequest {
+                app: app.id.clone(),
+                msg_id: first.msg_id.clone(),
+            }))
+            .await?
+            .into_inner();
+        let acked = r.users.iter().all(|u| {
+            u.devices
+                .iter()
+                .all(|d| d.state == pb::DeliveryState::Acked as i32)
+        });
+        anyhow::ensure!(acked && r.users.len() == users.len(), "{r:?}");
+        Ok(r)
+    })
+    .await;
+    let listed: BTreeSet<&str> = ds.users.iter().map(|u| u.user.as_str()).collect();
+    assert_eq!(
+        listed,
+        users.iter().map(String::as_str).collect(),
+        "users of every shard"
+    );
+
+    let kicked = api
+        .kick(app.request(pb::KickRequest {
+            app: app.id.clone(),
+            user: users[5].clone(),
+            device: String::new(),
+            reason: "test".into(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(kicked.kicked, 1);
+
+    // Topics: each numbered gaplessly by its home shard.
+    let topics = ["news", "sport", "weather", "music", "films", "books"];
+    let homes: BTreeSet<u32> = topics.iter().map(|t| topic_shard(&app.id, t, SHARDS)).collect();
+    assert!(homes.len() >= 2, "topics in several shards: {homes:?}");
+    for round in 1..=2u64 {
+        for t in topics {
+            let r = api
+                .publish_topic(app.request(pb::PublishRequest {
+                    app: app.id.clone(),
+                    topic: t.into(),
+                    payload: format!("{t}-{round}").into_bytes().into(),
+                    msg_id: String::new(),
+                    idempotency_key: String::new(),
+                }))
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(r.seq, round, "topic {t}");
+        }
+    }
+    let b = api
+        .broadcast(app.request(pb::BroadcastRequest {
+            app: app.id.clone(),
+            payload: b"all".to_vec().into(),
+            msg_id: String::new(),
+            idempotency_key: String::new(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(b.seq, 1);
+    for (u, inbox) in users
+        .iter()
+        .zip(inboxes.iter_mut())
+        .filter(|(u, _)| **u != users[5])
+    {
+        inbox
+            .until("the broadcast", CLIENT_WAIT, |i| {
+                i.messages.iter().any(|m| m.topic.as_deref() == Some("*"))
+            })
+            .await;
+        assert_eq!(inbox.seqs().iter().filter(|s| **s > 0).count(), 2, "user {u}");
+    }
+
+    // Every group (the metadata group and the 4 shards) on every node, and they agree.
+    let v = eventually("the replicas to be comparable", NODE_WAIT, || async {
+        let mut c1 = connect(c.grpc_addr(1)).await?;
+        let r = c1
+            .verify_replicas(admin_request(pb::VerifyReplicasRequest { timeout_ms: 10_000 }))
+            .await?
+            .into_inner();
+        anyhow::ensure!(r.verdict == "consistent", "{r:?}");
+        Ok(r)
+    })
+    .await;
+    let groups: BTreeSet<u32> = v.replicas.iter().map(|r| r.group).collect();
+    assert_eq!(groups, (0..=SHARDS).collect(), "{v:?}");
+    assert_eq!(v.replicas.len(), 3 * (SHARDS as usize + 1));
+    drop(clients);
+    c.assert_no_panics();
+}
+
+/// A data dir keeps the shard count it was created with; a node named another refuses to start
+/// and says which; a cluster of one group cannot be sharded in place.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_data_dir_keeps_its_shard_count() {
+    let mut c = Cluster::new(1).node_args(&["--shards", "2"]);
+    c.start_all();
+    c.wait_leader().await;
+    c.stop(1).await;
+    assert_eq!(
+        std::fs::read_to_string(c.data_dir(1).join("shards"))
+            .unwrap()
+            .trim(),
+        "2"
+    );
+    let mut args = c.spec(1).args();
+    let at = args.iter().position(|a| a == "--shards").unwrap();
+    args[at + 1] = "3".into();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = herald_with(&args, &[], Duration::from_secs(30)).await;
+    assert_ne!(out.code, Some(0), "{out:#?}");
+    assert!(
+        out.stderr.contains("belongs to a cluster of 2 shards") && out.stderr.contains("--shards 2"),
+        "{out:#?}"
+    );
+
+    // A data dir from before shards: group 0's state machine, no record.
+    let mut old = Cluster::new(1);
+    old.start_all();
+    old.wait_leader().await;
+    old.stop(1).await;
+    std::fs::remove_file(old.data_dir(1).join("shards")).unwrap();
+    let mut args = old.spec(1).args();
+    args.extend(["--shards".into(), "4".into()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = herald_with(&args, &[], Duration::from_secs(30)).await;
+    assert_ne!(out.code, Some(0), "{out:#?}");
+    assert!(out.stderr.contains("cannot be sharded in place"), "{out:#?}");
+}
+
+/// kill -9 of the node a client is on, in a sharded cluster: every push acknowledged meanwhile
+/// reaches the client on another node, exactly once and in order.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_resumes_after_its_node_is_killed_in_a_sharded_cluster() {
+    let mut c =
+        Cluster::new(3).node_args(&["--shards", &SHARDS.to_string(), "--client-heartbeat-ms", "1000"]);
+    c.start_all();
+    c.wait_leader().await;
+    let app: App = c.create_app("sharded-failover").await;
+    let (_client, events) = client(&app, "alice")
+        .dispatch_seeds(crate::sdk::seeds(&c))
+        .connect()
+        .await
+        .unwrap();
+    let mut inbox = Inbox::new(events);
+    let home = inbox.connected(CLIENT_WAIT).await;
+    let others: Vec<u64> = c.ids().into_iter().filter(|id| *id != home).collect();
+    let mut pushed = Vec::new();
+    for i in 0..3 {
+        let via = c.grpc_addr(others[i % 2]).to_string();
+        pushed.push(
+            app.push_acked(&via, "alice", &format!("before-{i}"), &format!("b{i}"))
+                .await,
+        );
+    }
+    inbox.messages(3, CLIENT_WAIT).await;
+    c.kill9(home);
+    for i in 0..6 {
+        let via = c.grpc_addr(others[i % 2]).to_string();
+        pushed.push(
+            app.push_acked(&via, "alice", &format!("during-{i}"), &format!("d{i}"))
+                .await,
+        );
+    }
+    inbox.connected(CLIENT_WAIT).await;
+    inbox.messages(pushed.len(), CLIENT_WAIT).await;
+    inbox.quiet_for(Duration::from_secs(1)).await;
+    crate::sdk::assert_exactly_once(&inbox, &pushed, "alice");
+}
