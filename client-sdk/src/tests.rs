@@ -2044,6 +2044,9 @@ mod fake_dispatch {
         async fn remove_node(&self, _: Request<RemoveNodeRequest>) -> R<MembershipReply> {
             no()
         }
+        async fn rebalance(&self, _: Request<RebalanceRequest>) -> R<RebalanceReply> {
+            no()
+        }
         async fn create_app(&self, _: Request<CreateAppRequest>) -> R<AppReply> {
             no()
         }

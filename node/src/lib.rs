@@ -7,6 +7,7 @@ pub mod admin;
 pub mod api;
 pub mod app_copies;
 pub mod archive;
+pub mod balance;
 pub mod barrier;
 pub mod certs;
 pub mod cli;

@@ -372,6 +372,7 @@ pub async fn run(
     let tasks = &node.inner.tasks;
     tasks.spawn(crate::housekeeping::run(node.clone()));
     tasks.spawn(crate::app_copies::reconcile(node.clone()));
+    tasks.spawn(crate::balance::run(node.clone()));
     tasks.spawn(room.acks.clone().run(background.clone()));
     tasks.spawn(peers.clone().run(background.clone()));
     tasks.spawn(crate::admin::run_sampler(node.clone(), background.clone()));

@@ -953,6 +953,61 @@ impl RaftNode {
         Ok(reached * 2 > peers.len())
     }
 
+    /// Takes the lead of this group from the sitting leader, if this node is a voter whose log
+    /// has everything the leader's has (openraft 0.9 has no leadership transfer). This node stands
+    /// in a new term; the leader, whose own lease has long passed, grants the vote (a candidate
+    /// with its whole log) and steps down, and with it this node has a quorum of three replicas.
+    /// The other followers refuse while their lease from the old leader lasts, which does not
+    /// matter then. Returns why it did not stand: no leader, already leading, not a voter, behind
+    /// the leader, or the leader did not answer. A leader that takes an entry between the check
+    /// and the vote refuses the vote; it then steps down when it sees the higher term, and an
+    /// ordinary election follows (the caller retries later, rarely).
+    pub async fn take_lead(&self) -> Result<(), String> {
+        let (leader, addr) = self.leader().ok_or("no leader known")?;
+        if leader == self.id() {
+            return Err("already the leader".into());
+        }
+        let (mine, voter) = {
+            let m = self.inner.raft.metrics();
+            let m = m.borrow();
+            let voter = m
+                .membership_config
+                .membership()
+                .voter_ids()
+                .any(|v| v == self.id());
+            (m.last_log_index.unwrap_or(0), voter)
+        };
+        if !voter {
+            return Err("not a voter of this group".into());
+        }
+        let req = ProbeRequest {
+            from: self.id(),
+            target: leader,
+            group: self.group(),
+            ..Default::default()
+        };
+        let theirs = self
+            .inner
+            .clients
+            .probe(leader, &addr, req, Duration::from_millis(500))
+            .await
+            .map_err(|s| format!("the leader did not answer: {}", s.message()))?;
+        if theirs.last_log_index > mine {
+            return Err(format!(
+                "behind the leader: log at {mine}, the leader's at {}",
+                theirs.last_log_index
+            ));
+        }
+        info!(
+            node_id = self.id(),
+            group = self.group(),
+            from = leader,
+            log_index = mine,
+            "taking the lead of this group"
+        );
+        self.inner.raft.trigger().elect().await.map_err(|e| e.to_string())
+    }
+
     /// Adds `id` as a learner, waits until it has caught up, then makes it a voter (unless
     /// `learner_only`). Must run on the leader.
     pub async fn add_node(

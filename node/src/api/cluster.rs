@@ -77,7 +77,103 @@ pub(super) async fn cluster_status(api: &HeraldApi) -> Reply<pb::ClusterStatusRe
         term: view.term,
         committed_index: view.committed_index,
         members,
+        shards: api.node.groups().shards(),
+        groups: group_statuses(api),
     }))
+}
+
+/// Every Raft group as this node sees it, with each shard's preferred leader.
+fn group_statuses(api: &HeraldApi) -> Vec<pb::GroupStatus> {
+    let preferred = crate::balance::preferred_leaders(api.node.groups());
+    api.node
+        .groups()
+        .all()
+        .iter()
+        .map(|g| {
+            let m = g.metrics().borrow().clone();
+            let membership = m.membership_config.membership();
+            pb::GroupStatus {
+                group: g.group(),
+                leader_id: m.current_leader.unwrap_or(0),
+                preferred_leader_id: preferred.get(&g.group()).copied().unwrap_or(0),
+                term: m.current_term,
+                applied_index: g.reader().applied_index(),
+                voters: membership.voter_ids().collect(),
+                learners: membership.learner_ids().collect(),
+            }
+        })
+        .collect()
+}
+
+/// Metadata on a Rebalance one node sends the others: run it here only.
+const LOCAL_METADATA: &str = "x-herald-local";
+
+pub(super) async fn rebalance(
+    api: &HeraldApi,
+    request: Request<pb::RebalanceRequest>,
+) -> Reply<pb::RebalanceReply> {
+    auth::admin(&api.node, &request)?;
+    let node = &api.node;
+    if request.metadata().get(LOCAL_METADATA).is_some() {
+        let stood = crate::balance::balance_once(node, &mut Default::default()).await;
+        return Ok(Response::new(pb::RebalanceReply {
+            spread: false,
+            groups: Vec::new(),
+            elections: stood.len() as u32,
+        }));
+    }
+    let timeout = match request.into_inner().timeout_ms {
+        0 => std::time::Duration::from_secs(10),
+        ms => std::time::Duration::from_millis(ms.min(60_000)),
+    };
+    let deadline = std::time::Instant::now() + timeout;
+    let me = node.config().id;
+    let asks = node
+        .groups()
+        .meta()
+        .member_ids()
+        .into_iter()
+        .map(|id| async move {
+            if id == me {
+                return crate::balance::balance_once(node, &mut Default::default())
+                    .await
+                    .len() as u32;
+            }
+            let Ok(channel) = node.peers().channel(id) else {
+                return 0;
+            };
+            let mut call = Request::new(pb::RebalanceRequest::default());
+            call.metadata_mut()
+                .insert(LOCAL_METADATA, tonic::metadata::MetadataValue::from_static("1"));
+            if let Some(token) = &node.config().admin_token {
+                if let Ok(v) = format!("Bearer {token}").parse() {
+                    call.metadata_mut().insert("authorization", v);
+                }
+            }
+            match HeraldClient::new(channel).rebalance(call).await {
+                Ok(r) => r.into_inner().elections,
+                Err(s) => {
+                    tracing::info!(node_id = id, error = %s, "rebalance: a node did not answer");
+                    0
+                }
+            }
+        });
+    let elections = futures::future::join_all(asks).await.into_iter().sum();
+    loop {
+        let groups = group_statuses(api);
+        let spread = groups
+            .iter()
+            .filter(|g| g.preferred_leader_id != 0)
+            .all(|g| g.leader_id == g.preferred_leader_id);
+        if spread || std::time::Instant::now() >= deadline {
+            return Ok(Response::new(pb::RebalanceReply {
+                spread,
+                groups,
+                elections,
+            }));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }
 
 pub(super) async fn add_node(

@@ -151,6 +151,11 @@ impl Herald for HeraldApi {
     }
 
     #[instrument(skip_all)]
+    async fn rebalance(&self, request: Request<pb::RebalanceRequest>) -> Reply<pb::RebalanceReply> {
+        cluster::rebalance(self, request).await
+    }
+
+    #[instrument(skip_all)]
     async fn create_app(&self, request: Request<pb::CreateAppRequest>) -> Reply<pb::AppReply> {
         apps::create_app(self, request).await
     }

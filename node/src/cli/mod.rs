@@ -198,7 +198,23 @@ pub async fn cluster_status(opts: &ClientOpts) -> Result<serde_json::Value, CliE
             "matched_index": m.matched_index,
             "connections": m.connections,
         })).collect::<Vec<_>>(),
+        "shards": r.shards,
+        "groups": r.groups.iter().map(group_json).collect::<Vec<_>>(),
     }))
+}
+
+/// One Raft group of `herald cluster status` / `rebalance`.
+pub fn group_json(g: &pb::GroupStatus) -> serde_json::Value {
+    serde_json::json!({
+        "group": g.group,
+        "role": if g.group == 0 { "meta" } else { "shard" },
+        "leader_id": (g.leader_id != 0).then_some(g.leader_id),
+        "preferred_leader_id": (g.preferred_leader_id != 0).then_some(g.preferred_leader_id),
+        "term": g.term,
+        "applied_index": g.applied_index,
+        "voters": g.voters,
+        "learners": g.learners,
+    })
 }
 
 pub fn app_json(a: &pb::App) -> serde_json::Value {

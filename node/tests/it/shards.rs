@@ -277,3 +277,66 @@ async fn a_client_resumes_after_its_node_is_killed_in_a_sharded_cluster() {
     inbox.quiet_for(Duration::from_secs(1)).await;
     crate::sdk::assert_exactly_once(&inbox, &pushed, "alice");
 }
+
+/// Each shard's leader per the node at `id` (`herald cluster status`), and its preferred one.
+async fn leaders(c: &Cluster, id: u64) -> anyhow::Result<Vec<(u32, u64, u64)>> {
+    let mut api = connect(c.grpc_addr(id)).await?;
+    let st = api
+        .cluster_status(pb::ClusterStatusRequest {})
+        .await?
+        .into_inner();
+    Ok(st
+        .groups
+        .iter()
+        .filter(|g| g.group != 0)
+        .map(|g| (g.group, g.leader_id, g.preferred_leader_id))
+        .collect())
+}
+
+/// Shard leaders spread over the nodes on their own (each node leads its preferred shards), move
+/// away from a killed node, and come back to it once it restarted and caught up;
+/// `herald cluster rebalance` answers with the leaders spread.
+#[tokio::test(flavor = "multi_thread")]
+async fn shard_leaders_spread_over_the_nodes_and_come_back_after_a_restart() {
+    let mut c = Cluster::new(3).node_args(&["--shards", "6"]);
+    c.start_all();
+    c.wait_leader().await;
+    let spread =
+        |l: &[(u32, u64, u64)]| l.len() == 6 && l.iter().all(|(_, leader, preferred)| leader == preferred);
+    let first = eventually("every shard led by its preferred node", NODE_WAIT, || async {
+        let l = leaders(&c, 1).await?;
+        anyhow::ensure!(spread(&l), "{l:?}");
+        Ok(l)
+    })
+    .await;
+    for id in c.ids() {
+        let led = first.iter().filter(|(_, leader, _)| *leader == id).count();
+        assert_eq!(led, 2, "node {id} leads 2 of the 6 shards: {first:?}");
+    }
+
+    c.kill9(2);
+    let moved = eventually("node 2's shards led elsewhere", NODE_WAIT, || async {
+        let l = leaders(&c, 1).await?;
+        anyhow::ensure!(
+            l.iter().all(|(_, leader, _)| *leader != 0 && *leader != 2),
+            "{l:?}"
+        );
+        Ok(l)
+    })
+    .await;
+    assert!(!spread(&moved));
+    c.start_node(2);
+    eventually("node 2 leading its shards again", NODE_WAIT, || async {
+        let l = leaders(&c, 3).await?;
+        anyhow::ensure!(spread(&l), "{l:?}");
+        Ok(())
+    })
+    .await;
+    let out = crate::harness::herald_admin(c.grpc_addr(3), &["cluster", "rebalance"])
+        .await
+        .ok();
+    let v = out.json();
+    assert_eq!(v["spread"], true, "{v}");
+    assert_eq!(v["groups"].as_array().map(Vec::len), Some(7), "{v}");
+    c.assert_no_panics();
+}
