@@ -117,7 +117,12 @@ async fn peer(args: &ChurnArgs, system: &str, port: u16, dir: &std::path::Path) 
     r
 }
 
-async fn measure(args: &ChurnArgs, system: &str, mut spec: ConnSpec, pids: &[u32]) -> Result<ChurnResult> {
+pub(crate) async fn measure(
+    args: &ChurnArgs,
+    system: &str,
+    mut spec: ConnSpec,
+    pids: &[u32],
+) -> Result<ChurnResult> {
     // Every worker its own source address: TIME_WAIT sockets stay spread thin.
     spec.src_ips = gen::src_ips(2, args.workers.max(1));
     spec.per_ip = 1;

@@ -16,6 +16,7 @@ mod peers;
 mod plot;
 mod raft;
 mod report;
+mod shards;
 mod stats;
 mod storm;
 mod sys;
@@ -58,6 +59,9 @@ enum Cmd {
     Failover(failover::FailoverArgs),
     /// SDK clients of a killed node reconnect and resume: time, lost and duplicate messages.
     Storm(storm::StormArgs),
+    /// The same 3-node cluster with `--shards S` for several S, side by side: durable acked
+    /// pushes/s, per-node CPU spread, connects/s, tail.
+    Shards(shards::ShardsArgs),
     /// Every benchmark at full size, one after the other (about 25 minutes).
     All,
     /// Every benchmark in small form, in under 3 minutes (CI keeps them working; asserts
@@ -103,6 +107,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Churn(a) => drop(churn::run(a, &out).await?),
         Cmd::Failover(a) => drop(failover::run(a, &out).await?),
         Cmd::Storm(a) => drop(storm::run(a, &out).await?),
+        Cmd::Shards(a) => drop(shards::run(a, &out).await?),
         Cmd::All => {
             raft::run(parse(&[]), &out).await?;
             idle::run(parse(&[]), &out).await?;
@@ -113,6 +118,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             churn::run(parse(&[]), &out).await?;
             failover::run(parse(&[]), &out).await?;
             storm::run(parse(&[]), &out).await?;
+            shards::run(parse(&[]), &out).await?;
         }
         Cmd::Quick => quick(&out).await?,
         Cmd::Gen => unreachable!("handled before the runtime starts"),
@@ -181,6 +187,29 @@ async fn quick(out: &report::Out) -> anyhow::Result<()> {
             "2",
             "--limit",
             "30",
+        ]),
+        out,
+    )
+    .await?;
+    step("shards");
+    shards::run(
+        parse(&[
+            "--shards",
+            "0,2",
+            "--publishers",
+            "16",
+            "--seconds",
+            "1",
+            "--churn-workers",
+            "16",
+            "--churn-seconds",
+            "1",
+            "--tail-receivers",
+            "20",
+            "--tail-seconds",
+            "2",
+            "--probe-seconds",
+            "1",
         ]),
         out,
     )

@@ -152,7 +152,7 @@ pub async fn run(args: TailArgs, out: &Out) -> Result<TailResult> {
     Ok(r)
 }
 
-async fn measure(args: &TailArgs, c: &LocalCluster) -> Result<TailResult> {
+pub(crate) async fn measure(args: &TailArgs, c: &LocalCluster) -> Result<TailResult> {
     let (app, key) = c.create_app("bench").await?;
     let leader = c.wait_leader(Duration::from_secs(30)).await?;
     let grpc = c.nodes[leader].grpc.clone();

@@ -55,6 +55,8 @@ pub struct NodeOpts {
     /// Data dirs on `powerfs` disks (see `disk.rs`), so that the power nemesis loses what was
     /// not fsynced.
     pub powerfs: bool,
+    /// `--shards` of every node (0: one Raft group).
+    pub shards: u32,
 }
 
 impl Default for NodeOpts {
@@ -67,6 +69,7 @@ impl Default for NodeOpts {
             client_heartbeat_ms: 2000,
             log_filter: "info".into(),
             powerfs: false,
+            shards: 0,
         }
     }
 }
@@ -295,6 +298,8 @@ impl Cluster {
             &self.opts.client_heartbeat_ms.to_string(),
             "--client-heartbeat-min-ms",
             &self.opts.client_heartbeat_ms.min(1000).to_string(),
+            "--shards",
+            &self.opts.shards.to_string(),
             "--exit-with-stdin",
         ]);
         if std::mem::take(&mut slot.rejoin_next) {
@@ -579,11 +584,23 @@ impl Cluster {
 
     /// Node `id`'s Raft probe, directly, within `limit`.
     pub async fn probe(&self, id: u64, want_hash: bool, limit: Duration) -> anyhow::Result<ProbeReply> {
+        self.probe_group(id, 0, want_hash, limit).await
+    }
+
+    /// [`Cluster::probe`] of Raft group `group` (0: the metadata group, or the only one).
+    pub async fn probe_group(
+        &self,
+        id: u64,
+        group: u32,
+        want_hash: bool,
+        limit: Duration,
+    ) -> anyhow::Result<ProbeReply> {
         let mut c = RaftServiceClient::new(self.cluster_channel(id)?);
         let mut req = Request::new(ProbeRequest {
             from: 0,
             target: id,
             want_state_hash: want_hash,
+            group,
             ..Default::default()
         });
         req.set_timeout(limit);
@@ -605,10 +622,20 @@ impl Cluster {
 
     /// The leader a majority of the live nodes agree on, if any.
     pub async fn leader(&self) -> Option<u64> {
+        self.group_leader(0).await
+    }
+
+    /// Shard groups of the nodes (`--shards`).
+    pub fn shards(&self) -> u32 {
+        self.opts.shards
+    }
+
+    /// The leader of Raft group `group` a majority of the live nodes agree on, if any.
+    pub async fn group_leader(&self, group: u32) -> Option<u64> {
         let live = self.live();
         let probes = futures::future::join_all(
             live.iter()
-                .map(|id| self.probe(*id, false, Duration::from_millis(800))),
+                .map(|id| self.probe_group(*id, group, false, Duration::from_millis(800))),
         )
         .await;
         let seen: Vec<ProbeReply> = probes.into_iter().filter_map(Result::ok).collect();

@@ -164,6 +164,9 @@ pub struct Val {
     /// Node incarnation: bumped by the harness whenever a node's data dir is wiped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generation: Option<u64>,
+    /// The Raft group of a `hash` observation (absent: group 0, the only one without shards).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<u32>,
 }
 
 /// One line of the history.

@@ -126,6 +126,10 @@ struct RunArgs {
     /// window in which what it wrote is readable, and replicated, and not yet durable).
     #[arg(long)]
     slow_disk: Option<String>,
+    /// Shard groups of the cluster (`herald node --shards`; 0: one Raft group). The checkers
+    /// judge per user and per topic, so they hold across shards as they do in one group.
+    #[arg(long, default_value_t = 0)]
+    shards: u32,
 }
 
 fn range(s: &str) -> anyhow::Result<(u64, u64)> {
@@ -215,6 +219,7 @@ fn opts(a: &RunArgs, out: PathBuf, bin: PathBuf, command: String) -> anyhow::Res
         },
         node_opts: NodeOpts {
             powerfs: !a.no_powerfs,
+            shards: a.shards,
             ..NodeOpts::default()
         },
         command,
@@ -269,6 +274,21 @@ fn short_plan(base: &RunArgs) -> Vec<Plan> {
                     base,
                     "delay,loss,clock,clock-hours,membership,partition-kill",
                     "offline,topics",
+                    40,
+                ))
+            },
+            expect: None,
+        },
+        Plan {
+            name: "shards".into(),
+            // Four shards: pushes, registrations and topics spread over four groups and their
+            // leaders; kills and partitions move those leaders (and the balancer moves them back).
+            args: RunArgs {
+                shards: 4,
+                ..fast(plan_args(
+                    base,
+                    "kill,partition,power-one",
+                    "qos1,registry,topics",
                     40,
                 ))
             },

@@ -2,7 +2,7 @@
 //!
 //! | name | what it does |
 //! |---|---|
-//! | `kill` | SIGKILL one node (the leader half of the time); restarted on its data dir at heal |
+//! | `kill` | SIGKILL one node (the leader half of the time: with `--shards`, the leader of a group drawn at random, a shard's or the metadata group's); restarted on its data dir at heal |
 //! | `pause` | SIGSTOP one node (the leader half of the time); SIGCONT at heal |
 //! | `partition-one` | iptables in the namespaces: one node hears nobody and nobody hears it |
 //! | `partition-leader` | the same for the current leader |
@@ -302,7 +302,10 @@ impl Nemesis {
     async fn target(&mut self, prefer_leader: bool) -> Option<u64> {
         let live = self.live();
         if prefer_leader && self.rng.gen_bool(0.5) {
-            if let Some(l) = self.cluster.leader().await {
+            // With shards: the leader of one group, drawn (a shard's leader, or the metadata
+            // group's).
+            let group = self.rng.gen_range(0..=self.cluster.shards());
+            if let Some(l) = self.cluster.group_leader(group).await {
                 if live.contains(&l) {
                     return Some(l);
                 }

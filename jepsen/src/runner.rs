@@ -368,14 +368,22 @@ async fn drain(ctx: &Ctx, limit: Duration) {
     }
 }
 
-/// Records every node's state hash once they all report one applied index (or the last try).
+/// Records every node's state hash of every Raft group, once the nodes report one applied index
+/// in each (or at the last try).
 async fn final_hashes(cluster: &Cluster, rec: &Recorder, limit: Duration) {
     let deadline = Instant::now() + limit;
+    for group in 0..=cluster.shards() {
+        final_group_hashes(cluster, rec, group, deadline).await;
+    }
+}
+
+async fn final_group_hashes(cluster: &Cluster, rec: &Recorder, group: u32, deadline: Instant) {
+    let recorded_group = (cluster.shards() > 0).then_some(group);
     loop {
         let ids = cluster.ids.clone();
         let probes = futures::future::join_all(
             ids.iter()
-                .map(|id| cluster.probe(*id, true, Duration::from_secs(10))),
+                .map(|id| cluster.probe_group(*id, group, true, Duration::from_secs(10))),
         )
         .await;
         let mut got: Vec<(u64, u64, u64)> = Vec::new();
@@ -397,6 +405,7 @@ async fn final_hashes(cluster: &Cluster, rec: &Recorder, limit: Duration) {
                     Some(id),
                     Val {
                         generation: Some(cluster.generation(id)),
+                        group: recorded_group,
                         ..Val::default()
                     },
                     error,
@@ -411,6 +420,7 @@ async fn final_hashes(cluster: &Cluster, rec: &Recorder, limit: Duration) {
                         applied: Some(index),
                         hash: Some(hash),
                         generation: Some(cluster.generation(id)),
+                        group: recorded_group,
                         ..Val::default()
                     },
                 );

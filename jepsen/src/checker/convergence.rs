@@ -17,66 +17,106 @@ use crate::history::{Op, Type, F};
 
 pub fn check(history: &[Op], nodes: &[u64]) -> CheckResult {
     let mut r = CheckResult::new("convergence");
-    let mut last: BTreeMap<u64, &Op> = BTreeMap::new();
-    let mut failed: BTreeMap<u64, &Op> = BTreeMap::new();
+    // (group, node) → its last observation. Each Raft group's replicas are compared with each
+    // other (a cluster with shards records one round per group; without, group 0 only).
+    let mut last: BTreeMap<(u32, u64), &Op> = BTreeMap::new();
+    let mut failed: BTreeMap<(u32, u64), &Op> = BTreeMap::new();
+    let mut groups: std::collections::BTreeSet<u32> = [0].into();
     for o in history.iter().filter(|o| o.f == F::Hash) {
         let Some(n) = o.node else { continue };
+        let g = o.value.group.unwrap_or(0);
+        groups.insert(g);
         if o.kind == Type::Ok {
-            last.insert(n, o);
-            failed.remove(&n);
+            last.insert((g, n), o);
+            failed.remove(&(g, n));
         } else {
-            failed.insert(n, o);
+            failed.insert((g, n), o);
         }
     }
+    let sharded = groups.len() > 1;
+    let name = |g: u32, n: u64| {
+        if sharded {
+            format!("node {n} in group {g}")
+        } else {
+            format!("node {n}")
+        }
+    };
     let mut silent = Vec::new();
-    for n in nodes {
-        if !last.contains_key(n) {
-            let why = failed
-                .get(n)
-                .and_then(|o| o.error.as_deref())
-                .unwrap_or("never asked");
-            silent.push(format!("node {n} ({why})"));
+    for &g in &groups {
+        for n in nodes {
+            if !last.contains_key(&(g, *n)) {
+                let why = failed
+                    .get(&(g, *n))
+                    .and_then(|o| o.error.as_deref())
+                    .unwrap_or("never asked");
+                silent.push(format!("{} ({why})", name(g, *n)));
+            }
         }
     }
-    let mut by_index: BTreeMap<u64, BTreeMap<u64, Vec<u64>>> = BTreeMap::new();
-    for (node, o) in &last {
+    // group → applied index → hash → nodes.
+    let mut by_index: BTreeMap<u32, BTreeMap<u64, BTreeMap<u64, Vec<u64>>>> = BTreeMap::new();
+    for ((g, node), o) in &last {
         let (Some(i), Some(h)) = (o.value.applied, o.value.hash) else {
             continue;
         };
-        by_index.entry(i).or_default().entry(h).or_default().push(*node);
+        by_index
+            .entry(*g)
+            .or_default()
+            .entry(i)
+            .or_default()
+            .entry(h)
+            .or_default()
+            .push(*node);
     }
-    for (index, hashes) in &by_index {
-        if hashes.len() > 1 {
-            let desc: Vec<String> = hashes
-                .iter()
-                .map(|(h, nodes)| format!("{h:016x} on nodes {nodes:?}"))
-                .collect();
-            let ops = last.values().map(|o| o.index).collect();
-            r.violation(
-                "diverged",
-                format!(
-                    "at applied index {index} the replicas differ: {}",
-                    desc.join("; ")
-                ),
-                ops,
-            );
+    for (g, indexes) in &by_index {
+        for (index, hashes) in indexes {
+            if hashes.len() > 1 {
+                let desc: Vec<String> = hashes
+                    .iter()
+                    .map(|(h, nodes)| format!("{h:016x} on nodes {nodes:?}"))
+                    .collect();
+                let ops = last
+                    .iter()
+                    .filter(|((lg, _), _)| lg == g)
+                    .map(|(_, o)| o.index)
+                    .collect();
+                let at = if sharded {
+                    format!(" of group {g}")
+                } else {
+                    String::new()
+                };
+                r.violation(
+                    "diverged",
+                    format!(
+                        "at applied index {index}{at} the replicas differ: {}",
+                        desc.join("; ")
+                    ),
+                    ops,
+                );
+            }
         }
     }
     r.stats = serde_json::json!({
-        "nodes": last.len(),
+        "nodes": last.keys().map(|(_, n)| *n).collect::<std::collections::BTreeSet<_>>().len(),
         "of": nodes.len(),
-        "indexes": by_index.keys().collect::<Vec<_>>(),
+        "groups": groups.len(),
+        "indexes": by_index.iter().map(|(g, i)| (g.to_string(), i.keys().copied().collect::<Vec<_>>())).collect::<BTreeMap<_, _>>(),
     });
+    let split: Vec<String> = by_index
+        .iter()
+        .filter(|(_, i)| i.len() > 1)
+        .flat_map(|(g, _)| {
+            last.iter()
+                .filter(move |((lg, _), _)| lg == g)
+                .map(|((g, n), o)| format!("{} at {:?}", name(*g, *n), o.value.applied))
+        })
+        .collect();
     if !silent.is_empty() {
         r.unknown(format!("no state hash from {}", silent.join(", ")));
-    } else if by_index.len() > 1 && r.count == 0 {
-        let at: Vec<String> = last
-            .iter()
-            .map(|(n, o)| format!("node {n} at {:?}", o.value.applied))
-            .collect();
+    } else if !split.is_empty() && r.count == 0 {
         r.unknown(format!(
             "nodes never reported one applied index: {}",
-            at.join(", ")
+            split.join(", ")
         ));
     }
     r
@@ -165,5 +205,42 @@ mod tests {
         // Divergence among those that answered is still a violation.
         let h = vec![hash(1, 12, 9, 0), hash(2, 12, 8, 1), no_hash(3, 2)];
         assert_eq!(check(&h, &NODES).valid, Validity::Invalid);
+    }
+
+    fn in_group(mut o: Op, g: u32) -> Op {
+        o.value.group = Some(g);
+        o
+    }
+
+    #[test]
+    fn each_groups_replicas_are_compared_with_each_other() {
+        let mut h: Vec<Op> = Vec::new();
+        let mut t = 0;
+        for (g, applied, hashes) in [(0u32, 5u64, [1u64, 1, 1]), (1, 40, [7, 7, 7]), (2, 31, [3, 3, 3])] {
+            for (node, hv) in NODES.iter().zip(hashes) {
+                h.push(in_group(hash(*node, applied, hv, t), g));
+                t += 1;
+            }
+        }
+        // Different indexes in different groups are no disagreement.
+        assert_eq!(check(&h, &NODES).valid, Validity::Valid);
+        // One replica of group 2 differs at the same index: a violation naming the group.
+        let mut bad = h.clone();
+        bad[8] = in_group(hash(3, 31, 4, 8), 2);
+        let r = check(&bad, &NODES);
+        assert_eq!(r.valid, Validity::Invalid, "{r:?}");
+        assert!(r.violations[0].detail.contains("of group 2"), "{r:?}");
+        // A node that gave no hash of group 1: unknown, named with its group.
+        let missing: Vec<Op> = h
+            .iter()
+            .filter(|o| !(o.value.group == Some(1) && o.node == Some(2)))
+            .cloned()
+            .collect();
+        let r = check(&missing, &NODES);
+        assert_eq!(r.valid, Validity::Unknown, "{r:?}");
+        assert!(
+            r.stats["unknown"].as_str().unwrap().contains("node 2 in group 1"),
+            "{r:?}"
+        );
     }
 }

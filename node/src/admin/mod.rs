@@ -898,6 +898,7 @@ fn app_counters(node: &crate::node::Node, app: &str) -> herald_raft::AppCounters
 
 /// Every Raft group as this node sees it: its leader, term, applied index and members.
 fn groups_json(node: &crate::node::Node) -> Vec<Value> {
+    let preferred = crate::balance::preferred_leaders(node.groups());
     node.groups()
         .all()
         .iter()
@@ -908,6 +909,7 @@ fn groups_json(node: &crate::node::Node) -> Vec<Value> {
                 "group": g.group(),
                 "role": if g.group() == herald_raft::shard::META_GROUP { "meta" } else { "shard" },
                 "leader_id": m.current_leader,
+                "preferred_leader_id": preferred.get(&g.group()).copied(),
                 "term": m.current_term,
                 "applied_index": g.reader().applied_index(),
                 "voters": membership.voter_ids().collect::<Vec<_>>(),

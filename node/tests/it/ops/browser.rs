@@ -288,6 +288,13 @@ async fn the_dashboard_shows_the_cluster_and_looks_up_a_user() {
     .await;
     assert!(dom.contains(">3 members<"), "{dom}");
     assert_eq!(dom.matches("class=\"member\"").count(), 3, "{dom}");
+    // The Raft groups table: herald dev runs one group (no --shards), with its leader.
+    assert!(dom.contains(">one group<"), "{dom}");
+    assert_eq!(dom.matches("class=\"group\"").count(), 1, "{dom}");
+    assert!(
+        !dom.contains("data-leader=\"0\""),
+        "the group has a leader: {dom}"
+    );
     assert!(dom.contains("leader: node "), "{dom}");
     assert_eq!(
         dom.matches("leader-badge").count(),
