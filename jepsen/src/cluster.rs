@@ -672,11 +672,15 @@ impl Cluster {
     pub async fn members(&self) -> anyhow::Result<(Vec<u64>, Vec<u64>)> {
         let leader = self.leader().await.context("no leader")?;
         let s = self.cluster_status(leader).await?;
+        // A voter of the cluster is a voter of every group as the leader of the metadata group
+        // sees them (with shards a membership change that stopped half-way leaves a node in
+        // some groups only: it is not a voter then, and heal adds it again).
         let voters = s
             .members
             .iter()
             .filter(|m| m.role == "voter")
             .map(|m| m.node_id)
+            .filter(|id| s.groups.iter().all(|g| g.voters.contains(id)))
             .collect();
         let learners = s
             .members

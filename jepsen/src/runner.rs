@@ -285,13 +285,20 @@ async fn monitor(cluster: Arc<Cluster>, rec: Recorder, stop: CancellationToken) 
             );
             let _ = cluster.start(crash.id);
         }
-        let ids = cluster.ids.clone();
+        // Every node's member of every group (with shards: each group's terms, leaders and
+        // applied indexes are its own).
+        let targets: Vec<(u64, u32)> = cluster
+            .ids
+            .iter()
+            .flat_map(|id| (0..=cluster.shards()).map(move |g| (*id, g)))
+            .collect();
         let probes = futures::future::join_all(
-            ids.iter()
-                .map(|id| cluster.probe(*id, false, Duration::from_millis(400))),
+            targets
+                .iter()
+                .map(|(id, g)| cluster.probe_group(*id, *g, false, Duration::from_millis(400))),
         )
         .await;
-        for (id, p) in ids.iter().zip(probes) {
+        for ((id, g), p) in targets.iter().zip(probes) {
             let Ok(p) = p else { continue };
             rec.ok(
                 MONITOR,
@@ -304,6 +311,7 @@ async fn monitor(cluster: Arc<Cluster>, rec: Recorder, stop: CancellationToken) 
                     last_log: Some(p.last_log_index),
                     applied: Some(p.applied_index),
                     generation: Some(cluster.generation(*id)),
+                    group: (cluster.shards() > 0).then_some(*g),
                     ..Val::default()
                 },
             );

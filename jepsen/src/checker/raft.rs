@@ -16,6 +16,9 @@
 //!
 //! A node whose data dir the harness wiped (membership nemesis) starts a new `generation`; its
 //! term and index start again from zero legitimately.
+//!
+//! With shards every Raft group is judged on its own (its terms, leaders and indexes are its
+//! own): probes and final hashes carry their group.
 
 use std::collections::BTreeMap;
 
@@ -31,14 +34,23 @@ const CUT_REACH_US: u64 = 60_000_000;
 
 pub fn check(history: &[Op]) -> CheckResult {
     let mut r = CheckResult::new("raft");
-    let mut leaders: BTreeMap<u64, (u64, u64)> = BTreeMap::new();
-    let mut per_node: BTreeMap<(u64, u64), (u64, u64, u64)> = BTreeMap::new();
-    let mut max_applied: Option<(u64, u64, u64)> = None;
+    // Keyed by group first.
+    let mut leaders: BTreeMap<(u32, u64), (u64, u64)> = BTreeMap::new();
+    let mut per_node: BTreeMap<(u32, u64, u64), (u64, u64, u64)> = BTreeMap::new();
+    let mut max_applied: BTreeMap<u32, (u64, u64, u64)> = BTreeMap::new();
     let mut probes = 0u64;
     // Nodes whose disk lost power, and when: a regression within CUT_REACH_US after it is
     // excused once (a probe answered just before the kill may be recorded after the cut).
     let mut cut: BTreeMap<u64, u64> = BTreeMap::new();
     let mut back_after_cut = 0u64;
+    // When each group's final hash round began.
+    let mut final_at: BTreeMap<u32, u64> = BTreeMap::new();
+    for o in history.iter().filter(|o| o.f == F::Hash) {
+        let t = final_at.entry(o.value.group.unwrap_or(0)).or_insert(o.time_us);
+        *t = (*t).min(o.time_us);
+    }
+    // (node, group, the cut's time) whose one excused regression was used.
+    let mut excused: std::collections::BTreeSet<(u64, u32, u64)> = Default::default();
     for o in history.iter().filter(|o| o.f == F::Probe || o.f == F::Nemesis) {
         if o.f == F::Nemesis {
             if o.kind == Type::Info && o.value.fault.as_deref() == Some("damage") {
@@ -57,9 +69,10 @@ pub fn check(history: &[Op]) -> CheckResult {
             continue;
         }
         let Some(node) = o.node else { continue };
-        let was_cut = cut
+        let cut_at = cut
             .get(&node)
-            .is_some_and(|t| o.time_us.saturating_sub(*t) < CUT_REACH_US);
+            .copied()
+            .filter(|t| o.time_us.saturating_sub(*t) < CUT_REACH_US);
         if o.value.state.as_deref() == Some("crashed") {
             r.violation(
                 "node-crashed",
@@ -72,43 +85,53 @@ pub fn check(history: &[Op]) -> CheckResult {
             continue;
         }
         probes += 1;
+        let group = o.value.group.unwrap_or(0);
         let term = o.value.term.unwrap_or(0);
         let applied = o.value.applied.unwrap_or(0);
         let gen = o.value.generation.unwrap_or(0);
         if o.value.state.as_deref() == Some("leader") {
-            match leaders.get(&term) {
+            match leaders.get(&(group, term)) {
                 Some(&(other, op)) if other != node => r.violation(
                     "two-leaders",
-                    format!("nodes {other} and {node} both led term {term}"),
+                    format!("nodes {other} and {node} both led term {term}{}", in_group(group)),
                     vec![op, o.index],
                 ),
                 _ => {
-                    leaders.insert(term, (node, o.index));
+                    leaders.insert((group, term), (node, o.index));
                 }
             }
         }
-        if let Some(&(t0, a0, op)) = per_node.get(&(node, gen)) {
+        if let Some(&(t0, a0, op)) = per_node.get(&(group, node, gen)) {
             if term < t0 {
                 r.violation(
                     "term-went-back",
-                    format!("node {node} went from term {t0} to {term}"),
+                    format!("node {node} went from term {t0} to {term}{}", in_group(group)),
                     vec![op, o.index],
                 );
             }
-            if applied < a0 && was_cut {
+            let excuse = cut_at.filter(|t| !excused.contains(&(node, group, *t)));
+            if let (true, Some(t)) = (applied < a0, excuse) {
                 back_after_cut += 1;
-                cut.remove(&node);
+                excused.insert((node, group, t));
             } else if applied < a0 {
                 r.violation(
                     "commit-went-back",
-                    format!("node {node} went from applied index {a0} to {applied}"),
+                    format!(
+                        "node {node} went from applied index {a0} to {applied}{}",
+                        in_group(group)
+                    ),
                     vec![op, o.index],
                 );
             }
         }
-        per_node.insert((node, gen), (term, applied, o.index));
-        if max_applied.is_none_or(|(a, _, _)| applied > a) {
-            max_applied = Some((applied, node, o.index));
+        per_node.insert((group, node, gen), (term, applied, o.index));
+        // Only probes before the group's final hashes bound them (the groups are hashed one after
+        // the other, and a group may take entries while another is being hashed).
+        if final_at.get(&group).is_none_or(|t| o.time_us < *t) {
+            let top = max_applied.entry(group).or_insert((applied, node, o.index));
+            if applied > top.0 {
+                *top = (applied, node, o.index);
+            }
         }
     }
     // The final state must contain every index ever reported applied.
@@ -116,24 +139,40 @@ pub fn check(history: &[Op]) -> CheckResult {
     // Probes report openraft's applied index, the final hashes the state machine's stored one,
     // which stands one entry behind after a new leader's blank entry (seen in a short run: a
     // leader probed at 685 hashed at 684 with every other node): one entry of slack.
-    if let (Some((seen, node, op)), Some(fin)) =
-        (max_applied, finals.iter().filter_map(|o| o.value.applied).max())
-    {
+    for (group, &(seen, node, op)) in &max_applied {
+        let fin = finals
+            .iter()
+            .filter(|o| o.value.group.unwrap_or(0) == *group)
+            .filter_map(|o| o.value.applied)
+            .max();
+        let Some(fin) = fin else { continue };
         if fin + BLANK_SLACK < seen {
             r.violation(
                 "commit-went-back",
-                format!("node {node} had applied index {seen}, but the healed cluster ends at {fin}"),
+                format!(
+                    "node {node} had applied index {seen}{}, but the healed cluster ends at {fin}",
+                    in_group(*group)
+                ),
                 vec![op],
             );
         }
     }
     r.stats = serde_json::json!({
         "probes": probes,
+        "groups": max_applied.len().max(1),
         "terms_with_a_leader": leaders.len(),
-        "max_applied": max_applied.map(|m| m.0),
+        "max_applied": max_applied.get(&0).map(|m| m.0),
         "applied_back_after_cut": back_after_cut,
     });
     r
+}
+
+/// " in group G" for a shard group, nothing for group 0.
+fn in_group(group: u32) -> String {
+    match group {
+        0 => String::new(),
+        g => format!(" in group {g}"),
+    }
 }
 
 #[cfg(test)]
@@ -159,6 +198,39 @@ mod tests {
         .with_node(node);
         o.index = i;
         o
+    }
+
+    fn in_group(mut o: Op, g: u32) -> Op {
+        o.value.group = Some(g);
+        o
+    }
+
+    #[test]
+    fn each_group_has_its_own_terms_leaders_and_indexes() {
+        // Different leaders of term 3 in different groups, and a group whose index is below
+        // another's: all fine.
+        let ok = vec![
+            in_group(probe(0, 1, 3, "leader", 90, 0), 0),
+            in_group(probe(1, 2, 3, "leader", 12, 0), 1),
+            in_group(probe(2, 1, 3, "follower", 12, 0), 1),
+            in_group(probe(3, 1, 3, "leader", 90, 0), 0),
+        ];
+        let r = check(&ok);
+        assert_eq!(r.valid, Validity::Valid, "{r:?}");
+        // Two leaders of one term in one group, and an index going back within a group.
+        let bad = vec![
+            in_group(probe(0, 1, 3, "leader", 12, 0), 2),
+            in_group(probe(1, 2, 3, "leader", 12, 0), 2),
+            in_group(probe(2, 3, 3, "follower", 12, 0), 2),
+            in_group(probe(3, 3, 3, "follower", 10, 0), 2),
+        ];
+        let r = check(&bad);
+        assert_eq!(r.count_kind("two-leaders"), 1, "{r:#?}");
+        assert_eq!(r.count_kind("commit-went-back"), 1, "{r:#?}");
+        assert!(
+            r.violations.iter().all(|v| v.detail.contains("in group 2")),
+            "{r:#?}"
+        );
     }
 
     #[test]

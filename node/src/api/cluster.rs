@@ -301,7 +301,9 @@ fn for_group<T>(api: &HeraldApi, request: &Request<T>) -> Result<Option<herald_r
 }
 
 /// Runs a membership change on `shard`: here when this node leads it (`local`), else at its
-/// leader (`remote`, over the cluster plane, naming the group).
+/// leader (`remote`, over the cluster plane, naming the group). A shard without a leader, or whose
+/// leader just changed, is retried for up to [`SHARD_CHANGE_WAIT`]: a change that stops half-way
+/// leaves the node in some groups only (a retry of the call finishes it).
 async fn on_shard<Req, Rep, R, RF, L, LF>(
     api: &HeraldApi,
     shard: &herald_raft::RaftNode,
@@ -310,41 +312,57 @@ async fn on_shard<Req, Rep, R, RF, L, LF>(
     local: L,
 ) -> Result<(), tonic::Status>
 where
-    R: FnOnce(HeraldClient<Channel>, Request<Req>) -> RF,
+    Req: Clone,
+    R: Fn(HeraldClient<Channel>, Request<Req>) -> RF,
     RF: std::future::Future<Output = Result<Response<Rep>, tonic::Status>>,
-    L: FnOnce(herald_raft::RaftNode, Req) -> LF,
+    L: Fn(herald_raft::RaftNode, Req) -> LF,
     LF: std::future::Future<Output = Result<u64, herald_raft::raft_node::MembershipError>>,
 {
-    match shard.leader() {
-        Some((id, _)) if id == api.node.config().id => {
-            local(shard.clone(), req).await.map_err(ApiError::from)?;
-            Ok(())
-        }
-        Some((id, addr)) => {
-            let channel = shard.peer_channel(id).map_err(|e| ApiError::Unavailable {
-                msg: format!(
-                    "leader node {id} of raft group {} at {addr} unreachable: {e}",
-                    shard.group()
-                ),
-                leader: Some((id, addr.clone())),
-            })?;
-            let mut call = Request::new(req);
-            call.metadata_mut().insert(GROUP_METADATA, shard.group().into());
-            if let Some(token) = &api.node.config().admin_token {
-                if let Ok(v) = format!("Bearer {token}").parse() {
-                    call.metadata_mut().insert("authorization", v);
+    let deadline = std::time::Instant::now() + SHARD_CHANGE_WAIT;
+    loop {
+        let outcome: Result<(), tonic::Status> = match shard.leader() {
+            Some((id, _)) if id == api.node.config().id => local(shard.clone(), req.clone())
+                .await
+                .map(|_| ())
+                .map_err(|e| ApiError::from(e).into()),
+            Some((id, addr)) => match shard.peer_channel(id) {
+                Ok(channel) => {
+                    let mut call = Request::new(req.clone());
+                    call.metadata_mut().insert(GROUP_METADATA, shard.group().into());
+                    if let Some(token) = &api.node.config().admin_token {
+                        if let Ok(v) = format!("Bearer {token}").parse() {
+                            call.metadata_mut().insert("authorization", v);
+                        }
+                    }
+                    remote(HeraldClient::new(channel), call).await.map(|_| ())
                 }
+                Err(e) => Err(ApiError::Unavailable {
+                    msg: format!(
+                        "leader node {id} of raft group {} at {addr} unreachable: {e}",
+                        shard.group()
+                    ),
+                    leader: Some((id, addr.clone())),
+                }
+                .into()),
+            },
+            None => Err(ApiError::Unavailable {
+                msg: format!("raft group {} has no leader right now; retry", shard.group()),
+                leader: None,
             }
-            remote(HeraldClient::new(channel), call).await?;
-            Ok(())
+            .into()),
+        };
+        match outcome {
+            Err(s) if s.code() == tonic::Code::Unavailable && std::time::Instant::now() < deadline => {
+                tracing::debug!(group = shard.group(), error = %s.message(), "membership change: shard not ready; retrying");
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            other => return other,
         }
-        None => Err(ApiError::Unavailable {
-            msg: format!("raft group {} has no leader right now; retry", shard.group()),
-            leader: None,
-        }
-        .into()),
     }
 }
+
+/// How long a membership change waits for each shard's leader.
+const SHARD_CHANGE_WAIT: std::time::Duration = std::time::Duration::from_secs(15);
 
 fn membership_reply(raft: &herald_raft::RaftNode, log_index: u64) -> pb::MembershipReply {
     let m = raft.metrics().borrow().membership_config.clone();

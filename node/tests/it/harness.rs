@@ -581,10 +581,18 @@ impl Cluster {
     /// the harness and itself (how a node that is about to be added is started). It does not join
     /// by itself: add it with `herald cluster add` or `AddNode`. Returns its id.
     pub fn start_extra_node(&mut self) -> u64 {
+        self.start_extra_node_with(&[])
+    }
+
+    /// [`Cluster::start_extra_node`] with more `herald node` flags.
+    pub fn start_extra_node_with(&mut self, args: &[&str]) -> u64 {
         let id = self.nodes.keys().max().copied().unwrap_or(0) + 1;
         self.prepare(id);
         let peers = self.peers();
         self.spec_mut(id).peers = peers;
+        self.spec_mut(id)
+            .extra_args
+            .extend(args.iter().map(|a| a.to_string()));
         self.start_node(id);
         id
     }

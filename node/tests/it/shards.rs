@@ -340,3 +340,79 @@ async fn shard_leaders_spread_over_the_nodes_and_come_back_after_a_restart() {
     assert_eq!(v["groups"].as_array().map(Vec::len), Some(7), "{v}");
     c.assert_no_panics();
 }
+
+/// `herald cluster add` and `remove` on a sharded cluster change every group (the metadata group
+/// and each shard, each at its own leader): the added node holds every group's state, the
+/// removed one is in none; pushes go on.
+#[tokio::test(flavor = "multi_thread")]
+async fn cluster_add_and_remove_change_every_group() {
+    let mut c = sharded(3).await;
+    let app = c.create_app("sharded-members").await;
+    for i in 0..8 {
+        app.push_acked(c.grpc_addr(1), &format!("m{i}"), "before", &format!("b{i}"))
+            .await;
+    }
+    let new = c.start_extra_node_with(&["--shards", &SHARDS.to_string()]);
+    let new_addr = c.cluster_addr(new).to_string();
+    eventually("node 4 to answer", NODE_WAIT, || c.status(new)).await;
+    let via = c.grpc_addr(2).to_string();
+    let r = crate::harness::herald_admin(
+        &via,
+        &["cluster", "add", "--id", "4", "--cluster-addr", &new_addr],
+    )
+    .await
+    .ok()
+    .json();
+    assert_eq!(r["voters"], serde_json::json!([1, 2, 3, 4]), "{r}");
+    let groups = |id: u64| {
+        let c = &c;
+        async move {
+            let mut api = connect(c.grpc_addr(id)).await?;
+            let st = api
+                .cluster_status(pb::ClusterStatusRequest {})
+                .await?
+                .into_inner();
+            anyhow::Ok(st.groups)
+        }
+    };
+    let g = groups(1).await.unwrap();
+    assert_eq!(g.len(), SHARDS as usize + 1);
+    assert!(
+        g.iter().all(|g| g.voters.contains(&4)),
+        "node 4 a voter of every group: {g:?}"
+    );
+    // Node 4 holds every group's state: every replica agrees.
+    eventually("every group's replicas to agree", NODE_WAIT, || async {
+        let mut api = connect(c.grpc_addr(4)).await?;
+        let r = api
+            .verify_replicas(admin_request(pb::VerifyReplicasRequest { timeout_ms: 10_000 }))
+            .await?
+            .into_inner();
+        anyhow::ensure!(
+            r.verdict == "consistent" && r.replicas.len() == 4 * (SHARDS as usize + 1),
+            "{r:?}"
+        );
+        Ok(())
+    })
+    .await;
+
+    let r = crate::harness::herald_admin(&via, &["cluster", "remove", "--id", "4"])
+        .await
+        .ok()
+        .json();
+    assert_eq!(r["voters"], serde_json::json!([1, 2, 3]), "{r}");
+    let g = groups(1).await.unwrap();
+    assert!(
+        g.iter()
+            .all(|g| !g.voters.contains(&4) && !g.learners.contains(&4)),
+        "node 4 in no group: {g:?}"
+    );
+    c.kill9(new);
+    for i in 0..8 {
+        let r = app
+            .push_acked(&via, &format!("m{i}"), "after", &format!("a{i}"))
+            .await;
+        assert_eq!(r.seqs[0].seq, 2, "{r:?}");
+    }
+    c.assert_no_panics();
+}
