@@ -9,10 +9,16 @@
 //! | CONNECT (user name = app, password = token, client id = device) | HELLO | WELCOME / ERROR | CONNACK |
 //! | PUBACK | ACK (cumulative, once every earlier inbox message is acked) | PUSH (mailbox) | PUBLISH `$herald/inbox`, QoS of the push, 5.0: Message Expiry Interval = the TTL left |
 //! | PUBLISH `$herald/upstream` | UPSTREAM | UPSTREAM_REPLY | PUBACK (QoS 1) |
-//! | SUBSCRIBE topic or filter (`+`, `#`) | SUBSCRIBE (+ a PING marker) | SUBSCRIBED + PONG | SUBACK |
+//! | PUBLISH other topic (RETAIN: `retain`, 5.0 Message Expiry Interval: `retain_ttl_ms`) | PUBLISH_TOPIC | TOPIC_PUBLISHED | PUBACK (QoS 1) |
+//! | SUBSCRIBE topic or filter (`+`, `#`) | SUBSCRIBE (+ a PING marker, then GET_RETAINED per Retain Handling) | SUBSCRIBED + PONG, PUSH (RETAIN_STORED) | SUBACK, PUBLISH RETAIN 1 |
 //! | UNSUBSCRIBE | UNSUBSCRIBE (+ a PING marker) | PONG | UNSUBACK |
 //! | PINGREQ | PING | PONG | PINGRESP |
-//! | DISCONNECT | CLOSE_SESSION | KICKED / BYE | DISCONNECT (5.0), close |
+//! | DISCONNECT | CLOSE_SESSION (5.0: with its Session Expiry Interval) | KICKED / BYE | DISCONNECT (5.0), close |
+//!
+//! A CONNECT's Clean Start / Clean Session and Session Expiry Interval become HELLO's `keep`: the
+//! node keeps the session's subscriptions (with their options) in the replicated store, and
+//! WELCOME says whether the device had a kept session (CONNACK's Session Present) and which
+//! subscriptions it continues with (`subs.rs` tracks them here, for the retain options).
 //!
 //! MQTT 5.0 topic aliases live here, per connection, in both directions: a client's alias is
 //! resolved before its PUBLISH is translated, and the node's own aliases are put on the PUBLISHes
@@ -41,6 +47,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tracing::{debug, info};
 
 use super::{BROADCAST, MAX_NAME};
+
+mod subs;
 
 /// The topic a user's mailbox (unicast pushes) arrives on.
 pub const INBOX: &str = "$herald/inbox";
@@ -108,6 +116,11 @@ struct State {
     /// (WELCOME's `redelivery_upto`): their PUBLISH has DUP set.
     redelivery_upto: u64,
     broadcast: bool,
+    /// The session's subscriptions and their options (see `subs.rs`).
+    filters: subs::Filters,
+    /// The session is kept beyond the connection (a Session Expiry Interval above 0, or 3.1.1's
+    /// Clean Session 0): a DISCONNECT's Session Expiry Interval is passed on.
+    kept: bool,
     subs: Vec<PendingSub>,
     /// UNSUBSCRIBEs waiting for their marker: packet id and filter count, oldest first.
     unsubs: std::collections::VecDeque<(NonZeroU16, usize)>,
@@ -137,6 +150,10 @@ struct State {
 struct WillMsg {
     topic: String,
     payload: bytes::Bytes,
+    /// The will's retain flag, and its Message Expiry Interval (5.0; seconds, 0: none), which
+    /// bounds how long it stays the topic's retained message.
+    retain: bool,
+    expiry_s: u32,
     /// Will Delay Interval (5.0), seconds: 0 publishes as soon as the connection ends.
     delay_s: u32,
     /// The session's expiry interval (5.0: CONNECT's, changed by DISCONNECT's), seconds: a will
@@ -290,7 +307,13 @@ impl<S> MqttStream<S> {
                         w.session_expiry_s = e;
                     }
                 }
-                self.send_node(Kind::CloseSession(pc::CloseSession { session_id: SID }));
+                // A kept session may get a new expiry (not from 0: that is a protocol error [MQTT-3.14.2-2],
+                // ignored here).
+                let expiry_s = d.properties.session_expiry_interval.filter(|_| self.st.kept);
+                self.send_node(Kind::CloseSession(pc::CloseSession {
+                    session_id: SID,
+                    expiry_s,
+                }));
                 self.eof = true;
             }
             Packet::PubRel(r) if self.st.version == Some(Version::V311) => {
@@ -357,13 +380,20 @@ impl<S> MqttStream<S> {
             );
         };
         self.st.app = app.clone();
+        // How long the session outlives the connection: 5.0 says, 3.1.1's Clean Session 0 is
+        // for ever, Clean Session 1 not at all.
+        let expiry_s = match c.version {
+            Version::V5 => c.properties.session_expiry_interval.unwrap_or(0),
+            Version::V311 if c.clean_start => 0,
+            Version::V311 => herald_raft::KEPT_FOREVER,
+        };
+        self.st.kept = expiry_s > 0;
         if let Some(w) = &c.will {
-            if w.retain {
-                info!(client = %c.client_id, "mqtt: a retained will is published as a plain message");
-            }
             self.st.will = Some(Box::new(WillMsg {
                 topic: w.topic.clone(),
                 payload: w.payload.clone(),
+                retain: w.retain,
+                expiry_s: w.properties.message_expiry_interval.unwrap_or(0),
                 delay_s: w.properties.will_delay_interval.unwrap_or(0),
                 session_expiry_s: c.properties.session_expiry_interval.unwrap_or(0),
                 user: user.clone(),
@@ -397,6 +427,10 @@ impl<S> MqttStream<S> {
                 token,
                 last_acked_seq: 0,
                 topics: vec![],
+                keep: Some(pc::Keep {
+                    clean: c.clean_start,
+                    expiry_s,
+                }),
             }),
         }));
     }
@@ -432,12 +466,6 @@ impl<S> MqttStream<S> {
             return;
         };
         let p = Publish { topic, ..p };
-        if p.retain && self.st.version == Some(Version::V5) {
-            return self.close_with(
-                ReasonCode::RETAIN_NOT_SUPPORTED,
-                "retained messages are not supported",
-            );
-        }
         if p.topic == UPSTREAM {
             self.st.next_request += 1;
             let id = self.st.next_request;
@@ -457,11 +485,18 @@ impl<S> MqttStream<S> {
         if let Some(pid) = p.packet_id {
             self.st.publishes.insert(id, (pid, p.qos));
         }
+        // A retained message expires with the PUBLISH's Message Expiry Interval (5.0).
+        let retain_ttl_ms = match (p.retain, p.properties.message_expiry_interval) {
+            (true, Some(s)) => u64::from(s) * 1000,
+            _ => 0,
+        };
         self.send_node(Kind::PublishTopic(pc::PublishTopic {
             session_id: SID,
             request_id: id,
             topic: p.topic,
             payload: p.payload,
+            retain: p.retain,
+            retain_ttl_ms,
         }));
     }
 
@@ -574,6 +609,7 @@ impl<S> MqttStream<S> {
             marked: false,
         };
         let mut native = Vec::new();
+        let mut retained = Vec::new();
         for (i, sub) in s.subscriptions.iter().enumerate() {
             let f = sub.filter.as_str();
             let granted_1 = if sub.options.qos == QoS::AtMostOnce {
@@ -581,38 +617,63 @@ impl<S> MqttStream<S> {
             } else {
                 ReasonCode::GRANTED_QOS_1
             };
+            let options = subs::encode_options(&sub.options);
             let r = if f.starts_with("$share/") {
                 Some(refuse(ReasonCode::SHARED_SUBSCRIPTIONS_NOT_SUPPORTED))
             } else if f == INBOX {
                 Some(granted_1)
             } else if f == BROADCAST_TOPIC || f == BROADCAST {
+                // The node's `*`, always on there; subscribed natively so a kept session keeps it.
                 self.st.broadcast = true;
-                Some(ReasonCode::GRANTED_QOS_0)
+                self.st.filters.insert(BROADCAST_TOPIC, sub.options);
+                pending.waiting.insert(BROADCAST.to_string(), i);
+                native.push((BROADCAST.to_string(), options));
+                None
             } else if f.starts_with('$') {
                 Some(refuse(ReasonCode::TOPIC_FILTER_INVALID))
             } else {
+                let existed = self.st.filters.insert(f, sub.options);
+                if subs::wants_retained(&sub.options, existed) {
+                    retained.push(f.to_string());
+                }
                 pending.waiting.insert(f.to_string(), i);
-                native.push(f.to_string());
+                native.push((f.to_string(), options));
                 None
             };
             pending.reasons.push(r);
         }
-        for topic in native {
+        for (topic, options) in native {
             self.send_node(Kind::Subscribe(pc::Subscribe {
                 session_id: SID,
                 topic,
                 last_seq: None,
+                options,
             }));
         }
         self.st.subs.push(pending);
         self.marker(MARK_SUBACK, u64::from(s.packet_id.get()));
+        // After the marker, so the SUBACK goes out before the retained messages (a refused
+        // subscription gets none: the node sends them only for a topic the session has).
+        for filter in retained {
+            self.send_node(Kind::GetRetained(pc::GetRetained {
+                session_id: SID,
+                filter,
+            }));
+        }
     }
 
     fn on_unsubscribe(&mut self, u: Unsubscribe) {
         for f in &u.filters {
             if f == BROADCAST_TOPIC || f == BROADCAST {
                 self.st.broadcast = false;
+                self.st.filters.remove(BROADCAST_TOPIC);
+                // The node keeps `*` on; this takes it out of a kept session.
+                self.send_node(Kind::Unsubscribe(pc::Unsubscribe {
+                    session_id: SID,
+                    topic: BROADCAST.to_string(),
+                }));
             } else if !f.starts_with('$') {
+                self.st.filters.remove(f);
                 self.send_node(Kind::Unsubscribe(pc::Unsubscribe {
                     session_id: SID,
                     topic: f.clone(),
@@ -634,10 +695,14 @@ impl<S> MqttStream<S> {
                 self.st.max_sent = w.acked_seq;
                 self.st.redelivery_upto = w.redelivery_upto;
                 self.note_registration();
+                let version = self.st.version.unwrap_or(Version::V311);
+                if self.st.filters.restore(&w.subscriptions, version) {
+                    self.st.broadcast = true;
+                }
                 let mut props = Properties::default();
                 if self.st.version == Some(Version::V5) {
                     props.maximum_qos = Some(QoS::AtLeastOnce);
-                    props.retain_available = Some(false);
+                    props.retain_available = Some(true);
                     props.shared_subscription_available = Some(false);
                     props.subscription_identifier_available = Some(false);
                     props.maximum_packet_size = Some(self.limits.max_packet.min(u32::MAX as usize) as u32);
@@ -651,11 +716,11 @@ impl<S> MqttStream<S> {
                         ("herald-epoch".into(), w.epoch.to_string()),
                     ];
                 }
-                // Herald keeps no MQTT session state of its own (subscriptions are not kept
-                // across connections), so the client must subscribe again: session present 0.
-                // The inbox is the user's mailbox and resumes at the device's ack cursor.
+                // Session Present: the device had a kept session, whose subscriptions the node
+                // restored (WELCOME lists them). The inbox is the user's mailbox whatever it
+                // says and resumes at the device's ack cursor.
                 self.send_client(&Packet::ConnAck(ConnAck {
-                    session_present: false,
+                    session_present: w.session_present,
                     reason: ReasonCode::SUCCESS,
                     properties: props,
                 }));
@@ -785,6 +850,7 @@ impl<S> MqttStream<S> {
 
     fn on_push(&mut self, p: pc::Push) {
         let qos1 = p.qos() == pc::Qos::AtLeastOnce;
+        let retain = p.retain();
         let mut properties = Properties::default();
         if self.st.version == Some(Version::V5) {
             if p.expires_at_ms > 0 {
@@ -850,6 +916,15 @@ impl<S> MqttStream<S> {
             }
             publish.topic = BROADCAST_TOPIC.to_string();
         } else {
+            // The topic's retained message (asked for by a SUBSCRIBE) has RETAIN 1; a live
+            // message its publisher retained keeps RETAIN 1 only for Retain As Published (5.0).
+            publish.retain = match retain {
+                pc::Retain::Stored => true,
+                pc::Retain::Set => {
+                    self.st.version == Some(Version::V5) && self.st.filters.retain_as_published(&p.topic)
+                }
+                pc::Retain::None => false,
+            };
             publish.topic = p.topic;
         }
         let aliased = self.alias_outbound(&mut publish);
@@ -984,13 +1059,13 @@ impl<S> Drop for MqttStream<S> {
 async fn publish_will(room: std::sync::Arc<super::Room>, app: String, will: Box<WillMsg>) {
     let delay = will_delay_s(will.delay_s, will.session_expiry_s);
     if delay == 0 {
-        return commit_will(&room, app, will.topic, will.payload).await;
+        return commit_will(&room, app, *will).await;
     }
     let waiting = &room.stats.mqtt_delayed_wills;
     if waiting.fetch_add(1, Ordering::AcqRel) >= MAX_DELAYED_WILLS {
         waiting.fetch_sub(1, Ordering::AcqRel);
         info!(app = %app, topic = %will.topic, "mqtt: too many delayed wills on this node; published now");
-        return commit_will(&room, app, will.topic, will.payload).await;
+        return commit_will(&room, app, *will).await;
     }
     // While it waits the will does not keep the room (and its stores) alive: a node that stops
     // meanwhile loses it.
@@ -1015,11 +1090,20 @@ async fn publish_will(room: std::sync::Arc<super::Room>, app: String, will: Box<
     if live.is_some() || last_login > will.registered_ms {
         return debug!(app = %app, device = %will.device, "mqtt: the client came back; delayed will dropped");
     }
-    commit_will(&room, app, will.topic, will.payload).await
+    commit_will(&room, app, *will).await
 }
 
 /// Commits a will like a client publish: only to a topic the app lets its clients publish to.
-async fn commit_will(room: &super::Room, app: String, topic: String, payload: bytes::Bytes) {
+/// A will with the retain flag becomes the topic's retained message (until its Message Expiry
+/// Interval, if it has one).
+async fn commit_will(room: &super::Room, app: String, will: WillMsg) {
+    let WillMsg {
+        topic,
+        payload,
+        retain,
+        expiry_s,
+        ..
+    } = will;
     let Ok(Some(cfg)) = room.reader.app(&app) else {
         return;
     };
@@ -1034,13 +1118,21 @@ async fn commit_will(room: &super::Room, app: String, topic: String, payload: by
         info!(app = %app, topic = %topic, "mqtt: will not published (the app does not let clients publish there, or too large)");
         return;
     }
-    let op = herald_raft::Op::Publish(herald_raft::Publish {
+    let publish = herald_raft::Publish {
         app,
         topic,
         msg_id: format!("w{}-{:016x}", room.raft.id(), rand::random::<u64>()),
         payload,
         idempotency_key: None,
-    });
+    };
+    let op = if retain {
+        herald_raft::Op::PublishRetained {
+            publish,
+            ttl_ms: u64::from(expiry_s) * 1000,
+        }
+    } else {
+        herald_raft::Op::Publish(publish)
+    };
     if let Err(e) = room.raft.write_one(op).await {
         info!(error = %e, "mqtt: will not committed");
     }

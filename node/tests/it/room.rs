@@ -289,6 +289,7 @@ async fn a_resuming_subscriber_catches_up_on_a_topic_then_gets_live_messages() {
         session_id: 1,
         topic: "room-7".into(),
         last_seq: Some(2),
+        options: 0,
     }))
     .await
     .unwrap();
@@ -320,6 +321,7 @@ async fn a_resuming_subscriber_catches_up_on_a_topic_then_gets_live_messages() {
         session_id: 9,
         topic: "room-7".into(),
         last_seq: None,
+        options: 0,
     }))
     .await
     .unwrap();
