@@ -1492,6 +1492,235 @@ mod tests {
             .collect()
     }
 
+    fn subscribe(packet_id: u16, subs: &[(&str, herald_mqtt::RetainHandling, bool)]) -> Packet {
+        Packet::Subscribe(Subscribe {
+            packet_id: NonZeroU16::new(packet_id).unwrap(),
+            properties: Properties::default(),
+            subscriptions: subs
+                .iter()
+                .map(|(filter, rh, rap)| herald_mqtt::Subscription {
+                    filter: filter.to_string(),
+                    options: herald_mqtt::SubscriptionOptions {
+                        qos: QoS::AtLeastOnce,
+                        no_local: false,
+                        retain_as_published: *rap,
+                        retain_handling: *rh,
+                    },
+                })
+                .collect(),
+        })
+    }
+
+    #[tokio::test]
+    async fn a_subscribe_asks_for_retained_messages_after_its_marker_by_retain_handling() {
+        use herald_mqtt::RetainHandling::*;
+        let (mut client, mut s, ack) =
+            connected(Version::V5, Properties::default(), pc::Welcome::default()).await;
+        assert_eq!(ack.properties.retain_available, Some(true));
+        assert!(!ack.session_present);
+        client_sends(
+            &mut client,
+            subscribe(
+                1,
+                &[
+                    ("a/+", SendAtSubscribe, false),
+                    ("b", SendAtNewSubscribe, true),
+                    ("c", DoNotSend, false),
+                    (BROADCAST_TOPIC, SendAtSubscribe, false),
+                ],
+            ),
+        )
+        .await;
+        // Retain Handling 1 on a filter the session has: not asked for.
+        client_sends(&mut client, subscribe(2, &[("b", SendAtNewSubscribe, false)])).await;
+        let kinds: Vec<String> = native(&mut s)
+            .await
+            .into_iter()
+            .filter_map(|f| match f.kind? {
+                Kind::Subscribe(x) => Some(format!("sub {} {}", x.topic, x.options)),
+                Kind::Ping(_) => Some("marker".into()),
+                Kind::GetRetained(g) => Some(format!("retained {}", g.filter)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "sub a/+ 1",
+                "sub b 25",
+                "sub c 33",
+                "sub * 1",
+                "marker",
+                "retained a/+",
+                "retained b",
+                "sub b 17",
+                "marker",
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn retained_pushes_carry_retain_1_and_live_ones_only_for_retain_as_published() {
+        use herald_mqtt::RetainHandling::*;
+        for version in [Version::V5, Version::V311] {
+            let (mut client, mut s, _) =
+                connected(version, Properties::default(), pc::Welcome::default()).await;
+            let mut out = BytesMut::new();
+            let Packet::Subscribe(sub) = subscribe(
+                1,
+                &[
+                    ("rap/+", SendAtSubscribe, true),
+                    ("plain", SendAtSubscribe, false),
+                ],
+            ) else {
+                unreachable!()
+            };
+            let sub = if version == Version::V311 {
+                // 3.1.1 has no 5.0 options.
+                Subscribe {
+                    subscriptions: sub
+                        .subscriptions
+                        .into_iter()
+                        .map(|x| herald_mqtt::Subscription {
+                            options: herald_mqtt::SubscriptionOptions::new(QoS::AtMostOnce),
+                            ..x
+                        })
+                        .collect(),
+                    ..sub
+                }
+            } else {
+                sub
+            };
+            herald_mqtt::encode(&Packet::Subscribe(sub), version, &mut out).unwrap();
+            client.write_all(&out).await.unwrap();
+            let _ = native(&mut s).await;
+            let _ = client_reads(&mut client, version).await;
+            let push = |topic: &str, retain: pc::Retain| {
+                Kind::Push(pc::Push {
+                    session_id: 1,
+                    topic: topic.into(),
+                    topic_seq: 1,
+                    payload: Bytes::from_static(b"x"),
+                    retain: retain as i32,
+                    ..Default::default()
+                })
+            };
+            for (topic, mark) in [
+                ("plain", pc::Retain::Stored),
+                ("plain", pc::Retain::Set),
+                ("rap/x", pc::Retain::Set),
+                ("rap/x", pc::Retain::None),
+            ] {
+                node_says(&mut s, push(topic, mark)).await;
+            }
+            let flags: Vec<bool> = client_reads(&mut client, version)
+                .await
+                .into_iter()
+                .filter_map(|p| match p {
+                    Packet::Publish(p) => Some(p.retain),
+                    _ => None,
+                })
+                .collect();
+            let rap = version == Version::V5;
+            assert_eq!(flags, [true, false, rap, false], "{version:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_kept_session_is_asked_for_and_restored_from_welcome() {
+        for (version, expiry, want) in [
+            (Version::V5, Some(60), 60),
+            (Version::V5, None, 0),
+            (Version::V311, None, herald_raft::KEPT_FOREVER),
+        ] {
+            let (mut client, server) = tokio::io::duplex(1 << 16);
+            let mut s = MqttStream::new(server, limits());
+            let mut out = BytesMut::new();
+            let c = Connect {
+                version,
+                clean_start: false,
+                keep_alive: 30,
+                properties: Properties {
+                    session_expiry_interval: expiry,
+                    ..Properties::default()
+                },
+                client_id: "phone".into(),
+                will: None,
+                user_name: Some("demo".into()),
+                password: Some(Bytes::from(token())),
+            };
+            herald_mqtt::encode(&Packet::Connect(c), version, &mut out).unwrap();
+            client.write_all(&out).await.unwrap();
+            let Some(Kind::Hello(h)) = native(&mut s).await.pop().and_then(|f| f.kind) else {
+                panic!("no HELLO");
+            };
+            assert_eq!(
+                h.session.unwrap().keep,
+                Some(pc::Keep {
+                    clean: false,
+                    expiry_s: want
+                }),
+                "{version:?}"
+            );
+            let rap_rh2 = herald_mqtt::SubscriptionOptions {
+                qos: QoS::AtMostOnce,
+                no_local: false,
+                retain_as_published: true,
+                retain_handling: herald_mqtt::RetainHandling::DoNotSend,
+            };
+            let welcome = pc::Welcome {
+                session_id: 1,
+                session_present: true,
+                subscriptions: vec![
+                    pc::KeptSubscription {
+                        topic: "news/+".into(),
+                        options: subs::encode_options(&rap_rh2),
+                    },
+                    pc::KeptSubscription {
+                        topic: BROADCAST.into(),
+                        options: 0,
+                    },
+                ],
+                ..Default::default()
+            };
+            node_says(&mut s, Kind::Welcome(welcome)).await;
+            let Some(Packet::ConnAck(ack)) = client_reads(&mut client, version).await.pop() else {
+                panic!("no CONNACK");
+            };
+            assert!(ack.session_present, "{version:?}");
+            // The restored broadcast subscription delivers; the restored filter keeps its options.
+            node_says(&mut s, topic_push(BROADCAST, 1)).await;
+            let got = client_reads(&mut client, version).await;
+            assert!(
+                matches!(got.as_slice(), [Packet::Publish(p)] if p.topic == BROADCAST_TOPIC),
+                "{got:?}"
+            );
+            // (3.1.1 reads the options byte without its 5.0 bits.)
+            assert_eq!(
+                s.st.filters.retain_as_published("news/x"),
+                version == Version::V5,
+                "{version:?}"
+            );
+            // A DISCONNECT's Session Expiry Interval is passed on for a kept session only.
+            let mut out = BytesMut::new();
+            let d = Disconnect {
+                reason: ReasonCode::SUCCESS,
+                properties: Properties {
+                    session_expiry_interval: (version == Version::V5).then_some(5),
+                    ..Properties::default()
+                },
+            };
+            herald_mqtt::encode(&Packet::Disconnect(d), version, &mut out).unwrap();
+            client.write_all(&out).await.unwrap();
+            let close = native(&mut s).await.into_iter().find_map(|f| match f.kind {
+                Some(Kind::CloseSession(c)) => Some(c.expiry_s),
+                _ => None,
+            });
+            let passed_on = (version == Version::V5 && want > 0).then_some(5);
+            assert_eq!(close, Some(passed_on), "{version:?}");
+        }
+    }
+
     #[tokio::test]
     async fn a_client_sets_and_uses_topic_aliases_up_to_the_connacks_maximum() {
         let (mut client, mut s, ack) =

@@ -1462,3 +1462,151 @@ fn a_late_registration_never_replaces_the_login_that_followed_it() {
         assert_eq!((s.conn, s.epoch), (30, newest));
     });
 }
+
+/// A kept session (MQTT's persistent session): started in its registration's entry, taken over by
+/// a login of the device on another node (Session Present, its subscriptions), never changed by
+/// the connection it replaced, and removed once its expiry passed after its session ended.
+#[test]
+fn a_kept_session_is_fenced_by_its_epoch_and_expires_after_its_session() {
+    runtime().block_on(async {
+        let dir = TempDir::new().unwrap();
+        let mut sm = StateMachine::open(dir.path(), Arc::new(NoObserver)).unwrap();
+        let login = |node: u64, conn: u64, seen_epoch: u64, clean: bool| {
+            vec![
+                Op::RegisterSeen {
+                    register: Register {
+                        app: "a1".into(),
+                        user: "u".into(),
+                        device: "d".into(),
+                        platform: "mqtt".into(),
+                        node,
+                        conn,
+                        session: 1,
+                    },
+                    seen_epoch,
+                },
+                Op::SessionStart(SessionStart {
+                    app: "a1".into(),
+                    user: "u".into(),
+                    device: "d".into(),
+                    node,
+                    conn,
+                    session: 1,
+                    clean,
+                    expiry_s: 5,
+                }),
+            ]
+        };
+        let subs = |epoch: u64, change: SubsChange| Op::SessionSubs {
+            app: "a1".into(),
+            user: "u".into(),
+            device: "d".into(),
+            epoch,
+            change,
+        };
+        let epoch_of = |r: &OpResult| match r {
+            OpResult::Registered(r) => r.epoch,
+            other => panic!("{other:?}"),
+        };
+        let t1 = KeptSubscription {
+            filter: "t1".into(),
+            options: 9,
+        };
+        let got = sm
+            .apply(vec![
+                entry(1, 1_000, vec![Op::PutApp(app_config("a1", 0))]),
+                entry(2, 1_001, login(1, 10, 0, false)),
+            ])
+            .await
+            .unwrap();
+        let first = epoch_of(&got[1].results[0]);
+        assert_eq!(
+            got[1].results[1],
+            OpResult::Kept {
+                present: false,
+                subscriptions: vec![]
+            }
+        );
+        let got = sm
+            .apply(vec![
+                entry(
+                    3,
+                    1_002,
+                    vec![subs(first, SubsChange::Subscribe(vec![t1.clone()]))],
+                ),
+                // The device logs in on node 2 while node 1 still holds the session.
+                entry(4, 1_003, login(2, 20, first, false)),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(got[0].results, vec![OpResult::Done]);
+        let second = epoch_of(&got[1].results[0]);
+        assert_eq!(
+            got[1].results[1],
+            OpResult::Kept {
+                present: true,
+                subscriptions: vec![t1.clone()]
+            }
+        );
+        // The replaced connection's UNSUBSCRIBE commits late: fenced.
+        let got = sm
+            .apply(vec![entry(
+                5,
+                1_004,
+                vec![subs(first, SubsChange::Unsubscribe(vec!["t1".into()]))],
+            )])
+            .await
+            .unwrap();
+        assert_eq!(got[0].results, vec![OpResult::Superseded { epoch: second }]);
+        let kept = sm.reader().kept_session("a1", "u", "d").unwrap().unwrap();
+        assert_eq!(
+            (kept.epoch, kept.expires_ms, kept.subscriptions),
+            (second, 0, vec![t1])
+        );
+        // The session ends: kept 5 s more by log time, then expired.
+        let got = sm
+            .apply(vec![
+                entry(
+                    6,
+                    2_000,
+                    vec![Op::Unregister {
+                        app: "a1".into(),
+                        user: "u".into(),
+                        device: "d".into(),
+                        epoch: second,
+                    }],
+                ),
+                entry(7, 6_999, vec![Op::Expire { max: 10 }]),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(
+            got[1].results,
+            vec![OpResult::Expired {
+                messages: 0,
+                topic_entries: 0,
+                keys: 0
+            }]
+        );
+        assert_eq!(
+            sm.reader()
+                .kept_session("a1", "u", "d")
+                .unwrap()
+                .map(|k| k.expires_ms),
+            Some(7_000)
+        );
+        let got = sm
+            .apply(vec![entry(8, 7_000, vec![Op::Expire { max: 10 }])])
+            .await
+            .unwrap();
+        assert_eq!(
+            got[0].results,
+            vec![OpResult::Expired {
+                messages: 0,
+                topic_entries: 0,
+                keys: 1
+            }]
+        );
+        assert_eq!(sm.reader().kept_session("a1", "u", "d").unwrap(), None);
+    });
+}
