@@ -9,6 +9,11 @@ use herald_proto::client as pc;
 
 use super::{BROADCAST, BROADCAST_TOPIC};
 
+/// Most filters tracked: the node's limit of topics per session (it refuses more) and the
+/// broadcast. A client sending more is not tracked past it (its SUBSCRIBE is refused anyway), so
+/// the list stays bounded whatever the client sends.
+const MAX_FILTERS: usize = crate::room::MAX_TOPICS_PER_SESSION + 1;
+
 /// A session's filters and their options, in the order they were made.
 #[derive(Default)]
 pub(super) struct Filters {
@@ -25,7 +30,9 @@ impl Filters {
                 true
             }
             None => {
-                self.list.push((filter.to_string(), options));
+                if self.list.len() < MAX_FILTERS {
+                    self.list.push((filter.to_string(), options));
+                }
                 false
             }
         }
@@ -153,6 +160,11 @@ mod tests {
         assert!(!f.insert("new", o));
         f.remove("new");
         assert_eq!(f.filters(), vec!["sport/+", BROADCAST_TOPIC, "odd"]);
+        // Bounded, whatever the client sends.
+        for i in 0..1000 {
+            f.insert(&format!("f{i}"), o);
+        }
+        assert_eq!(f.list.len(), MAX_FILTERS);
         // A 5.0 options byte restored on a 3.1.1 connection keeps its QoS.
         let mut g = Filters::default();
         g.restore(&kept[..1], Version::V311);
