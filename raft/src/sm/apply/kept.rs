@@ -29,13 +29,17 @@ impl Applier<'_> {
             });
         };
         let epoch = session.epoch;
+        let stored = self.txn.get_raw(Cf::Kept, &dkey)?.is_some();
         let (present, subscriptions) = match self.live_kept(&dkey)? {
             Some(k) if !start.clean => (true, k.subscriptions),
             _ => (false, Vec::new()),
         };
         if start.expiry_s == 0 {
-            // Nothing outlives this connection: what was kept is handed to it and dropped.
-            self.txn.delete(Cf::Kept, dkey);
+            // Nothing outlives this connection: what was kept is handed to it and dropped (most
+            // connections keep nothing: no tombstone for them).
+            if stored {
+                self.txn.delete(Cf::Kept, dkey);
+            }
         } else {
             let kept = KeptSession {
                 epoch,
