@@ -983,6 +983,16 @@ impl<S> MqttStream<S> {
         if let Some(slot) = sub.reasons.get_mut(i) {
             *slot = Some(reason);
         }
+        if s.error() != ErrorCode::Unspecified {
+            // Refused: not one of the session's subscriptions (for Retain Handling 1 and Retain
+            // As Published), and a refused broadcast subscription delivers nothing.
+            if s.topic == BROADCAST {
+                self.st.broadcast = false;
+                self.st.filters.remove(BROADCAST_TOPIC);
+            } else {
+                self.st.filters.remove(&s.topic);
+            }
+        }
         self.flush_subacks();
     }
 
@@ -1556,6 +1566,44 @@ mod tests {
                 "sub b 17",
                 "marker",
             ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refused_broadcast_subscription_gets_0x80_and_no_broadcasts() {
+        use herald_mqtt::RetainHandling::*;
+        let (mut client, mut s, _) =
+            connected(Version::V5, Properties::default(), pc::Welcome::default()).await;
+        client_sends(
+            &mut client,
+            subscribe(1, &[(BROADCAST_TOPIC, SendAtSubscribe, false)]),
+        )
+        .await;
+        let marker = native(&mut s)
+            .await
+            .into_iter()
+            .find_map(|f| match f.kind? {
+                Kind::Ping(p) => Some(p.id),
+                _ => None,
+            })
+            .expect("a marker");
+        // A kept session whose subscription could not be committed.
+        node_says(
+            &mut s,
+            Kind::Subscribed(pc::Subscribed {
+                session_id: 1,
+                topic: BROADCAST.into(),
+                error: ErrorCode::NotReady as i32,
+                ..Default::default()
+            }),
+        )
+        .await;
+        node_says(&mut s, Kind::Pong(pc::Pong { id: marker })).await;
+        node_says(&mut s, topic_push(BROADCAST, 1)).await;
+        let got = client_reads(&mut client, Version::V5).await;
+        assert!(
+            matches!(got.as_slice(), [Packet::SubAck(a)] if a.reasons == [ReasonCode::UNSPECIFIED_ERROR]),
+            "{got:?}"
         );
     }
 
