@@ -311,6 +311,7 @@ async fn herald_handshake(s: &mut Stream, spec: &ConnSpec, idx: usize) -> Result
             token: token::mint(&a.app, &user, &a.secret),
             last_acked_seq: 0,
             topics: topics.clone(),
+            keep: None,
         };
         let f = if k == 0 {
             Kind::Hello(pc::Hello {

@@ -469,6 +469,7 @@ impl Session {
             token: self.token.clone(),
             last_acked_seq: self.shared.acked_seq(),
             topics,
+            keep: None,
         }
     }
 
@@ -1310,7 +1311,10 @@ impl Task {
         if opening != Some(true) {
             if opening.is_none() {
                 // Closed by the app while it was opening: the server has it now, we do not.
-                link.push(Kind::CloseSession(CloseSession { session_id: sid }));
+                link.push(Kind::CloseSession(CloseSession {
+                    session_id: sid,
+                    expiry_s: None,
+                }));
             }
             if sid == link.hello_sid {
                 self.open_waiting(link);
@@ -1340,6 +1344,7 @@ impl Task {
                     session_id: sid,
                     topic: p.topic.clone(),
                     last_seq: s.shared.topic_cursor(&p.topic),
+                    options: 0,
                 }));
                 p.state = SubState::Sent;
             }
@@ -1578,6 +1583,7 @@ impl Task {
                             session_id: sid,
                             topic: topic.clone(),
                             last_seq,
+                            options: 0,
                         }));
                         SubState::Sent
                     }
@@ -1669,7 +1675,10 @@ impl Task {
                     seq: want,
                 }));
             }
-            l.push(Kind::CloseSession(CloseSession { session_id: sid }));
+            l.push(Kind::CloseSession(CloseSession {
+                session_id: sid,
+                expiry_s: None,
+            }));
         }
         s.fail_all(&ClientError::Closed);
         s.shared.close();
@@ -1905,5 +1914,6 @@ fn kind_name(k: &Kind) -> &'static str {
         Kind::RefreshToken(_) => "REFRESH_TOKEN",
         Kind::PublishTopic(_) => "PUBLISH_TOPIC",
         Kind::TopicPublished(_) => "TOPIC_PUBLISHED",
+        Kind::GetRetained(_) => "GET_RETAINED",
     }
 }

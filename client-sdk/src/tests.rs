@@ -187,6 +187,7 @@ fn welcome(sid: u32, heartbeat_ms: u32, acked_seq: u64) -> Kind {
         version: 1,
         acked_seq,
         redelivery_upto: 0,
+        ..Default::default()
     })
 }
 

@@ -103,9 +103,9 @@ pub fn decode_body(body: Bytes) -> Result<Frame, FrameError> {
 mod tests {
     use super::*;
     use crate::client::{
-        frame::Kind, Ack, Bye, CloseSession, Error, Gap, Hello, Kicked, OpenSession, Ping, Pong, Push, Qos,
-        RefreshToken, SessionClosed, Subscribe, Subscribed, TopicCursor, Unsubscribe, Upstream,
-        UpstreamReply, Welcome,
+        frame::Kind, Ack, Bye, CloseSession, Error, Gap, GetRetained, Hello, Keep, KeptSubscription, Kicked,
+        OpenSession, Ping, Pong, PublishTopic, Push, Qos, RefreshToken, SessionClosed, Subscribe, Subscribed,
+        TopicCursor, TopicPublished, Unsubscribe, Upstream, UpstreamReply, Welcome,
     };
     use proptest::prelude::*;
 
@@ -171,17 +171,21 @@ mod tests {
             (name(), name(), name(), name(), name()),
             any::<u64>(),
             proptest::collection::vec(cursor(), 0..4),
+            proptest::option::of((any::<bool>(), any::<u32>())),
         )
             .prop_map(
-                |(session_id, (app, user, device, platform, token), last_acked_seq, topics)| OpenSession {
-                    session_id,
-                    app,
-                    user,
-                    device,
-                    platform,
-                    token,
-                    last_acked_seq,
-                    topics,
+                |(session_id, (app, user, device, platform, token), last_acked_seq, topics, keep)| {
+                    OpenSession {
+                        session_id,
+                        app,
+                        user,
+                        device,
+                        platform,
+                        token,
+                        last_acked_seq,
+                        topics,
+                        keep: keep.map(|(clean, expiry_s)| Keep { clean, expiry_s }),
+                    }
                 },
             )
     }
@@ -200,8 +204,11 @@ mod tests {
                     })
                 })
                 .boxed(),
-            (any::<(u32, u64, u64, u32, u32, u32, u32, u32, u64)>())
-                .prop_map(|(a, b, c, d, e, f, g, h, i)| {
+            (
+                any::<(u32, u64, u64, u32, u32, u32, u32, u32, u64)>(),
+                proptest::collection::vec((name(), any::<u32>()), 0..3),
+            )
+                .prop_map(|((a, b, c, d, e, f, g, h, i), kept)| {
                     Kind::Welcome(Welcome {
                         session_id: a,
                         epoch: b,
@@ -213,6 +220,11 @@ mod tests {
                         version: h,
                         acked_seq: i,
                         redelivery_upto: i.wrapping_add(b),
+                        session_present: !kept.is_empty(),
+                        subscriptions: kept
+                            .into_iter()
+                            .map(|(topic, options)| KeptSubscription { topic, options })
+                            .collect(),
                     })
                 })
                 .boxed(),
@@ -220,9 +232,16 @@ mod tests {
                 .prop_map(|(id, interval_ms)| Kind::Ping(Ping { id, interval_ms }))
                 .boxed(),
             any::<u64>().prop_map(|id| Kind::Pong(Pong { id })).boxed(),
-            (any::<(u32, u64, u64, u64)>(), name(), name(), blob(), 0i32..2)
+            (
+                any::<(u32, u64, u64, u64)>(),
+                name(),
+                name(),
+                blob(),
+                0i32..2,
+                0i32..3,
+            )
                 .prop_map(
-                    |((session_id, seq, topic_seq, pushed_at_ms), msg_id, topic, p, qos)| {
+                    |((session_id, seq, topic_seq, pushed_at_ms), msg_id, topic, p, qos, retain)| {
                         Kind::Push(Push {
                             session_id,
                             msg_id,
@@ -233,6 +252,7 @@ mod tests {
                             qos,
                             pushed_at_ms,
                             expires_at_ms: pushed_at_ms.wrapping_add(seq),
+                            retain,
                         })
                     },
                 )
@@ -260,12 +280,18 @@ mod tests {
                     })
                 })
                 .boxed(),
-            (any::<u32>(), name(), proptest::option::of(any::<u64>()))
-                .prop_map(|(session_id, topic, last_seq)| {
+            (
+                any::<u32>(),
+                name(),
+                proptest::option::of(any::<u64>()),
+                any::<u32>(),
+            )
+                .prop_map(|(session_id, topic, last_seq, options)| {
                     Kind::Subscribe(Subscribe {
                         session_id,
                         topic,
                         last_seq,
+                        options,
                     })
                 })
                 .boxed(),
@@ -322,14 +348,40 @@ mod tests {
                 })
                 .boxed(),
             open().prop_map(Kind::OpenSession).boxed(),
-            any::<u32>()
-                .prop_map(|session_id| Kind::CloseSession(CloseSession { session_id }))
+            (any::<u32>(), proptest::option::of(any::<u32>()))
+                .prop_map(|(session_id, expiry_s)| Kind::CloseSession(CloseSession { session_id, expiry_s }))
                 .boxed(),
             (any::<u32>(), name())
                 .prop_map(|(session_id, reason)| Kind::SessionClosed(SessionClosed { session_id, reason }))
                 .boxed(),
             (any::<u32>(), name())
                 .prop_map(|(session_id, token)| Kind::RefreshToken(RefreshToken { session_id, token }))
+                .boxed(),
+            (any::<(u32, u64, bool, u64)>(), name(), blob())
+                .prop_map(|((session_id, request_id, retain, retain_ttl_ms), topic, p)| {
+                    Kind::PublishTopic(PublishTopic {
+                        session_id,
+                        request_id,
+                        topic,
+                        payload: p.into(),
+                        retain,
+                        retain_ttl_ms,
+                    })
+                })
+                .boxed(),
+            (any::<(u32, u64, u64)>(), 0i32..20, name())
+                .prop_map(|((session_id, request_id, topic_seq), error, message)| {
+                    Kind::TopicPublished(TopicPublished {
+                        session_id,
+                        request_id,
+                        topic_seq,
+                        error,
+                        message,
+                    })
+                })
+                .boxed(),
+            (any::<u32>(), name())
+                .prop_map(|(session_id, filter)| Kind::GetRetained(GetRetained { session_id, filter }))
                 .boxed(),
         ];
         proptest::strategy::Union::new(kinds).prop_map(|k| Frame { kind: Some(k) })
@@ -345,7 +397,7 @@ mod tests {
             let tag = encode_to_bytes(&f)[HEADER_LEN] >> 3;
             seen.insert(tag);
         }
-        assert_eq!(seen, (1u8..=19).collect(), "field numbers 1..=19 of Frame.kind");
+        assert_eq!(seen, (1u8..=22).collect(), "field numbers 1..=22 of Frame.kind");
     }
 
     #[test]
@@ -369,6 +421,7 @@ mod tests {
                     qos: Qos::AtLeastOnce as i32,
                     pushed_at_ms: u64::MAX,
                     expires_at_ms: u64::MAX,
+                    retain: crate::client::Retain::Stored as i32,
                 })),
             };
             let reply = Frame {

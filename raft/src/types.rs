@@ -170,6 +170,105 @@ pub enum Op {
     RegisterSeen { register: Register, seen_epoch: u64 },
     /// Create or replace an app.
     PutApp(AppConfig),
+    /// [`Op::Publish`], and the message also becomes the topic's retained message (MQTT's retain
+    /// flag), replacing the one before; an empty payload clears it instead (the empty message is
+    /// still published). `ttl_ms` > 0: the retained message expires that long after this entry's
+    /// log time (MQTT 5.0 Message Expiry Interval); 0: kept until replaced or cleared. Touches the
+    /// topic's state only. A refused or duplicate publish leaves the retained message as it was.
+    PublishRetained { publish: Publish, ttl_ms: u64 },
+    /// A session starts keeping its subscriptions (MQTT's persistent session), in the entry of its
+    /// registration, after it. Applies only if the device's current session is the one
+    /// `node`/`conn`/`session` registered (else [`OpResult::Superseded`]); yields
+    /// [`OpResult::Kept`]. See [`KeptSession`] for what is kept and for how long.
+    SessionStart(SessionStart),
+    /// A change to the kept subscriptions of the session of `epoch`: ignored (answering
+    /// [`OpResult::Superseded`]) unless that session is the device's current one and keeps its
+    /// subscriptions, so a stale connection never overwrites a newer one's.
+    SessionSubs {
+        app: String,
+        user: String,
+        device: String,
+        epoch: u64,
+        change: SubsChange,
+    },
+}
+
+/// A persistent session's start ([`Op::SessionStart`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionStart {
+    pub app: String,
+    pub user: String,
+    pub device: String,
+    /// The registration this start belongs to (the connection that holds the session).
+    pub node: NodeId,
+    pub conn: u64,
+    pub session: u32,
+    /// Drop what the device's earlier sessions kept (MQTT Clean Start / Clean Session 1).
+    pub clean: bool,
+    /// How long the kept subscriptions outlive the session, in seconds ([`KEPT_FOREVER`]: no
+    /// end). 0: nothing is kept beyond this connection (the start only reads, then drops, what
+    /// an earlier session kept).
+    pub expiry_s: u32,
+}
+
+/// A [`SessionStart::expiry_s`] that never ends (MQTT 5.0's 0xFFFFFFFF, MQTT 3.1.1's Clean
+/// Session 0).
+pub const KEPT_FOREVER: u32 = u32::MAX;
+
+/// Most subscriptions one kept session holds (the node's limit of topics per session).
+pub const MAX_KEPT_SUBSCRIPTIONS: usize = 128;
+
+/// Longest kept topic filter, in bytes (the node's limit of a topic name).
+pub const MAX_KEPT_FILTER: usize = 256;
+
+/// What [`Op::SessionSubs`] changes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SubsChange {
+    /// Add these subscriptions, or replace the options of one with the same filter.
+    Subscribe(Vec<KeptSubscription>),
+    /// Remove the subscriptions with these filters.
+    Unsubscribe(Vec<String>),
+    /// A new expiry interval (seconds) for when the session ends (MQTT 5.0 DISCONNECT).
+    Expiry(u32),
+}
+
+/// One subscription of a kept session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeptSubscription {
+    /// A topic name or filter, as the client gave it.
+    pub filter: String,
+    /// The client's subscription options, kept as given and handed back (opaque here; the MQTT
+    /// listener stores MQTT 5.0's options byte).
+    pub options: u32,
+}
+
+/// The subscriptions a device's persistent session keeps, keyed by (app, user, device): user
+/// state, like the registry.
+///
+/// Kept while a session of the device lives (`expires_ms` 0); when that session ends (unregister,
+/// node down, kick, the app's device policy) the record expires `expiry_s` later by log time
+/// (through the expiry index), or at once with `expiry_s` 0. A new login of the same device
+/// takes the record over (it does not end it); a start with `clean` replaces it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeptSession {
+    /// The session ([`Session::epoch`]) that started or took over the record: only it may change it.
+    pub epoch: u64,
+    pub expiry_s: u32,
+    /// Log time the record expires; 0 while a session of the device lives; `u64::MAX`: never.
+    pub expires_ms: u64,
+    pub subscriptions: Vec<KeptSubscription>,
+}
+
+/// A topic's retained message (MQTT's retain flag), keyed by (app, topic): topic state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RetainedMessage {
+    /// The topic seq the message got when it was published.
+    pub seq: u64,
+    pub msg_id: String,
+    pub payload: Bytes,
+    /// Log time it was published, and when it expires (0: never).
+    pub pushed_ms: u64,
+    pub expires_ms: u64,
 }
 
 /// What one op did.
@@ -186,6 +285,8 @@ pub enum OpResult {
     },
     Enqueued(Enqueued),
     Published(Published),
+    /// What an Expire removed: mailbox messages; retained topic messages; idempotency keys,
+    /// kept msg-id locations and kept sessions.
     Expired {
         messages: u32,
         topic_entries: u32,
@@ -195,6 +296,12 @@ pub enum OpResult {
     /// proposer saw. Nothing changed.
     Superseded {
         epoch: u64,
+    },
+    /// A [`Op::SessionStart`] applied: whether the device had a kept session (MQTT's Session
+    /// Present; never with `clean`) and its subscriptions, which the new session continues with.
+    Kept {
+        present: bool,
+        subscriptions: Vec<KeptSubscription>,
     },
 }
 
@@ -552,6 +659,8 @@ pub enum ApplyEvent {
         app: String,
         topic: String,
         message: TopicMessage,
+        /// The publisher set the retain flag ([`Op::PublishRetained`]).
+        retain: bool,
     },
     AppChanged {
         app: String,

@@ -46,6 +46,12 @@ impl SubscriptionOptions {
         }
     }
 
+    /// The options of a Subscription Options byte as `version` reads it (what [`Self::byte`]
+    /// wrote; a listener that keeps a subscription stores the byte).
+    pub fn from_byte(byte: u8, version: Version) -> Result<SubscriptionOptions, DecodeError> {
+        Self::read(byte, version)
+    }
+
     fn read(byte: u8, version: Version) -> Result<SubscriptionOptions, DecodeError> {
         let reserved = match version {
             Version::V311 => 0b1111_1100,
@@ -68,7 +74,8 @@ impl SubscriptionOptions {
         })
     }
 
-    fn byte(self) -> u8 {
+    /// The Subscription Options byte.
+    pub fn byte(self) -> u8 {
         self.qos as u8
             | u8::from(self.no_local) << 2
             | u8::from(self.retain_as_published) << 3

@@ -20,7 +20,9 @@ use herald_proto::client::{
 };
 use herald_proto::frame::{self, FrameError};
 use herald_raft::raft_node::now_ms;
-use herald_raft::{AppConfig, MailboxMeta, Op, OpResult, Register, WriteError};
+use herald_raft::{
+    AppConfig, KeptSubscription, MailboxMeta, Op, OpResult, Register, RetainedMessage, SubsChange, WriteError,
+};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::{debug, info, warn};
@@ -62,6 +64,9 @@ struct Session {
     token_exp: u64,
     /// Subscribed topics (besides the implicit `*`).
     topics: Vec<String>,
+    /// The cluster keeps this session's subscriptions beyond the connection (OpenSession.keep with
+    /// an expiry): subscribing and unsubscribing commit the change (`Op::SessionSubs`).
+    kept: bool,
 }
 
 /// How the connection ended, for logs.
@@ -322,6 +327,11 @@ where
             Kind::OpenSession(o) => self.on_open(o).await,
             Kind::CloseSession(c) => {
                 if let Some(i) = self.find(c.session_id) {
+                    if let (true, Some(expiry_s)) = (self.sessions[i].kept, c.expiry_s) {
+                        if let Err(e) = self.keep_change(i, SubsChange::Expiry(expiry_s)).await {
+                            info!(conn = self.shared.id, reason = %e, "kept session's expiry not changed");
+                        }
+                    }
                     let s = self.sessions.swap_remove(i);
                     self.drop_session(&s, true);
                 }
@@ -342,7 +352,7 @@ where
                     topic: s.topic,
                     last_seq: s.last_seq,
                 };
-                self.subscribe(s.session_id, cursor).await;
+                self.subscribe(s.session_id, cursor, s.options, true).await;
             }
             Kind::Unsubscribe(u) => {
                 if let Some(i) = self.find(u.session_id) {
@@ -351,8 +361,14 @@ where
                         s.topics.retain(|t| *t != u.topic);
                         self.room.unsubscribe(&s.app, &u.topic, self.shared.id, s.id);
                     }
+                    if s.kept {
+                        if let Err(e) = self.keep_change(i, SubsChange::Unsubscribe(vec![u.topic])).await {
+                            info!(conn = self.shared.id, reason = %e, "unsubscribe not kept");
+                        }
+                    }
                 }
             }
+            Kind::GetRetained(g) => self.send_retained(g.session_id, g.filter).await,
             Kind::Upstream(u) => self.on_upstream(u),
             Kind::PublishTopic(p) => self.on_publish_topic(p),
             Kind::RefreshToken(r) => Box::pin(self.on_refresh(r.session_id, &r.token)).await,
@@ -442,12 +458,25 @@ where
             return Err((ErrorCode::BadRequest, "platform or topic list too long".into()));
         }
         let opened = Box::pin(register(self.room.clone(), self.shared.clone(), o)).await?;
-        let (session, welcome, topics) = opened;
+        let Opened {
+            session,
+            welcome,
+            topics,
+            kept,
+        } = opened;
         let sid = session.id;
         push_small(&mut self.sessions, session);
         self.send(Kind::Welcome(welcome));
+        // A kept session's subscriptions first (already kept: not committed again).
+        for k in kept {
+            let t = TopicCursor {
+                topic: k.filter,
+                last_seq: None,
+            };
+            self.subscribe(sid, t, k.options, false).await;
+        }
         for t in topics {
-            self.subscribe(sid, t).await;
+            self.subscribe(sid, t, 0, true).await;
         }
         // Replay what the device has not acked.
         self.shared.poke(sid);
@@ -619,13 +648,21 @@ where
             )));
         }
         let raft = self.room.groups.of_topic(&app.id, &p.topic).clone();
-        let op = Op::Publish(herald_raft::Publish {
+        let publish = herald_raft::Publish {
             app: app.id,
             topic: p.topic,
             msg_id: format!("c{}-{:016x}", self.room.groups.id(), rand::random::<u64>()),
             payload: p.payload,
             idempotency_key: None,
-        });
+        };
+        let op = if p.retain {
+            Op::PublishRetained {
+                publish,
+                ttl_ms: p.retain_ttl_ms,
+            }
+        } else {
+            Op::Publish(publish)
+        };
         let shared = self.shared.clone();
         tokio::spawn(async move {
             let reply = match raft.write_one(op).await {
@@ -673,8 +710,10 @@ where
         }
     }
 
-    /// Subscribes a session to a topic, replaying retained messages after the cursor first.
-    async fn subscribe(&mut self, sid: u32, t: TopicCursor) {
+    /// Subscribes a session to a topic, replaying retained messages after the cursor first. In a
+    /// kept session, `keep` commits the subscription (with the client's `options`) to the kept
+    /// ones before it is answered; if that fails a new subscription is taken back and refused.
+    async fn subscribe(&mut self, sid: u32, t: TopicCursor, options: u32, keep: bool) {
         let refuse = |this: &mut Self, code: ErrorCode, msg: &str| {
             this.send(Kind::Subscribed(pc::Subscribed {
                 session_id: sid,
@@ -710,6 +749,7 @@ where
                 );
             }
         }
+        let mut added = false;
         if !is_broadcast {
             if self.sessions[i].topics.len() >= MAX_TOPICS_PER_SESSION {
                 return refuse(self, ErrorCode::BadRequest, "too many topics for this session");
@@ -718,6 +758,7 @@ where
                 self.room.unsubscribe(&app, &t.topic, self.shared.id, sid);
             } else {
                 push_small(&mut self.sessions[i].topics, t.topic.clone());
+                added = true;
             }
         }
         let mut current = if filter {
@@ -762,12 +803,121 @@ where
                 current = current.max(cursor);
             }
         }
+        if keep {
+            let Some(i) = self.find(sid).filter(|&i| self.sessions[i].kept) else {
+                return self.answer_subscribed(sid, t.topic, current);
+            };
+            let sub = KeptSubscription {
+                filter: t.topic.clone(),
+                options,
+            };
+            if let Err(e) = self.keep_change(i, SubsChange::Subscribe(vec![sub])).await {
+                if added {
+                    self.sessions[i].topics.retain(|x| *x != t.topic);
+                    self.room.unsubscribe(&app, &t.topic, self.shared.id, sid);
+                }
+                return refuse(
+                    self,
+                    ErrorCode::NotReady,
+                    &format!("the subscription is not kept: {e}"),
+                );
+            }
+        }
+        self.answer_subscribed(sid, t.topic, current);
+    }
+
+    /// SUBSCRIBED for a subscription that took effect at topic seq `seq`.
+    fn answer_subscribed(&mut self, sid: u32, topic: String, seq: u64) {
         self.send(Kind::Subscribed(pc::Subscribed {
             session_id: sid,
-            topic: t.topic,
-            seq: current,
+            topic,
+            seq,
             error: 0,
             message: String::new(),
+        }));
+    }
+
+    /// Commits a change to the session's kept subscriptions, fenced by its epoch: a newer session
+    /// of the device (a login elsewhere) makes it a no-op.
+    fn keep_change(
+        &self,
+        i: usize,
+        change: SubsChange,
+    ) -> impl Future<Output = Result<(), String>> + Send + 'static {
+        let s = &self.sessions[i];
+        let op = Op::SessionSubs {
+            app: s.app.to_string(),
+            user: s.user.to_string(),
+            device: s.device.to_string(),
+            epoch: s.epoch,
+            change,
+        };
+        // User state: the user's shard, like the registration the epoch belongs to.
+        commit_keep(self.room.user_group(&s.app, &s.user).clone(), op)
+    }
+
+    /// GET_RETAINED: the retained messages of the topics `filter` matches, for a topic or filter
+    /// the session is subscribed to, each a PUSH marked RETAIN_STORED. Read after catching up with
+    /// the leader (a retained message set through another node just before is seen), skipping
+    /// those expired by the cluster's time; a filter reads the app's retained messages a page at
+    /// a time, writing each page out before the next.
+    async fn send_retained(&mut self, sid: u32, filter: String) {
+        let Some(i) = self.find(sid) else { return };
+        if !self.sessions[i].topics.contains(&filter) {
+            return debug!(conn = self.shared.id, %filter, "get_retained for a topic not subscribed; ignored");
+        }
+        let app = self.sessions[i].app.clone();
+        let now = self.room.groups.meta().cluster_now_ms();
+        let live = |m: &RetainedMessage| m.expires_ms == 0 || m.expires_ms > now;
+        if !super::is_filter(&filter) {
+            // A topic's retained message lives in the topic's shard.
+            let group = self.room.groups.of_topic(&app, &filter).clone();
+            self.room.barrier.catch_up(&group).await;
+            match group.reader().retained(&app, &filter) {
+                Ok(Some(m)) if live(&m) => self.send_retained_one(sid, &filter, m),
+                Ok(_) => {}
+                Err(e) => warn!(error = %e, "cannot read a retained message"),
+            }
+            return;
+        }
+        // A filter matches topics of every shard: each group holding topics, one after the other.
+        for group in self.room.groups.data().to_vec() {
+            self.room.barrier.catch_up(&group).await;
+            let mut after: Option<String> = None;
+            loop {
+                let page = match group.reader().retained_page(&app, after.as_deref(), PAGE) {
+                    Ok(p) => p,
+                    Err(e) => return warn!(error = %e, "cannot read retained messages"),
+                };
+                let full = page.len() == PAGE;
+                for (topic, m) in page {
+                    if live(&m) && herald_mqtt::topic::matches(&filter, &topic) {
+                        self.send_retained_one(sid, &topic, m);
+                    }
+                    after = Some(topic);
+                }
+                if self.write_out().await.is_err() {
+                    return;
+                }
+                if !full {
+                    break;
+                }
+            }
+        }
+    }
+
+    fn send_retained_one(&mut self, sid: u32, topic: &str, m: RetainedMessage) {
+        self.send(Kind::Push(pc::Push {
+            session_id: sid,
+            msg_id: m.msg_id,
+            seq: 0,
+            topic: topic.to_string(),
+            topic_seq: m.seq,
+            payload: m.payload,
+            qos: Qos::AtLeastOnce as i32,
+            pushed_at_ms: m.pushed_ms,
+            expires_at_ms: m.expires_ms,
+            retain: pc::Retain::Stored as i32,
         }));
     }
 
@@ -805,6 +955,7 @@ where
                     qos: Qos::AtLeastOnce as i32,
                     pushed_at_ms: m.pushed_ms,
                     expires_at_ms: 0,
+                    retain: pc::Retain::None as i32,
                 }));
                 cursor = m.seq;
             }
@@ -893,6 +1044,7 @@ where
                     qos: Qos::AtLeastOnce as i32,
                     pushed_at_ms: m.pushed_ms,
                     expires_at_ms: m.expires_ms,
+                    retain: pc::Retain::None as i32,
                 }));
                 frames += 1;
                 pushed.push(m.pushed_ms);
@@ -1112,6 +1264,19 @@ where
     }
 }
 
+/// Commits an `Op::SessionSubs` (see `Conn::keep_change`).
+async fn commit_keep(group: herald_raft::RaftNode, op: Op) -> Result<(), String> {
+    match group.write_one(op).await {
+        Ok((OpResult::Done, _)) => Ok(()),
+        Ok((OpResult::Superseded { epoch }, _)) => Err(format!(
+            "a newer session of the device (epoch {epoch}) holds the kept subscriptions"
+        )),
+        Ok((OpResult::Rejected(r), _)) => Err(r.to_string()),
+        Ok((other, _)) => Err(format!("unexpected result {other:?}")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// The session's app and its token's claims, from this node's state machine as it is.
 fn check_token(room: &Room, o: &OpenSession) -> Result<token::Claims, (ErrorCode, String)> {
     let app: AppConfig = match room.meta().app(&o.app) {
@@ -1139,12 +1304,22 @@ fn check_token(room: &Room, o: &OpenSession) -> Result<token::Claims, (ErrorCode
     })
 }
 
-/// Token check, Raft registration and local indexing of a new session (boxed by the caller).
+/// What [`register`] hands the connection: the session, its WELCOME, the topics the client asked
+/// for, and the subscriptions a kept session continues with.
+struct Opened {
+    session: Session,
+    welcome: pc::Welcome,
+    topics: Vec<TopicCursor>,
+    kept: Vec<KeptSubscription>,
+}
+
+/// Token check, Raft registration (with the start of a kept session in the same entry) and local
+/// indexing of a new session (boxed by the caller).
 async fn register(
     room: Arc<Room>,
     shared: Arc<ConnShared>,
     o: OpenSession,
-) -> Result<(Session, pc::Welcome, Vec<TopicCursor>), (ErrorCode, String)> {
+) -> Result<Opened, (ErrorCode, String)> {
     // An unknown app or a token no secret of the app signed may be an admin write this node has
     // not applied yet: catch up with the leader once before refusing (read-your-writes).
     let claims = match check_token(&room, &o) {
@@ -1175,21 +1350,54 @@ async fn register(
     };
     // Until dropped, this attempt's registration is not an orphan even once applied.
     let attempt = super::registrations::Registrations::begin(&room, shared.id, o.session_id);
+    // A kept session starts in the registration's entry, right after it: it continues what the
+    // device's earlier sessions kept (or drops it: clean) as the session it just registered.
+    let start = o.keep.map(|k| {
+        Op::SessionStart(herald_raft::SessionStart {
+            app: o.app.clone(),
+            user: o.user.clone(),
+            device: o.device.clone(),
+            node: register.node,
+            conn: register.conn,
+            session: register.session,
+            clean: k.clean,
+            expiry_s: k.expiry_s,
+        })
+    });
     let mut retried = false;
-    let (registered, index) = loop {
-        let op = Op::RegisterSeen {
+    let (registered, kept, index) = loop {
+        let mut ops = vec![Op::RegisterSeen {
             register: register.clone(),
             seen_epoch,
-        };
-        let (result, index) = group.write_one(op).await.map_err(|e| match e {
+        }];
+        ops.extend(start.clone());
+        let committed = group.write(ops).await.map_err(|e| match e {
             WriteError::Invalid(m) => (ErrorCode::BadRequest, m),
             other => (
                 ErrorCode::NotReady,
                 format!("cannot register the session: {other}"),
             ),
         })?;
+        let index = committed.log_index;
+        let mut results = committed.results.into_iter();
+        let result = results.next().unwrap_or(OpResult::Done);
         match result {
-            OpResult::Registered(r) => break (r, index),
+            OpResult::Registered(r) => {
+                let kept = match results.next() {
+                    None => None,
+                    Some(OpResult::Kept {
+                        present,
+                        subscriptions,
+                    }) => Some((present, subscriptions)),
+                    Some(other) => {
+                        return Err((
+                            ErrorCode::NotReady,
+                            format!("the kept session did not start ({other:?}); retry"),
+                        ))
+                    }
+                };
+                break (r, kept, index);
+            }
             // The device has a session this node did not know of when proposing: usually one it
             // had not applied yet (a fast re-login through another node). This call is live (its
             // connection waits for the answer), so it is the newest login: catch up, then again
@@ -1286,6 +1494,15 @@ async fn register(
         version: herald_proto::PROTOCOL_VERSION,
         acked_seq: registered.acked_seq,
         redelivery_upto,
+        session_present: kept.as_ref().is_some_and(|(present, _)| *present),
+        subscriptions: kept
+            .iter()
+            .flat_map(|(_, subs)| subs)
+            .map(|k| pc::KeptSubscription {
+                topic: k.filter.clone(),
+                options: k.options,
+            })
+            .collect(),
     };
     info!(conn = shared.id, app = %o.app, user = %o.user, device = %o.device, epoch = registered.epoch, kicked = registered.kicked.len(), "session open");
     let session = Session {
@@ -1298,8 +1515,14 @@ async fn register(
         acked,
         token_exp: claims.exp,
         topics: Vec::new(),
+        kept: o.keep.is_some_and(|k| k.expiry_s > 0),
     };
-    Ok((session, welcome, o.topics))
+    Ok(Opened {
+        session,
+        welcome,
+        topics: o.topics,
+        kept: kept.map(|(_, subs)| subs).unwrap_or_default(),
+    })
 }
 
 /// The highest mailbox seq an earlier connection of the device may have written

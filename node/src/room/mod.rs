@@ -556,9 +556,10 @@ impl Room {
     }
 
     /// Hands a topic message to every ready local subscriber: one encoded body shared by all,
-    /// plus a few bytes per subscriber naming its session.
-    pub fn fan_out(&self, app: &str, topic: &str, msg: &TopicMessage) -> usize {
-        let body = topic_push_body(topic, msg);
+    /// plus a few bytes per subscriber naming its session. `retain`: its publisher set the retain
+    /// flag (the PUSH says RETAIN_SET).
+    pub fn fan_out(&self, app: &str, topic: &str, msg: &TopicMessage, retain: bool) -> usize {
+        let body = topic_push_body(topic, msg, retain);
         let mut n = 0;
         let send = |s: &TopicSub, n: &mut usize| {
             let (head, head_len) = shared_head(s.session_id, body.len());
@@ -620,6 +621,7 @@ impl Room {
                         qos: Qos::AtMostOnce as i32,
                         pushed_at_ms: at_ms,
                         expires_at_ms: 0,
+                        retain: 0,
                     })),
                 };
                 if s.conn
@@ -694,7 +696,7 @@ pub fn is_filter(topic: &str) -> bool {
     topic.contains(['+', '#'])
 }
 
-pub fn topic_push_body(topic: &str, msg: &TopicMessage) -> Bytes {
+pub fn topic_push_body(topic: &str, msg: &TopicMessage, retain: bool) -> Bytes {
     let f = Frame {
         kind: Some(Kind::Push(Push {
             session_id: 0,
@@ -706,6 +708,11 @@ pub fn topic_push_body(topic: &str, msg: &TopicMessage) -> Bytes {
             qos: Qos::AtLeastOnce as i32,
             pushed_at_ms: msg.pushed_ms,
             expires_at_ms: 0,
+            retain: if retain {
+                herald_proto::client::Retain::Set as i32
+            } else {
+                herald_proto::client::Retain::None as i32
+            },
         })),
     };
     let mut b = BytesMut::with_capacity(f.encoded_len());
@@ -761,7 +768,7 @@ mod tests {
             payload: Bytes::from_static(b"hello"),
             pushed_ms: 42,
         };
-        let body = topic_push_body("room-1", &msg);
+        let body = topic_push_body("room-1", &msg, false);
         let (head, head_len) = shared_head(3, body.len());
         let mut wire = BytesMut::new();
         wire.extend_from_slice(&head[..head_len as usize]);

@@ -9,10 +9,16 @@
 //! | CONNECT (user name = app, password = token, client id = device) | HELLO | WELCOME / ERROR | CONNACK |
 //! | PUBACK | ACK (cumulative, once every earlier inbox message is acked) | PUSH (mailbox) | PUBLISH `$herald/inbox`, QoS of the push, 5.0: Message Expiry Interval = the TTL left |
 //! | PUBLISH `$herald/upstream` | UPSTREAM | UPSTREAM_REPLY | PUBACK (QoS 1) |
-//! | SUBSCRIBE topic or filter (`+`, `#`) | SUBSCRIBE (+ a PING marker) | SUBSCRIBED + PONG | SUBACK |
+//! | PUBLISH other topic (RETAIN: `retain`, 5.0 Message Expiry Interval: `retain_ttl_ms`) | PUBLISH_TOPIC | TOPIC_PUBLISHED | PUBACK (QoS 1) |
+//! | SUBSCRIBE topic or filter (`+`, `#`) | SUBSCRIBE (+ a PING marker, then GET_RETAINED per Retain Handling) | SUBSCRIBED + PONG, PUSH (RETAIN_STORED) | SUBACK, PUBLISH RETAIN 1 |
 //! | UNSUBSCRIBE | UNSUBSCRIBE (+ a PING marker) | PONG | UNSUBACK |
 //! | PINGREQ | PING | PONG | PINGRESP |
-//! | DISCONNECT | CLOSE_SESSION | KICKED / BYE | DISCONNECT (5.0), close |
+//! | DISCONNECT | CLOSE_SESSION (5.0: with its Session Expiry Interval) | KICKED / BYE | DISCONNECT (5.0), close |
+//!
+//! A CONNECT's Clean Start / Clean Session and Session Expiry Interval become HELLO's `keep`: the
+//! node keeps the session's subscriptions (with their options) in the replicated store, and
+//! WELCOME says whether the device had a kept session (CONNACK's Session Present) and which
+//! subscriptions it continues with (`subs.rs` tracks them here, for the retain options).
 //!
 //! MQTT 5.0 topic aliases live here, per connection, in both directions: a client's alias is
 //! resolved before its PUBLISH is translated, and the node's own aliases are put on the PUBLISHes
@@ -41,6 +47,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tracing::{debug, info};
 
 use super::{BROADCAST, MAX_NAME};
+
+mod subs;
 
 /// The topic a user's mailbox (unicast pushes) arrives on.
 pub const INBOX: &str = "$herald/inbox";
@@ -108,6 +116,11 @@ struct State {
     /// (WELCOME's `redelivery_upto`): their PUBLISH has DUP set.
     redelivery_upto: u64,
     broadcast: bool,
+    /// The session's subscriptions and their options (see `subs.rs`).
+    filters: subs::Filters,
+    /// The session is kept beyond the connection (a Session Expiry Interval above 0, or 3.1.1's
+    /// Clean Session 0): a DISCONNECT's Session Expiry Interval is passed on.
+    kept: bool,
     subs: Vec<PendingSub>,
     /// UNSUBSCRIBEs waiting for their marker: packet id and filter count, oldest first.
     unsubs: std::collections::VecDeque<(NonZeroU16, usize)>,
@@ -137,6 +150,10 @@ struct State {
 struct WillMsg {
     topic: String,
     payload: bytes::Bytes,
+    /// The will's retain flag, and its Message Expiry Interval (5.0; seconds, 0: none), which
+    /// bounds how long it stays the topic's retained message.
+    retain: bool,
+    expiry_s: u32,
     /// Will Delay Interval (5.0), seconds: 0 publishes as soon as the connection ends.
     delay_s: u32,
     /// The session's expiry interval (5.0: CONNECT's, changed by DISCONNECT's), seconds: a will
@@ -290,7 +307,13 @@ impl<S> MqttStream<S> {
                         w.session_expiry_s = e;
                     }
                 }
-                self.send_node(Kind::CloseSession(pc::CloseSession { session_id: SID }));
+                // A kept session may get a new expiry (not from 0: that is a protocol error [MQTT-3.14.2-2],
+                // ignored here).
+                let expiry_s = d.properties.session_expiry_interval.filter(|_| self.st.kept);
+                self.send_node(Kind::CloseSession(pc::CloseSession {
+                    session_id: SID,
+                    expiry_s,
+                }));
                 self.eof = true;
             }
             Packet::PubRel(r) if self.st.version == Some(Version::V311) => {
@@ -357,13 +380,20 @@ impl<S> MqttStream<S> {
             );
         };
         self.st.app = app.clone();
+        // How long the session outlives the connection: 5.0 says, 3.1.1's Clean Session 0 is
+        // for ever, Clean Session 1 not at all.
+        let expiry_s = match c.version {
+            Version::V5 => c.properties.session_expiry_interval.unwrap_or(0),
+            Version::V311 if c.clean_start => 0,
+            Version::V311 => herald_raft::KEPT_FOREVER,
+        };
+        self.st.kept = expiry_s > 0;
         if let Some(w) = &c.will {
-            if w.retain {
-                info!(client = %c.client_id, "mqtt: a retained will is published as a plain message");
-            }
             self.st.will = Some(Box::new(WillMsg {
                 topic: w.topic.clone(),
                 payload: w.payload.clone(),
+                retain: w.retain,
+                expiry_s: w.properties.message_expiry_interval.unwrap_or(0),
                 delay_s: w.properties.will_delay_interval.unwrap_or(0),
                 session_expiry_s: c.properties.session_expiry_interval.unwrap_or(0),
                 user: user.clone(),
@@ -397,6 +427,10 @@ impl<S> MqttStream<S> {
                 token,
                 last_acked_seq: 0,
                 topics: vec![],
+                keep: Some(pc::Keep {
+                    clean: c.clean_start,
+                    expiry_s,
+                }),
             }),
         }));
     }
@@ -432,12 +466,6 @@ impl<S> MqttStream<S> {
             return;
         };
         let p = Publish { topic, ..p };
-        if p.retain && self.st.version == Some(Version::V5) {
-            return self.close_with(
-                ReasonCode::RETAIN_NOT_SUPPORTED,
-                "retained messages are not supported",
-            );
-        }
         if p.topic == UPSTREAM {
             self.st.next_request += 1;
             let id = self.st.next_request;
@@ -457,11 +485,18 @@ impl<S> MqttStream<S> {
         if let Some(pid) = p.packet_id {
             self.st.publishes.insert(id, (pid, p.qos));
         }
+        // A retained message expires with the PUBLISH's Message Expiry Interval (5.0).
+        let retain_ttl_ms = match (p.retain, p.properties.message_expiry_interval) {
+            (true, Some(s)) => u64::from(s) * 1000,
+            _ => 0,
+        };
         self.send_node(Kind::PublishTopic(pc::PublishTopic {
             session_id: SID,
             request_id: id,
             topic: p.topic,
             payload: p.payload,
+            retain: p.retain,
+            retain_ttl_ms,
         }));
     }
 
@@ -574,6 +609,7 @@ impl<S> MqttStream<S> {
             marked: false,
         };
         let mut native = Vec::new();
+        let mut retained = Vec::new();
         for (i, sub) in s.subscriptions.iter().enumerate() {
             let f = sub.filter.as_str();
             let granted_1 = if sub.options.qos == QoS::AtMostOnce {
@@ -581,38 +617,63 @@ impl<S> MqttStream<S> {
             } else {
                 ReasonCode::GRANTED_QOS_1
             };
+            let options = subs::encode_options(&sub.options);
             let r = if f.starts_with("$share/") {
                 Some(refuse(ReasonCode::SHARED_SUBSCRIPTIONS_NOT_SUPPORTED))
             } else if f == INBOX {
                 Some(granted_1)
             } else if f == BROADCAST_TOPIC || f == BROADCAST {
+                // The node's `*`, always on there; subscribed natively so a kept session keeps it.
                 self.st.broadcast = true;
-                Some(ReasonCode::GRANTED_QOS_0)
+                self.st.filters.insert(BROADCAST_TOPIC, sub.options);
+                pending.waiting.insert(BROADCAST.to_string(), i);
+                native.push((BROADCAST.to_string(), options));
+                None
             } else if f.starts_with('$') {
                 Some(refuse(ReasonCode::TOPIC_FILTER_INVALID))
             } else {
+                let existed = self.st.filters.insert(f, sub.options);
+                if subs::wants_retained(&sub.options, existed) {
+                    retained.push(f.to_string());
+                }
                 pending.waiting.insert(f.to_string(), i);
-                native.push(f.to_string());
+                native.push((f.to_string(), options));
                 None
             };
             pending.reasons.push(r);
         }
-        for topic in native {
+        for (topic, options) in native {
             self.send_node(Kind::Subscribe(pc::Subscribe {
                 session_id: SID,
                 topic,
                 last_seq: None,
+                options,
             }));
         }
         self.st.subs.push(pending);
         self.marker(MARK_SUBACK, u64::from(s.packet_id.get()));
+        // After the marker, so the SUBACK goes out before the retained messages (a refused
+        // subscription gets none: the node sends them only for a topic the session has).
+        for filter in retained {
+            self.send_node(Kind::GetRetained(pc::GetRetained {
+                session_id: SID,
+                filter,
+            }));
+        }
     }
 
     fn on_unsubscribe(&mut self, u: Unsubscribe) {
         for f in &u.filters {
             if f == BROADCAST_TOPIC || f == BROADCAST {
                 self.st.broadcast = false;
+                self.st.filters.remove(BROADCAST_TOPIC);
+                // The node keeps `*` on; this takes it out of a kept session.
+                self.send_node(Kind::Unsubscribe(pc::Unsubscribe {
+                    session_id: SID,
+                    topic: BROADCAST.to_string(),
+                }));
             } else if !f.starts_with('$') {
+                self.st.filters.remove(f);
                 self.send_node(Kind::Unsubscribe(pc::Unsubscribe {
                     session_id: SID,
                     topic: f.clone(),
@@ -634,10 +695,14 @@ impl<S> MqttStream<S> {
                 self.st.max_sent = w.acked_seq;
                 self.st.redelivery_upto = w.redelivery_upto;
                 self.note_registration();
+                let version = self.st.version.unwrap_or(Version::V311);
+                if self.st.filters.restore(&w.subscriptions, version) {
+                    self.st.broadcast = true;
+                }
                 let mut props = Properties::default();
                 if self.st.version == Some(Version::V5) {
                     props.maximum_qos = Some(QoS::AtLeastOnce);
-                    props.retain_available = Some(false);
+                    props.retain_available = Some(true);
                     props.shared_subscription_available = Some(false);
                     props.subscription_identifier_available = Some(false);
                     props.maximum_packet_size = Some(self.limits.max_packet.min(u32::MAX as usize) as u32);
@@ -651,11 +716,11 @@ impl<S> MqttStream<S> {
                         ("herald-epoch".into(), w.epoch.to_string()),
                     ];
                 }
-                // Herald keeps no MQTT session state of its own (subscriptions are not kept
-                // across connections), so the client must subscribe again: session present 0.
-                // The inbox is the user's mailbox and resumes at the device's ack cursor.
+                // Session Present: the device had a kept session, whose subscriptions the node
+                // restored (WELCOME lists them). The inbox is the user's mailbox whatever it
+                // says and resumes at the device's ack cursor.
                 self.send_client(&Packet::ConnAck(ConnAck {
-                    session_present: false,
+                    session_present: w.session_present,
                     reason: ReasonCode::SUCCESS,
                     properties: props,
                 }));
@@ -788,6 +853,7 @@ impl<S> MqttStream<S> {
 
     fn on_push(&mut self, p: pc::Push) {
         let qos1 = p.qos() == pc::Qos::AtLeastOnce;
+        let retain = p.retain();
         let mut properties = Properties::default();
         if self.st.version == Some(Version::V5) {
             if p.expires_at_ms > 0 {
@@ -853,6 +919,15 @@ impl<S> MqttStream<S> {
             }
             publish.topic = BROADCAST_TOPIC.to_string();
         } else {
+            // The topic's retained message (asked for by a SUBSCRIBE) has RETAIN 1; a live
+            // message its publisher retained keeps RETAIN 1 only for Retain As Published (5.0).
+            publish.retain = match retain {
+                pc::Retain::Stored => true,
+                pc::Retain::Set => {
+                    self.st.version == Some(Version::V5) && self.st.filters.retain_as_published(&p.topic)
+                }
+                pc::Retain::None => false,
+            };
             publish.topic = p.topic;
         }
         let aliased = self.alias_outbound(&mut publish);
@@ -910,6 +985,16 @@ impl<S> MqttStream<S> {
         };
         if let Some(slot) = sub.reasons.get_mut(i) {
             *slot = Some(reason);
+        }
+        if s.error() != ErrorCode::Unspecified {
+            // Refused: not one of the session's subscriptions (for Retain Handling 1 and Retain
+            // As Published), and a refused broadcast subscription delivers nothing.
+            if s.topic == BROADCAST {
+                self.st.broadcast = false;
+                self.st.filters.remove(BROADCAST_TOPIC);
+            } else {
+                self.st.filters.remove(&s.topic);
+            }
         }
         self.flush_subacks();
     }
@@ -987,13 +1072,13 @@ impl<S> Drop for MqttStream<S> {
 async fn publish_will(room: std::sync::Arc<super::Room>, app: String, will: Box<WillMsg>) {
     let delay = will_delay_s(will.delay_s, will.session_expiry_s);
     if delay == 0 {
-        return commit_will(&room, app, will.topic, will.payload).await;
+        return commit_will(&room, app, *will).await;
     }
     let waiting = &room.stats.mqtt_delayed_wills;
     if waiting.fetch_add(1, Ordering::AcqRel) >= MAX_DELAYED_WILLS {
         waiting.fetch_sub(1, Ordering::AcqRel);
         info!(app = %app, topic = %will.topic, "mqtt: too many delayed wills on this node; published now");
-        return commit_will(&room, app, will.topic, will.payload).await;
+        return commit_will(&room, app, *will).await;
     }
     // While it waits the will does not keep the room (and its stores) alive: a node that stops
     // meanwhile loses it.
@@ -1019,11 +1104,20 @@ async fn publish_will(room: std::sync::Arc<super::Room>, app: String, will: Box<
     if live.is_some() || last_login > will.registered_ms {
         return debug!(app = %app, device = %will.device, "mqtt: the client came back; delayed will dropped");
     }
-    commit_will(&room, app, will.topic, will.payload).await
+    commit_will(&room, app, *will).await
 }
 
 /// Commits a will like a client publish: only to a topic the app lets its clients publish to.
-async fn commit_will(room: &super::Room, app: String, topic: String, payload: bytes::Bytes) {
+/// A will with the retain flag becomes the topic's retained message (until its Message Expiry
+/// Interval, if it has one).
+async fn commit_will(room: &super::Room, app: String, will: WillMsg) {
+    let WillMsg {
+        topic,
+        payload,
+        retain,
+        expiry_s,
+        ..
+    } = will;
     let Ok(Some(cfg)) = room.meta().app(&app) else {
         return;
     };
@@ -1039,13 +1133,21 @@ async fn commit_will(room: &super::Room, app: String, topic: String, payload: by
         return;
     }
     let raft = room.groups.of_topic(&app, &topic).clone();
-    let op = herald_raft::Op::Publish(herald_raft::Publish {
+    let publish = herald_raft::Publish {
         app,
         topic,
         msg_id: format!("w{}-{:016x}", room.groups.id(), rand::random::<u64>()),
         payload,
         idempotency_key: None,
-    });
+    };
+    let op = if retain {
+        herald_raft::Op::PublishRetained {
+            publish,
+            ttl_ms: u64::from(expiry_s) * 1000,
+        }
+    } else {
+        herald_raft::Op::Publish(publish)
+    };
     if let Err(e) = raft.write_one(op).await {
         info!(error = %e, "mqtt: will not committed");
     }
@@ -1403,6 +1505,273 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    fn subscribe(packet_id: u16, subs: &[(&str, herald_mqtt::RetainHandling, bool)]) -> Packet {
+        Packet::Subscribe(Subscribe {
+            packet_id: NonZeroU16::new(packet_id).unwrap(),
+            properties: Properties::default(),
+            subscriptions: subs
+                .iter()
+                .map(|(filter, rh, rap)| herald_mqtt::Subscription {
+                    filter: filter.to_string(),
+                    options: herald_mqtt::SubscriptionOptions {
+                        qos: QoS::AtLeastOnce,
+                        no_local: false,
+                        retain_as_published: *rap,
+                        retain_handling: *rh,
+                    },
+                })
+                .collect(),
+        })
+    }
+
+    #[tokio::test]
+    async fn a_subscribe_asks_for_retained_messages_after_its_marker_by_retain_handling() {
+        use herald_mqtt::RetainHandling::*;
+        let (mut client, mut s, ack) =
+            connected(Version::V5, Properties::default(), pc::Welcome::default()).await;
+        assert_eq!(ack.properties.retain_available, Some(true));
+        assert!(!ack.session_present);
+        client_sends(
+            &mut client,
+            subscribe(
+                1,
+                &[
+                    ("a/+", SendAtSubscribe, false),
+                    ("b", SendAtNewSubscribe, true),
+                    ("c", DoNotSend, false),
+                    (BROADCAST_TOPIC, SendAtSubscribe, false),
+                ],
+            ),
+        )
+        .await;
+        // Retain Handling 1 on a filter the session has: not asked for.
+        client_sends(&mut client, subscribe(2, &[("b", SendAtNewSubscribe, false)])).await;
+        let kinds: Vec<String> = native(&mut s)
+            .await
+            .into_iter()
+            .filter_map(|f| match f.kind? {
+                Kind::Subscribe(x) => Some(format!("sub {} {}", x.topic, x.options)),
+                Kind::Ping(_) => Some("marker".into()),
+                Kind::GetRetained(g) => Some(format!("retained {}", g.filter)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "sub a/+ 1",
+                "sub b 25",
+                "sub c 33",
+                "sub * 1",
+                "marker",
+                "retained a/+",
+                "retained b",
+                "sub b 17",
+                "marker",
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refused_broadcast_subscription_gets_0x80_and_no_broadcasts() {
+        use herald_mqtt::RetainHandling::*;
+        let (mut client, mut s, _) =
+            connected(Version::V5, Properties::default(), pc::Welcome::default()).await;
+        client_sends(
+            &mut client,
+            subscribe(1, &[(BROADCAST_TOPIC, SendAtSubscribe, false)]),
+        )
+        .await;
+        let marker = native(&mut s)
+            .await
+            .into_iter()
+            .find_map(|f| match f.kind? {
+                Kind::Ping(p) => Some(p.id),
+                _ => None,
+            })
+            .expect("a marker");
+        // A kept session whose subscription could not be committed.
+        node_says(
+            &mut s,
+            Kind::Subscribed(pc::Subscribed {
+                session_id: 1,
+                topic: BROADCAST.into(),
+                error: ErrorCode::NotReady as i32,
+                ..Default::default()
+            }),
+        )
+        .await;
+        node_says(&mut s, Kind::Pong(pc::Pong { id: marker })).await;
+        node_says(&mut s, topic_push(BROADCAST, 1)).await;
+        let got = client_reads(&mut client, Version::V5).await;
+        assert!(
+            matches!(got.as_slice(), [Packet::SubAck(a)] if a.reasons == [ReasonCode::UNSPECIFIED_ERROR]),
+            "{got:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn retained_pushes_carry_retain_1_and_live_ones_only_for_retain_as_published() {
+        use herald_mqtt::RetainHandling::*;
+        for version in [Version::V5, Version::V311] {
+            let (mut client, mut s, _) =
+                connected(version, Properties::default(), pc::Welcome::default()).await;
+            let mut out = BytesMut::new();
+            let Packet::Subscribe(sub) = subscribe(
+                1,
+                &[
+                    ("rap/+", SendAtSubscribe, true),
+                    ("plain", SendAtSubscribe, false),
+                ],
+            ) else {
+                unreachable!()
+            };
+            let sub = if version == Version::V311 {
+                // 3.1.1 has no 5.0 options.
+                Subscribe {
+                    subscriptions: sub
+                        .subscriptions
+                        .into_iter()
+                        .map(|x| herald_mqtt::Subscription {
+                            options: herald_mqtt::SubscriptionOptions::new(QoS::AtMostOnce),
+                            ..x
+                        })
+                        .collect(),
+                    ..sub
+                }
+            } else {
+                sub
+            };
+            herald_mqtt::encode(&Packet::Subscribe(sub), version, &mut out).unwrap();
+            client.write_all(&out).await.unwrap();
+            let _ = native(&mut s).await;
+            let _ = client_reads(&mut client, version).await;
+            let push = |topic: &str, retain: pc::Retain| {
+                Kind::Push(pc::Push {
+                    session_id: 1,
+                    topic: topic.into(),
+                    topic_seq: 1,
+                    payload: Bytes::from_static(b"x"),
+                    retain: retain as i32,
+                    ..Default::default()
+                })
+            };
+            for (topic, mark) in [
+                ("plain", pc::Retain::Stored),
+                ("plain", pc::Retain::Set),
+                ("rap/x", pc::Retain::Set),
+                ("rap/x", pc::Retain::None),
+            ] {
+                node_says(&mut s, push(topic, mark)).await;
+            }
+            let flags: Vec<bool> = client_reads(&mut client, version)
+                .await
+                .into_iter()
+                .filter_map(|p| match p {
+                    Packet::Publish(p) => Some(p.retain),
+                    _ => None,
+                })
+                .collect();
+            let rap = version == Version::V5;
+            assert_eq!(flags, [true, false, rap, false], "{version:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_kept_session_is_asked_for_and_restored_from_welcome() {
+        for (version, expiry, want) in [
+            (Version::V5, Some(60), 60),
+            (Version::V5, None, 0),
+            (Version::V311, None, herald_raft::KEPT_FOREVER),
+        ] {
+            let (mut client, server) = tokio::io::duplex(1 << 16);
+            let mut s = MqttStream::new(server, limits());
+            let mut out = BytesMut::new();
+            let c = Connect {
+                version,
+                clean_start: false,
+                keep_alive: 30,
+                properties: Properties {
+                    session_expiry_interval: expiry,
+                    ..Properties::default()
+                },
+                client_id: "phone".into(),
+                will: None,
+                user_name: Some("demo".into()),
+                password: Some(Bytes::from(token())),
+            };
+            herald_mqtt::encode(&Packet::Connect(c), version, &mut out).unwrap();
+            client.write_all(&out).await.unwrap();
+            let Some(Kind::Hello(h)) = native(&mut s).await.pop().and_then(|f| f.kind) else {
+                panic!("no HELLO");
+            };
+            assert_eq!(
+                h.session.unwrap().keep,
+                Some(pc::Keep {
+                    clean: false,
+                    expiry_s: want
+                }),
+                "{version:?}"
+            );
+            let rap_rh2 = herald_mqtt::SubscriptionOptions {
+                qos: QoS::AtMostOnce,
+                no_local: false,
+                retain_as_published: true,
+                retain_handling: herald_mqtt::RetainHandling::DoNotSend,
+            };
+            let welcome = pc::Welcome {
+                session_id: 1,
+                session_present: true,
+                subscriptions: vec![
+                    pc::KeptSubscription {
+                        topic: "news/+".into(),
+                        options: subs::encode_options(&rap_rh2),
+                    },
+                    pc::KeptSubscription {
+                        topic: BROADCAST.into(),
+                        options: 0,
+                    },
+                ],
+                ..Default::default()
+            };
+            node_says(&mut s, Kind::Welcome(welcome)).await;
+            let Some(Packet::ConnAck(ack)) = client_reads(&mut client, version).await.pop() else {
+                panic!("no CONNACK");
+            };
+            assert!(ack.session_present, "{version:?}");
+            // The restored broadcast subscription delivers; the restored filter keeps its options.
+            node_says(&mut s, topic_push(BROADCAST, 1)).await;
+            let got = client_reads(&mut client, version).await;
+            assert!(
+                matches!(got.as_slice(), [Packet::Publish(p)] if p.topic == BROADCAST_TOPIC),
+                "{got:?}"
+            );
+            // (3.1.1 reads the options byte without its 5.0 bits.)
+            assert_eq!(
+                s.st.filters.retain_as_published("news/x"),
+                version == Version::V5,
+                "{version:?}"
+            );
+            // A DISCONNECT's Session Expiry Interval is passed on for a kept session only.
+            let mut out = BytesMut::new();
+            let d = Disconnect {
+                reason: ReasonCode::SUCCESS,
+                properties: Properties {
+                    session_expiry_interval: (version == Version::V5).then_some(5),
+                    ..Properties::default()
+                },
+            };
+            herald_mqtt::encode(&Packet::Disconnect(d), version, &mut out).unwrap();
+            client.write_all(&out).await.unwrap();
+            let close = native(&mut s).await.into_iter().find_map(|f| match f.kind {
+                Some(Kind::CloseSession(c)) => Some(c.expiry_s),
+                _ => None,
+            });
+            let passed_on = (version == Version::V5 && want > 0).then_some(5);
+            assert_eq!(close, Some(passed_on), "{version:?}");
+        }
     }
 
     #[tokio::test]

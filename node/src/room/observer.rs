@@ -44,8 +44,13 @@ fn handle(room: &Arc<Room>, group: GroupId, events: Vec<ApplyEvent>) {
     for e in events {
         match e {
             ApplyEvent::Enqueued { app, user, message } => room.poke_user(&app, &user, &message.devices),
-            ApplyEvent::Published { app, topic, message } => {
-                room.fan_out(&app, &topic, &message);
+            ApplyEvent::Published {
+                app,
+                topic,
+                message,
+                retain,
+            } => {
+                room.fan_out(&app, &topic, &message, retain);
             }
             ApplyEvent::Registered { session, kicked } => {
                 if session.node == me {

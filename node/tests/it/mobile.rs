@@ -39,7 +39,7 @@ async fn open_session(raw: &mut Raw, who: &Who, sid: u32) -> Result<pc::Welcome,
     raw.send(Kind::OpenSession(who.open(sid, 0))).await.unwrap();
     let (answer, _) = raw
         .until(|k| match k {
-            Kind::Welcome(w) if w.session_id == sid => Some(Ok(*w)),
+            Kind::Welcome(w) if w.session_id == sid => Some(Ok(w.clone())),
             Kind::Error(e) if e.session_id == sid => Some(Err(e.code())),
             _ => None,
         })
@@ -89,9 +89,12 @@ async fn closing_one_session_of_a_shared_connection_leaves_the_other_receiving()
     assert_eq!((p.session_id, &p.payload[..]), (2, &b"news-1"[..]));
 
     // CLOSE_SESSION 1: answered SESSION_CLOSED 1, and the connection stays.
-    raw.send(Kind::CloseSession(pc::CloseSession { session_id: 1 }))
-        .await
-        .unwrap();
+    raw.send(Kind::CloseSession(pc::CloseSession {
+        session_id: 1,
+        expiry_s: None,
+    }))
+    .await
+    .unwrap();
     let (closed, others) = raw
         .until(|k| match k {
             Kind::SessionClosed(s) => Some(s.clone()),

@@ -16,7 +16,12 @@ const INBOX: &str = "$herald/inbox";
 
 /// A 3-node cluster whose nodes all have an MQTT listener; returns it and each node's MQTT port.
 async fn cluster() -> (Cluster, Vec<u16>) {
-    let mut c = Cluster::new(3);
+    cluster_with(&[]).await
+}
+
+/// [`cluster`] with more `herald node` flags on every node (`--shards`).
+async fn cluster_with(args: &[&str]) -> (Cluster, Vec<u16>) {
+    let mut c = Cluster::new(3).node_args(args);
     let mut ports = Vec::new();
     for id in 1..=3 {
         let p = free_port();
@@ -1265,5 +1270,413 @@ async fn a_message_over_the_clients_maximum_packet_size_is_discarded_as_if_sent(
     tokio::time::sleep(Duration::from_secs(1)).await;
     let got: Vec<String> = again.inbox().into_iter().map(|(p, _)| p).collect();
     assert_eq!(got, vec!["small-3"], "{}", again.text());
+    c.assert_no_panics();
+}
+
+/// Runs `mosquitto_pub` with `args` (and `-d`); its output.
+fn mosquitto_pub(args: &[&str]) -> String {
+    let out = Command::new("mosquitto_pub")
+        .args(args)
+        .arg("-d")
+        .output()
+        .expect("mosquitto_pub runs (Debian's mosquitto-clients)");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// The `(d.., q.., r.., m.., 'topic', ...)` line mosquitto_sub -d printed for each PUBLISH it
+/// received on `topic`: whether its RETAIN flag was set, in order.
+fn retain_flags(sub: &Sub, topic: &str) -> Vec<bool> {
+    let needle = format!("'{topic}',");
+    sub.lines
+        .lock()
+        .iter()
+        .filter(|l| l.contains("received PUBLISH") && l.contains(&needle))
+        .map(|l| l.contains(", r1,"))
+        .collect()
+}
+
+/// Retained messages (MQTT's retain flag), replicated: a retained PUBLISH through node 1 (5.0 and
+/// 3.1.1 `mosquitto_pub -r`) is what a SUBSCRIBE through node 3 gets first, with RETAIN 1, for a
+/// name and for `+` / `#` filters; live messages come with RETAIN 0; an empty retained PUBLISH
+/// clears it; a retained message with a Message Expiry Interval is gone once it passed; a will
+/// with the retain flag becomes the retained message. Paho checks 5.0's Retain Handling 0/1/2 and
+/// Retain As Published.
+#[tokio::test(flavor = "multi_thread")]
+async fn retained_messages_are_replicated_replaced_cleared_and_expire() {
+    retained_messages(cluster().await).await
+}
+
+/// The same with 4 shards: the topics' retained messages live in their topics' shards, and a
+/// filter's SUBSCRIBE collects them from every shard.
+#[tokio::test(flavor = "multi_thread")]
+async fn retained_messages_across_shards() {
+    retained_messages(cluster_with(&["--shards", "4"]).await).await
+}
+
+async fn retained_messages((c, ports): (Cluster, Vec<u16>)) {
+    let app = c.create_app("mqttret").await;
+    allow_client_publish(&c, &app, &["status/#", "rh/+"]).await;
+    let pub_token = app.token("pat", None);
+    let port = |i: usize| ports[i].to_string();
+    let publish = |port: &str, version: &str, extra: &[&str]| {
+        let mut args = vec![
+            "-h",
+            "127.0.0.1",
+            "-p",
+            port,
+            "-V",
+            version,
+            "-q",
+            "1",
+            "-i",
+            "pat-phone",
+            "-u",
+            &app.id,
+            "-P",
+            &pub_token,
+        ];
+        args.extend_from_slice(extra);
+        let out = mosquitto_pub(&args);
+        assert!(
+            out.contains("received PUBACK") && !out.contains("RC:135"),
+            "{out}"
+        );
+    };
+    let p1 = port(0);
+    publish(&p1, "mqttv5", &["-r", "-t", "status/door", "-m", "open"]);
+    publish(&p1, "mqttv311", &["-r", "-t", "status/window", "-m", "closed"]);
+    publish(&p1, "mqttv5", &["-r", "-t", "status/porch/light", "-m", "on"]);
+    // Not retained: it is not offered to later subscribers.
+    publish(&p1, "mqttv5", &["-t", "status/gate", "-m", "passing"]);
+    // Replaced: the newest retained message of a topic is the one kept.
+    publish(&p1, "mqttv5", &["-r", "-t", "status/porch/light", "-m", "off"]);
+
+    let subscriber = |port: &str, version: &str, id: &str, filter: &str| {
+        Sub::spawn(&[
+            "-h",
+            "127.0.0.1",
+            "-p",
+            port,
+            "-V",
+            version,
+            "-i",
+            id,
+            "-u",
+            &app.id,
+            "-P",
+            &app.token(id, None),
+            "-t",
+            filter,
+        ])
+    };
+    let p3 = port(2);
+    let exact = subscriber(&p3, "mqttv5", "quinn", "status/door");
+    let plus = subscriber(&p3, "mqttv311", "ruth", "status/+");
+    let hash = subscriber(&p3, "mqttv5", "sam", "status/#");
+    exact.wait_for("status/door open", Duration::from_secs(20)).await;
+    plus.wait_for("status/window closed", Duration::from_secs(20))
+        .await;
+    hash.wait_for("status/porch/light off", Duration::from_secs(20))
+        .await;
+    plus.wait_for("status/door open", Duration::from_secs(20)).await;
+    hash.wait_for("status/window closed", Duration::from_secs(20))
+        .await;
+    hash.wait_for("status/door open", Duration::from_secs(20)).await;
+    assert_eq!(
+        retain_flags(&exact, "status/door"),
+        vec![true],
+        "{}",
+        exact.text()
+    );
+    assert_eq!(
+        retain_flags(&plus, "status/window"),
+        vec![true],
+        "{}",
+        plus.text()
+    );
+    // `+` is one level: the porch light is not one of its topics.
+    assert!(!plus.text().contains("status/porch/light"), "{}", plus.text());
+    assert!(!hash.text().contains("passing"), "{}", hash.text());
+    assert!(!hash.text().contains("status/porch/light on"), "{}", hash.text());
+    // The SUBACK comes before the retained messages.
+    let text = exact.text();
+    let suback = text.find("received SUBACK").expect("suback");
+    let first = text.find("received PUBLISH").expect("publish");
+    assert!(suback < first, "{text}");
+
+    // Live: RETAIN 0 (no Retain As Published), whether the publisher retained it or not.
+    publish(&p1, "mqttv5", &["-r", "-t", "status/door", "-m", "shut"]);
+    exact.wait_for("status/door shut", Duration::from_secs(20)).await;
+    assert_eq!(
+        retain_flags(&exact, "status/door"),
+        vec![true, false],
+        "{}",
+        exact.text()
+    );
+
+    // An empty retained PUBLISH clears the window's; an expiring one is gone after its interval.
+    publish(&p1, "mqttv5", &["-r", "-n", "-t", "status/window"]);
+    publish(
+        &p1,
+        "mqttv5",
+        &[
+            "-r",
+            "-t",
+            "status/temp",
+            "-m",
+            "21C",
+            "-D",
+            "publish",
+            "message-expiry-interval",
+            "2",
+        ],
+    );
+    let early = subscriber(&port(1), "mqttv5", "tess", "status/+");
+    early.wait_for("status/temp 21C", Duration::from_secs(20)).await;
+    early.wait_for("status/door shut", Duration::from_secs(20)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let late = subscriber(&port(1), "mqttv311", "uma", "status/+");
+    late.wait_for("status/door shut", Duration::from_secs(20)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!late.text().contains("status/temp"), "expired: {}", late.text());
+    assert!(
+        !late.text().contains("status/window closed"),
+        "cleared: {}",
+        late.text()
+    );
+
+    // A will with the retain flag becomes the topic's retained message.
+    let mut args: Vec<String> = [
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port(1),
+        "-V",
+        "mqttv5",
+        "-i",
+        "vic-phone",
+        "-u",
+        &app.id,
+        "-P",
+        &app.token("vic", None),
+        "-t",
+        "status/vic",
+        "--will-topic",
+        "status/vic",
+        "--will-payload",
+        "vic is offline",
+        "--will-retain",
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(["-q".into(), "1".into()]);
+    let vic = Sub::spawn(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    vic.wait_for("received SUBACK", Duration::from_secs(20)).await;
+    drop(vic); // killed: the will goes out
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = subscriber(&p3, "mqttv311", "walt", "status/vic");
+    after
+        .wait_for("status/vic vic is offline", Duration::from_secs(20))
+        .await;
+    assert_eq!(retain_flags(&after, "status/vic"), vec![true], "{}", after.text());
+
+    // 5.0's Retain Handling and Retain As Published, with Paho.
+    let (ok, out) = paho(
+        "paho_retain.py",
+        &[
+            "--port",
+            &port(1),
+            "--app",
+            &app.id,
+            "--token",
+            &app.token("xena", None),
+            "--client-id",
+            "xena-phone",
+            "--topic",
+            "rh/one",
+        ],
+    );
+    assert!(ok, "{out}");
+    assert_eq!(
+        lines_after(&out, "connack "),
+        vec!["0 retain-available 1"],
+        "{out}"
+    );
+    assert_eq!(
+        lines_after(&out, "msg "),
+        vec![
+            "rh1-new kept retain=1",
+            "rh0 kept retain=1",
+            "rap1 live1 retain=1",
+            "rap0 live2 retain=0",
+        ],
+        "{out}"
+    );
+    c.assert_no_panics();
+}
+
+/// Persistent sessions keep their subscriptions in the replicated store: a 5.0 session (Clean
+/// Start 0, Session Expiry 600) subscribed on a node that is then killed with kill -9 comes back
+/// on another node with Session Present 1 and gets the topic's messages without subscribing
+/// again (Paho); Clean Start 1 drops them; they are gone once the Session Expiry Interval passed
+/// after the session ended; a 3.1.1 Clean Session 0 session (mosquitto_sub -c) keeps them too.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_kept_sessions_subscriptions_survive_kill_9_and_expire() {
+    kept_sessions(cluster().await).await
+}
+
+/// The same with 4 shards: the kept session lives in its user's shard.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_kept_session_survives_kill_9_in_a_sharded_cluster() {
+    kept_sessions(cluster_with(&["--shards", "4"]).await).await
+}
+
+async fn kept_sessions((mut c, ports): (Cluster, Vec<u16>)) {
+    let app = c.create_app("mqttkeep").await;
+    allow_client_publish(&c, &app, &["news/+"]).await;
+    let leader = c.wait_leader().await;
+    let on = (1..=3).find(|id| *id != leader).unwrap();
+    let other = (1..=3).find(|id| *id != leader && *id != on).unwrap();
+    let port = |id: u64| ports[id as usize - 1].to_string();
+    let token = app.token("frank", None);
+    let sub = Sub::spawn(&[
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port(on),
+        "-V",
+        "mqttv5",
+        "-c",
+        "-x",
+        "600",
+        "-q",
+        "1",
+        "-i",
+        "frank-phone",
+        "-u",
+        &app.id,
+        "-P",
+        &token,
+        "-t",
+        "news/+",
+    ]);
+    sub.wait_for("received SUBACK", Duration::from_secs(20)).await;
+    let mut grpc = connect(c.grpc_addr(leader)).await.unwrap();
+    grpc.publish_topic(app.request(pb::PublishRequest {
+        app: app.id.clone(),
+        topic: "news/a".into(),
+        payload: b"one".to_vec().into(),
+        ..Default::default()
+    }))
+    .await
+    .unwrap();
+    sub.wait_for("news/a one", Duration::from_secs(20)).await;
+    c.kill9(on);
+    drop(sub);
+
+    let session = |port: &str, clean: &str, expiry: &str, extra: &[&str]| {
+        let mut args = vec![
+            "--port",
+            port,
+            "--app",
+            &app.id,
+            "--token",
+            &token,
+            "--client-id",
+            "frank-phone",
+            "--clean",
+            clean,
+            "--expiry",
+            expiry,
+        ];
+        args.extend_from_slice(extra);
+        let (ok, out) = paho("paho_session.py", &args);
+        assert!(ok, "{out}");
+        out
+    };
+    let p = port(other);
+    // Another node, no SUBSCRIBE: the kept subscription delivers.
+    let out = session(&p, "0", "600", &["--publish-topic", "news/b", "--payload", "two"]);
+    assert_eq!(
+        lines_after(&out, "connack "),
+        vec!["session-present=True"],
+        "{out}"
+    );
+    assert_eq!(lines_after(&out, "msg "), vec!["news/b two"], "{out}");
+    // Clean Start 1 (Session Expiry 0) drops the session; the next one starts without it.
+    let out = session(&p, "1", "0", &["--publish-topic", "news/c", "--payload", "three"]);
+    assert_eq!(
+        lines_after(&out, "connack "),
+        vec!["session-present=False"],
+        "{out}"
+    );
+    assert!(lines_after(&out, "msg ").is_empty(), "{out}");
+    let out = session(&p, "0", "3", &["--subscribe", "news/+"]);
+    assert_eq!(
+        lines_after(&out, "connack "),
+        vec!["session-present=False"],
+        "{out}"
+    );
+    // Back within the 3 s after the session ended: kept.
+    let out = session(&p, "0", "3", &["--publish-topic", "news/d", "--payload", "four"]);
+    assert_eq!(
+        lines_after(&out, "connack "),
+        vec!["session-present=True"],
+        "{out}"
+    );
+    assert_eq!(lines_after(&out, "msg "), vec!["news/d four"], "{out}");
+    // Back after them: expired.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let out = session(&p, "0", "3", &["--publish-topic", "news/e", "--payload", "five"]);
+    assert_eq!(
+        lines_after(&out, "connack "),
+        vec!["session-present=False"],
+        "{out}"
+    );
+    assert!(lines_after(&out, "msg ").is_empty(), "{out}");
+
+    // 3.1.1, Clean Session 0 with mosquitto_sub: subscribed once, back later with only the inbox
+    // filter, it still gets the topic.
+    let gina = app.token("gina", None);
+    let v311 = |port: &str, filter: &str| {
+        Sub::spawn(&[
+            "-h",
+            "127.0.0.1",
+            "-p",
+            port,
+            "-V",
+            "mqttv311",
+            "-c",
+            "-q",
+            "1",
+            "-i",
+            "gina-phone",
+            "-u",
+            &app.id,
+            "-P",
+            &gina,
+            "-t",
+            filter,
+        ])
+    };
+    let first = v311(&port(leader), "news/+");
+    first.wait_for("received SUBACK", Duration::from_secs(20)).await;
+    drop(first);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let back = v311(&p, INBOX);
+    back.wait_for("received SUBACK", Duration::from_secs(20)).await;
+    grpc.publish_topic(app.request(pb::PublishRequest {
+        app: app.id.clone(),
+        topic: "news/f".into(),
+        payload: b"six".to_vec().into(),
+        ..Default::default()
+    }))
+    .await
+    .unwrap();
+    back.wait_for("news/f six", Duration::from_secs(20)).await;
     c.assert_no_panics();
 }

@@ -45,6 +45,7 @@ impl Who {
             token: self.token.clone(),
             last_acked_seq: last_acked,
             topics: vec![],
+            keep: None,
         }
     }
 }

@@ -289,6 +289,7 @@ async fn a_resuming_subscriber_catches_up_on_a_topic_then_gets_live_messages() {
         session_id: 1,
         topic: "room-7".into(),
         last_seq: Some(2),
+        options: 0,
     }))
     .await
     .unwrap();
@@ -320,6 +321,7 @@ async fn a_resuming_subscriber_catches_up_on_a_topic_then_gets_live_messages() {
         session_id: 9,
         topic: "room-7".into(),
         last_seq: None,
+        options: 0,
     }))
     .await
     .unwrap();
@@ -1404,4 +1406,200 @@ pub(crate) async fn reflected_services(channel: &tonic::transport::Channel) -> V
         Some(MessageResponse::ListServicesResponse(l)) => l.service.into_iter().map(|s| s.name).collect(),
         other => panic!("unexpected reflection reply {other:?}"),
     }
+}
+
+/// Retained messages and kept sessions over the client protocol itself (PROTOCOL.md §3, §5, §8),
+/// raw frames on three nodes: a PUBLISH_TOPIC with `retain` through node 1 is what GET_RETAINED
+/// answers through node 3 (after SUBSCRIBED, marked RETAIN_STORED, nothing for a filter the
+/// session lacks); a live retained message is marked RETAIN_SET; a kept session's subscriptions
+/// and their options come back in the WELCOME of a login through node 2 (`session_present`), which
+/// then gets the topic without subscribing.
+#[tokio::test(flavor = "multi_thread")]
+async fn retained_messages_and_kept_sessions_over_the_client_protocol() {
+    let c = Cluster::start(3).await;
+    let app = c.create_app("keepnative").await;
+    let mut admin = c.client(1).await;
+    let mut cfg = admin
+        .get_app(admin_request(pb::GetAppRequest { id: app.id.clone() }))
+        .await
+        .unwrap()
+        .into_inner()
+        .app
+        .unwrap();
+    cfg.client_publish = vec!["room/+".into()];
+    admin
+        .update_app(admin_request(pb::UpdateAppRequest { app: Some(cfg) }))
+        .await
+        .unwrap();
+    for id in 1..=3 {
+        c.wait_caught_up(id).await;
+    }
+    let mut publisher = Raw::connect(c.client_addr(1)).await.unwrap();
+    publisher.hello(&who(&app, "pia", "phone"), 0).await.unwrap();
+    publisher
+        .send(Kind::PublishTopic(pc::PublishTopic {
+            session_id: 1,
+            request_id: 1,
+            topic: "room/a".into(),
+            payload: b"sticky".to_vec().into(),
+            retain: true,
+            retain_ttl_ms: 0,
+        }))
+        .await
+        .unwrap();
+    let (published, _) = publisher
+        .until(|k| match k {
+            Kind::TopicPublished(p) => Some(p.clone()),
+            _ => None,
+        })
+        .await
+        .unwrap();
+    assert_eq!((published.error, published.topic_seq), (0, 1), "{published:?}");
+
+    // A kept session (no end) through node 3.
+    let mut kept = who(&app, "kim", "phone");
+    kept.platform = "native".into();
+    let mut raw = Raw::connect(c.client_addr(3)).await.unwrap();
+    let mut open = kept.open(1, 0);
+    open.keep = Some(pc::Keep {
+        clean: false,
+        expiry_s: u32::MAX,
+    });
+    raw.send(Kind::Hello(pc::Hello {
+        version: 1,
+        session: Some(open.clone()),
+        client: "it-raw".into(),
+        heartbeat_ms: 0,
+    }))
+    .await
+    .unwrap();
+    let (welcome, _) = raw
+        .until(|k| match k {
+            Kind::Welcome(w) => Some(w.clone()),
+            _ => None,
+        })
+        .await
+        .unwrap();
+    assert!(
+        !welcome.session_present && welcome.subscriptions.is_empty(),
+        "{welcome:?}"
+    );
+    raw.send(Kind::GetRetained(pc::GetRetained {
+        session_id: 1,
+        filter: "room/+".into(),
+    }))
+    .await
+    .unwrap();
+    raw.send(Kind::Subscribe(pc::Subscribe {
+        session_id: 1,
+        topic: "room/+".into(),
+        last_seq: None,
+        options: 42,
+    }))
+    .await
+    .unwrap();
+    raw.send(Kind::GetRetained(pc::GetRetained {
+        session_id: 1,
+        filter: "room/+".into(),
+    }))
+    .await
+    .unwrap();
+    raw.send(Kind::Ping(pc::Ping {
+        id: 7,
+        interval_ms: 0,
+    }))
+    .await
+    .unwrap();
+    let (_, before) = raw
+        .until(|k| matches!(k, Kind::Pong(p) if p.id == 7).then_some(()))
+        .await
+        .unwrap();
+    let seen: Vec<String> = before
+        .iter()
+        .filter_map(|k| match k {
+            Kind::Subscribed(s) => Some(format!("subscribed {} {}", s.topic, s.error)),
+            Kind::Push(p) => Some(format!(
+                "push {} {} {:?}",
+                p.topic,
+                String::from_utf8_lossy(&p.payload),
+                p.retain()
+            )),
+            _ => None,
+        })
+        .collect();
+    // The first GET_RETAINED came before the SUBSCRIBE: nothing for it.
+    assert_eq!(
+        seen,
+        ["subscribed room/+ 0", "push room/a sticky Stored"],
+        "{before:?}"
+    );
+    // Live: a retained publish is marked RETAIN_SET.
+    publisher
+        .send(Kind::PublishTopic(pc::PublishTopic {
+            session_id: 1,
+            request_id: 2,
+            topic: "room/b".into(),
+            payload: b"live".to_vec().into(),
+            retain: true,
+            retain_ttl_ms: 60_000,
+        }))
+        .await
+        .unwrap();
+    let (live, _) = raw
+        .until(|k| match k {
+            Kind::Push(p) => Some(p.clone()),
+            _ => None,
+        })
+        .await
+        .unwrap();
+    assert_eq!((live.topic.as_str(), live.retain()), ("room/b", pc::Retain::Set));
+    drop(raw);
+
+    // The device again, through node 2: its subscription is back, options and all.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut again = Raw::connect(c.client_addr(2)).await.unwrap();
+    again
+        .send(Kind::Hello(pc::Hello {
+            version: 1,
+            session: Some(open),
+            client: "it-raw".into(),
+            heartbeat_ms: 0,
+        }))
+        .await
+        .unwrap();
+    let (welcome, _) = again
+        .until(|k| match k {
+            Kind::Welcome(w) => Some(w.clone()),
+            _ => None,
+        })
+        .await
+        .unwrap();
+    assert!(welcome.session_present, "{welcome:?}");
+    assert_eq!(
+        welcome.subscriptions,
+        vec![pc::KeptSubscription {
+            topic: "room/+".into(),
+            options: 42
+        }]
+    );
+    publisher
+        .send(Kind::PublishTopic(pc::PublishTopic {
+            session_id: 1,
+            request_id: 3,
+            topic: "room/c".into(),
+            payload: b"again".to_vec().into(),
+            retain: false,
+            retain_ttl_ms: 0,
+        }))
+        .await
+        .unwrap();
+    let (p, _) = again
+        .until(|k| match k {
+            Kind::Push(p) if p.topic == "room/c" => Some(p.clone()),
+            _ => None,
+        })
+        .await
+        .unwrap();
+    assert_eq!((&p.payload[..], p.retain()), (&b"again"[..], pc::Retain::None));
+    c.assert_no_panics();
 }

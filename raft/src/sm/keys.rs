@@ -43,10 +43,14 @@ pub(crate) enum Cf {
     Archive,
     /// fixed names -> bookkeeping (last applied, membership, clocks, counters)
     Meta,
+    /// (app, topic) -> RetainedMessage : a topic's retained message (topic state)
+    Retained,
+    /// (app, user, device) -> KeptSession : a persistent session's subscriptions (user state)
+    Kept,
 }
 
 impl Cf {
-    pub(crate) const ALL: [Cf; 16] = [
+    pub(crate) const ALL: [Cf; 18] = [
         Cf::Apps,
         Cf::Nodes,
         Cf::Sessions,
@@ -63,6 +67,8 @@ impl Cf {
         Cf::Outbox,
         Cf::Archive,
         Cf::Meta,
+        Cf::Retained,
+        Cf::Kept,
     ];
 
     pub(crate) fn name(self) -> &'static str {
@@ -83,13 +89,17 @@ impl Cf {
             Cf::Outbox => "outbox",
             Cf::Archive => "archive",
             Cf::Meta => "meta",
+            Cf::Retained => "retained",
+            Cf::Kept => "kept",
         }
     }
 
     /// Column families whose keys start with the app id: DeleteApp range-deletes the app's prefix
     /// in each. (NodeSessions is keyed by node first and Expiry by time; see DeleteApp.)
-    pub(crate) const APP_KEYED: [Cf; 10] = [
+    pub(crate) const APP_KEYED: [Cf; 12] = [
         Cf::Apps,
+        Cf::Retained,
+        Cf::Kept,
         Cf::Sessions,
         Cf::Devices,
         Cf::Mail,
@@ -113,6 +123,8 @@ pub(crate) const META_ARCHIVE: &[u8] = b"archive";
 pub(crate) const EXPIRY_MESSAGE: u8 = 0;
 pub(crate) const EXPIRY_IDEM: u8 = 1;
 pub(crate) const EXPIRY_LOCATION: u8 = 2;
+pub(crate) const EXPIRY_RETAINED: u8 = 3;
+pub(crate) const EXPIRY_KEPT: u8 = 4;
 
 /// Builds a key from components.
 #[derive(Default)]
@@ -293,6 +305,27 @@ pub(crate) fn expiry_location(expires_ms: u64, app: &str, msg_id: &str, user: &s
         .done()
 }
 
+/// Expiry index entry of a topic's retained message: (expires BE, 3, app, topic).
+pub(crate) fn expiry_retained(expires_ms: u64, app: &str, topic: &str) -> Vec<u8> {
+    KeyBuf::new()
+        .u64(expires_ms)
+        .u8(EXPIRY_RETAINED)
+        .str(app)
+        .str(topic)
+        .done()
+}
+
+/// Expiry index entry of a kept session whose session ended: (expires BE, 4, app, user, device).
+pub(crate) fn expiry_kept(expires_ms: u64, app: &str, user: &str, device: &str) -> Vec<u8> {
+    KeyBuf::new()
+        .u64(expires_ms)
+        .u8(EXPIRY_KEPT)
+        .str(app)
+        .str(user)
+        .str(device)
+        .done()
+}
+
 /// What an expiry index key points at.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum ExpiryItem {
@@ -313,6 +346,17 @@ pub(crate) enum ExpiryItem {
         msg_id: String,
         user: String,
         seq: u64,
+    },
+    Retained {
+        expires_ms: u64,
+        app: String,
+        topic: String,
+    },
+    Kept {
+        expires_ms: u64,
+        app: String,
+        user: String,
+        device: String,
     },
 }
 
@@ -337,6 +381,17 @@ pub(crate) fn parse_expiry(key: &[u8]) -> Option<ExpiryItem> {
             msg_id: r.str()?,
             user: r.str()?,
             seq: r.u64()?,
+        },
+        EXPIRY_RETAINED => ExpiryItem::Retained {
+            expires_ms,
+            app: r.str()?,
+            topic: r.str()?,
+        },
+        EXPIRY_KEPT => ExpiryItem::Kept {
+            expires_ms,
+            app: r.str()?,
+            user: r.str()?,
+            device: r.str()?,
         },
         _ => return None,
     };
@@ -430,6 +485,23 @@ mod tests {
                 msg_id: "m".into(),
                 user: "u".into(),
                 seq: 4
+            })
+        );
+        assert_eq!(
+            parse_expiry(&expiry_retained(9, "a", "t")),
+            Some(ExpiryItem::Retained {
+                expires_ms: 9,
+                app: "a".into(),
+                topic: "t".into()
+            })
+        );
+        assert_eq!(
+            parse_expiry(&expiry_kept(9, "a", "u", "d")),
+            Some(ExpiryItem::Kept {
+                expires_ms: 9,
+                app: "a".into(),
+                user: "u".into(),
+                device: "d".into()
             })
         );
         // Truncated or trailing bytes are rejected, not misread.

@@ -214,6 +214,62 @@ impl StateReader {
             .collect()
     }
 
+    /// The topic's retained message, expired or not (the caller judges `expires_ms` by cluster
+    /// time; Expire removes it once log time passed it).
+    pub fn retained(&self, app: &str, topic: &str) -> Result<Option<RetainedMessage>, StoreError> {
+        let db = self.db();
+        Txn::new(&db).get(Cf::Retained, &keys::topic(app, topic))
+    }
+
+    /// Up to `limit` of the app's retained messages as (topic, message), in key order (topic
+    /// names by length, then bytes), starting after the topic `after` (None: from the first).
+    pub fn retained_page(
+        &self,
+        app: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, RetainedMessage)>, StoreError> {
+        let db = self.db();
+        let (lo, hi) = keys::prefix_range(keys::app(app));
+        let lo = match after {
+            Some(topic) => {
+                let mut k = keys::topic(app, topic);
+                k.push(0);
+                k
+            }
+            None => lo,
+        };
+        Txn::new(&db)
+            .scan(Cf::Retained, &lo, &hi, limit)?
+            .into_iter()
+            .map(|(k, v)| {
+                let mut r = KeyReader::new(&k);
+                let topic = match (r.str(), r.str()) {
+                    (Some(_), Some(t)) if r.is_empty() => t,
+                    _ => {
+                        return Err(StoreError::Corrupt {
+                            what: "retained key".into(),
+                            detail: "unparsable".into(),
+                        })
+                    }
+                };
+                Ok((topic, decode(Cf::Retained, &k, &v)?))
+            })
+            .collect()
+    }
+
+    /// The subscriptions the device's persistent session keeps, if it has one (expired or not:
+    /// see [`KeptSession::expires_ms`]).
+    pub fn kept_session(
+        &self,
+        app: &str,
+        user: &str,
+        device: &str,
+    ) -> Result<Option<KeptSession>, StoreError> {
+        let db = self.db();
+        Txn::new(&db).get(Cf::Kept, &keys::device(app, user, device))
+    }
+
     /// Where the held messages with this msg id are, as (user, seq). Removed messages (acked,
     /// trimmed, expired) are no longer listed.
     pub fn msg_locations(&self, app: &str, msg_id: &str) -> Result<Vec<(String, u64)>, StoreError> {

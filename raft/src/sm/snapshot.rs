@@ -203,7 +203,12 @@ pub(crate) fn read_applied(
     fs::create_dir_all(scratch).map_err(|e| io_err(scratch, e))?;
     let mut opts = Options::default();
     opts.set_db_log_dir(scratch);
-    let cfs = Cf::ALL.iter().map(|cf| cf.name());
+    // The column families the checkpoint has: one built by a node of an older version lacks the
+    // newer ones (they are created when the snapshot is installed).
+    let cfs = DB::list_cf(&opts, checkpoint).map_err(|e| StoreError::Rocks {
+        path: checkpoint.display().to_string(),
+        source: e,
+    })?;
     let db = DB::open_cf_for_read_only(&opts, checkpoint, cfs, false).map_err(|e| StoreError::Rocks {
         path: checkpoint.display().to_string(),
         source: e,

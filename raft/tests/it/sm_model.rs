@@ -107,6 +107,10 @@ struct Model {
     /// The store's expiry entries for those locations: (expires, app, msg id, user, seq). Like
     /// the store's, they outlive a DeleteApp (they are keyed by time) and are skipped then.
     kept_expiry: BTreeSet<(u64, String, String, String, u64)>,
+    /// Retained topic messages by (app, topic).
+    retained: BTreeMap<UserKey, RetainedMessage>,
+    /// Kept (persistent) sessions by (app, user, device).
+    kept_sessions: BTreeMap<DevKey, KeptSession>,
 }
 
 /// The store's archive outbox cap (raft/src/sm/apply/archive.rs); the model applies the same bound.
@@ -140,6 +144,34 @@ impl Model {
             archive_state: ArchiveState::default(),
             kept: BTreeSet::new(),
             kept_expiry: BTreeSet::new(),
+            retained: BTreeMap::new(),
+            kept_sessions: BTreeMap::new(),
+        }
+    }
+
+    /// The device's kept session unless its expiry passed by log time.
+    fn live_kept(&self, key: &DevKey) -> Option<&KeptSession> {
+        self.kept_sessions
+            .get(key)
+            .filter(|k| k.expires_ms == 0 || k.expires_ms > self.log_time)
+    }
+
+    /// The device's session ended (not taken over by a new login of it): its kept session
+    /// expires `expiry_s` later, at once with 0, never with KEPT_FOREVER.
+    fn end_kept(&mut self, key: &DevKey) {
+        let now = self.log_time;
+        let Some(k) = self.kept_sessions.get_mut(key) else {
+            return;
+        };
+        if k.expires_ms != 0 {
+            return;
+        }
+        match k.expiry_s {
+            0 => {
+                self.kept_sessions.remove(key);
+            }
+            KEPT_FOREVER => k.expires_ms = u64::MAX,
+            e => k.expires_ms = now.saturating_add(u64::from(e) * 1000).min(u64::MAX - 1),
         }
     }
 
@@ -210,6 +242,13 @@ impl Model {
     }
 
     fn drop_session(&mut self, key: &DevKey) -> Option<Session> {
+        let s = self.take_over_session(key)?;
+        self.end_kept(key);
+        Some(s)
+    }
+
+    /// A new login of the same device displaces its session: what it kept goes on.
+    fn take_over_session(&mut self, key: &DevKey) -> Option<Session> {
         let s = self.sessions.remove(key)?;
         self.event(&s, false);
         Some(s)
@@ -285,6 +324,8 @@ impl Model {
                 self.topic_meta.retain(|k, _| &k.0 != app);
                 self.idem.retain(|k, _| &k.0 != app);
                 self.kept.retain(|k| &k.0 != app);
+                self.retained.retain(|k, _| &k.0 != app);
+                self.kept_sessions.retain(|k, _| &k.0 != app);
                 self.counters.remove(app);
                 OpResult::Done
             }
@@ -308,7 +349,7 @@ impl Model {
                 self.last_epoch += 1;
                 let epoch = self.last_epoch;
                 let key = dk(&r.app, &r.user, &r.device);
-                let mut kicked: Vec<Session> = self.drop_session(&key).into_iter().collect();
+                let mut kicked: Vec<Session> = self.take_over_session(&key).into_iter().collect();
                 let session = Session {
                     app: r.app.clone(),
                     user: r.user.clone(),
@@ -556,10 +597,20 @@ impl Model {
                         due.push((*exp, 2, app.clone(), msg_id.clone(), user.clone(), *seq));
                     }
                 }
+                for ((app, topic), r) in &self.retained {
+                    if r.expires_ms != 0 && r.expires_ms <= self.log_time {
+                        due.push((r.expires_ms, 3, app.clone(), topic.clone(), String::new(), 0));
+                    }
+                }
+                for ((app, user, device), k) in &self.kept_sessions {
+                    if k.expires_ms != 0 && k.expires_ms <= self.log_time {
+                        due.push((k.expires_ms, 4, app.clone(), user.clone(), device.clone(), 0));
+                    }
+                }
                 due.sort();
-                let (mut messages, mut keys) = (0, 0);
+                let (mut messages, mut keys, mut topic_entries) = (0, 0, 0);
                 for (exp, kind, app, name, user, seq) in due {
-                    if messages + keys >= *max {
+                    if messages + keys + topic_entries >= *max {
                         break;
                     }
                     match kind {
@@ -575,6 +626,14 @@ impl Model {
                         }
                         1 => {
                             self.idem.remove(&uk(&app, &name));
+                            keys += 1;
+                        }
+                        3 => {
+                            self.retained.remove(&uk(&app, &name));
+                            topic_entries += 1;
+                        }
+                        4 => {
+                            self.kept_sessions.remove(&dk(&app, &name, &user));
                             keys += 1;
                         }
                         _ => {
@@ -593,12 +652,112 @@ impl Model {
                 }
                 OpResult::Expired {
                     messages,
-                    topic_entries: 0,
+                    topic_entries,
                     keys,
                 }
             }
             Op::EventsDone { upto } => {
                 self.outbox.retain(|id, _| id > upto);
+                OpResult::Done
+            }
+            Op::PublishRetained { publish, ttl_ms } => {
+                let r = self.op(&Op::Publish(publish.clone()));
+                let OpResult::Published(p) = &r else { return r };
+                if p.duplicate {
+                    return r;
+                }
+                let key = uk(&publish.app, &publish.topic);
+                if publish.payload.is_empty() {
+                    self.retained.remove(&key);
+                } else {
+                    let retained = RetainedMessage {
+                        seq: p.seq,
+                        msg_id: publish.msg_id.clone(),
+                        payload: publish.payload.clone(),
+                        pushed_ms: self.log_time,
+                        expires_ms: if *ttl_ms == 0 { 0 } else { self.log_time + ttl_ms },
+                    };
+                    self.retained.insert(key, retained);
+                }
+                r
+            }
+            Op::SessionStart(st) => {
+                let key = dk(&st.app, &st.user, &st.device);
+                let Some(s) = self.sessions.get(&key) else {
+                    return OpResult::Superseded { epoch: 0 };
+                };
+                if (s.node, s.conn, s.session) != (st.node, st.conn, st.session) {
+                    return OpResult::Superseded { epoch: s.epoch };
+                }
+                let epoch = s.epoch;
+                let (present, subscriptions) = match self.live_kept(&key) {
+                    Some(k) if !st.clean => (true, k.subscriptions.clone()),
+                    _ => (false, Vec::new()),
+                };
+                if st.expiry_s == 0 {
+                    self.kept_sessions.remove(&key);
+                } else {
+                    self.kept_sessions.insert(
+                        key,
+                        KeptSession {
+                            epoch,
+                            expiry_s: st.expiry_s,
+                            expires_ms: 0,
+                            subscriptions: subscriptions.clone(),
+                        },
+                    );
+                }
+                OpResult::Kept {
+                    present,
+                    subscriptions,
+                }
+            }
+            Op::SessionSubs {
+                app,
+                user,
+                device,
+                epoch,
+                change,
+            } => {
+                let key = dk(app, user, device);
+                let current = self.sessions.get(&key).map_or(0, |s| s.epoch);
+                if current != *epoch {
+                    return OpResult::Superseded { epoch: current };
+                }
+                let Some(mut k) = self.live_kept(&key).filter(|k| k.epoch == *epoch).cloned() else {
+                    return OpResult::Rejected(Rejection::Invalid(
+                        "the session keeps no subscriptions".into(),
+                    ));
+                };
+                match change {
+                    SubsChange::Subscribe(subs) => {
+                        if let Some(bad) = subs
+                            .iter()
+                            .find(|s| s.filter.is_empty() || s.filter.len() > MAX_KEPT_FILTER)
+                        {
+                            return OpResult::Rejected(Rejection::Invalid(format!(
+                                "a kept topic filter must be 1 to {MAX_KEPT_FILTER} bytes, not {}",
+                                bad.filter.len()
+                            )));
+                        }
+                        for sub in subs {
+                            match k.subscriptions.iter_mut().find(|x| x.filter == sub.filter) {
+                                Some(x) => x.options = sub.options,
+                                None => k.subscriptions.push(sub.clone()),
+                            }
+                        }
+                        if k.subscriptions.len() > MAX_KEPT_SUBSCRIPTIONS {
+                            return OpResult::Rejected(Rejection::Invalid(format!(
+                                "a session keeps at most {MAX_KEPT_SUBSCRIPTIONS} subscriptions"
+                            )));
+                        }
+                    }
+                    SubsChange::Unsubscribe(filters) => {
+                        k.subscriptions.retain(|x| !filters.contains(&x.filter))
+                    }
+                    SubsChange::Expiry(e) => k.expiry_s = *e,
+                }
+                self.kept_sessions.insert(key, k);
                 OpResult::Done
             }
             Op::SetArchive { enabled } => {
@@ -665,7 +824,24 @@ impl Model {
 #[derive(Debug, Clone)]
 enum Gen {
     Op(Op),
-    Unregister { pick: usize, right: bool },
+    Unregister {
+        pick: usize,
+        right: bool,
+    },
+    /// A SessionStart for a live session (pick 0: the newest, as in a registration's entry), or
+    /// with a connection that is not the session's.
+    Start {
+        pick: usize,
+        right: bool,
+        clean: bool,
+        expiry_s: u32,
+    },
+    /// A SessionSubs for a live session, with its epoch or a wrong one.
+    Subs {
+        pick: usize,
+        right: bool,
+        change: SubsChange,
+    },
 }
 
 fn name<const N: usize>(names: [&'static str; N]) -> impl Strategy<Value = String> {
@@ -755,8 +931,63 @@ fn gen_op() -> impl Strategy<Value = Gen> {
             }))
         },
     );
+    let retained = (
+        known_app(),
+        name(TOPICS),
+        name(MSG_IDS),
+        payload(),
+        idem_key(),
+        prop_oneof![Just(0u64), 1u64..100],
+    )
+        .prop_map(|(app, topic, msg_id, payload, idempotency_key, ttl_ms)| {
+            Gen::Op(Op::PublishRetained {
+                publish: Publish {
+                    app,
+                    topic,
+                    msg_id,
+                    payload,
+                    idempotency_key,
+                },
+                ttl_ms,
+            })
+        });
+    let expiry = prop_oneof![Just(0u32), Just(1u32), Just(5u32), Just(KEPT_FOREVER)];
+    let start = (
+        0usize..4,
+        prop_oneof![4 => Just(true), 1 => Just(false)],
+        any::<bool>(),
+        expiry.clone(),
+    )
+        .prop_map(|(pick, right, clean, expiry_s)| Gen::Start {
+            pick,
+            right,
+            clean,
+            expiry_s,
+        });
+    let filter = prop_oneof![
+        name(TOPICS),
+        Just("t+".to_string()),
+        Just(String::new()),
+        Just("f".repeat(257))
+    ];
+    let change = prop_oneof![
+        3 => proptest::collection::vec((filter.clone(), 0u32..4), 1..3).prop_map(|subs| {
+            SubsChange::Subscribe(
+                subs.into_iter()
+                    .map(|(filter, options)| KeptSubscription { filter, options })
+                    .collect(),
+            )
+        }),
+        1 => proptest::collection::vec(filter, 1..3).prop_map(SubsChange::Unsubscribe),
+        1 => expiry.prop_map(SubsChange::Expiry),
+    ];
+    let subs = (0usize..4, prop_oneof![4 => Just(true), 1 => Just(false)], change)
+        .prop_map(|(pick, right, change)| Gen::Subs { pick, right, change });
     prop_oneof![
         6 => register,
+        3 => retained,
+        4 => start,
+        4 => subs,
         3 => (0usize..8, any::<bool>()).prop_map(|(pick, right)| Gen::Unregister { pick, right }),
         1 => (1u64..4).prop_map(|node| Gen::Op(Op::NodeDown { node })),
         1 => (known_app(), name(USERS), proptest::option::of(name(DEVICES))).prop_map(|(app, user, device)| {
@@ -793,9 +1024,69 @@ fn gen_calls(max_entries: usize) -> impl Strategy<Value = Vec<Vec<(i64, Vec<Gen>
     proptest::collection::vec(proptest::collection::vec(gen_entry(), 1..4), 1..max_entries)
 }
 
+/// A live session of the model: pick 0 is the newest (the one a registration earlier in the
+/// entry made), others by device order.
+fn pick_session(model: &Model, pick: usize) -> Option<&Session> {
+    if pick == 0 {
+        return model.sessions.values().max_by_key(|s| s.epoch);
+    }
+    let all: Vec<&Session> = model.sessions.values().collect();
+    all.get(pick % all.len().max(1)).copied()
+}
+
 fn resolve(model: &Model, g: &Gen) -> Op {
     match g {
         Gen::Op(op) => op.clone(),
+        Gen::Start {
+            pick,
+            right,
+            clean,
+            expiry_s,
+        } => {
+            let (app, user, device, node, conn, session) = match pick_session(model, *pick) {
+                Some(s) => (
+                    s.app.clone(),
+                    s.user.clone(),
+                    s.device.clone(),
+                    s.node,
+                    if *right { s.conn } else { s.conn + 1000 },
+                    s.session,
+                ),
+                None => ("a1".into(), "u1".into(), "d1".into(), 1, 1, 1),
+            };
+            Op::SessionStart(SessionStart {
+                app,
+                user,
+                device,
+                node,
+                conn,
+                session,
+                clean: *clean,
+                expiry_s: *expiry_s,
+            })
+        }
+        Gen::Subs { pick, right, change } => {
+            let (app, user, device, epoch) = match pick_session(model, *pick) {
+                Some(s) => (
+                    s.app.clone(),
+                    s.user.clone(),
+                    s.device.clone(),
+                    if *right {
+                        s.epoch
+                    } else {
+                        s.epoch.saturating_sub(1)
+                    },
+                ),
+                None => ("a1".into(), "u1".into(), "d1".into(), 1),
+            };
+            Op::SessionSubs {
+                app,
+                user,
+                device,
+                epoch,
+                change: change.clone(),
+            }
+        }
         Gen::Unregister { pick, right } => {
             let all: Vec<&Session> = model.sessions.values().collect();
             match all.get(pick % all.len().max(1)) {
@@ -940,6 +1231,12 @@ fn compare_reads(model: &Model, r: &StateReader) -> Result<(), TestCaseError> {
                 .map(|(k, d)| (k.2.clone(), d.clone()))
                 .collect();
             prop_assert_eq!(r.devices(app, user).map_err(err)?, want);
+            for device in DEVICES {
+                prop_assert_eq!(
+                    r.kept_session(app, user, device).map_err(err)?,
+                    model.kept_sessions.get(&dk(app, user, device)).cloned()
+                );
+            }
             let key = uk(app, user);
             prop_assert_eq!(
                 r.mailbox_meta(app, user).map_err(err)?,
@@ -970,6 +1267,23 @@ fn compare_reads(model: &Model, r: &StateReader) -> Result<(), TestCaseError> {
                 .map(|m| m.values().cloned().collect())
                 .unwrap_or_default();
             prop_assert_eq!(r.topic_since(app, topic, 0, 1000).map_err(err)?, held);
+            prop_assert_eq!(
+                r.retained(app, topic).map_err(err)?,
+                model.retained.get(&key).cloned()
+            );
+        }
+        let retained: Vec<(String, RetainedMessage)> = model
+            .retained
+            .iter()
+            .filter(|((a, _), _)| a == app)
+            .map(|((_, t), m)| (t.clone(), m.clone()))
+            .collect();
+        prop_assert_eq!(r.retained_page(app, None, 1000).map_err(err)?, retained.clone());
+        if let Some((first, _)) = retained.first() {
+            prop_assert_eq!(
+                r.retained_page(app, Some(first), 1).map_err(err)?,
+                retained.get(1).cloned().into_iter().collect::<Vec<_>>()
+            );
         }
         for msg_id in MSG_IDS {
             let mut want: Vec<(String, u64)> = model
@@ -1146,5 +1460,153 @@ fn a_late_registration_never_replaces_the_login_that_followed_it() {
         assert!(newest > newer);
         let s = sm.reader().session("a1", "u", "d").unwrap().unwrap();
         assert_eq!((s.conn, s.epoch), (30, newest));
+    });
+}
+
+/// A kept session (MQTT's persistent session): started in its registration's entry, taken over by
+/// a login of the device on another node (Session Present, its subscriptions), never changed by
+/// the connection it replaced, and removed once its expiry passed after its session ended.
+#[test]
+fn a_kept_session_is_fenced_by_its_epoch_and_expires_after_its_session() {
+    runtime().block_on(async {
+        let dir = TempDir::new().unwrap();
+        let mut sm = StateMachine::open(dir.path(), Arc::new(NoObserver)).unwrap();
+        let login = |node: u64, conn: u64, seen_epoch: u64, clean: bool| {
+            vec![
+                Op::RegisterSeen {
+                    register: Register {
+                        app: "a1".into(),
+                        user: "u".into(),
+                        device: "d".into(),
+                        platform: "mqtt".into(),
+                        node,
+                        conn,
+                        session: 1,
+                    },
+                    seen_epoch,
+                },
+                Op::SessionStart(SessionStart {
+                    app: "a1".into(),
+                    user: "u".into(),
+                    device: "d".into(),
+                    node,
+                    conn,
+                    session: 1,
+                    clean,
+                    expiry_s: 5,
+                }),
+            ]
+        };
+        let subs = |epoch: u64, change: SubsChange| Op::SessionSubs {
+            app: "a1".into(),
+            user: "u".into(),
+            device: "d".into(),
+            epoch,
+            change,
+        };
+        let epoch_of = |r: &OpResult| match r {
+            OpResult::Registered(r) => r.epoch,
+            other => panic!("{other:?}"),
+        };
+        let t1 = KeptSubscription {
+            filter: "t1".into(),
+            options: 9,
+        };
+        let got = sm
+            .apply(vec![
+                entry(1, 1_000, vec![Op::PutApp(app_config("a1", 0))]),
+                entry(2, 1_001, login(1, 10, 0, false)),
+            ])
+            .await
+            .unwrap();
+        let first = epoch_of(&got[1].results[0]);
+        assert_eq!(
+            got[1].results[1],
+            OpResult::Kept {
+                present: false,
+                subscriptions: vec![]
+            }
+        );
+        let got = sm
+            .apply(vec![
+                entry(
+                    3,
+                    1_002,
+                    vec![subs(first, SubsChange::Subscribe(vec![t1.clone()]))],
+                ),
+                // The device logs in on node 2 while node 1 still holds the session.
+                entry(4, 1_003, login(2, 20, first, false)),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(got[0].results, vec![OpResult::Done]);
+        let second = epoch_of(&got[1].results[0]);
+        assert_eq!(
+            got[1].results[1],
+            OpResult::Kept {
+                present: true,
+                subscriptions: vec![t1.clone()]
+            }
+        );
+        // The replaced connection's UNSUBSCRIBE commits late: fenced.
+        let got = sm
+            .apply(vec![entry(
+                5,
+                1_004,
+                vec![subs(first, SubsChange::Unsubscribe(vec!["t1".into()]))],
+            )])
+            .await
+            .unwrap();
+        assert_eq!(got[0].results, vec![OpResult::Superseded { epoch: second }]);
+        let kept = sm.reader().kept_session("a1", "u", "d").unwrap().unwrap();
+        assert_eq!(
+            (kept.epoch, kept.expires_ms, kept.subscriptions),
+            (second, 0, vec![t1])
+        );
+        // The session ends: kept 5 s more by log time, then expired.
+        let got = sm
+            .apply(vec![
+                entry(
+                    6,
+                    2_000,
+                    vec![Op::Unregister {
+                        app: "a1".into(),
+                        user: "u".into(),
+                        device: "d".into(),
+                        epoch: second,
+                    }],
+                ),
+                entry(7, 6_999, vec![Op::Expire { max: 10 }]),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(
+            got[1].results,
+            vec![OpResult::Expired {
+                messages: 0,
+                topic_entries: 0,
+                keys: 0
+            }]
+        );
+        assert_eq!(
+            sm.reader()
+                .kept_session("a1", "u", "d")
+                .unwrap()
+                .map(|k| k.expires_ms),
+            Some(7_000)
+        );
+        let got = sm
+            .apply(vec![entry(8, 7_000, vec![Op::Expire { max: 10 }])])
+            .await
+            .unwrap();
+        assert_eq!(
+            got[0].results,
+            vec![OpResult::Expired {
+                messages: 0,
+                topic_entries: 0,
+                keys: 1
+            }]
+        );
+        assert_eq!(sm.reader().kept_session("a1", "u", "d").unwrap(), None);
     });
 }

@@ -93,7 +93,7 @@ async fn metrics_probes_and_the_admin_api() {
     raw.send(Kind::OpenSession(who2.open(2, 0))).await.unwrap();
     let (welcome, _) = raw
         .until(|k| match k {
-            Kind::Welcome(w) if w.session_id == 2 => Some(*w),
+            Kind::Welcome(w) if w.session_id == 2 => Some(w.clone()),
             _ => None,
         })
         .await

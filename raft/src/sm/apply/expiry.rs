@@ -1,5 +1,6 @@
 //! Expire: deletes what the time-ordered `expiry` index says is due by log time (held messages,
-//! idempotency keys, and msg-id locations of messages acked or trimmed before their TTL).
+//! idempotency keys, msg-id locations of messages acked or trimmed before their TTL, retained
+//! topic messages, and kept sessions whose session ended).
 
 use super::{Applier, IdemRecord};
 use crate::error::StoreError;
@@ -20,8 +21,9 @@ impl Applier<'_> {
             None => vec![0xff; 9],
         };
         let (mut messages, mut keys_removed, mut orphans) = (0u32, 0u32, 0usize);
+        let mut topic_entries = 0u32;
         let mut cursor: Vec<u8> = Vec::new();
-        'scan: while messages + keys_removed < max && orphans < EXPIRE_ORPHAN_SCAN {
+        'scan: while messages + keys_removed + topic_entries < max && orphans < EXPIRE_ORPHAN_SCAN {
             let page = self.txn.scan(Cf::Expiry, &cursor, &hi, 64)?;
             if page.is_empty() {
                 break;
@@ -88,6 +90,37 @@ impl Applier<'_> {
                             _ => false,
                         }
                     }
+                    Some(ExpiryItem::Retained {
+                        expires_ms,
+                        app,
+                        topic,
+                    }) => {
+                        let rkey = keys::topic(&app, &topic);
+                        match self.txn.get::<RetainedMessage>(Cf::Retained, &rkey)? {
+                            Some(r) if r.expires_ms == expires_ms => {
+                                self.txn.delete(Cf::Retained, rkey);
+                                topic_entries += 1;
+                                true
+                            }
+                            _ => false,
+                        }
+                    }
+                    Some(ExpiryItem::Kept {
+                        expires_ms,
+                        app,
+                        user,
+                        device,
+                    }) => {
+                        let dkey = keys::device(&app, &user, &device);
+                        match self.txn.get::<KeptSession>(Cf::Kept, &dkey)? {
+                            Some(k) if k.expires_ms == expires_ms => {
+                                self.txn.delete(Cf::Kept, dkey);
+                                keys_removed += 1;
+                                true
+                            }
+                            _ => false,
+                        }
+                    }
                     None => false,
                 };
                 // Live items delete their own index entry; orphans are deleted here.
@@ -95,14 +128,14 @@ impl Applier<'_> {
                 if !live {
                     orphans += 1;
                 }
-                if messages + keys_removed >= max || orphans >= EXPIRE_ORPHAN_SCAN {
+                if messages + keys_removed + topic_entries >= max || orphans >= EXPIRE_ORPHAN_SCAN {
                     break 'scan;
                 }
             }
         }
         Ok(OpResult::Expired {
             messages,
-            topic_entries: 0,
+            topic_entries,
             keys: keys_removed,
         })
     }

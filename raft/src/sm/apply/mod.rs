@@ -5,13 +5,15 @@
 //! validates before it writes, so it changes nothing.
 //!
 //! One file per concern, each an `impl Applier` block: `apps.rs`, `sessions.rs` (the registry and
-//! its callback outbox), `mailboxes.rs`, `topics.rs`, `expiry.rs` and `archive.rs`. This file
+//! its callback outbox), `kept.rs` (persistent sessions' subscriptions), `mailboxes.rs`,
+//! `topics.rs` (with retained messages), `expiry.rs` and `archive.rs`. This file
 //! holds the applier, the dispatch of ops to them and what several of them share (log time,
 //! counters, idempotency keys).
 
 mod apps;
 mod archive;
 mod expiry;
+mod kept;
 mod mailboxes;
 mod sessions;
 mod topics;
@@ -152,7 +154,16 @@ impl<'a> Applier<'a> {
             } => self.kick(app, user, device.as_deref(), reason),
             Op::Enqueue(e) => self.enqueue(e),
             Op::Cursors(updates) => self.cursors(updates),
-            Op::Publish(p) => self.publish(p),
+            Op::Publish(p) => self.publish(p, false),
+            Op::PublishRetained { publish, ttl_ms } => self.publish_retained(publish, *ttl_ms),
+            Op::SessionStart(start) => self.session_start(start),
+            Op::SessionSubs {
+                app,
+                user,
+                device,
+                epoch,
+                change,
+            } => self.session_subs(app, user, device, *epoch, change),
             Op::Expire { max } => self.expire(*max),
             Op::EventsDone { upto } => self.events_done(*upto),
             Op::SetArchive { enabled } => self.set_archive(*enabled),

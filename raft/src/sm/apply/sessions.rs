@@ -29,7 +29,15 @@ impl Applier<'_> {
     }
 
     /// Removes a session and its node-index entry; queues an offline event if the app wants them.
+    /// The device's kept session, if any, starts to expire.
     fn remove_session(&mut self, s: &Session, app: Option<&AppConfig>) -> Result<(), StoreError> {
+        self.end_kept(s)?;
+        self.take_over_session(s, app)
+    }
+
+    /// [`Self::remove_session`] for a new login of the same device: the device's kept session
+    /// goes on with the new session (a start in the same entry decides what it keeps).
+    fn take_over_session(&mut self, s: &Session, app: Option<&AppConfig>) -> Result<(), StoreError> {
         self.txn
             .delete(Cf::Sessions, keys::device(&s.app, &s.user, &s.device));
         self.txn.delete(
@@ -53,7 +61,7 @@ impl Applier<'_> {
         let mut kicked = Vec::new();
         let dkey = keys::device(&r.app, &r.user, &r.device);
         if let Some(old) = self.txn.get::<Session>(Cf::Sessions, &dkey)? {
-            self.remove_session(&old, Some(&app))?;
+            self.take_over_session(&old, Some(&app))?;
             kicked.push(old);
         }
         let session = Session {

@@ -1,4 +1,5 @@
-//! Topics (Publish): a gapless per-topic log, trimmed to the app's retention.
+//! Topics (Publish, PublishRetained): a gapless per-topic log, trimmed to the app's retention,
+//! and a topic's retained message (MQTT's retain flag), expiring through the expiry index.
 
 use super::Applier;
 use crate::error::StoreError;
@@ -6,7 +7,7 @@ use crate::sm::keys::{self, Cf};
 use crate::types::*;
 
 impl Applier<'_> {
-    pub(super) fn publish(&mut self, p: &Publish) -> Result<OpResult, StoreError> {
+    pub(super) fn publish(&mut self, p: &Publish, retain: bool) -> Result<OpResult, StoreError> {
         let app = match self.admit_message(&p.app, p.idempotency_key.as_ref(), p.payload.len())? {
             Ok(app) => app,
             Err(answer) => return Ok(answer),
@@ -61,6 +62,7 @@ impl Applier<'_> {
             app: p.app.clone(),
             topic: p.topic.clone(),
             message: msg,
+            retain,
         });
         let result = OpResult::Published(Published {
             msg_id: p.msg_id.clone(),
@@ -69,6 +71,45 @@ impl Applier<'_> {
             duplicate: false,
         });
         self.idem_store(&p.app, p.idempotency_key.as_ref(), &result)?;
+        Ok(result)
+    }
+
+    /// A publish that also sets (or, with an empty payload, clears) the topic's retained message.
+    pub(super) fn publish_retained(&mut self, p: &Publish, ttl_ms: u64) -> Result<OpResult, StoreError> {
+        let result = self.publish(p, true)?;
+        let OpResult::Published(published) = &result else {
+            return Ok(result);
+        };
+        if published.duplicate {
+            return Ok(result);
+        }
+        let key = keys::topic(&p.app, &p.topic);
+        if p.payload.is_empty() {
+            // Its expiry index entry, if any, is left for Expire to skip.
+            self.txn.delete(Cf::Retained, key);
+            return Ok(result);
+        }
+        let now = self.now();
+        let expires_ms = if ttl_ms == 0 {
+            0
+        } else {
+            now.saturating_add(ttl_ms)
+        };
+        let retained = RetainedMessage {
+            seq: published.seq,
+            msg_id: p.msg_id.clone(),
+            payload: p.payload.clone(),
+            pushed_ms: now,
+            expires_ms,
+        };
+        self.txn.put(Cf::Retained, key, &retained)?;
+        if expires_ms > 0 {
+            self.txn.put_raw(
+                Cf::Expiry,
+                keys::expiry_retained(expires_ms, &p.app, &p.topic),
+                Vec::new(),
+            );
+        }
         Ok(result)
     }
 }
