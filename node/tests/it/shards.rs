@@ -416,3 +416,66 @@ async fn cluster_add_and_remove_change_every_group() {
     }
     c.assert_no_panics();
 }
+
+/// Session events (the app's callbacks) of users in different shards: each shard's leader sends
+/// its own outbox, every event reaches the backend once, with a key unique across shards
+/// (`<app>:<group>.<id>`), online before offline for each user.
+#[tokio::test(flavor = "multi_thread")]
+async fn session_events_of_every_shard_reach_the_backend_once() {
+    use herald_node::coordinator::test_backend::TestBackend;
+    use herald_proto::callback::SessionEventKind;
+    let backend = TestBackend::start().await.unwrap();
+    let c = sharded(3).await;
+    let app = c.create_app("sharded-events").await;
+    let mut admin = c.client(1).await;
+    let mut cfg = admin
+        .get_app(admin_request(pb::GetAppRequest { id: app.id.clone() }))
+        .await
+        .unwrap()
+        .into_inner()
+        .app
+        .unwrap();
+    cfg.callbacks = vec![backend.endpoint()];
+    admin
+        .update_app(admin_request(pb::UpdateAppRequest { app: Some(cfg) }))
+        .await
+        .unwrap();
+    let users: Vec<String> = (0..6).map(|i| format!("ev-{i}")).collect();
+    let shards: BTreeSet<u32> = users.iter().map(|u| shard_of(&app.id, u, SHARDS)).collect();
+    assert!(shards.len() >= 2, "{shards:?}");
+    for (i, u) in users.iter().enumerate() {
+        let node = c.ids()[i % 3];
+        let (cl, events) = client(&app, u)
+            .nodes([c.client_addr(node).to_string()])
+            .connect()
+            .await
+            .unwrap();
+        let mut inbox = Inbox::new(events);
+        inbox.connected(CLIENT_WAIT).await;
+        cl.close().await.unwrap();
+    }
+    assert!(
+        backend.wait_events(2 * users.len(), NODE_WAIT).await,
+        "events: {:?}",
+        backend.events()
+    );
+    // Nothing more comes (no event sent twice by two shards or two leaders).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let ev = backend.events();
+    assert_eq!(ev.len(), 2 * users.len(), "{ev:?}");
+    let keys: BTreeSet<&str> = ev.iter().map(|e| e.key.as_str()).collect();
+    assert_eq!(keys.len(), ev.len(), "keys unique across shards: {ev:?}");
+    assert!(
+        ev.iter()
+            .all(|e| e.key.starts_with("sharded-events:") && e.key.contains('.')),
+        "{ev:?}"
+    );
+    for u in &users {
+        let kinds: Vec<SessionEventKind> = ev.iter().filter(|e| e.user == *u).map(|e| e.kind()).collect();
+        assert_eq!(
+            kinds,
+            [SessionEventKind::Online, SessionEventKind::Offline],
+            "{u}: {ev:?}"
+        );
+    }
+}
