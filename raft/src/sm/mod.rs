@@ -212,7 +212,9 @@ fn open_db(path: &Path, create: bool, tuning: Tuning) -> Result<DB, StoreError> 
         // pile up one memtable version per write: a small memtable keeps the skiplist that every
         // apply searches shallow, and its flush collapses the versions to one. The registry's
         // column families get the same for connection churn: each connect and disconnect puts
-        // and deletes the session and its node-index key.
+        // and deletes the session and its node-index key. Kept sessions (rewritten by every login
+        // of a persistent session) and retained messages (one small value per topic) are few
+        // keys too, written far less often than a memtable of the default size would hold.
         if matches!(
             cf,
             Cf::MailMeta
@@ -222,6 +224,8 @@ fn open_db(path: &Path, create: bool, tuning: Tuning) -> Result<DB, StoreError> 
                 | Cf::Devices
                 | Cf::Sessions
                 | Cf::NodeSessions
+                | Cf::Kept
+                | Cf::Retained
         ) {
             cf_opts.set_write_buffer_size(HOT_CF_WRITE_BUFFER_BYTES);
         }
