@@ -1360,9 +1360,26 @@ fn check_shard_count(data_dir: &std::path::Path, shards: u32) -> Result<(), Star
         Some(_) => Ok(()),
         None => {
             std::fs::create_dir_all(data_dir).map_err(io)?;
-            std::fs::write(&file, format!("{shards}\n")).map_err(io)
+            write_synced(&file, format!("{shards}\n").as_bytes()).map_err(io)
         }
     }
+}
+
+/// Writes `path` so that after a crash or power cut it holds all of `bytes` or does not exist:
+/// a temp file synced, renamed over `path`, the directory synced. (Found by the fault suite's
+/// power cut: a plain write left an empty record, and the node could not start again.)
+fn write_synced(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 /// A wiped node forgot its votes, so it could grant a vote below one it granted before the wipe.
