@@ -1015,6 +1015,23 @@ impl Cluster {
         app
     }
 
+    /// Changes app `id` with `change` (GetApp, then UpdateApp through node 1).
+    pub async fn update_app(&self, id: &str, change: impl FnOnce(&mut pb::App)) {
+        let mut admin = self.client(1).await;
+        let mut cfg = admin
+            .get_app(admin_request(pb::GetAppRequest { id: id.into() }))
+            .await
+            .expect("GetApp")
+            .into_inner()
+            .app
+            .expect("an app");
+        change(&mut cfg);
+        admin
+            .update_app(admin_request(pb::UpdateAppRequest { app: Some(cfg) }))
+            .await
+            .expect("UpdateApp");
+    }
+
     // -- logs -----------------------------------------------------------------------------------
 
     /// Node `id`'s whole log so far (every run of it).

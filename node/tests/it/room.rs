@@ -1418,19 +1418,8 @@ pub(crate) async fn reflected_services(channel: &tonic::transport::Channel) -> V
 async fn retained_messages_and_kept_sessions_over_the_client_protocol() {
     let c = Cluster::start(3).await;
     let app = c.create_app("keepnative").await;
-    let mut admin = c.client(1).await;
-    let mut cfg = admin
-        .get_app(admin_request(pb::GetAppRequest { id: app.id.clone() }))
-        .await
-        .unwrap()
-        .into_inner()
-        .app
-        .unwrap();
-    cfg.client_publish = vec!["room/+".into()];
-    admin
-        .update_app(admin_request(pb::UpdateAppRequest { app: Some(cfg) }))
-        .await
-        .unwrap();
+    c.update_app(&app.id, |cfg| cfg.client_publish = vec!["room/+".into()])
+        .await;
     for id in 1..=3 {
         c.wait_caught_up(id).await;
     }

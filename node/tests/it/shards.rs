@@ -13,6 +13,28 @@ use crate::sdk::{client, Inbox, CLIENT_WAIT};
 
 const SHARDS: u32 = 4;
 
+/// One SDK client per user, on the nodes in turn, each connected.
+async fn connect_in_turn(
+    c: &Cluster,
+    app: &App,
+    users: &[String],
+) -> (Vec<herald_client::Client>, Vec<Inbox>) {
+    let (mut clients, mut inboxes) = (Vec::new(), Vec::new());
+    for (i, u) in users.iter().enumerate() {
+        let node = c.ids()[i % c.ids().len()];
+        let (cl, events) = client(app, u)
+            .nodes([c.client_addr(node).to_string()])
+            .connect()
+            .await
+            .unwrap();
+        let mut inbox = Inbox::new(events);
+        inbox.connected(CLIENT_WAIT).await;
+        clients.push(cl);
+        inboxes.push(inbox);
+    }
+    (clients, inboxes)
+}
+
 async fn sharded(n: u64) -> Cluster {
     let mut c = Cluster::new(n).node_args(&["--shards", &SHARDS.to_string()]);
     c.start_all();
@@ -32,21 +54,7 @@ async fn every_feature_answers_across_shards() {
     let homes: BTreeSet<u32> = users.iter().map(|u| shard_of(&app.id, u, SHARDS)).collect();
     assert!(homes.len() >= 3, "the users span several shards: {homes:?}");
 
-    // One client per user, on nodes in turn.
-    let mut inboxes = Vec::new();
-    let mut clients = Vec::new();
-    for (i, u) in users.iter().enumerate() {
-        let node = c.ids()[i % 3];
-        let (cl, events) = client(&app, u)
-            .nodes([c.client_addr(node).to_string()])
-            .connect()
-            .await
-            .unwrap();
-        let mut inbox = Inbox::new(events);
-        inbox.connected(CLIENT_WAIT).await;
-        clients.push(cl);
-        inboxes.push(inbox);
-    }
+    let (clients, mut inboxes) = connect_in_turn(&c, &app, &users).await;
 
     let push = |payload: &str, key: &str| {
         app.request(pb::PushRequest {
@@ -427,31 +435,13 @@ async fn session_events_of_every_shard_reach_the_backend_once() {
     let backend = TestBackend::start().await.unwrap();
     let c = sharded(3).await;
     let app = c.create_app("sharded-events").await;
-    let mut admin = c.client(1).await;
-    let mut cfg = admin
-        .get_app(admin_request(pb::GetAppRequest { id: app.id.clone() }))
-        .await
-        .unwrap()
-        .into_inner()
-        .app
-        .unwrap();
-    cfg.callbacks = vec![backend.endpoint()];
-    admin
-        .update_app(admin_request(pb::UpdateAppRequest { app: Some(cfg) }))
-        .await
-        .unwrap();
+    c.update_app(&app.id, |cfg| cfg.callbacks = vec![backend.endpoint()])
+        .await;
     let users: Vec<String> = (0..6).map(|i| format!("ev-{i}")).collect();
     let shards: BTreeSet<u32> = users.iter().map(|u| shard_of(&app.id, u, SHARDS)).collect();
     assert!(shards.len() >= 2, "{shards:?}");
-    for (i, u) in users.iter().enumerate() {
-        let node = c.ids()[i % 3];
-        let (cl, events) = client(&app, u)
-            .nodes([c.client_addr(node).to_string()])
-            .connect()
-            .await
-            .unwrap();
-        let mut inbox = Inbox::new(events);
-        inbox.connected(CLIENT_WAIT).await;
+    let (clients, _inboxes) = connect_in_turn(&c, &app, &users).await;
+    for cl in clients {
         cl.close().await.unwrap();
     }
     assert!(
