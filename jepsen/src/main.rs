@@ -391,7 +391,11 @@ async fn run_plans(plans: Vec<Plan>, base_out: PathBuf, herald_bin: Option<PathB
                 .slow_disk
                 .as_ref()
                 .map(|s| format!(" --slow-disk {s}"))
-                .unwrap_or_default();
+                .unwrap_or_default()
+            + &match p.args.shards {
+                0 => String::new(),
+                s => format!(" --shards {s}"),
+            };
         let o = opts(&p.args, out.clone(), bin, command)?;
         eprintln!(
             "herald-jepsen: run {} (seed {}) -> {}",
