@@ -250,6 +250,7 @@ async fn run_inner(
         nodes: cluster.ids.clone(),
         availability_min: opts.availability_min,
         wgl_budget: opts.wgl_budget,
+        shards: opts.node_opts.shards,
         ..checker::Context::default()
     };
     let results = checker::check_all(&history, &ctx);

@@ -15,13 +15,15 @@ use std::collections::BTreeMap;
 use super::CheckResult;
 use crate::history::{Op, Type, F};
 
-pub fn check(history: &[Op], nodes: &[u64]) -> CheckResult {
+/// `shards`: the run's shard count; every group 0..=shards must be hashed by every node (a group
+/// the history has no hash of is `unknown`, not skipped).
+pub fn check(history: &[Op], nodes: &[u64], shards: u32) -> CheckResult {
     let mut r = CheckResult::new("convergence");
     // (group, node) → its last observation. Each Raft group's replicas are compared with each
     // other (a cluster with shards records one round per group; without, group 0 only).
     let mut last: BTreeMap<(u32, u64), &Op> = BTreeMap::new();
     let mut failed: BTreeMap<(u32, u64), &Op> = BTreeMap::new();
-    let mut groups: std::collections::BTreeSet<u32> = [0].into();
+    let mut groups: std::collections::BTreeSet<u32> = (0..=shards).collect();
     for o in history.iter().filter(|o| o.f == F::Hash) {
         let Some(n) = o.node else { continue };
         let g = o.value.group.unwrap_or(0);
@@ -163,13 +165,13 @@ mod tests {
             hash(2, 12, 9, 2),
             hash(3, 12, 9, 3),
         ];
-        assert_eq!(check(&h, &NODES).valid, Validity::Valid);
+        assert_eq!(check(&h, &NODES, 0).valid, Validity::Valid);
     }
 
     #[test]
     fn different_hashes_at_one_index_fail() {
         let h = vec![hash(1, 12, 9, 0), hash(2, 12, 9, 1), hash(3, 12, 8, 2)];
-        let r = check(&h, &NODES);
+        let r = check(&h, &NODES, 0);
         assert_eq!(r.valid, Validity::Invalid);
         assert!(r.violations[0].detail.contains("[3]"), "{r:?}");
     }
@@ -177,15 +179,15 @@ mod tests {
     #[test]
     fn no_common_index_is_unknown() {
         let h = vec![hash(1, 12, 9, 0), hash(2, 13, 9, 1), hash(3, 13, 9, 2)];
-        assert_eq!(check(&h, &NODES).valid, Validity::Unknown);
-        assert_eq!(check(&[], &NODES).valid, Validity::Unknown);
+        assert_eq!(check(&h, &NODES, 0).valid, Validity::Unknown);
+        assert_eq!(check(&[], &NODES, 0).valid, Validity::Unknown);
     }
 
     #[test]
     fn a_node_without_a_hash_is_unknown_not_skipped() {
         // Two nodes agree; the third never answered: not a pass.
         let h = vec![hash(1, 12, 9, 0), hash(2, 12, 9, 1), no_hash(3, 2)];
-        let r = check(&h, &NODES);
+        let r = check(&h, &NODES, 0);
         assert_eq!(r.valid, Validity::Unknown, "{r:?}");
         assert!(r.stats["unknown"]
             .as_str()
@@ -193,7 +195,7 @@ mod tests {
             .contains("node 3 (probe of node 3 timed out)"));
         // Never asked at all: the same.
         let h = vec![hash(1, 12, 9, 0), hash(2, 12, 9, 1)];
-        assert_eq!(check(&h, &NODES).valid, Validity::Unknown);
+        assert_eq!(check(&h, &NODES, 0).valid, Validity::Unknown);
         // A later answer counts.
         let h = vec![
             no_hash(3, 0),
@@ -201,10 +203,10 @@ mod tests {
             hash(2, 12, 9, 2),
             hash(3, 12, 9, 3),
         ];
-        assert_eq!(check(&h, &NODES).valid, Validity::Valid);
+        assert_eq!(check(&h, &NODES, 0).valid, Validity::Valid);
         // Divergence among those that answered is still a violation.
         let h = vec![hash(1, 12, 9, 0), hash(2, 12, 8, 1), no_hash(3, 2)];
-        assert_eq!(check(&h, &NODES).valid, Validity::Invalid);
+        assert_eq!(check(&h, &NODES, 0).valid, Validity::Invalid);
     }
 
     fn in_group(mut o: Op, g: u32) -> Op {
@@ -223,11 +225,18 @@ mod tests {
             }
         }
         // Different indexes in different groups are no disagreement.
-        assert_eq!(check(&h, &NODES).valid, Validity::Valid);
+        assert_eq!(check(&h, &NODES, 2).valid, Validity::Valid);
+        // A run of 3 shards whose history has no hash of group 3 checked nothing there.
+        let r = check(&h, &NODES, 3);
+        assert_eq!(r.valid, Validity::Unknown, "{r:?}");
+        assert!(
+            r.stats["unknown"].as_str().unwrap().contains("node 1 in group 3"),
+            "{r:?}"
+        );
         // One replica of group 2 differs at the same index: a violation naming the group.
         let mut bad = h.clone();
         bad[8] = in_group(hash(3, 31, 4, 8), 2);
-        let r = check(&bad, &NODES);
+        let r = check(&bad, &NODES, 2);
         assert_eq!(r.valid, Validity::Invalid, "{r:?}");
         assert!(r.violations[0].detail.contains("of group 2"), "{r:?}");
         // A node that gave no hash of group 1: unknown, named with its group.
@@ -236,7 +245,7 @@ mod tests {
             .filter(|o| !(o.value.group == Some(1) && o.node == Some(2)))
             .cloned()
             .collect();
-        let r = check(&missing, &NODES);
+        let r = check(&missing, &NODES, 2);
         assert_eq!(r.valid, Validity::Unknown, "{r:?}");
         assert!(
             r.stats["unknown"].as_str().unwrap().contains("node 2 in group 1"),

@@ -123,6 +123,8 @@ pub struct Context {
     pub availability_min_ops: u64,
     /// Search budget (states) of the linearizability checker per user.
     pub wgl_budget: u64,
+    /// The run's shard count (`--shards`): the Raft groups whose replicas must converge.
+    pub shards: u32,
 }
 
 impl Default for Context {
@@ -133,6 +135,7 @@ impl Default for Context {
             grace_us: 6_000_000,
             availability_min_ops: 20,
             wgl_budget: DEFAULT_WGL_BUDGET,
+            shards: 0,
         }
     }
 }
@@ -256,7 +259,7 @@ pub fn check_all(history: &[Op], ctx: &Context) -> Results {
         unexpected::check(&idx),
         duplicates::check(&idx),
         order::check(&idx),
-        convergence::check(history, &ctx.nodes),
+        convergence::check(history, &ctx.nodes, ctx.shards),
         linearizable::check(history, ctx),
         fencing::check(&idx),
         raft::check(history),
